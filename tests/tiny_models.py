@@ -1,0 +1,41 @@
+"""Tiny randomly initialised causal LMs built from configs: no downloads, milliseconds per forward.
+
+Example:
+    >>> from tests.tiny_models import tiny_model, TINY_ARCHITECTURES
+    >>> model = tiny_model("llama")
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=128)
+
+TINY_CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_COMMON, **_DECODER, num_key_value_heads=2),
+    "mistral": lambda: T.MistralConfig(**_COMMON, **_DECODER, num_key_value_heads=2),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON, **_DECODER, num_key_value_heads=2),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**_COMMON, **_DECODER, num_key_value_heads=1, head_dim=8, sliding_window=8),
+    "phi3": lambda: T.Phi3Config(**_COMMON, **_DECODER, num_key_value_heads=2),
+    "gpt2": lambda: T.GPT2Config(**_COMMON, n_embd=32, n_layer=4, n_head=4, n_positions=128),
+    "gptj": lambda: T.GPTJConfig(**_COMMON, n_embd=32, n_layer=4, n_head=4, n_positions=128, rotary_dim=4),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**_COMMON, **_DECODER),
+    "opt": lambda: T.OPTConfig(**_COMMON, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+                               max_position_embeddings=128, word_embed_proj_dim=32),
+}
+TINY_ARCHITECTURES = sorted(TINY_CONFIGS)
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A random tiny model of ``arch`` in eval mode, deterministic for a given seed."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    # Spread logits so greedy decoding is not decided by float noise between near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    return model

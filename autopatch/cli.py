@@ -1,0 +1,103 @@
+"""The ``autopatch`` command line.
+
+Example:
+    $ autopatch demo                      # token-identity decoding of hidden states on the embedded Gemma
+    $ autopatch demo --model /path/to/model --text "I visited Paris" --layers 1,4,8
+
+Each subcommand lives in a small function; later modules register more
+subcommands through :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def subcommand(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register ``fn(args) -> exit code`` as ``autopatch <name>``."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = (help_text, configure, fn)
+        return fn
+
+    return register
+
+
+def _add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="local path or HF id (default: the embedded Gemma 3 270M)")
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    _add_model_arg(parser)
+    parser.add_argument("--text", action="append", help="source text(s); the state of the last token is decoded")
+    parser.add_argument("--layers", default="1,3,6,9,12", help="comma-separated decoder layers to read")
+
+
+@subcommand("demo", "capture hidden states and decode them with the token-identity Patchscope", _configure_demo)
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from autopatch import capture, load_model, num_layers
+    from autopatch.inspect import IDENTITY_PROMPT, decode_state
+
+    started = time.perf_counter()
+    model, tok = load_model(args.model)
+    print(f"loaded {model.config.model_type} ({num_layers(model)} layers) in {time.perf_counter() - started:.1f}s")
+    layers = [int(x) for x in args.layers.split(",")]
+    texts = args.text or ["I visited Paris", "The Colosseum is located in the country of"]
+    print(f"identity prompt: {IDENTITY_PROMPT!r}")
+    for text in texts:
+        enc = tok(text, return_tensors="pt").to(model.device)
+        with torch.no_grad(), capture(model, layers=layers, positions=[-1]) as cap:
+            model(**enc)
+        print(f"\nsource: {text!r} (last token {tok.convert_ids_to_tokens(enc.input_ids[0, -1:].tolist())[0]!r})")
+        for layer in layers:
+            top = decode_state(model, tok, cap.states[layer][0, 0], layer=layer, k=3)
+            shown = ", ".join(f"{t!r} {p:.2f}" for t, p in top)
+            print(f"  layer {layer:2d}: {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    _import_plugins()
+    parser = argparse.ArgumentParser(prog="autopatch", description="Inference-time multi-hop correction for HF causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, configure, fn) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        configure(p)
+        p.set_defaults(run=fn)
+    return parser
+
+
+def _import_plugins() -> None:
+    """Import modules that register subcommands; missing optional parts are skipped."""
+    import importlib
+
+    for module in ("autopatch.cli_generate", "eval.cli", "classifiers.cli", "server.cli"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``autopatch`` console script."""
+    from autopatch.errors import AutopatchError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except AutopatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

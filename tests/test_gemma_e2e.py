@@ -1,0 +1,71 @@
+"""The engine on the real embedded Gemma 3 270M (loaded once per session, from the cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autopatch.architectures import decoder_layers, final_norm, num_layers, unembedding
+from autopatch.engine import PatchEdit, capture, patch
+from autopatch.inspect import decode_state, describe_state
+
+pytestmark = pytest.mark.gemma
+torch.set_grad_enabled(False)
+
+
+def test_embedded_model_is_gemma3_with_18_layers(gemma):
+    model, tok = gemma
+    assert model.config.model_type == "gemma3_text"
+    assert num_layers(model) == 18 and model.config.hidden_size == 640
+    assert tok.padding_side == "left" and tok.pad_token_id is not None
+
+
+def test_self_patch_is_identity_and_last_layer_matches_by_hand(gemma):
+    model, tok = gemma
+    enc = tok("The Eiffel Tower is in the city of", return_tensors="pt")
+    reference = model(**enc).logits
+    with capture(model, layers=[5]) as cap:
+        model(**enc)
+    n = enc.input_ids.shape[1]
+    with patch(model, [PatchEdit(5, 0, p, cap.states[5][0, p]) for p in range(n)]):
+        torch.testing.assert_close(model(**enc).logits, reference, atol=1e-4, rtol=1e-4)
+    vector = cap.states[5][0, -1] * 2
+    with patch(model, [PatchEdit(num_layers(model) - 1, 0, -1, vector)]):
+        logits = model(**enc).logits[0, -1]
+    torch.testing.assert_close(logits, unembedding(model)(final_norm(model)(vector[None, None]))[0, 0], atol=1e-3, rtol=1e-4)
+
+
+def test_decode_steps_untouched_and_padded_batch_equals_single(gemma):
+    model, tok = gemma
+    prompts = ["Q: What is the capital of France?\nA:", "The Colosseum is in"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    vector = torch.randn(model.config.hidden_size) * 20
+    calls = []
+    edits = [PatchEdit(3, row, 1, vector, fn=lambda v: calls.append(1) or v) for row in range(2)]
+    with patch(model, edits, attention_mask=batch.attention_mask):
+        batched = model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert len(calls) == 2  # one per edit, prefill only
+    for row, prompt in enumerate(prompts):
+        single_enc = tok(prompt, return_tensors="pt")
+        with patch(model, [PatchEdit(3, 0, 1, vector)]):
+            single = model.generate(**single_enc, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        torch.testing.assert_close(batched.scores[0][row], single.scores[0][0], atol=2e-3, rtol=1e-3)
+
+
+def test_hooks_removed_after_exception(gemma):
+    model, tok = gemma
+    before = sum(len(b._forward_hooks) for b in decoder_layers(model))
+    with pytest.raises(ValueError):
+        with capture(model, layers=[1]), patch(model, [PatchEdit(2, 0, 0, torch.zeros(640))]):
+            raise ValueError("boom")
+    assert sum(len(b._forward_hooks) for b in decoder_layers(model)) == before
+
+
+def test_token_identity_patchscope_reads_back_a_word(gemma):
+    model, tok = gemma
+    enc = tok("I visited Paris", return_tensors="pt")
+    with capture(model, layers=[2], positions=[-1]) as cap:
+        model(**enc)
+    top = decode_state(model, tok, cap.states[2][0, 0], layer=2, k=3)
+    assert top[0][0].strip() == "Paris"
+    assert describe_state(model, tok, cap.states[2][0, 0], layer=2, max_new_tokens=2).strip().startswith("Paris")

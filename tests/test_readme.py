@@ -1,0 +1,25 @@
+"""The README's two fresh-machine commands stay true: CI runs exactly its test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    quick_start = ROOT.joinpath("README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", quick_start)
+
+
+def test_readme_has_exactly_two_setup_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2
+    assert all(c.startswith('pip install torch==2.13.0 && pip install -e ".[test]" && ') for c in commands)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = _readme_commands()[1].split(" && ")[-1]
+    ci_lines = [line.strip() for line in ROOT.joinpath(".ci/run").read_text().splitlines()]
+    assert ci_lines[-1] == test_command

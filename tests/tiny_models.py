@@ -39,3 +39,31 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.mul_(4.0) if p.dim() > 1 else None
     return model
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (no merges) whose decode() reproduces the text exactly; vocab 259."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_model_for_bytes(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny model of ``arch`` whose vocabulary fits :func:`byte_tokenizer`."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    for name in ("vocab_size",):
+        setattr(config, name, 259)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    return model

@@ -1,0 +1,357 @@
+"""``AutoPatcher.generate``: a drop-in ``model.generate`` that corrects two-hop questions.
+
+Example:
+    >>> import autopatch
+    >>> model, tok = autopatch.load_model()
+    >>> patcher = autopatch.AutoPatcher(model, tok)
+    >>> prompt = patcher.profile.prompt_format.render("What is the capital of the country where the Colosseum is?")
+    >>> enc = tok([prompt], return_tensors="pt", padding=True)
+    >>> out = patcher.generate(**enc, max_new_tokens=8, do_sample=False)
+    >>> tok.decode(out[0, enc.input_ids.shape[1]:])      # same return type as model.generate
+    >>> patcher.last_report[0].patched, patcher.last_report[0].reason
+
+How one call works:
+
+1. Each row's question is read from its prompt (or taken from ``questions=``)
+   and located: the first-hop span, its subject, the second-hop template.
+2. One ordinary ``model.generate`` call runs for the whole batch. Its prefill is
+   the source pass: hooks capture the block outputs needed by the profile and
+   the gate, at the located positions. Right after the prefill, before the first
+   token is emitted, the gate decides per row.
+3. Rows the gate leaves alone simply continue in that call, so with no row
+   patched the result *is* ``model.generate``'s result. Rows the gate patches
+   are stopped there and answered from a fresh, patched continuation (one short
+   extra prefill, batched over those rows) with the same token budget.
+4. The answer tokens are appended to the caller's prompt, so decoding code that
+   slices ``out[:, prompt_len:]`` keeps working. A report per row is kept in
+   ``last_report`` and attached to dict outputs as ``out.autopatch``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from autopatch.architectures import num_layers
+from autopatch.engine import capture
+from autopatch.errors import PatchError
+from autopatch.gating import POSITION_KINDS, AlwaysPatch, Gate, GateDecision, GateInput
+from autopatch.locate import Location, UnlocatableQuestion, locate
+from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat
+from autopatch.strategies import Control, PatchJob, Target, plan_targets, run_targets
+from autopatch.tokens import last_token_of_char_span, token_char_ends
+
+
+@dataclass
+class PatchReport:
+    """What autopatch did with one row, and why."""
+
+    question: str | None = None
+    location: dict | None = None
+    positions: dict[str, int] | None = None  # token indices in the caller's unpadded prompt
+    located: bool = False
+    patched: bool = False
+    gate_score: float | None = None
+    reason: str = ""
+    strategy: str | None = None
+    source_layer: int | None = None
+    target_layer: int | None = None
+    source_position: str | None = None
+    control: str | None = None
+    target_prompt: str | None = None
+    bridge: str | None = None
+    vanilla_first_token: str | None = None
+    answer: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _RowPlan:
+    question: str | None
+    location: Location | None
+    positions: dict[str, int] = field(default_factory=dict)
+    why_not: str = ""
+
+
+class _DecideAfterPrefill(LogitsProcessor):
+    """Runs the gate once, on the first step's scores, before any token is chosen."""
+
+    def __init__(self, decide):
+        self.decide = decide
+        self.decisions: list[GateDecision] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.decisions is None:
+            self.decisions = self.decide(scores)
+        return scores
+
+
+class _StopPatchedRows(StoppingCriteria):
+    """Ends the rows the gate chose to patch; they are answered from the patched continuation."""
+
+    def __init__(self, decider: _DecideAfterPrefill):
+        self.decider = decider
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        decisions = self.decider.decisions or []
+        flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+class _GatedStreamer:
+    """Forwards the vanilla stream unless the (single) row is patched, then the patched stream."""
+
+    def __init__(self, inner, decider: _DecideAfterPrefill):
+        self.inner, self.decider, self.prompt_sent = inner, decider, False
+
+    def _patched(self) -> bool:
+        return bool(self.decider.decisions and self.decider.decisions[0].patch)
+
+    def put(self, value) -> None:
+        if not self.prompt_sent:
+            self.prompt_sent = True
+            self.inner.put(value)
+        elif not self._patched():
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if not self._patched():
+            self.inner.end()
+
+
+class _TargetStreamer:
+    """Drops the target prompt (the caller already saw their own) and forwards the answer."""
+
+    def __init__(self, inner):
+        self.inner, self.first = inner, True
+
+    def put(self, value) -> None:
+        if self.first:
+            self.first = False
+            return
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()
+
+
+class AutoPatcher:
+    """Wraps a causal LM so that ``generate`` corrects two-hop questions; see the module docstring."""
+
+    def __init__(self, model, tokenizer, profile: PatchProfile | None = None, gate: Gate | None = None,
+                 *, control: Control | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            raise PatchError("The tokenizer has no pad token; load it with autopatch.load_model or set tokenizer.pad_token.")
+        if profile is None:
+            profile = PatchProfile.for_model(model)
+            if not profile.note.startswith("sweep") and getattr(tokenizer, "chat_template", None):
+                profile = replace(profile, prompt_format=PromptFormat(kind="chat"))
+        profile.validate_for(num_layers(model))
+        self.profile = profile
+        self.gate: Gate = gate if gate is not None else AlwaysPatch()
+        self.control = control
+        self.last_report: list[PatchReport] = []
+
+    # ---- planning -------------------------------------------------------------------------
+
+    def _plan_row(self, ids: torch.Tensor, question: str | None, decomposition) -> _RowPlan:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if question is None:
+            question = self.profile.prompt_format.extract_question(text) or PromptFormat().extract_question(text)
+        if not question:
+            return _RowPlan(None, None, why_not="no question found in the prompt; pass questions=")
+        try:
+            location = locate(question, decomposition)
+        except UnlocatableQuestion as err:
+            return _RowPlan(question, None, why_not=f"unlocatable: {err.why}")
+        at = text.rfind(question)
+        if at < 0:
+            return _RowPlan(question, location, why_not="the question text does not occur in the decoded prompt")
+        ends = token_char_ends(self.tokenizer, ids)
+        positions = {
+            "span_end": last_token_of_char_span(ends, at + location.span_start, at + location.span_end),
+            "subject_end": last_token_of_char_span(ends, at + location.subject_start, at + location.subject_end),
+            "last": len(ids) - 1,
+        }
+        return _RowPlan(question, location, positions)
+
+    # ---- generate -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 logits_processor: LogitsProcessorList | None = None,
+                 stopping_criteria: StoppingCriteriaList | None = None, prefix_allowed_tokens_fn=None,
+                 synced_gpus: bool | None = None, assistant_model=None, streamer=None, *,
+                 questions: Sequence[str | None] | None = None, decompositions: Sequence[Any] | None = None,
+                 patching: bool = True, **kwargs):
+        """Same arguments and return type as ``model.generate``, plus three keyword-only extras.
+
+        ``questions``: the question of each row, when it cannot be read from the prompt
+        (e.g. chat prompts). ``decompositions``: MuSiQue-style decompositions, used by
+        the locator when given. ``patching=False``: behave exactly like ``model.generate``.
+        """
+        passthrough = dict(generation_config=generation_config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+                           synced_gpus=synced_gpus, assistant_model=assistant_model)
+        passthrough = {k: v for k, v in passthrough.items() if v is not None}
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        config = copy.deepcopy(generation_config or self.model.generation_config)
+        unsupported = self._unsupported_mode(input_ids, config, kwargs, assistant_model)
+        if not patching or unsupported:
+            self.last_report = [PatchReport(reason=unsupported or "patching disabled by the caller")
+                                for _ in range(0 if input_ids is None else input_ids.shape[0])]
+            return self.model.generate(input_ids, logits_processor=logits_processor,
+                                       stopping_criteria=stopping_criteria, streamer=streamer, **passthrough, **kwargs)
+
+        batch, width = input_ids.shape
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = self._infer_mask(input_ids)
+        rows = [input_ids[i][attention_mask[i].bool()].cpu() for i in range(batch)]
+        questions = list(questions) if questions is not None else [None] * batch
+        decompositions = list(decompositions) if decompositions is not None else [None] * batch
+        if len(questions) != batch or len(decompositions) != batch:
+            raise PatchError(f"questions/decompositions need one entry per row ({batch}).")
+        plans = [self._plan_row(rows[i], questions[i], decompositions[i]) for i in range(batch)]
+
+        layers = sorted({self.profile.source_layer, *self.gate.feature_layers})
+        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
+        holder: dict[str, Any] = {}
+
+        def decide(scores: torch.Tensor) -> list[GateDecision]:
+            states = holder["capture"].states
+            inputs_for_gate = [GateInput(p.question, p.location, {l: states[l][i] for l in layers}, scores[i])
+                               for i, p in enumerate(plans)]
+            located = [i for i, p in enumerate(plans) if p.location is not None and p.positions]
+            decisions = [GateDecision(False, None, p.why_not) for p in plans]
+            if located:
+                for i, d in zip(located, self.gate.decide([inputs_for_gate[i] for i in located])):
+                    decisions[i] = d
+            return decisions
+
+        decider = _DecideAfterPrefill(decide)
+        processors = LogitsProcessorList([decider, *(logits_processor or [])])
+        criteria = StoppingCriteriaList([*(stopping_criteria or []), _StopPatchedRows(decider)])
+        vanilla_streamer = _GatedStreamer(streamer, decider) if streamer is not None else None
+        with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
+            holder["capture"] = cap
+            main = self.model.generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
+                                       streamer=vanilla_streamer, **passthrough, **kwargs)
+        decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
+        sequences = main if isinstance(main, torch.Tensor) else main.sequences
+        reports = self._reports(plans, decisions, sequences, width)
+        patched_rows = [i for i, d in enumerate(decisions) if d.patch]
+        if not patched_rows:
+            return self._finish(main, reports, sequences, width)
+
+        jobs = [PatchJob(i, plans[i].location, rows[i], plans[i].positions[self.profile.source_position],
+                         cap.states[self.profile.source_layer][i, POSITION_KINDS.index(self.profile.source_position)])
+                for i in patched_rows]
+        targets = plan_targets(self.model, self.tokenizer, self.profile, jobs, control=self.control)
+        budget = self._token_budget(config, kwargs, width)
+        target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
+        target_kwargs["max_new_tokens"] = budget
+        target_streamer = _TargetStreamer(streamer) if streamer is not None else None
+        target_out, target_width = run_targets(self.model, self.tokenizer, targets, logits_processor=logits_processor,
+                                               stopping_criteria=stopping_criteria, streamer=target_streamer,
+                                               **passthrough, **target_kwargs)
+        for target in targets:
+            report = reports[target.row]
+            report.target_prompt, report.bridge = target.prompt_text, target.bridge
+        merged = self._merge(main, target_out, targets, width, target_width)
+        return self._finish(merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences, width)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _unsupported_mode(self, input_ids, config: GenerationConfig, kwargs: dict, assistant_model) -> str:
+        if input_ids is None:
+            return "patching needs input_ids (inputs_embeds-only calls run unpatched)"
+        beams = kwargs.get("num_beams", config.num_beams) or 1
+        returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        if beams > 1 or returns > 1 or assistant_model is not None:
+            return "patching supports one sequence per prompt without beams or assistants; ran unpatched"
+        return ""
+
+    def _infer_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        if pad is not None and pad != eos and bool((input_ids == pad).any()):
+            return (input_ids != pad).long()
+        return torch.ones_like(input_ids)
+
+    @staticmethod
+    def _token_budget(config: GenerationConfig, kwargs: dict, width: int) -> int:
+        if kwargs.get("max_new_tokens") is not None:
+            return int(kwargs["max_new_tokens"])
+        if kwargs.get("max_length") is not None:
+            return max(1, int(kwargs["max_length"]) - width)
+        if config.max_new_tokens is not None:
+            return int(config.max_new_tokens)
+        return max(1, int(config.max_length) - width)
+
+    def _reports(self, plans: list[_RowPlan], decisions: list[GateDecision], sequences, width: int) -> list[PatchReport]:
+        reports = []
+        p = self.profile
+        for i, (plan, decision) in enumerate(zip(plans, decisions)):
+            first = self.tokenizer.decode(sequences[i, width : width + 1]) if sequences.shape[1] > width else None
+            reports.append(PatchReport(
+                question=plan.question, location=plan.location.to_dict() if plan.location else None,
+                positions=plan.positions or None, located=bool(plan.location and plan.positions),
+                patched=decision.patch, gate_score=decision.score, reason=decision.reason,
+                strategy=p.strategy, source_layer=p.source_layer, target_layer=p.target_layer,
+                source_position=p.source_position, control=self.control, vanilla_first_token=first))
+        return reports
+
+    def _merge(self, main, target_out, targets: list[Target], width: int, target_width: int):
+        """The caller's prompt plus each row's answer tokens, right-padded like ``generate`` pads."""
+        main_seq = main if isinstance(main, torch.Tensor) else main.sequences
+        target_seq = target_out if isinstance(target_out, torch.Tensor) else target_out.sequences
+        answers = [main_seq[i, width:] for i in range(main_seq.shape[0])]
+        target_index = {t.row: j for j, t in enumerate(targets)}
+        for row, j in target_index.items():
+            answers[row] = target_seq[j, target_width:]
+        length = max(len(a) for a in answers)
+        pad = self.tokenizer.pad_token_id
+        merged = torch.full((main_seq.shape[0], width + length), pad, dtype=main_seq.dtype, device=main_seq.device)
+        merged[:, :width] = main_seq[:, :width]
+        for i, answer in enumerate(answers):
+            merged[i, width : width + len(answer)] = answer.to(merged.device)
+        if isinstance(main, torch.Tensor):
+            return merged
+        out = copy.copy(main)
+        out.sequences = merged
+        for name in ("scores", "logits"):
+            if getattr(main, name, None) is not None and getattr(target_out, name, None) is not None:
+                setattr(out, name, self._merge_steps(getattr(main, name), getattr(target_out, name), target_index, length))
+        for name in ("attentions", "hidden_states", "past_key_values"):
+            if getattr(out, name, None) is not None:
+                setattr(out, name, None)  # per-step internals of two different prompts cannot be merged
+        return out
+
+    def _merge_steps(self, main_steps, target_steps, target_index: dict[int, int], length: int):
+        batch, vocab = main_steps[0].shape
+        filler = torch.full((vocab,), float("-inf"), dtype=main_steps[0].dtype, device=main_steps[0].device)
+        filler[self.tokenizer.pad_token_id] = 0.0
+        steps = []
+        for s in range(length):
+            step = main_steps[s].clone() if s < len(main_steps) else filler.expand(batch, vocab).clone()
+            for row, j in target_index.items():
+                step[row] = target_steps[s][j].to(step.device) if s < len(target_steps) else filler
+            steps.append(step)
+        return tuple(steps)
+
+    def _finish(self, out, reports: list[PatchReport], sequences: torch.Tensor, width: int):
+        for i, report in enumerate(reports):
+            report.answer = self.tokenizer.decode(sequences[i, width:], skip_special_tokens=True)
+        self.last_report = reports
+        if not isinstance(out, torch.Tensor):
+            out.autopatch = reports
+        return out

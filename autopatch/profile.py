@@ -1,0 +1,135 @@
+"""Patch profiles: every choice of how to patch one model, typed and serialisable.
+
+Example:
+    >>> from autopatch.profile import PatchProfile
+    >>> profile = PatchProfile(strategy="reroute", source_position="span_end", source_layer=8, target_layer=4)
+    >>> profile.save("my_model.profile.json")
+    >>> PatchProfile.load("my_model.profile.json") == profile
+    True
+    >>> PatchProfile.for_model(model)     # the shipped profile for this model, else a default
+
+Strategies (``../shared/research/anchors.md`` §1-3):
+
+* ``reroute`` (Patchscopes §5): the state at (``source_layer``, ``source_position``
+  of the query) overwrites (``target_layer``, the placeholder) of a fresh prompt
+  that asks only the second hop; the answer is generated from that prompt.
+* ``backpatch`` (Auto-Patch, Hopping Too Late): the same query prompt, from
+  ``source_layer`` to an earlier ``target_layer`` at the same position.
+* ``verbalize``: the state is decoded into words by a Patchscope (patched at
+  ``target_layer``), the words fill the second-hop slot, and the model answers
+  that explicit question. ``bridge_prompt`` picks the decoding prompt:
+  ``identity`` (``cat -> cat; ...; ? ->``) or ``span`` (the first-hop span asked
+  as a question with the placeholder where its subject was, "What is the
+  country where the x is located?": an attribute-extraction Patchscope).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from autopatch.errors import ProfileError
+from autopatch.prompts import PromptFormat
+
+Strategy = Literal["reroute", "backpatch", "verbalize"]
+SourcePosition = Literal["span_end", "subject_end", "last"]
+BridgePrompt = Literal["identity", "span"]
+BRIDGE_PROMPTS: tuple[str, ...] = ("identity", "span")
+STRATEGIES: tuple[str, ...] = ("reroute", "backpatch", "verbalize")
+SOURCE_POSITIONS: tuple[str, ...] = ("span_end", "subject_end", "last")
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PatchProfile:
+    """How autopatch patches one model. ``note`` records where the numbers came from."""
+
+    strategy: Strategy = "reroute"
+    source_position: SourcePosition = "span_end"
+    source_layer: int = 8
+    target_layer: int = 4
+    placeholder: str = "x"
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    max_bridge_tokens: int = 6
+    bridge_prompt: BridgePrompt = "identity"
+    model_type: str | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ProfileError(f"Unknown strategy {self.strategy!r}; choose one of {STRATEGIES}.")
+        if self.source_position not in SOURCE_POSITIONS:
+            raise ProfileError(f"Unknown source position {self.source_position!r}; choose one of {SOURCE_POSITIONS}.")
+        if self.source_layer < 0 or self.target_layer < 0:
+            raise ProfileError("Layers are 0-indexed decoder blocks and cannot be negative.")
+        if self.strategy == "backpatch" and self.target_layer >= self.source_layer:
+            raise ProfileError("backpatch needs target_layer < source_layer (it patches a later state into an earlier layer).")
+        if not self.placeholder.strip():
+            raise ProfileError("The placeholder must contain a visible token.")
+        if self.bridge_prompt not in BRIDGE_PROMPTS:
+            raise ProfileError(f"Unknown bridge prompt {self.bridge_prompt!r}; choose one of {BRIDGE_PROMPTS}.")
+        if self.max_bridge_tokens < 1:
+            raise ProfileError("max_bridge_tokens must be at least 1.")
+
+    def validate_for(self, n_layers: int) -> None:
+        """Raise :class:`ProfileError` if a layer does not exist in a model of ``n_layers`` blocks."""
+        for name in ("source_layer", "target_layer"):
+            value = getattr(self, name)
+            if value >= n_layers:
+                raise ProfileError(f"{name}={value} but the model has {n_layers} decoder blocks (0..{n_layers - 1}).")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["prompt_format"] = self.prompt_format.to_dict()
+        data["version"] = PROFILE_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PatchProfile:
+        data = dict(data)
+        version = data.pop("version", PROFILE_VERSION)
+        if version != PROFILE_VERSION:
+            raise ProfileError(f"Profile version {version} is not supported (expected {PROFILE_VERSION}).")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ProfileError(f"Unknown profile fields {sorted(unknown)}; known fields are {sorted(known)}.")
+        if "prompt_format" in data:
+            data["prompt_format"] = PromptFormat.from_dict(data["prompt_format"])
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ProfileError(f"Malformed profile: {err}") from err
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PatchProfile:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ProfileError(f"Cannot read profile {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ProfileError(f"Profile {path} must hold a JSON object.")
+        return cls.from_dict(data)
+
+    @classmethod
+    def shipped(cls, name: str) -> PatchProfile | None:
+        """The profile shipped in ``autopatch/profiles/<name>.json``, if any."""
+        resource = resources.files("autopatch").joinpath("profiles", f"{name}.json")
+        return cls.load(Path(str(resource))) if resource.is_file() else None
+
+    @classmethod
+    def for_model(cls, model) -> PatchProfile:
+        """The shipped profile for ``model``'s type, else the default with the query format it needs."""
+        model_type = getattr(model.config, "model_type", None)
+        shipped = cls.shipped(model_type) if model_type else None
+        if shipped is not None:
+            return shipped
+        n = getattr(model.config, "num_hidden_layers", 12)
+        return cls(source_layer=max(1, n // 2), target_layer=max(0, n // 4), model_type=model_type,
+                   note="default: no sweep was run for this model")

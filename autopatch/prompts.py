@@ -1,0 +1,138 @@
+"""Prompts: the query format, the fresh second-hop target, and the baselines.
+
+Example:
+    >>> from autopatch.prompts import PromptFormat, target_prompt
+    >>> fmt = PromptFormat()                                  # few-shot QA, for base models
+    >>> fmt.render("What is the capital of the country where the Colosseum is located?")
+    'Q: Which planet is known as the Red Planet?\\nA: Mars\\n\\n...Q: What is the capital of ...?\\nA:'
+    >>> target = target_prompt(fmt, tok, "What is the capital of ___?", placeholder="x")
+    >>> target.text, target.placeholder_index        # the slot holds "x"; its last token gets the patch
+
+Base models get a few-shot QA template whose demonstrations are single-hop and
+unrelated to the evaluation facts, so every method (vanilla, patched, controls)
+sees the same answer-format cue. Chat models get their chat template. The same
+format renders the query and the target prompt, so a patch lands in a familiar
+context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from autopatch.errors import ProfileError
+from autopatch.locate import SLOT
+from autopatch.tokens import last_token_of_char_span, token_char_ends
+
+FormatKind = Literal["fewshot-qa", "chat"]
+
+QA_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("How many days are there in a week?", "Seven"),
+    ("What is the chemical symbol for gold?", "Au"),
+)
+
+COT_TRIGGER = "Let's think step by step."
+
+# Two-hop demonstrations that state the bridge first; their facts avoid the bundled two-hop knowledge base.
+COT_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "Which sea does the river that flows through Cairo empty into?",
+        "The river that flows through Cairo is the Nile. The Nile empties into the Mediterranean Sea. "
+        "So the answer is the Mediterranean Sea.",
+    ),
+    (
+        "How many legs does the animal that spins webs have?",
+        "The animal that spins webs is the spider. A spider has eight legs. So the answer is eight.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes a prompt: ``fewshot-qa`` for base models, ``chat`` for chat models."""
+
+    kind: FormatKind = "fewshot-qa"
+    demonstrations: tuple[tuple[str, str], ...] = field(default=QA_DEMONSTRATIONS)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "demonstrations": [list(d) for d in self.demonstrations]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PromptFormat:
+        kind = data.get("kind", "fewshot-qa")
+        if kind not in ("fewshot-qa", "chat"):
+            raise ProfileError(f"Unknown prompt format kind {kind!r}; use 'fewshot-qa' or 'chat'.")
+        demos = tuple(tuple(d) for d in data.get("demonstrations", QA_DEMONSTRATIONS))
+        return cls(kind=kind, demonstrations=demos)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+        """``chat`` when the tokenizer has a chat template, else ``fewshot-qa``."""
+        return cls(kind="chat") if getattr(tokenizer, "chat_template", None) else cls()
+
+    def render(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None, *, answer_prefix: str = "") -> str:
+        """The prompt for ``question``; ``answer_prefix`` starts the answer (e.g. a CoT trigger)."""
+        if self.kind == "chat":
+            if tokenizer is None:
+                raise ProfileError("The chat prompt format needs the tokenizer to apply its chat template.")
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+            return text + answer_prefix
+        shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.demonstrations)
+        return f"{shots}Q: {question}\nA:" + (f" {answer_prefix}" if answer_prefix else "")
+
+    def extract_question(self, prompt: str) -> str | None:
+        """The question of a prompt this format rendered (the last ``Q:`` line), or ``None``."""
+        if self.kind == "chat":
+            return None  # the caller passes questions= for chat prompts
+        marker = prompt.rfind("Q: ")
+        if marker < 0:
+            return None
+        line = prompt[marker + 3 :].split("\n", 1)[0].strip()
+        return line or None
+
+
+@dataclass(frozen=True)
+class TargetPrompt:
+    """A rendered prompt, its token ids, and the token that receives the patch."""
+
+    text: str
+    input_ids: torch.Tensor  # (seq,)
+    placeholder_index: int
+
+
+def target_prompt(
+    fmt: PromptFormat, tokenizer: PreTrainedTokenizerBase, second_hop: str, *, placeholder: str
+) -> TargetPrompt:
+    """The fresh continuation: ``second_hop`` with ``placeholder`` in its slot, rendered in ``fmt``."""
+    if SLOT not in second_hop:
+        raise ProfileError(f"Second-hop template {second_hop!r} has no slot {SLOT!r}.")
+    if not placeholder:
+        raise ProfileError("The placeholder must be a non-empty string.")
+    text = fmt.render(second_hop.replace(SLOT, placeholder), tokenizer)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    rendered_question_at = decoded.rfind(second_hop.split(SLOT)[0].strip() or placeholder)
+    start = decoded.find(placeholder, max(rendered_question_at, 0))
+    ends = token_char_ends(tokenizer, ids)
+    return TargetPrompt(text, ids, last_token_of_char_span(ends, start, start + len(placeholder)))
+
+
+def vanilla_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """The plain question in the query format."""
+    return fmt.render(question, tokenizer)
+
+
+def cot_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """Zero-shot chain of thought: the answer starts with "Let's think step by step."."""
+    return fmt.render(question, tokenizer, answer_prefix=COT_TRIGGER)
+
+
+def cot_fewshot_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """Few-shot chain of thought: demonstrations that name the bridge before the answer."""
+    return replace(fmt, demonstrations=COT_DEMONSTRATIONS).render(question, tokenizer)

@@ -1,0 +1,172 @@
+"""The three ways to use a captured bridge state: reroute, backpatch, verbalize.
+
+Example:
+    >>> from autopatch.strategies import PatchJob, plan_targets, run_targets
+    >>> jobs = [PatchJob(row=0, location=loc, prompt_ids=ids, source_index=7, vector=h)]
+    >>> targets = plan_targets(model, tok, profile, jobs)        # fresh prompts + patch edits
+    >>> out = run_targets(model, tok, targets, max_new_tokens=16)
+
+Each strategy turns a :class:`PatchJob` (one row to correct) into a
+:class:`Target`: the token ids to generate from and the patches to apply to
+their prefill. ``run_targets`` batches all targets with left padding into one
+``generate`` call. Controls (``random``, ``zero``, ``nopatch``) replace the
+vector, or drop the patch, while keeping everything else identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from autopatch.engine import PatchEdit, patch
+from autopatch.inspect import patched_prompt
+from autopatch.locate import SLOT, Location
+from autopatch.profile import PatchProfile
+from autopatch.prompts import target_prompt
+
+Control = Literal["random", "zero", "nopatch"]
+CONTROLS: tuple[str, ...] = ("random", "zero", "nopatch")
+
+
+@dataclass(frozen=True)
+class PatchJob:
+    """One row to correct: where its bridge state came from, and the state itself."""
+
+    row: int
+    location: Location
+    prompt_ids: torch.Tensor  # (seq,) the caller's unpadded prompt
+    source_index: int  # token index of the source position in prompt_ids
+    vector: torch.Tensor  # (hidden,) block output at the profile's source layer
+
+
+@dataclass
+class Target:
+    """Token ids to generate from, the patches for their prefill, and what to report."""
+
+    row: int
+    input_ids: torch.Tensor  # (seq,)
+    edits: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (layer, position, vector)
+    prompt_text: str = ""
+    bridge: str | None = None
+
+
+def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str) -> torch.Tensor | None:
+    """The vector a control patches in: unchanged, norm-matched random, zero, or ``None`` (no patch)."""
+    if control is None:
+        return vector
+    if control == "zero":
+        return torch.zeros_like(vector)
+    if control == "nopatch":
+        return None
+    if control == "random":
+        seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
+        noise = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        return (noise * (vector.float().norm() / noise.norm())).to(vector.dtype)
+    raise ValueError(f"Unknown control {control!r}; choose one of {CONTROLS}.")
+
+
+def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id tensors into a left-padded batch and its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _reroute(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, vector: torch.Tensor | None) -> Target:
+    target = target_prompt(profile.prompt_format, tok, job.location.second_hop, placeholder=profile.placeholder)
+    edits = [] if vector is None else [(profile.target_layer, target.placeholder_index, vector)]
+    return Target(job.row, target.input_ids, edits, target.text)
+
+
+def _backpatch(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, vector: torch.Tensor | None) -> Target:
+    edits = [] if vector is None else [(profile.target_layer, job.source_index, vector)]
+    return Target(job.row, job.prompt_ids, edits, tok.decode(job.prompt_ids, skip_special_tokens=True))
+
+
+def _bridge_from_description(text: str) -> str:
+    """The words before the identity prompt's separator (``;``) or the end of the line."""
+    return text.split(";", 1)[0].split("\n", 1)[0].strip().strip("\"'.,")
+
+
+def _bridge_from_answer(text: str) -> str:
+    """The first line of a QA answer."""
+    return text.split("\n", 1)[0].strip().strip("\"'.,")
+
+
+def _span_question(location: Location) -> str:
+    """The first-hop span asked as a question, with the slot where its subject was."""
+    q = location.question
+    return f"What is {q[location.span_start:location.subject_start]}{SLOT}{q[location.subject_end:location.span_end]}?"
+
+
+def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile, jobs: Sequence[PatchJob]) -> list[tuple[torch.Tensor, int]]:
+    """Per job, the decoding prompt's ids and the index of its placeholder token."""
+    if profile.bridge_prompt == "identity":
+        identity = patched_prompt(tok)
+        return [(identity.input_ids[0], identity.position)] * len(jobs)
+    prompts = []
+    for job in jobs:
+        t = target_prompt(profile.prompt_format, tok, _span_question(job.location), placeholder=profile.placeholder)
+        prompts.append((t.input_ids, t.placeholder_index))
+    return prompts
+
+
+@torch.no_grad()
+def _verbalize(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    profile: PatchProfile,
+    jobs: Sequence[PatchJob],
+    vectors: Sequence[torch.Tensor | None],
+) -> list[Target]:
+    prompts = _bridge_prompts(tok, profile, jobs)
+    ids, mask = left_pad([p[0] for p in prompts], tok.pad_token_id)
+    edits = [PatchEdit(profile.target_layer, i, prompts[i][1], v) for i, v in enumerate(vectors) if v is not None]
+    device = next(model.parameters()).device
+    with patch(model, edits, attention_mask=mask):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=profile.max_bridge_tokens, pad_token_id=tok.pad_token_id)
+    parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
+    targets = []
+    for i, job in enumerate(jobs):
+        bridge = parse(tok.decode(out[i, ids.shape[1] :], skip_special_tokens=True))
+        text = profile.prompt_format.render(job.location.fill(bridge or job.location.span), tok)
+        target_ids = tok(text, return_tensors="pt").input_ids[0]
+        targets.append(Target(job.row, target_ids, [], text, bridge))
+    return targets
+
+
+def plan_targets(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    profile: PatchProfile,
+    jobs: Sequence[PatchJob],
+    *,
+    control: Control | None = None,
+) -> list[Target]:
+    """Build the target prompt and patches of each job under ``profile.strategy``."""
+    vectors = [control_vector(j.vector, control, j.location.question) for j in jobs]
+    if profile.strategy == "verbalize":
+        return _verbalize(model, tok, profile, jobs, vectors)
+    build = _reroute if profile.strategy == "reroute" else _backpatch
+    return [build(tok, profile, job, vector) for job, vector in zip(jobs, vectors)]
+
+
+@torch.no_grad()
+def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: Sequence[Target], **generate_kwargs):
+    """Generate from every target in one left-padded batch, patching each prefill as planned."""
+    ids, mask = left_pad([t.input_ids for t in targets], tok.pad_token_id)
+    edits = [PatchEdit(layer, i, pos, vec) for i, t in enumerate(targets) for layer, pos, vec in t.edits]
+    device = next(model.parameters()).device
+    generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+    with patch(model, edits, attention_mask=mask):
+        return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **generate_kwargs), ids.shape[1]

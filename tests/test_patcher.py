@@ -1,0 +1,176 @@
+"""AutoPatcher.generate on tiny random models: drop-in behaviour, per-row decisions, reports."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from autopatch.engine import PatchEdit, capture, patch
+from autopatch.gating import AlwaysPatch, GateDecision, NeverPatch
+from autopatch.patcher import AutoPatcher
+from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat
+from autopatch.strategies import left_pad
+from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+torch.set_grad_enabled(False)
+FMT = PromptFormat(demonstrations=())
+QUESTIONS = [
+    "What is the capital of the country where the Colosseum is located?",
+    "What is 2+2?",  # unlocatable: never patched
+    "Who founded the company that makes the iPhone?",
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3_text"])
+def setup(request):
+    model, tok = tiny_model_for_bytes(request.param), byte_tokenizer()
+    enc = tok([FMT.render(q) for q in QUESTIONS], return_tensors="pt", padding=True)
+    return model, tok, enc
+
+
+def profile(**overrides) -> PatchProfile:
+    return replace(PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT), **overrides)
+
+
+class RowGate:
+    """Patches exactly the rows whose question contains a word."""
+
+    feature_layers = (0,)
+
+    def __init__(self, word):
+        self.word = word
+
+    def decide(self, inputs):
+        assert all(set(i.states) == {0, 2} and i.states[0].shape[0] == 3 for i in inputs)
+        return [GateDecision(self.word in (i.question or ""), 0.5, "test gate") for i in inputs]
+
+
+@pytest.mark.parametrize("how", ["never-gate", "patching=False"])
+def test_not_patching_is_token_for_token_model_generate(setup, how):
+    model, tok, enc = setup
+    gate = NeverPatch() if how == "never-gate" else AlwaysPatch()
+    patcher = AutoPatcher(model, tok, profile(), gate=gate)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    reference = model.generate(**enc, **kwargs, output_scores=True, return_dict_in_generate=True)
+    ours = patcher.generate(**enc, **kwargs, output_scores=True, return_dict_in_generate=True,
+                            patching=(how == "never-gate"))
+    assert torch.equal(ours.sequences, reference.sequences)
+    for a, b in zip(ours.scores, reference.scores):
+        assert torch.equal(a, b)
+    assert type(ours) is type(reference)
+    plain = patcher.generate(enc.input_ids, attention_mask=enc.attention_mask, **kwargs, patching=(how == "never-gate"))
+    assert torch.equal(plain, reference.sequences)
+    assert not any(r.patched for r in patcher.last_report)
+
+
+def test_patched_rows_answer_from_the_patched_target_and_others_continue(setup):
+    model, tok, enc = setup
+    patcher = AutoPatcher(model, tok, profile(), gate=RowGate("Colosseum"))
+    width = enc.input_ids.shape[1]
+    vanilla = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out = patcher.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, :width], enc.input_ids)  # the caller's prompt is kept
+    reports = patcher.last_report
+    assert [r.patched for r in reports] == [True, False, False]
+    assert not reports[1].located and "unlocatable" in reports[1].reason
+    assert reports[2].located and not reports[2].patched
+    assert torch.equal(out[1:, width:width + 5], vanilla[1:, width:])  # unpatched rows: the same call's tokens
+
+    # by hand: capture the source state, patch it over the placeholder of the fresh prompt, generate
+    row = enc.input_ids[0][enc.attention_mask[0].bool()]
+    with capture(model, [2], [reports[0].positions["span_end"]]) as cap:
+        model(row[None])
+    target = reports[0].target_prompt
+    assert target == FMT.render("What is the capital of x?")
+    target_ids = tok(target, return_tensors="pt").input_ids
+    placeholder = len(tok("Q: What is the capital of x").input_ids) - 1
+    with patch(model, [PatchEdit(1, 0, placeholder, cap.states[2][0, 0])]):
+        expected = model.generate(target_ids, attention_mask=torch.ones_like(target_ids), max_new_tokens=5,
+                                   do_sample=False, pad_token_id=0)[0, target_ids.shape[1]:]
+    assert out[0, width:width + len(expected)].tolist() == expected.tolist()
+
+
+def test_dict_output_merges_scores_and_carries_reports(setup):
+    model, tok, enc = setup
+    patcher = AutoPatcher(model, tok, profile(), gate=RowGate("iPhone"))
+    out = patcher.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                           output_scores=True, return_dict_in_generate=True)
+    plain = patcher.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out.sequences, plain)
+    assert len(out.scores) == out.sequences.shape[1] - enc.input_ids.shape[1]
+    width = enc.input_ids.shape[1]
+    for step, scores in enumerate(out.scores):
+        assert torch.equal(scores.argmax(-1), out.sequences[:, width + step])
+    assert [r.patched for r in out.autopatch] == [False, False, True]
+
+
+def test_max_length_gives_patched_rows_the_same_budget(setup):
+    model, tok, enc = setup
+    patcher = AutoPatcher(model, tok, profile(), gate=AlwaysPatch())
+    width = enc.input_ids.shape[1]
+    out = patcher.generate(**enc, max_length=width + 3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape[1] == width + 3
+
+
+@pytest.mark.parametrize("strategy", ["reroute", "backpatch", "verbalize"])
+def test_every_strategy_runs_batched(setup, strategy):
+    model, tok, enc = setup
+    prof = profile(strategy=strategy, source_layer=3, target_layer=1, max_bridge_tokens=3)
+    patcher = AutoPatcher(model, tok, prof, gate=AlwaysPatch())
+    out = patcher.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[0] == 3
+    patched = [r for r in patcher.last_report if r.patched]
+    assert len(patched) == 2 and all(r.strategy == strategy and r.target_prompt for r in patched)
+    if strategy == "verbalize":
+        assert all(r.bridge is not None for r in patched)
+
+
+def test_streamer_sees_the_answer_that_is_returned(setup):
+    model, tok, enc = setup
+
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    single = tok([FMT.render(QUESTIONS[0])], return_tensors="pt")
+    for gate in (AlwaysPatch(), NeverPatch()):
+        streamer = Collect()
+        patcher = AutoPatcher(model, tok, profile(), gate=gate)
+        out = patcher.generate(**single, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+                               streamer=streamer)
+        width = single.input_ids.shape[1]
+        assert streamer.puts[0] == single.input_ids[0].tolist()
+        assert sum(streamer.puts[1:], []) == out[0, width:].tolist()
+        assert streamer.ended
+
+
+def test_questions_argument_and_unfound_questions(setup):
+    model, tok, enc = setup
+    patcher = AutoPatcher(model, tok, profile(), gate=AlwaysPatch())
+    patcher.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                     questions=[QUESTIONS[0], "Who is the spouse of the Green performer?", None])
+    reasons = [r.reason for r in patcher.last_report]
+    assert patcher.last_report[0].patched
+    assert "does not occur" in reasons[1]  # that question is not in row 1's prompt
+
+
+def test_beam_search_runs_unpatched_with_a_reason(setup):
+    model, tok, enc = setup
+    patcher = AutoPatcher(model, tok, profile(), gate=AlwaysPatch())
+    out = patcher.generate(**enc, max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, model.generate(**enc, max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0))
+    assert "beams" in patcher.last_report[0].reason
+
+
+def test_left_pad_helper():
+    ids, mask = left_pad([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -99,5 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the registered copy of this module, not __main__'s
+    from autopatch.cli import main as registered_main
+
+    sys.exit(registered_main())

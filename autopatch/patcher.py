@@ -74,7 +74,9 @@ class PatchReport:
 
 
 @dataclass
-class _RowPlan:
+class RowPlan:
+    """One row's question, its location and the token positions of the located parts."""
+
     question: str | None
     location: Location | None
     positions: dict[str, int] = field(default_factory=dict)
@@ -164,26 +166,27 @@ class AutoPatcher:
 
     # ---- planning -------------------------------------------------------------------------
 
-    def _plan_row(self, ids: torch.Tensor, question: str | None, decomposition) -> _RowPlan:
+    def plan_row(self, ids: torch.Tensor, question: str | None, decomposition=None) -> RowPlan:
+        """Locate one unpadded prompt's question and map the span, subject and last token to token indices."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if question is None:
             question = self.profile.prompt_format.extract_question(text) or PromptFormat().extract_question(text)
         if not question:
-            return _RowPlan(None, None, why_not="no question found in the prompt; pass questions=")
+            return RowPlan(None, None, why_not="no question found in the prompt; pass questions=")
         try:
             location = locate(question, decomposition)
         except UnlocatableQuestion as err:
-            return _RowPlan(question, None, why_not=f"unlocatable: {err.why}")
+            return RowPlan(question, None, why_not=f"unlocatable: {err.why}")
         at = text.rfind(question)
         if at < 0:
-            return _RowPlan(question, location, why_not="the question text does not occur in the decoded prompt")
+            return RowPlan(question, location, why_not="the question text does not occur in the decoded prompt")
         ends = token_char_ends(self.tokenizer, ids)
         positions = {
             "span_end": last_token_of_char_span(ends, at + location.span_start, at + location.span_end),
             "subject_end": last_token_of_char_span(ends, at + location.subject_start, at + location.subject_end),
             "last": len(ids) - 1,
         }
-        return _RowPlan(question, location, positions)
+        return RowPlan(question, location, positions)
 
     # ---- generate -------------------------------------------------------------------------
 
@@ -221,7 +224,7 @@ class AutoPatcher:
         decompositions = list(decompositions) if decompositions is not None else [None] * batch
         if len(questions) != batch or len(decompositions) != batch:
             raise PatchError(f"questions/decompositions need one entry per row ({batch}).")
-        plans = [self._plan_row(rows[i], questions[i], decompositions[i]) for i in range(batch)]
+        plans = [self.plan_row(rows[i], questions[i], decompositions[i]) for i in range(batch)]
 
         layers = sorted({self.profile.source_layer, *self.gate.feature_layers})
         positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
@@ -297,7 +300,7 @@ class AutoPatcher:
             return int(config.max_new_tokens)
         return max(1, int(config.max_length) - width)
 
-    def _reports(self, plans: list[_RowPlan], decisions: list[GateDecision], sequences, width: int) -> list[PatchReport]:
+    def _reports(self, plans: list[RowPlan], decisions: list[GateDecision], sequences, width: int) -> list[PatchReport]:
         reports = []
         p = self.profile
         for i, (plan, decision) in enumerate(zip(plans, decisions)):

@@ -121,13 +121,14 @@ def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile, jobs: S
 
 
 @torch.no_grad()
-def _verbalize(
+def decode_bridges(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
     profile: PatchProfile,
     jobs: Sequence[PatchJob],
     vectors: Sequence[torch.Tensor | None],
-) -> list[Target]:
+) -> list[str]:
+    """The words each job's vector decodes to under ``profile.bridge_prompt`` (one batched generate)."""
     prompts = _bridge_prompts(tok, profile, jobs)
     ids, mask = left_pad([p[0] for p in prompts], tok.pad_token_id)
     edits = [PatchEdit(profile.target_layer, i, prompts[i][1], v) for i, v in enumerate(vectors) if v is not None]
@@ -136,13 +137,18 @@ def _verbalize(
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=profile.max_bridge_tokens, pad_token_id=tok.pad_token_id)
     parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
-    targets = []
-    for i, job in enumerate(jobs):
-        bridge = parse(tok.decode(out[i, ids.shape[1] :], skip_special_tokens=True))
-        text = profile.prompt_format.render(job.location.fill(bridge or job.location.span), tok)
-        target_ids = tok(text, return_tensors="pt").input_ids[0]
-        targets.append(Target(job.row, target_ids, [], text, bridge))
-    return targets
+    return [parse(tok.decode(out[i, ids.shape[1] :], skip_special_tokens=True)) for i in range(len(jobs))]
+
+
+def verbalized_target(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, bridge: str) -> Target:
+    """The explicit second-hop question with ``bridge`` in the slot (the span itself if nothing was decoded)."""
+    text = profile.prompt_format.render(job.location.fill(bridge or job.location.span), tok)
+    return Target(job.row, tok(text, return_tensors="pt").input_ids[0], [], text, bridge)
+
+
+def _verbalize(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
+    bridges = decode_bridges(model, tok, profile, jobs, vectors)
+    return [verbalized_target(tok, profile, job, bridge) for job, bridge in zip(jobs, bridges)]
 
 
 def plan_targets(

@@ -1,0 +1,466 @@
+"""Multi-hop QA records (MuSiQue-Ans schema) and loaders with precise error messages.
+
+Example:
+    >>> from eval.datasets import load_dataset_by_name, load_musique
+    >>> test = load_musique(split="test", hops=2)          # MuSiQue-Ans dev, 2-hop, test half
+    >>> rec = test[0]
+    >>> rec.hops, rec.golds[:1], rec.question_decomposition[1].question  # doctest: +SKIP
+    (2, ('Miquette Giraudy',), '#1 >> spouse')
+    >>> twohop_dev = load_dataset_by_name("twohop", split="dev")
+
+Everything is a :class:`QARecord`: the MuSiQue-Ans fields (``id``,
+``question``, ``question_decomposition``, ``answer``, ``answer_aliases``,
+``answerable``) plus a free ``meta`` dict (split, relation chain, spans...).
+Files are JSONL (one record per line) or JSON (a list, or a dict whose
+``"data"`` is a list). A malformed record raises :class:`DatasetError` naming
+the file, the 1-based line (JSONL) or the list index (JSON, ``[i]`` 0-based)
+and the offending field.
+
+MuSiQue split rule (from ``shared/data/musique/README.md``): a record is in
+**calib** when ``int(sha256(id).hexdigest(), 16) % 2 == 0``, else in **test**.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "DatasetError",
+    "DecompStep",
+    "QARecord",
+    "load_jsonl",
+    "load_json",
+    "load_records",
+    "musique_split",
+    "default_musique_path",
+    "load_musique",
+    "load_hf_musique",
+    "load_dataset_by_name",
+    "MUSIQUE_FILENAME",
+    "MUSIQUE_ENV",
+]
+
+MUSIQUE_FILENAME = "musique_ans_v1.0_dev.jsonl"
+MUSIQUE_ENV = "AUTOPATCH_MUSIQUE_DIR"
+_MUSIQUE_REL = Path("..") / "shared" / "data" / "musique" / MUSIQUE_FILENAME
+_MUSIQUE_SPLITS = ("calib", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be found, loaded or parsed; the message says where and why.
+
+    Example: ``DatasetError("musique.jsonl line 17: field 'answer' must be a string, got int")``.
+    """
+
+
+@dataclass(frozen=True)
+class DecompStep:
+    """``DecompStep("What is the capital of #1?", "Rome")``: one single-hop step of a decomposition."""
+
+    question: str
+    answer: str
+    id: int | str | None = None
+    paragraph_support_idx: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``step.to_dict() == {"id": None, "question": ..., "answer": ..., "paragraph_support_idx": None}``."""
+        return {
+            "id": self.id,
+            "question": self.question,
+            "answer": self.answer,
+            "paragraph_support_idx": self.paragraph_support_idx,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any], where: str = "step") -> DecompStep:
+        """``DecompStep.from_dict({"question": "Green >> performer", "answer": "Steve Hillage"})``."""
+        return _parse_step(obj, where)
+
+
+@dataclass(frozen=True)
+class QARecord:
+    """``rec = QARecord.from_dict(json_obj)``; ``rec.golds``, ``rec.hops``, ``rec.to_dict()``.
+
+    ``meta`` carries extra information (split, relation chain, subject,
+    spans); it is excluded from hashing so records stay hashable.
+    """
+
+    id: str
+    question: str
+    question_decomposition: tuple[DecompStep, ...]
+    answer: str
+    answer_aliases: tuple[str, ...] = ()
+    answerable: bool = True
+    meta: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def hops(self) -> int:
+        """``rec.hops == len(rec.question_decomposition)``."""
+        return len(self.question_decomposition)
+
+    @property
+    def golds(self) -> tuple[str, ...]:
+        """``rec.golds == ("Rome", "Roma")``: the answer then its aliases, deduplicated, in order."""
+        return tuple(dict.fromkeys(g for g in (self.answer, *self.answer_aliases) if g))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``QARecord.from_dict(rec.to_dict()) == rec``; ``meta`` is written only when non-empty."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "question": self.question,
+            "question_decomposition": [s.to_dict() for s in self.question_decomposition],
+            "answer": self.answer,
+            "answer_aliases": list(self.answer_aliases),
+            "answerable": self.answerable,
+        }
+        if self.meta:
+            out["meta"] = dict(self.meta)
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any], where: str = "record") -> QARecord:
+        """``QARecord.from_dict(json.loads(line), where="dev.jsonl line 3")``; raises :class:`DatasetError`."""
+        return _parse_record(obj, where)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _need_str(obj: Mapping[str, Any], key: str, where: str, *, non_empty: bool = False) -> str:
+    if key not in obj:
+        raise DatasetError(f"{where}: missing required field '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field '{key}' must be a string, got {_type_name(value)}")
+    if non_empty and not value.strip():
+        raise DatasetError(f"{where}: field '{key}' must be a non-empty string")
+    return value
+
+
+def _parse_step(obj: Any, where: str) -> DecompStep:
+    if not isinstance(obj, Mapping):
+        raise DatasetError(f"{where}: must be an object, got {_type_name(obj)}")
+    question = _need_str(obj, "question", where, non_empty=True)
+    answer = _need_str(obj, "answer", where)
+    step_id = obj.get("id")
+    if step_id is not None and not (_is_int(step_id) or isinstance(step_id, str)):
+        raise DatasetError(f"{where}: field 'id' must be an int, a string or null, got {_type_name(step_id)}")
+    support = obj.get("paragraph_support_idx")
+    if support is not None and not _is_int(support):
+        raise DatasetError(
+            f"{where}: field 'paragraph_support_idx' must be an int or null, got {_type_name(support)}"
+        )
+    return DecompStep(question=question, answer=answer, id=step_id, paragraph_support_idx=support)
+
+
+def _parse_record(obj: Any, where: str) -> QARecord:
+    if not isinstance(obj, Mapping):
+        raise DatasetError(f"{where}: a record must be a JSON object, got {_type_name(obj)}")
+    rec_id = _need_str(obj, "id", where, non_empty=True)
+    question = _need_str(obj, "question", where, non_empty=True)
+    answer = _need_str(obj, "answer", where)
+
+    if "question_decomposition" not in obj:
+        raise DatasetError(f"{where}: missing required field 'question_decomposition'")
+    decomp = obj["question_decomposition"]
+    if not isinstance(decomp, list):
+        raise DatasetError(
+            f"{where}: field 'question_decomposition' must be a list, got {_type_name(decomp)}"
+        )
+    if not decomp:
+        raise DatasetError(f"{where}: field 'question_decomposition' must be a non-empty list")
+    steps = tuple(_parse_step(s, f"{where}: field 'question_decomposition'[{i}]") for i, s in enumerate(decomp))
+
+    aliases = obj.get("answer_aliases", [])
+    if aliases is None:
+        aliases = []
+    if not isinstance(aliases, list):
+        raise DatasetError(f"{where}: field 'answer_aliases' must be a list of strings, got {_type_name(aliases)}")
+    for i, alias in enumerate(aliases):
+        if not isinstance(alias, str):
+            raise DatasetError(
+                f"{where}: field 'answer_aliases'[{i}] must be a string, got {_type_name(alias)}"
+            )
+
+    answerable = obj.get("answerable", True)
+    if not isinstance(answerable, bool):
+        raise DatasetError(f"{where}: field 'answerable' must be a boolean, got {_type_name(answerable)}")
+    if answerable and not answer.strip():
+        raise DatasetError(f"{where}: field 'answer' must be non-empty for an answerable record")
+
+    meta = obj.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, Mapping):
+        raise DatasetError(f"{where}: field 'meta' must be an object, got {_type_name(meta)}")
+
+    return QARecord(
+        id=rec_id,
+        question=question,
+        question_decomposition=steps,
+        answer=answer,
+        answer_aliases=tuple(aliases),
+        answerable=answerable,
+        meta=dict(meta),
+    )
+
+
+def _check_unique(records: Iterable[tuple[str, QARecord]]) -> list[QARecord]:
+    seen: dict[str, str] = {}
+    out: list[QARecord] = []
+    for where, rec in records:
+        if rec.id in seen:
+            raise DatasetError(f"{where}: field 'id' duplicates id {rec.id!r} (first seen at {seen[rec.id]})")
+        seen[rec.id] = where
+        out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, QARecord]]:
+    name = path.name
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{name} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            yield where, _parse_record(obj, where)
+
+
+def _open_checked(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"{p}: no such file")
+    return p
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[QARecord]:
+    """``load_jsonl("musique_ans_v1.0_dev.jsonl")``: one record per non-blank line."""
+    return _check_unique(_iter_jsonl(_open_checked(path)))
+
+
+def _records_from_list(items: list[Any], name: str, prefix: str) -> list[QARecord]:
+    pairs = ((f"{name} {prefix}[{i}]", _parse_record(obj, f"{name} {prefix}[{i}]")) for i, obj in enumerate(items))
+    return _check_unique(pairs)
+
+
+def load_json(path: str | os.PathLike[str]) -> list[QARecord]:
+    """``load_json("dev.json")``: a JSON list of records, or ``{"data": [records...]}``."""
+    p = _open_checked(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{p.name} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(data, list):
+        return _records_from_list(data, p.name, "")
+    if isinstance(data, dict) and "data" in data:
+        if not isinstance(data["data"], list):
+            raise DatasetError(f"{p.name}: field 'data' must be a list, got {_type_name(data['data'])}")
+        return _records_from_list(data["data"], p.name, "data")
+    raise DatasetError(f"{p.name}: top level must be a list of records or an object with a 'data' list")
+
+
+def load_records(path: str | os.PathLike[str]) -> list[QARecord]:
+    """``load_records(path)``: ``.jsonl``/``.ndjson`` -> :func:`load_jsonl`, ``.json`` -> :func:`load_json`.
+
+    A ``.json`` file that is really JSON Lines (several top-level values) is
+    read as JSONL.
+    """
+    p = _open_checked(path)
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return load_jsonl(p)
+    if suffix == ".json":
+        try:
+            json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            if err.msg == "Extra data":
+                return load_jsonl(p)
+        return load_json(p)
+    raise DatasetError(f"{p.name}: unknown dataset format {suffix or '(no extension)'!r}; use .jsonl or .json")
+
+
+# --------------------------------------------------------------------------- MuSiQue
+
+
+def musique_split(record_id: str) -> Literal["calib", "test"]:
+    """``musique_split("2hop__460946_294723") in ("calib", "test")``: the README's sha256 parity rule."""
+    return "calib" if int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % 2 == 0 else "test"
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def default_musique_path() -> Path:
+    """``default_musique_path()``: ``$AUTOPATCH_MUSIQUE_DIR`` or ``../shared/data/musique/`` (repo root, then cwd).
+
+    ``$AUTOPATCH_MUSIQUE_DIR`` may name the directory holding
+    ``musique_ans_v1.0_dev.jsonl`` or the file itself.
+    """
+    env = os.environ.get(MUSIQUE_ENV)
+    if env:
+        p = Path(env).expanduser()
+        candidate = p / MUSIQUE_FILENAME if p.is_dir() else p
+        if candidate.is_file():
+            return candidate
+        raise DatasetError(
+            f"{MUSIQUE_ENV}={env!r} does not contain {MUSIQUE_FILENAME}; "
+            f"fix the variable or pass --dataset PATH to a MuSiQue .jsonl file"
+        )
+    candidates = [_repo_root() / _MUSIQUE_REL, Path.cwd() / _MUSIQUE_REL]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise DatasetError(
+        f"MuSiQue file {MUSIQUE_FILENAME} not found (tried {tried}); "
+        f"pass --dataset PATH to the .jsonl file or set {MUSIQUE_ENV} to its directory"
+    )
+
+
+def _check_split(split: str | None, allowed: tuple[str, ...], what: str) -> None:
+    if split is not None and split not in allowed:
+        raise DatasetError(f"unknown split {split!r} for {what}; choose one of {', '.join(allowed)} (or None for all)")
+
+
+def load_musique(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    split: str | None = None,
+    hops: int | None = None,
+    answerable_only: bool = True,
+) -> list[QARecord]:
+    """``load_musique(split="calib", hops=2)``: MuSiQue-Ans records, filtered; ``meta["split"]`` is set.
+
+    ``split`` is "calib", "test" or None (all); ``hops`` keeps records with
+    exactly that many decomposition steps.
+    """
+    _check_split(split, _MUSIQUE_SPLITS, "MuSiQue")
+    p = Path(path) if path is not None else default_musique_path()
+    out: list[QARecord] = []
+    for rec in load_records(p):
+        rec_split = musique_split(rec.id)
+        if split is not None and rec_split != split:
+            continue
+        if hops is not None and rec.hops != hops:
+            continue
+        if answerable_only and not rec.answerable:
+            continue
+        out.append(_with_meta(rec, split=rec_split, source="musique"))
+    return out
+
+
+def _with_meta(rec: QARecord, **extra: Any) -> QARecord:
+    return QARecord(
+        id=rec.id,
+        question=rec.question,
+        question_decomposition=rec.question_decomposition,
+        answer=rec.answer,
+        answer_aliases=rec.answer_aliases,
+        answerable=rec.answerable,
+        meta={**rec.meta, **extra},
+    )
+
+
+def _columns_to_rows(decomp: Any) -> Any:
+    """HF ``Sequence`` features come back as a dict of lists; turn them into a list of dicts."""
+    if isinstance(decomp, Mapping) and decomp and all(isinstance(v, list) for v in decomp.values()):
+        keys = list(decomp)
+        n = len(decomp[keys[0]])
+        return [{k: decomp[k][i] for k in keys} for i in range(n)]
+    return decomp
+
+
+def load_hf_musique(name: str, split: str = "validation") -> list[QARecord]:
+    """``load_hf_musique("<hub-id>", "validation")``: MuSiQue from the Hugging Face hub (needs network).
+
+    Raises :class:`DatasetError` when ``datasets`` is missing or the hub
+    cannot be reached, telling the user to pass a local file instead.
+    """
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise DatasetError(f"the 'datasets' package is needed to load {name!r} from the hub ({err})") from None
+    try:
+        rows = load_dataset(name, split=split)
+    except Exception as err:  # the hub client raises many unrelated types (HTTP, offline, missing repo)
+        raise DatasetError(
+            f"could not load {name!r} (split {split!r}) from the Hugging Face hub: {err}; "
+            f"pass --dataset PATH to a local MuSiQue .jsonl file instead"
+        ) from None
+    out: list[QARecord] = []
+    for i, row in enumerate(rows):
+        obj = dict(row)
+        if "question_decomposition" in obj:
+            obj["question_decomposition"] = _columns_to_rows(obj["question_decomposition"])
+        rec = _parse_record(obj, f"{name}[{split}] [{i}]")
+        out.append(_with_meta(rec, split=musique_split(rec.id), source=name))
+    return out
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _record_split(rec: QARecord) -> str:
+    split = rec.meta.get("split")
+    return split if isinstance(split, str) else musique_split(rec.id)
+
+
+def load_dataset_by_name(
+    name_or_path: str | os.PathLike[str],
+    split: str | None = None,
+    hops: int | None = None,
+) -> list[QARecord]:
+    """``load_dataset_by_name("twohop", split="test")``, ``("musique", "calib", hops=2)`` or a file path.
+
+    * ``"twohop"``: the bundled generator (:func:`eval.twohop.generate_twohop`,
+      splits train/dev/test, all 2-hop);
+    * ``"musique"``: :func:`load_musique` (splits calib/test);
+    * an existing file: :func:`load_records`, filtered by ``hops`` and by
+      ``split`` (the record's ``meta["split"]`` when present, else the
+      MuSiQue id rule, so MuSiQue files accept calib/test).
+    """
+    key = os.fspath(name_or_path)
+    lowered = key.strip().lower()
+    if lowered == "twohop":
+        from eval.twohop import SPLITS, generate_twohop
+
+        _check_split(split, SPLITS, "twohop")
+        if hops not in (None, 2):
+            raise DatasetError(f"twohop has only 2-hop questions; got hops={hops}")
+        return generate_twohop(split=split)
+    if lowered == "musique":
+        return load_musique(split=split, hops=hops)
+    if Path(key).expanduser().is_file():
+        recs = load_records(Path(key).expanduser())
+        return [
+            r
+            for r in recs
+            if (hops is None or r.hops == hops) and (split is None or _record_split(r) == split)
+        ]
+    raise DatasetError(
+        f"unknown dataset {key!r}: use 'twohop' (bundled two-hop questions), "
+        f"'musique' (MuSiQue-Ans dev, found via {MUSIQUE_ENV} or ../shared/data/musique/) "
+        f"or a path to an existing .jsonl/.json file"
+    )

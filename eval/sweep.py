@@ -1,0 +1,311 @@
+"""Sweep patch configurations on training questions; the result picks the profile and labels the gate.
+
+Example:
+    $ python -m eval.sweep --dataset twohop --split train --limit 240 --out runs/sweep_train
+    $ python -m eval.sweep --summarize runs/sweep_train/sweep.jsonl --write-profile
+
+For each question the vanilla prompt runs once: its greedy answer is recorded
+and, during its prefill, the block outputs of every layer are captured at the
+three located positions (span end, subject end, last token). Every
+configuration of the grid then reuses those states: only the target prompts
+are run. Verbalize configurations that decode the same bridge for a question
+share one second-hop generation.
+
+Output: ``sweep.jsonl``, one line per (question, configuration) plus one
+``vanilla`` line per question; an interrupted sweep resumes where it stopped.
+``--summarize`` prints the table (EM / contains of always-patching with each
+configuration, and its fix / break counts against vanilla) and with
+``--write-profile`` saves the best configuration per strategy and overall
+under ``autopatch/profiles/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from autopatch.architectures import num_layers
+from autopatch.engine import capture
+from autopatch.gating import POSITION_KINDS
+from autopatch.patcher import AutoPatcher
+from autopatch.profile import PatchProfile
+from autopatch.strategies import PatchJob, decode_bridges, left_pad, plan_targets, run_targets, verbalized_target
+from eval.datasets import QARecord, load_dataset_by_name
+from eval.metrics import score_continuation
+
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "autopatch" / "profiles"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One point of the grid."""
+
+    strategy: str
+    source_position: str
+    source_layer: int
+    target_layer: int
+    bridge_prompt: str = "identity"
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}|{self.source_position}|{self.source_layer}|{self.target_layer}|{self.bridge_prompt}"
+
+    @classmethod
+    def from_key(cls, key: str) -> SweepConfig:
+        strategy, position, source, target, bridge = key.split("|")
+        return cls(strategy, position, int(source), int(target), bridge)
+
+    def profile(self, base: PatchProfile) -> PatchProfile:
+        return replace(base, strategy=self.strategy, source_position=self.source_position,
+                       source_layer=self.source_layer, target_layer=self.target_layer, bridge_prompt=self.bridge_prompt)
+
+
+def default_grid(n_layers: int) -> list[SweepConfig]:
+    """A coarse grid (38 points on an 18-layer model) over strategies, positions and layer pairs.
+
+    Layers are given as fractions of depth so the grid scales to any model; on
+    Gemma 3 270M sources are blocks 3, 6, 9, 12 and targets 1 and 4.
+    """
+    def layer(fraction: float) -> int:
+        return min(n_layers - 1, round(fraction * (n_layers - 1)))
+
+    sources = [layer(f) for f in (0.18, 0.35, 0.53, 0.7)]
+    early, mid = layer(0.06), layer(0.24)
+    grid = [SweepConfig("reroute", pos, s, t) for pos in ("span_end", "last") for s in sources for t in (early, mid)]
+    grid += [SweepConfig("reroute", "subject_end", s, early) for s in sources[:3]]
+    grid += [SweepConfig("backpatch", pos, s, t) for pos in ("span_end", "last")
+             for s, t in ((sources[1], early), (sources[2], mid), (sources[3], mid), (layer(0.88), layer(0.47)))]
+    grid += [SweepConfig("verbalize", pos, s, s, "identity") for pos in ("span_end", "last") for s in sources[:2]]
+    grid += [SweepConfig("verbalize", "subject_end", s, t, "span")
+             for s, t in ((0, 0), (sources[0], sources[0]), (sources[1], sources[1]), (sources[0], early), (sources[1], early))]
+    grid += [SweepConfig("verbalize", "span_end", s, t, "span") for s, t in ((sources[0], sources[0]), (sources[1], early))]
+    return list(dict.fromkeys(grid))
+
+
+def _done_keys(path: Path) -> set[tuple[str, str]]:
+    done: set[tuple[str, str]] = set()
+    if path.exists():
+        with path.open() as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption is redone
+                done.add((row["id"], row["config"]))
+    return done
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepConfig], out_path: Path, *,
+              batch_size: int = 16, max_new_tokens: int = 8, use_decomposition: bool = False) -> None:
+    """Append results for every (record, config) not yet in ``out_path``."""
+    patcher = AutoPatcher(model, tok)
+    base, fmt = patcher.profile, patcher.profile.prompt_format
+    layers = list(range(num_layers(model)))
+    done = _done_keys(out_path)
+    keys = ["vanilla"] + [c.key for c in configs]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    started, n_done = time.perf_counter(), 0
+    with out_path.open("a") as sink:
+        def emit(rec: QARecord, key: str, continuation: str, **extra) -> None:
+            row = {"id": rec.id, "config": key, "continuation": continuation,
+                   **score_continuation(continuation, rec.golds), **extra}
+            sink.write(json.dumps(row) + "\n")
+
+        for batch in _chunks(list(records), batch_size):
+            if all((r.id, k) in done for r in batch for k in keys):
+                continue
+            prompts = [fmt.render(r.question, tok) for r in batch]
+            enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
+            rows = [enc.input_ids[i][enc.attention_mask[i].bool()].cpu() for i in range(len(batch))]
+            plans = [patcher.plan_row(rows[i], r.question, r.question_decomposition if use_decomposition else None)
+                     for i, r in enumerate(batch)]
+            positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
+            with capture(model, layers, positions, attention_mask=enc.attention_mask) as cap:
+                vanilla = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            width = enc.input_ids.shape[1]
+            for i, rec in enumerate(batch):
+                if (rec.id, "vanilla") not in done:
+                    emit(rec, "vanilla", tok.decode(vanilla[i, width:], skip_special_tokens=True),
+                         located=bool(plans[i].positions), reason=plans[i].why_not)
+            located = [i for i, p in enumerate(plans) if p.positions]
+            for config in configs:
+                todo = [i for i in located if (batch[i].id, config.key) not in done]
+                if not todo:
+                    continue
+                profile = config.profile(base)
+                kind = POSITION_KINDS.index(config.source_position)
+                jobs = [PatchJob(i, plans[i].location, rows[i], plans[i].positions[config.source_position],
+                                 cap.states[config.source_layer][i, kind]) for i in todo]
+                if config.strategy == "verbalize":
+                    bridges = decode_bridges(model, tok, profile, jobs, [j.vector for j in jobs])
+                    targets = [verbalized_target(tok, profile, j, b) for j, b in zip(jobs, bridges)]
+                else:
+                    targets = plan_targets(model, tok, profile, jobs)
+                out, target_width = run_targets(model, tok, targets, max_new_tokens=max_new_tokens, do_sample=False)
+                for j, target in enumerate(targets):
+                    emit(batch[target.row], config.key, tok.decode(out[j, target_width:], skip_special_tokens=True),
+                         bridge=target.bridge)
+            sink.flush()
+            n_done += len(batch)
+            rate = n_done / (time.perf_counter() - started)
+            print(f"sweep: {n_done}/{len(records)} questions ({rate:.2f} q/s)", flush=True)
+
+
+def load_sweep(path: Path) -> dict[str, dict[str, dict]]:
+    """``{config_key: {question_id: row}}`` from a sweep file (the last line wins on duplicates)."""
+    table: dict[str, dict[str, dict]] = defaultdict(dict)
+    with Path(path).open() as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            table[row["config"]][row["id"]] = row
+    return table
+
+
+def summarize(table: dict[str, dict[str, dict]]) -> list[dict]:
+    """Per configuration: n, EM and contains of always-patching (unlocated questions keep vanilla), fixes, breaks."""
+    vanilla = table["vanilla"]
+    summary = []
+    for key, rows in table.items():
+        if key == "vanilla":
+            continue
+        ids = list(vanilla)
+        em = [rows[i]["em"] if i in rows else vanilla[i]["em"] for i in ids]
+        cont = [rows[i]["contains"] if i in rows else vanilla[i]["contains"] for i in ids]
+        fixed = sum(1 for i in ids if i in rows and rows[i]["em"] > vanilla[i]["em"])
+        broken = sum(1 for i in ids if i in rows and rows[i]["em"] < vanilla[i]["em"])
+        summary.append({"config": key, "n": len(ids), "em": sum(em) / len(ids), "contains": sum(cont) / len(ids),
+                        "fixed": fixed, "broken": broken})
+    summary.sort(key=lambda r: (-r["em"], -r["contains"], r["config"]))
+    return summary
+
+
+def summary_markdown(table: dict[str, dict[str, dict]], command: str) -> str:
+    vanilla = table["vanilla"]
+    n = len(vanilla)
+    lines = [
+        "# Patch-configuration sweep",
+        "",
+        f"Made by `{command}`. {n} training questions; greedy; each configuration patches every located question "
+        "(unlocated ones keep the vanilla answer). `fixed`/`broken`: EM gained/lost against vanilla.",
+        "",
+        f"Vanilla: EM {sum(r['em'] for r in vanilla.values()) / n:.3f}, "
+        f"contains {sum(r['contains'] for r in vanilla.values()) / n:.3f}, "
+        f"located {sum(1 for r in vanilla.values() if r.get('located')) / n:.3f}.",
+        "",
+        "| config (strategy\\|position\\|ℓ\\|ℓ*\\|bridge prompt) | EM | contains | fixed | broken |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summarize(table):
+        lines.append(f"| {row['config'].replace('|', chr(92) + '|')} | {row['em']:.3f} | {row['contains']:.3f} | "
+                     f"{row['fixed']} | {row['broken']} |")
+    return "\n".join(lines) + "\n"
+
+
+def best_per_strategy(table: dict[str, dict[str, dict]]) -> dict[str, SweepConfig]:
+    best: dict[str, SweepConfig] = {}
+    for row in summarize(table):  # sorted best first
+        config = SweepConfig.from_key(row["config"])
+        best.setdefault(config.strategy, config)
+    return best
+
+
+def write_profiles(table: dict[str, dict[str, dict]], model_type: str, base: PatchProfile, source: str) -> list[Path]:
+    """Save the best configuration per strategy, and the best overall as the model's profile."""
+    PROFILES_DIR.mkdir(parents=True, exist_ok=True)
+    rows = {r["config"]: r for r in summarize(table)}
+    written = []
+    best_overall = None
+    for strategy, config in best_per_strategy(table).items():
+        r = rows[config.key]
+        note = (f"sweep on {source}: best {strategy} config, always-patch EM {r['em']:.3f} "
+                f"(vanilla {sum(v['em'] for v in table['vanilla'].values()) / r['n']:.3f}, n={r['n']})")
+        profile = replace(config.profile(base), model_type=model_type, note=note)
+        path = PROFILES_DIR / f"{model_type}.{strategy}.json"
+        profile.save(path)
+        written.append(path)
+        if best_overall is None or r["em"] > rows[best_overall[0].key]["em"]:
+            best_overall = (config, profile)
+    if best_overall is not None:
+        path = PROFILES_DIR / f"{model_type}.json"
+        best_overall[1].save(path)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Sweep patch configurations on training questions.")
+    parser.add_argument("--dataset", default="twohop")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--limit", type=int, default=160)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--out", default="runs/sweep_train")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--summarize", help="a sweep.jsonl to summarise instead of running")
+    parser.add_argument("--write-profile", action="store_true", help="with --summarize: save the chosen profiles")
+    parser.add_argument("--markdown", help="with --summarize: write the table to this file")
+    args = parser.parse_args(argv)
+    if args.split in ("test",):
+        parser.error("the sweep chooses the profile: run it on a training split (twohop train, musique calib), never test")
+    if args.summarize:
+        table = load_sweep(Path(args.summarize))
+        text = summary_markdown(table, "python -m eval.sweep " + " ".join(argv or []))
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        if args.write_profile:
+            from autopatch import load_model
+
+            model, tok = load_model(args.model)
+            for path in write_profiles(table, model.config.model_type, AutoPatcher(model, tok).profile,
+                                       f"{args.summarize}"):
+                print(f"wrote {path}")
+        return 0
+
+    from autopatch import load_model
+
+    torch.set_grad_enabled(False)
+    model, tok = load_model(args.model)
+    records = stratified_sample(load_dataset_by_name(args.dataset, split=args.split, hops=2), args.limit)
+    configs = default_grid(num_layers(model))
+    print(f"sweep: {len(records)} questions x {len(configs)} configurations -> {args.out}/sweep.jsonl", flush=True)
+    run_sweep(model, tok, records, configs, Path(args.out) / "sweep.jsonl", batch_size=args.batch_size,
+              max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def stratified_sample(records: Sequence[QARecord], limit: int | None) -> list[QARecord]:
+    """A deterministic sample that takes questions round-robin over compositions (or all, if ``limit`` is None)."""
+    if not limit or limit >= len(records):
+        return list(records)
+    groups: dict[str, list[QARecord]] = defaultdict(list)
+    for rec in sorted(records, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest()):
+        groups[str(rec.meta.get("composition", "all"))].append(rec)
+    picked: list[QARecord] = []
+    while len(picked) < limit:
+        for name in sorted(groups):
+            if groups[name] and len(picked) < limit:
+                picked.append(groups[name].pop(0))
+    return picked
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

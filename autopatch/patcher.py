@@ -163,6 +163,7 @@ class AutoPatcher:
         self.gate: Gate = gate if gate is not None else AlwaysPatch()
         self.control = control
         self.last_report: list[PatchReport] = []
+        self.last_targets: dict[int, Target] = {}  # row -> the patched prompt and its edits (for audits)
 
     # ---- planning -------------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class AutoPatcher:
                            synced_gpus=synced_gpus, assistant_model=assistant_model)
         passthrough = {k: v for k, v in passthrough.items() if v is not None}
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        self.last_targets = {}
         config = copy.deepcopy(generation_config or self.model.generation_config)
         unsupported = self._unsupported_mode(input_ids, config, kwargs, assistant_model)
         if not patching or unsupported:
@@ -267,6 +269,7 @@ class AutoPatcher:
         target_out, target_width = run_targets(self.model, self.tokenizer, targets, logits_processor=logits_processor,
                                                stopping_criteria=stopping_criteria, streamer=target_streamer,
                                                **passthrough, **target_kwargs)
+        self.last_targets = {t.row: t for t in targets}
         for target in targets:
             report = reports[target.row]
             report.target_prompt, report.bridge = target.prompt_text, target.bridge

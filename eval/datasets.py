@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from autopatch.errors import AutopatchError
+
 __all__ = [
     "DatasetError",
     "DecompStep",
@@ -52,7 +54,7 @@ _MUSIQUE_REL = Path("..") / "shared" / "data" / "musique" / MUSIQUE_FILENAME
 _MUSIQUE_SPLITS = ("calib", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(AutopatchError, ValueError):
     """A dataset cannot be found, loaded or parsed; the message says where and why.
 
     Example: ``DatasetError("musique.jsonl line 17: field 'answer' must be a string, got int")``.

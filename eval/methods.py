@@ -1,0 +1,271 @@
+"""Named evaluation methods: baselines, patching strategies, controls, oracles and hop diagnostics.
+
+Example:
+    >>> from eval.methods import METHODS, build_context
+    >>> ctx = build_context(model, tok)
+    >>> results = METHODS["vanilla"].run(ctx, records[:8])
+    >>> results[0].continuation, results[0].n_tokens
+
+Every generating method is greedy. Token budgets: ``ctx.budget`` new tokens
+for every direct-answer method (vanilla, the patching methods, controls, hop
+diagnostics); ``ctx.cot_budget`` for chain of thought, which needs room to
+reason, and is reported next to its accuracy. Oracles are computed from other
+methods' results (``oracle-gate``) or from a sweep over the configuration grid
+(``oracle-layers``); they are upper bounds, never deployable methods.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from autopatch.engine import PatchEdit, patch
+from autopatch.gating import AlwaysPatch, Gate
+from autopatch.patcher import AutoPatcher
+from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat, cot_fewshot_prompt, cot_prompt
+from autopatch.strategies import Control, left_pad
+from eval.datasets import QARecord
+
+MethodKind = Literal["baseline", "patch", "control", "oracle", "diagnostic"]
+
+
+@dataclass
+class MethodResult:
+    """One (method, question) outcome, with what is needed to audit it."""
+
+    prompt: str
+    continuation: str
+    n_tokens: int
+    seconds: float
+    patched: bool = False
+    report: dict | None = None
+    gold_logprob: float | None = None
+    gold_rank: int | None = None
+
+
+@dataclass
+class EvalContext:
+    """Everything a method needs; built once per run."""
+
+    model: torch.nn.Module
+    tok: object
+    profile: PatchProfile
+    strategy_profiles: dict[str, PatchProfile]
+    gate: Gate | None
+    budget: int = 16
+    cot_budget: int = 48
+    use_decomposition: bool = False
+    gold_scores: bool = True
+
+    @property
+    def fmt(self) -> PromptFormat:
+        return self.profile.prompt_format
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: ``run(ctx, records) -> results`` (``None`` for derived methods)."""
+
+    name: str
+    kind: MethodKind
+    description: str
+    run: Callable[[EvalContext, Sequence[QARecord]], list[MethodResult]] | None = None
+    cot: bool = False
+    needs: tuple[str, ...] = field(default=())  # methods a derived method is computed from
+
+
+def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate | None = None, budget: int = 16,
+                  cot_budget: int = 48, use_decomposition: bool = False, gold_scores: bool = True) -> EvalContext:
+    """The run context: the model's shipped profile and the best shipped profile of each strategy."""
+    base = profile or AutoPatcher(model, tok).profile
+    model_type = model.config.model_type
+    per_strategy = {}
+    for strategy in ("reroute", "backpatch", "verbalize"):
+        shipped = PatchProfile.shipped(f"{model_type}.{strategy}") if profile is None else None
+        per_strategy[strategy] = shipped or _fallback_profile(base, strategy)
+    return EvalContext(model, tok, base, per_strategy, gate, budget, cot_budget, use_decomposition, gold_scores)
+
+
+def _fallback_profile(base: PatchProfile, strategy: str) -> PatchProfile:
+    if strategy == "backpatch" and base.target_layer >= base.source_layer:
+        return replace(base, strategy=strategy, target_layer=max(0, base.source_layer - 1))
+    return replace(base, strategy=strategy)
+
+
+# ---- generation helpers ------------------------------------------------------------------
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int) -> tuple[list[str], list[int], float]:
+    tok = ctx.tok
+    enc = tok(list(prompts), return_tensors="pt", padding=True).to(_device(ctx.model))
+    started = time.perf_counter()
+    out = ctx.model.generate(**enc, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id)
+    seconds = (time.perf_counter() - started) / len(prompts)
+    width = enc.input_ids.shape[1]
+    texts, counts = _decode_new(tok, out, width)
+    return texts, counts, seconds
+
+
+def _decode_new(tok, sequences: torch.Tensor, width: int) -> tuple[list[str], list[int]]:
+    texts, counts = [], []
+    for row in sequences[:, width:]:
+        ids = row.tolist()
+        while ids and ids[-1] == tok.pad_token_id:  # generate pads finished rows on the right
+            ids.pop()
+        texts.append(tok.decode(ids, skip_special_tokens=True))
+        counts.append(len(ids))
+    return texts, counts
+
+
+@torch.no_grad()
+def gold_scores(ctx: EvalContext, prompts: Sequence[torch.Tensor], edits: Sequence[list[tuple[int, int, torch.Tensor]]],
+                golds: Sequence[str], k: int = 3) -> list[tuple[float, int]]:
+    """Teacher-forced log-probability of the gold's first ``k`` tokens, and the rank of its first token.
+
+    ``prompts`` are the methods' final prompt ids; ``edits`` patch their prefill
+    exactly as the method did (empty for unpatched prompts).
+    """
+    tok = ctx.tok
+    gold_ids = [tok(" " + g.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0][:k] for g in golds]
+    rows = [torch.cat([p.cpu(), g]) for p, g in zip(prompts, gold_ids)]
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    flat = [PatchEdit(layer, i, pos, vec) for i, e in enumerate(edits) for layer, pos, vec in e]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    device = _device(ctx.model)
+    with patch(ctx.model, flat, attention_mask=mask):
+        logits = ctx.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=position_ids.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    scores = []
+    width = ids.shape[1]
+    for i, g in enumerate(gold_ids):
+        start = width - len(g)  # gold tokens sit at the end of the left-padded row
+        token_lp = logprobs[i, start - 1 : width - 1].gather(-1, g.to(device)[:, None]).squeeze(-1)
+        first = logits[i, start - 1]
+        rank = int((first > first[g[0]]).sum()) + 1
+        scores.append((float(token_lp.sum()), rank))
+    return scores
+
+
+def _with_gold_scores(ctx: EvalContext, results: list[MethodResult], prompts, edits, records) -> list[MethodResult]:
+    if not ctx.gold_scores:
+        return results
+    for result, (lp, rank) in zip(results, gold_scores(ctx, prompts, edits, [r.answer for r in records])):
+        result.gold_logprob, result.gold_rank = lp, rank
+    return results
+
+
+# ---- methods -----------------------------------------------------------------------------
+
+
+def _prompted(build: Callable[[EvalContext, QARecord], str], *, cot: bool = False, scored: bool = True):
+    def run(ctx: EvalContext, records: Sequence[QARecord]) -> list[MethodResult]:
+        prompts = [build(ctx, r) for r in records]
+        texts, counts, seconds = _generate_prompts(ctx, prompts, ctx.cot_budget if cot else ctx.budget)
+        results = [MethodResult(p, t, n, seconds) for p, t, n in zip(prompts, texts, counts)]
+        if not scored:
+            return results
+        ids = [ctx.tok(p, return_tensors="pt").input_ids[0] for p in prompts]
+        return _with_gold_scores(ctx, results, ids, [[] for _ in records], records)
+
+    return run
+
+
+def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated: bool = False,
+                    control: Control | None = None):
+    def run(ctx: EvalContext, records: Sequence[QARecord]) -> list[MethodResult]:
+        gate = ctx.gate if gated else AlwaysPatch()
+        patcher = AutoPatcher(ctx.model, ctx.tok, profile_of(ctx), gate=gate, control=control)
+        prompts = [ctx.fmt.render(r.question, ctx.tok) for r in records]
+        enc = ctx.tok(prompts, return_tensors="pt", padding=True).to(_device(ctx.model))
+        started = time.perf_counter()
+        out = patcher.generate(**enc, max_new_tokens=ctx.budget, do_sample=False, pad_token_id=ctx.tok.pad_token_id,
+                               questions=[r.question for r in records],
+                               decompositions=[r.question_decomposition for r in records] if ctx.use_decomposition else None)
+        seconds = (time.perf_counter() - started) / len(records)
+        texts, counts = _decode_new(ctx.tok, out, enc.input_ids.shape[1])
+        results = []
+        final_prompts, final_edits = [], []
+        for i, (prompt, text, n) in enumerate(zip(prompts, texts, counts)):
+            report = patcher.last_report[i]
+            target = patcher.last_targets.get(i)
+            results.append(MethodResult(target.prompt_text if target else prompt, text, n, seconds,
+                                        patched=report.patched, report=report.to_dict()))
+            if target is not None:
+                final_prompts.append(target.input_ids)
+                final_edits.append(target.edits)
+            else:
+                final_prompts.append(ctx.tok(prompt, return_tensors="pt").input_ids[0])
+                final_edits.append([])
+        return _with_gold_scores(ctx, results, final_prompts, final_edits, records)
+
+    return run
+
+
+def hop_questions(record: QARecord) -> tuple[str, list[str], str, list[str]]:
+    """Hop 1 asked alone, and hop 2 with the gold bridge filled in, with their golds."""
+    step1, step2 = record.question_decomposition[0], record.question_decomposition[1]
+    if ">>" in step1.question:
+        entity, relation = (part.strip() for part in step1.question.split(">>", 1))
+        hop1 = f"What is the {relation} of {entity}?"
+    else:
+        hop1 = step1.question
+    hop1_golds = [step1.answer, *record.meta.get("bridge_aliases", [])]
+    hop2 = step2.question.replace("#1", step1.answer)
+    hop2_golds = [step2.answer] if record.hops == 2 else [step2.answer]
+    if record.hops == 2:
+        hop2_golds = list(record.golds)
+    return hop1, hop1_golds, hop2, hop2_golds
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (names are unique)."""
+    if method.name in METHODS:
+        raise ValueError(f"Method {method.name!r} is already registered.")
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("vanilla", "baseline", "the question in the query format, no patching",
+                _prompted(lambda ctx, r: ctx.fmt.render(r.question, ctx.tok))))
+register(Method("cot", "baseline", "zero-shot chain of thought (\"Let's think step by step.\"), cot budget",
+                _prompted(lambda ctx, r: cot_prompt(ctx.fmt, r.question, ctx.tok), cot=True, scored=False), cot=True))
+register(Method("cot-fewshot", "baseline", "few-shot chain of thought whose demonstrations state the bridge first, cot budget",
+                _prompted(lambda ctx, r: cot_fewshot_prompt(ctx.fmt, r.question, ctx.tok), cot=True, scored=False), cot=True))
+register(Method("patch", "patch", "always patch with the model's profile",
+                _patcher_method(lambda ctx: ctx.profile)))
+register(Method("autopatch", "patch", "patch when the gate says so (the deployable method)",
+                _patcher_method(lambda ctx: ctx.profile, gated=True)))
+for _strategy in ("reroute", "backpatch", "verbalize"):
+    register(Method(_strategy, "patch", f"always patch with the best swept {_strategy} configuration",
+                    _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))
+for _control in ("random", "zero", "nopatch"):
+    register(Method(f"control-{_control}", "control",
+                    {"random": "the profile's patch with a norm-matched random vector",
+                     "zero": "the profile's patch with a zero vector",
+                     "nopatch": "the profile's target prompt with the placeholder left alone"}[_control],
+                    _patcher_method(lambda ctx: ctx.profile, control=_control)))  # type: ignore[arg-type]
+register(Method("hop1", "diagnostic", "hop 1 asked alone (e.g. 'In which country is the Colosseum located?')",
+                _prompted(lambda ctx, r: ctx.fmt.render(hop_questions(r)[0], ctx.tok), scored=False)))
+register(Method("hop2", "diagnostic", "hop 2 with the gold bridge given (e.g. 'What is the capital of Italy?')",
+                _prompted(lambda ctx, r: ctx.fmt.render(hop_questions(r)[2], ctx.tok), scored=False)))
+register(Method("oracle-gate", "oracle", "ORACLE: patch exactly when patching helps (vanilla or patch correct)",
+                needs=("vanilla", "patch")))
+register(Method("oracle-layers", "oracle", "ORACLE: correct if any configuration of the sweep grid answers correctly",
+                needs=("vanilla",)))
+
+DEFAULT_METHODS = ("vanilla", "cot", "cot-fewshot", "patch", "autopatch", "reroute", "backpatch", "verbalize",
+                   "control-random", "control-zero", "control-nopatch", "oracle-gate")

@@ -1,0 +1,245 @@
+"""Summarise a run: ``summary.json``, ``report.md`` and PNG plots, from the results JSONL alone.
+
+Example:
+    >>> from eval.report import write_report
+    >>> summary = write_report(Path("runs/twohop_test"), command="autopatch eval ...")
+    >>> summary["methods"]["vanilla"]["all"]["em"]
+
+Definitions (also printed in ``report.md``):
+
+* A hop is *known* when its answer line contains a gold (``contains``): the
+  model states the fact, whatever the wording.
+* The **compositionality-gap subset**: hop 1 known, hop 2 (with the gold bridge
+  given) known, and the two-hop question failed by ``vanilla`` (no gold in its
+  answer line). Only there can correction help.
+* ``oracle-gate``: per question, the better of ``vanilla`` and ``patch``.
+  ``oracle-layers``: correct if any configuration of the sweep grid (run on
+  these same questions) is. Both are upper bounds, not methods.
+* Against ``vanilla``: questions fixed (vanilla wrong, method right) and broken
+  (the reverse) by EM, and an exact two-sided McNemar p-value.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from eval.methods import METHODS
+from eval.metrics import bootstrap_ci, mcnemar
+from eval.runner import iter_methods_rows, read_results
+
+METRICS = ("em", "f1", "contains")
+
+
+def _derived(by_method: dict[str, dict[str, dict]], out_dir: Path) -> None:
+    """Add oracle rows computed from other methods (and from a sweep on the same questions)."""
+    if "vanilla" in by_method and "patch" in by_method:
+        van, pat = by_method["vanilla"], by_method["patch"]
+        by_method["oracle-gate"] = {
+            i: {m: max(van[i][m], pat[i][m]) for m in METRICS} | {"n_tokens": pat[i]["n_tokens"], "seconds": None,
+                                                                   "patched": pat[i]["em"] > van[i]["em"]}
+            for i in van if i in pat
+        }
+    sweep_file = out_dir / "sweep.jsonl"
+    if sweep_file.exists():
+        from eval.sweep import load_sweep
+
+        table = load_sweep(sweep_file)
+        oracle: dict[str, dict] = {}
+        for key, rows in table.items():
+            if key == "vanilla":
+                continue
+            for i, row in rows.items():
+                best = oracle.setdefault(i, {m: 0.0 for m in METRICS} | {"n_tokens": None, "seconds": None, "patched": True})
+                for m in METRICS:
+                    best[m] = max(best[m], row[m])
+        if oracle:
+            by_method["oracle-layers"] = oracle
+
+
+def _stats(rows: Sequence[dict], vanilla: dict[str, dict] | None, ids: Sequence[str]) -> dict:
+    out: dict = {"n": len(ids)}
+    if not ids:
+        return out
+    for m in METRICS:
+        values = [float(rows[i][m]) for i in ids]  # type: ignore[index]
+        out[m] = sum(values) / len(values)
+        out[f"{m}_ci"] = list(bootstrap_ci(values))
+    tokens = [rows[i]["n_tokens"] for i in ids if rows[i].get("n_tokens") is not None]  # type: ignore[index]
+    seconds = [rows[i]["seconds"] for i in ids if rows[i].get("seconds") is not None]  # type: ignore[index]
+    out["mean_tokens"] = sum(tokens) / len(tokens) if tokens else None
+    out["seconds_per_q"] = sum(seconds) / len(seconds) if seconds else None
+    out["patched"] = sum(1 for i in ids if rows[i].get("patched")) / len(ids)  # type: ignore[index]
+    logprobs = [rows[i]["gold_logprob"] for i in ids if rows[i].get("gold_logprob") is not None]  # type: ignore[index]
+    ranks = [rows[i]["gold_rank"] for i in ids if rows[i].get("gold_rank") is not None]  # type: ignore[index]
+    out["gold_logprob"] = sum(logprobs) / len(logprobs) if logprobs else None
+    out["gold_rank_median"] = statistics.median(ranks) if ranks else None
+    if vanilla is not None:
+        test = mcnemar([bool(vanilla[i]["em"]) for i in ids], [bool(rows[i]["em"]) for i in ids])  # type: ignore[index]
+        out["vs_vanilla"] = {"fixed": test["b_fixed"], "broken": test["b_broken"], "p_value": test["p_value"]}
+    return out
+
+
+def gap_subset(by_method: dict[str, dict[str, dict]]) -> list[str] | None:
+    """Ids with both hops known alone and the two-hop question failed by vanilla; None without diagnostics."""
+    if not {"hop1", "hop2", "vanilla"} <= set(by_method):
+        return None
+    h1, h2, van = by_method["hop1"], by_method["hop2"], by_method["vanilla"]
+    return sorted(i for i in van if i in h1 and i in h2 and h1[i]["contains"] and h2[i]["contains"] and not van[i]["contains"])
+
+
+def summarise(out_dir: Path) -> dict:
+    """The summary dict for every method found in ``out_dir``'s results."""
+    by_method = dict(iter_methods_rows(read_results(out_dir)))
+    _derived(by_method, out_dir)
+    vanilla = by_method.get("vanilla")
+    common = sorted(set.intersection(*(set(rows) for rows in by_method.values()))) if by_method else []
+    gap = gap_subset(by_method)
+    summary: dict = {"n_questions": len(common), "gap_subset_size": None if gap is None else len(gap), "methods": {}}
+    for name, rows in by_method.items():
+        method = METHODS.get(name)
+        entry = {"kind": method.kind if method else "unknown", "description": method.description if method else "",
+                 "all": _stats(rows, vanilla if name != "vanilla" else None, common)}
+        if gap is not None and name not in ("hop1", "hop2"):
+            entry["gap"] = _stats(rows, vanilla if name != "vanilla" else None, [i for i in gap if i in rows])
+        summary["methods"][name] = entry
+    summary["warnings"] = _control_warnings(summary)
+    return summary
+
+
+def _control_warnings(summary: dict) -> list[str]:
+    methods = summary["methods"]
+    if "patch" not in methods or "em_ci" not in methods["patch"]["all"]:
+        return []
+    low = methods["patch"]["all"]["em_ci"][0]
+    warnings = []
+    for name, entry in methods.items():
+        if entry["kind"] == "control" and entry["all"].get("em", 0.0) >= low:
+            warnings.append(f"{name} scores EM {entry['all']['em']:.3f}, inside or above the 95% CI of patch "
+                            f"(lower bound {low:.3f}): the target prompt, not the patched state, is doing the work.")
+    return warnings
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _table(summary: dict, subset: str) -> list[str]:
+    order = [m for m in METHODS if m in summary["methods"]] + [m for m in summary["methods"] if m not in METHODS]
+    lines = ["| method | kind | n | EM [95% CI] | F1 | contains | fixed/broken vs vanilla (McNemar p) | "
+             "gold log-p | tokens | s/q | patched |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        entry = summary["methods"][name]
+        stats = entry.get(subset)
+        if not stats or not stats.get("n"):
+            continue
+        label = f"**{name}** (oracle)" if entry["kind"] == "oracle" else name
+        vs = stats.get("vs_vanilla")
+        vs_text = f"{vs['fixed']}/{vs['broken']} (p={vs['p_value']:.3g})" if vs else "–"
+        em_ci = stats.get("em_ci", [None, None])
+        lines.append(
+            f"| {label} | {entry['kind']} | {stats['n']} | {_fmt(stats['em'])} [{_fmt(em_ci[0])}, {_fmt(em_ci[1])}] | "
+            f"{_fmt(stats['f1'])} | {_fmt(stats['contains'])} | {vs_text} | {_fmt(stats.get('gold_logprob'), 2)} | "
+            f"{_fmt(stats.get('mean_tokens'), 1)} | {_fmt(stats.get('seconds_per_q'), 2)} | {_fmt(stats.get('patched'), 2)} |")
+    return lines
+
+
+def report_markdown(summary: dict, command: str) -> str:
+    lines = [
+        "# Evaluation report", "",
+        f"Command: `{command}`", "",
+        f"Questions: {summary['n_questions']}. Greedy decoding. EM/F1 use SQuAD normalisation, best over answer and "
+        "aliases, on the answer extracted by the one rule in `eval/metrics.py` (first line; for CoT the text after "
+        "\"the answer is\"). `contains`: a gold appears in the answer line. Gold log-p: teacher-forced log-probability "
+        "of the gold's first 3 tokens under the method's final prompt, patched where the method patches. Oracle rows "
+        "are upper bounds, not methods.", "",
+        "## All questions", "", *_table(summary, "all"), "",
+    ]
+    if summary.get("gap_subset_size") is not None:
+        lines += ["## Compositionality-gap subset", "",
+                  f"{summary['gap_subset_size']} questions where hop 1 and hop 2 are each answered alone (gold in the "
+                  "answer line) but vanilla fails the two-hop question. Correction can only help here.", "",
+                  *_table(summary, "gap"), ""]
+    lines += ["## Controls", ""]
+    lines += [f"- {w}" for w in summary["warnings"]] or ["- No control reaches the 95% CI of `patch`."]
+    lines += ["", "## Methods", ""]
+    lines += [f"- `{name}` ({entry['kind']}): {entry['description']}" for name, entry in summary["methods"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in summary["methods"] if summary["methods"][m]["all"].get("n")]
+    ems = [summary["methods"][m]["all"]["em"] for m in names]
+    cis = [summary["methods"][m]["all"]["em_ci"] for m in names]
+    errors = [[e - c[0] for e, c in zip(ems, cis)], [c[1] - e for e, c in zip(ems, cis)]]
+    colours = {"baseline": "#4c72b0", "patch": "#dd8452", "control": "#8c8c8c", "oracle": "#55a868", "diagnostic": "#c44e52"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    ax.bar(names, ems, yerr=errors, capsize=3, color=[colours.get(summary["methods"][m]["kind"], "#999") for m in names])
+    ax.set_ylabel("exact match (95% bootstrap CI)")
+    ax.set_title(f"Accuracy by method (n={summary['n_questions']})")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute") -> bool:
+    """Fix rate (vanilla wrong -> patched right, by EM) over (source layer, target layer); False if no data."""
+    from eval.sweep import SweepConfig, load_sweep
+
+    table = load_sweep(sweep_file)
+    vanilla = table.get("vanilla", {})
+    cells: dict[tuple[int, int], list[float]] = {}
+    for key, rows in table.items():
+        if key == "vanilla" or SweepConfig.from_key(key).strategy != strategy:
+            continue
+        config = SweepConfig.from_key(key)
+        wrong = [i for i in rows if i in vanilla and not vanilla[i]["em"]]
+        if wrong:
+            rate = sum(rows[i]["em"] for i in wrong) / len(wrong)
+            cells.setdefault((config.source_layer, config.target_layer), []).append(rate)
+    if not cells:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sources = sorted({s for s, _ in cells})
+    targets = sorted({t for _, t in cells})
+    grid = np.full((len(sources), len(targets)), np.nan)
+    for (s, t), rates in cells.items():
+        grid[sources.index(s), targets.index(t)] = max(rates)  # best source position for the cell
+    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(targets), 3 + 0.3 * len(sources)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xlabel("target layer ℓ*")
+    ax.set_ylabel("source layer ℓ")
+    ax.set_title(f"{strategy}: fix rate on vanilla-wrong questions")
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(out_dir: Path, command: str) -> dict:
+    """Write summary.json, report.md and the plots into ``out_dir``; return the summary."""
+    summary = summarise(out_dir)
+    summary["command"] = command
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(summary, command))
+    if summary["methods"]:
+        plot_accuracy(summary, out_dir / "accuracy.png")
+    if (out_dir / "sweep.jsonl").exists():
+        plot_sweep_heatmap(out_dir / "sweep.jsonl", out_dir / "sweep_heatmap.png")
+    return summary

@@ -1,0 +1,155 @@
+"""Run methods over a dataset into an append-only JSONL that resumes after interruption.
+
+Example:
+    >>> from eval.runner import run_eval
+    >>> run_eval(ctx, records, ["vanilla", "patch"], out_dir=Path("runs/demo"), batch_size=16)
+
+One line per (method, question) in ``results.jsonl`` (``results.rank{r}.jsonl``
+when sharded), holding every input needed to audit it: the final prompt, the
+continuation, the extracted answer, the golds, the scores and the patch report.
+
+Determinism: records are cut into fixed batches in dataset order *before*
+sharding or resuming, so every question is always generated inside the same
+batch (same padding) whatever the number of processes or interruptions. A
+batch with any missing line is re-run and only its missing lines are written,
+so a resumed run loses nothing and duplicates nothing.
+
+Sharding: under ``accelerate launch`` (or with ``rank``/``world_size``) each
+process takes every ``world_size``-th batch; the report merges the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eval.datasets import QARecord
+from eval.methods import METHODS, EvalContext, hop_questions
+from eval.metrics import score_continuation
+
+
+def results_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    return out_dir / ("results.jsonl" if world_size == 1 else f"results.rank{rank}.jsonl")
+
+
+def read_results(out_dir: Path) -> list[dict]:
+    """Every complete line of every results file in ``out_dir`` (a torn last line is skipped)."""
+    rows = []
+    for path in sorted(Path(out_dir).glob("results*.jsonl")):
+        with path.open() as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return rows
+
+
+def _done(path: Path) -> set[tuple[str, str]]:
+    if not path.exists():
+        return set()
+    done = set()
+    with path.open() as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done.add((row["method"], row["id"]))
+    return done
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a partial last line left by a kill mid-write, so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with path.open("r+b") as f:
+        f.truncate(cut)
+
+
+def shard_info() -> tuple[int, int]:
+    """``(rank, world_size)`` from accelerate / torchrun environment variables, else ``(0, 1)``."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return rank, world
+
+
+def batches(records: Sequence[QARecord], batch_size: int) -> list[list[QARecord]]:
+    return [list(records[i : i + batch_size]) for i in range(0, len(records), batch_size)]
+
+
+def golds_for(method: str, record: QARecord) -> list[str]:
+    """The golds a method is scored against (hop 1 is scored against the bridge)."""
+    if method == "hop1":
+        return hop_questions(record)[1]
+    if method == "hop2":
+        return hop_questions(record)[3]
+    return list(record.golds)
+
+
+def run_eval(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[str], out_dir: Path, *,
+             batch_size: int = 16, rank: int | None = None, world_size: int | None = None,
+             progress: bool = True) -> Path:
+    """Generate every (method, record) line not yet written; return this process's results file."""
+    env_rank, env_world = shard_info()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = results_path(out_dir, rank, world_size)
+    _repair_tail(path)
+    done = _done(path)
+    generating = [m for m in methods if METHODS[m].run is not None]
+    mine = batches(records, batch_size)[rank::world_size]
+    total = sum(len(b) for b in mine) * len(generating)
+    todo = sum(1 for b in mine for m in generating for r in b if (m, r.id) not in done)
+    bar = tqdm(total=total, initial=total - todo, desc=f"eval[{rank}]", unit="q", disable=not progress, smoothing=0.1)
+    with path.open("a") as sink:
+        for name in generating:
+            method = METHODS[name]
+            for batch in mine:
+                missing = [r for r in batch if (name, r.id) not in done]
+                if not missing:
+                    continue
+                results = method.run(ctx, batch)  # the whole batch: same padding as an uninterrupted run
+                for record, result in zip(batch, results):
+                    if (name, record.id) in done:
+                        continue
+                    golds = golds_for(name, record)
+                    row = {
+                        "method": name, "id": record.id, "question": record.question, "golds": golds,
+                        "prompt": result.prompt, "continuation": result.continuation,
+                        **score_continuation(result.continuation, golds, cot=method.cot),
+                        "n_tokens": result.n_tokens, "seconds": result.seconds, "patched": result.patched,
+                        "gold_logprob": result.gold_logprob, "gold_rank": result.gold_rank,
+                        "report": result.report,
+                    }
+                    sink.write(json.dumps(row) + "\n")
+                    done.add((name, record.id))
+                sink.flush()
+                os.fsync(sink.fileno())
+                bar.update(len(missing))
+    bar.close()
+    return path
+
+
+def iter_methods_rows(rows: Sequence[dict]) -> Iterator[tuple[str, dict[str, dict]]]:
+    """``(method, {id: row})`` with duplicates (from re-runs) resolved to the first line."""
+    by_method: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {}).setdefault(row["id"], row)
+    yield from by_method.items()
+
+
+def timed(fn):
+    """Run ``fn`` and return ``(result, seconds)``."""
+    started = time.perf_counter()
+    return fn(), time.perf_counter() - started

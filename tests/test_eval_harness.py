@@ -1,0 +1,135 @@
+"""The evaluation harness end to end on a tiny random model: results, resume, sharding, reports, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autopatch.cli import main
+from eval.datasets import DatasetError
+from eval.runner import read_results
+from eval.twohop import generate_twohop
+from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+METHODS = "vanilla,patch,verbalize,control-zero,control-nopatch,cot"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model_for_bytes("llama").save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "six.jsonl"
+    records = generate_twohop("test")[:6]
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+    return path
+
+
+def _eval(tiny_dir, dataset, out, *extra):
+    argv = ["eval", "--dataset", str(dataset), "--split", "all", "--model", str(tiny_dir), "--out", str(out),
+            "--methods", METHODS, "--batch-size", "4", "--budget", "3", "--cot-budget", "4", "--quiet", *extra]
+    return main(argv)
+
+
+def _lines(out):
+    return {(r["method"], r["id"]): r for r in read_results(out)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dir, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    assert _eval(tiny_dir, dataset, out) == 0
+    return out
+
+
+def test_a_run_writes_auditable_lines_and_a_report(reference_run):
+    lines = _lines(reference_run)
+    methods = set(METHODS.split(",")) | {"hop1", "hop2"}
+    assert {m for m, _ in lines} == methods
+    assert len(lines) == len(methods) * 6
+    for row in lines.values():
+        assert {"prompt", "continuation", "answer", "golds", "em", "f1", "contains", "n_tokens", "report"} <= set(row)
+        assert row["golds"]
+    assert all(lines[("patch", i)]["report"]["patched"] for m, i in lines if m == "patch")
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["n_questions"] == 6
+    assert summary["methods"]["oracle-gate"]["kind"] == "oracle"
+    for name in ("vanilla", "patch"):
+        stats = summary["methods"][name]["all"]
+        assert 0.0 <= stats["em_ci"][0] <= stats["em"] <= stats["em_ci"][1] <= 1.0
+    report = (reference_run / "report.md").read_text()
+    assert "**oracle-gate** (oracle)" in report and "## Controls" in report
+    assert (reference_run / "accuracy.png").stat().st_size > 0
+    assert summary["methods"]["patch"]["all"]["gold_logprob"] is not None
+
+
+def test_the_same_command_gives_the_same_numbers(tiny_dir, dataset, reference_run, tmp_path):
+    assert _eval(tiny_dir, dataset, tmp_path / "again") == 0
+    again, first = _lines(tmp_path / "again"), _lines(reference_run)
+    assert {k: v["continuation"] for k, v in again.items()} == {k: v["continuation"] for k, v in first.items()}
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(tiny_dir, dataset, reference_run, tmp_path, monkeypatch):
+    import eval.methods as methods_module
+
+    out = tmp_path / "killed"
+    original = methods_module.METHODS["patch"]
+    calls = {"n": 0}
+
+    def dies_on_second_batch(ctx, records):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original.run(ctx, records)
+
+    from dataclasses import replace
+
+    monkeypatch.setitem(methods_module.METHODS, "patch", replace(original, run=dies_on_second_batch))
+    with pytest.raises(KeyboardInterrupt):
+        _eval(tiny_dir, dataset, out)
+    partial = read_results(out)
+    assert 0 < len(partial) < len(_lines(reference_run))
+    with (out / "results.jsonl").open("a") as f:
+        f.write('{"method": "patch", "id": "torn')  # a line cut mid-write by the kill
+    monkeypatch.setitem(methods_module.METHODS, "patch", original)
+    assert _eval(tiny_dir, dataset, out) == 0
+    rows = read_results(out)
+    keys = [(r["method"], r["id"]) for r in rows]
+    assert len(keys) == len(set(keys))  # nothing duplicated
+    resumed = {(r["method"], r["id"]): r["continuation"] for r in rows}
+    assert resumed == {k: v["continuation"] for k, v in _lines(reference_run).items()}  # nothing lost or changed
+
+
+def test_two_process_sharded_run_equals_unsharded(tiny_dir, dataset, reference_run, tmp_path):
+    out = tmp_path / "sharded"
+    assert _eval(tiny_dir, dataset, out, "--num-processes", "2") == 0
+    assert sorted(p.name for p in out.glob("results*.jsonl")) == ["results.rank0.jsonl", "results.rank1.jsonl"]
+    sharded = _lines(out)
+    assert {k: v["continuation"] for k, v in sharded.items()} == {k: v["continuation"] for k, v in _lines(reference_run).items()}
+    a = json.loads((out / "summary.json").read_text())["methods"]
+    b = json.loads((reference_run / "summary.json").read_text())["methods"]
+    assert {m: a[m]["all"]["em"] for m in a} == {m: b[m]["all"]["em"] for m in b}
+
+
+def test_a_different_command_on_the_same_directory_is_refused(tiny_dir, dataset, reference_run, capsys):
+    assert _eval(tiny_dir, dataset, reference_run, "--budget", "5") == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_unknown_method_and_malformed_dataset_are_clear_errors(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "question": "Q?", "question_decomposition": [], "answer": 3}\n')
+    assert _eval(tiny_dir, bad, tmp_path / "x") == 2
+    assert "line 1" in capsys.readouterr().err
+    with pytest.raises(DatasetError):
+        from eval.datasets import load_records
+
+        load_records(bad)
+    assert main(["eval", "--dataset", "twohop", "--methods", "vanilla,telepathy", "--out", str(tmp_path / "y")]) == 2
+    assert "telepathy" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""``autopatch train-gate``: reproduce the shipped gate (see :mod:`classifiers.train`).
+
+Example:
+    $ autopatch train-gate --out runs/gate --ship
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from autopatch.cli import _add_model_arg, subcommand
+
+DEFAULT_TRAIN = "twohop:train:600,musique:calib:200"
+DEFAULT_DEV = "twohop:dev:240"
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    _add_model_arg(parser)
+    parser.add_argument("--train", default=DEFAULT_TRAIN, help="DATASET:SPLIT[:LIMIT],... (never a test split)")
+    parser.add_argument("--dev", default=DEFAULT_DEV, help="validation questions for the threshold")
+    parser.add_argument("--out", required=True, help="directory for labels, features, cv.md and the gate")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--ship", action="store_true", help="also copy the gate to classifiers/shipped/<model_type>/")
+
+
+@subcommand("train-gate", "train the patch gate on training questions and save it without pickle", _configure)
+def run_train_gate(args: argparse.Namespace) -> int:
+    import torch
+
+    from autopatch import load_model
+    from classifiers.train import cv_markdown, train_gate
+
+    torch.set_grad_enabled(False)
+    model, tok = load_model(args.model)
+    gate = train_gate(model, tok, train=args.train, dev=args.dev, out=Path(args.out), batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, ship=args.ship)
+    print(cv_markdown(gate))
+    print(f"wrote {args.out}/gate.json and gate.npz" + (" (and shipped it)" if args.ship else ""))
+    return 0

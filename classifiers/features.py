@@ -1,0 +1,101 @@
+"""Gate features: hidden states at the located positions plus cheap signals of the vanilla prefill.
+
+Example:
+    >>> from classifiers.features import FeatureSpec, extract_features
+    >>> spec = FeatureSpec(layers=(6, 9), positions=("span_end", "last"))
+    >>> ids, X, located = extract_features(model, tok, records, spec)   # training features
+    >>> x = spec.vector(gate_input)                                      # the same features at inference
+
+Everything here is computed from the one vanilla prefill that
+``AutoPatcher.generate`` runs anyway, so the gate adds no forward pass:
+
+* ``states``: block outputs at ``layers`` x ``positions`` (concatenated; the
+  gate's pipeline scales and reduces them with PCA fitted on training data);
+* ``scalars``: the vanilla first token's probability, the entropy of the
+  first-token distribution, and the top-1/top-2 probability margin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from autopatch.engine import capture
+from autopatch.gating import POSITION_KINDS, GateInput
+from autopatch.patcher import AutoPatcher
+from autopatch.profile import PatchProfile
+
+SCALARS = ("first_token_prob", "first_token_entropy", "first_token_margin")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which features the gate reads; saved with the gate so inference matches training."""
+
+    layers: tuple[int, ...] = (6, 9)
+    positions: tuple[str, ...] = ("span_end", "last")
+    use_states: bool = True
+    use_scalars: bool = True
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layers"], data["positions"] = list(self.layers), list(self.positions)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeatureSpec:
+        return cls(tuple(data["layers"]), tuple(data["positions"]), bool(data["use_states"]), bool(data["use_scalars"]))
+
+    def vector(self, gate_input: GateInput) -> np.ndarray:
+        """The feature vector of one row at inference time."""
+        states = {layer: gate_input.states[layer] for layer in self.layers}
+        return self._vector(states, gate_input.first_token_logits)
+
+    def _vector(self, states: dict[int, torch.Tensor], logits: torch.Tensor) -> np.ndarray:
+        parts: list[np.ndarray] = []
+        if self.use_states:
+            for layer in self.layers:
+                for kind in self.positions:
+                    parts.append(states[layer][POSITION_KINDS.index(kind)].float().cpu().numpy())
+        if self.use_scalars:
+            parts.append(scalar_signals(logits))
+        return np.concatenate(parts).astype(np.float64)
+
+
+def scalar_signals(logits: torch.Tensor) -> np.ndarray:
+    """First-token probability, entropy and top-1/top-2 margin of the vanilla answer."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top = torch.topk(probs, 2).values
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return np.array([float(top[0]), float(entropy), float(top[0] - top[1])])
+
+
+@torch.no_grad()
+def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchProfile | None = None,
+                     batch_size: int = 16) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Features of each record's vanilla prefill, exactly as AutoPatcher computes them at inference.
+
+    Returns ``(ids, X, located)``; rows of unlocated questions are zeros with ``located`` False.
+    """
+    patcher = AutoPatcher(model, tok, profile)
+    fmt = patcher.profile.prompt_format
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    located: list[bool] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        enc = tok([fmt.render(r.question, tok) for r in batch], return_tensors="pt", padding=True).to(device)
+        unpadded = [enc.input_ids[i][enc.attention_mask[i].bool()].cpu() for i in range(len(batch))]
+        plans = [patcher.plan_row(unpadded[i], r.question) for i, r in enumerate(batch)]
+        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
+        position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
+        with capture(model, list(spec.layers), positions, attention_mask=enc.attention_mask) as cap:
+            logits = model(**enc, position_ids=position_ids).logits[:, -1]
+        for i, (record, plan) in enumerate(zip(batch, plans)):
+            ids.append(record.id)
+            located.append(bool(plan.positions))
+            rows.append(spec._vector({l: cap.states[l][i] for l in spec.layers}, logits[i]))
+    return ids, np.stack(rows), np.array(located)

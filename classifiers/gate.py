@@ -1,0 +1,183 @@
+"""``PatchGate``: a scikit-learn pipeline that decides per question whether to patch, saved without pickle.
+
+Example:
+    >>> from classifiers.gate import PatchGate
+    >>> gate = PatchGate.fit(X_train, y_train, weights, spec=spec, profile=profile, model=model)
+    >>> gate.tune_threshold(X_dev, vanilla_correct_dev, patched_correct_dev)
+    >>> gate.save("gate_dir")                          # gate.json + gate.npz, no pickle
+    >>> gate = PatchGate.load("gate_dir", model=model) # refuses another model, a tampered file, a wrong version
+    >>> patcher = AutoPatcher(model, tok, gate.profile, gate=gate)
+
+The fitted pipeline is ``StandardScaler -> PCA -> LogisticRegression``; every
+preprocessing step lives inside it, so training and inference cannot diverge
+(the published Auto-Patch notebook trained with a scaler and predicted
+without one). Saving exports the pipeline's arrays (scaler mean and scale, PCA
+mean and components, coefficients, intercept) to ``gate.npz`` and everything
+else to ``gate.json``: the threshold, the feature spec, the patch profile, a
+fingerprint of the model, the format version and the SHA-256 of the arrays.
+Loading rebuilds the same computation in NumPy; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autopatch.errors import GateFileError
+from autopatch.gating import GateDecision, GateInput
+from autopatch.profile import PatchProfile
+from classifiers.features import FeatureSpec
+
+GATE_FORMAT_VERSION = 1
+_ARRAYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the model's type, shape and a fixed slice of its input embeddings."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    probe = embedding[: min(64, embedding.shape[0]), : min(64, embedding.shape[1])].detach().float().cpu()
+    digest = hashlib.sha256()
+    digest.update(f"{config.model_type}|{config.num_hidden_layers}|{config.hidden_size}|{embedding.shape[0]}".encode())
+    digest.update(np.round(probe.numpy(), 4).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_pipeline(kind: str = "logreg", n_components: int = 32, seed: int = 0):
+    """The scikit-learn pipeline for ``kind`` in {"logreg", "svm", "mlp"} (only logreg is persisted)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    heads = {
+        "logreg": LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced"),
+        "svm": SVC(kernel="rbf", C=1.0, gamma="scale", class_weight="balanced", probability=False, random_state=seed),
+        "mlp": MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-2, max_iter=500, random_state=seed),
+    }
+    return Pipeline([("scale", StandardScaler()), ("pca", PCA(n_components=n_components, random_state=seed)),
+                     ("head", heads[kind])])
+
+
+@dataclass
+class PatchGate:
+    """Scores a row from its vanilla-prefill features; patches when the score reaches ``threshold``."""
+
+    arrays: dict[str, np.ndarray]
+    threshold: float
+    spec: FeatureSpec
+    profile: PatchProfile
+    fingerprint: str
+    meta: dict
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.spec.layers
+
+    # ---- training -------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None, *, spec: FeatureSpec,
+            profile: PatchProfile, model: torch.nn.Module, n_components: int = 32, meta: dict | None = None) -> PatchGate:
+        n_components = max(1, min(n_components, X.shape[0] - 1, X.shape[1]))
+        pipeline = make_pipeline("logreg", n_components)
+        pipeline.fit(X, y, head__sample_weight=sample_weight)
+        scale, pca, head = pipeline.named_steps["scale"], pipeline.named_steps["pca"], pipeline.named_steps["head"]
+        arrays = {"scaler_mean": scale.mean_, "scaler_scale": scale.scale_, "pca_mean": pca.mean_,
+                  "pca_components": pca.components_, "coef": head.coef_[0], "intercept": head.intercept_}
+        gate = cls({k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}, 0.5, spec, profile,
+                   model_fingerprint(model), dict(meta or {}))
+        # the NumPy path must reproduce scikit-learn's probabilities: checked once, here
+        np.testing.assert_allclose(gate.scores(X[:8]), pipeline.predict_proba(X[:8])[:, 1], rtol=1e-6, atol=1e-8)
+        return gate
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """Probability that patching helps, for each row of ``X``."""
+        a = self.arrays
+        z = (np.atleast_2d(X) - a["scaler_mean"]) / a["scaler_scale"]
+        z = (z - a["pca_mean"]) @ a["pca_components"].T
+        logit = z @ a["coef"] + a["intercept"][0]
+        return 1.0 / (1.0 + np.exp(-logit))
+
+    def tune_threshold(self, X: np.ndarray, vanilla_correct: Sequence[float], patched_correct: Sequence[float]) -> float:
+        """Pick the threshold that maximises end-to-end accuracy on a validation split (ties: patch less)."""
+        scores = self.scores(X)
+        vanilla, patched = np.asarray(vanilla_correct, float), np.asarray(patched_correct, float)
+        candidates = np.unique(np.concatenate([scores, [1.0 + 1e-9]]))
+        best_t, best_acc = 1.0 + 1e-9, float(vanilla.mean())
+        for t in candidates:
+            acc = float(np.where(scores >= t, patched, vanilla).mean())
+            if acc > best_acc or (acc == best_acc and t > best_t):
+                best_t, best_acc = float(t), acc
+        self.threshold = best_t
+        self.meta["threshold_tuning"] = {"n": len(scores), "accuracy": best_acc, "vanilla_accuracy": float(vanilla.mean())}
+        return best_t
+
+    # ---- inference (the autopatch.gating.Gate protocol) -----------------------------------
+
+    def decide(self, inputs: Sequence[GateInput]) -> list[GateDecision]:
+        if not inputs:
+            return []
+        scores = self.scores(np.stack([self.spec.vector(i) for i in inputs]))
+        return [GateDecision(bool(s >= self.threshold), float(s),
+                             f"gate: P(patch helps)={s:.3f} {'>=' if s >= self.threshold else '<'} threshold {self.threshold:.3f}")
+                for s in scores]
+
+    # ---- persistence ----------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.arrays)
+        blob = buffer.getvalue()
+        (directory / "gate.npz").write_bytes(blob)
+        header = {"format": "autopatch-gate", "version": GATE_FORMAT_VERSION, "threshold": self.threshold,
+                  "feature_spec": self.spec.to_dict(), "profile": self.profile.to_dict(),
+                  "model_fingerprint": self.fingerprint, "arrays_sha256": hashlib.sha256(blob).hexdigest(),
+                  "meta": self.meta}
+        (directory / "gate.json").write_text(json.dumps(header, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory, *, model: torch.nn.Module | None = None) -> PatchGate:
+        """Load a saved gate; with ``model``, refuse a gate trained on another model."""
+        directory = Path(str(directory))
+        try:
+            header = json.loads((directory / "gate.json").read_text())
+            blob = (directory / "gate.npz").read_bytes()
+        except (OSError, json.JSONDecodeError) as err:
+            raise GateFileError(f"Cannot read a gate from {directory}: {err}. Expected gate.json and gate.npz "
+                                "written by PatchGate.save / `autopatch train-gate`.") from err
+        if not isinstance(header, dict) or header.get("format") != "autopatch-gate":
+            raise GateFileError(f"{directory}/gate.json is not an autopatch gate file.")
+        if header.get("version") != GATE_FORMAT_VERSION:
+            raise GateFileError(f"Gate format version {header.get('version')} is not supported (this autopatch reads "
+                                f"version {GATE_FORMAT_VERSION}); retrain it with `autopatch train-gate`.")
+        if hashlib.sha256(blob).hexdigest() != header.get("arrays_sha256"):
+            raise GateFileError(f"{directory}/gate.npz does not match the checksum in gate.json: the gate was "
+                                "modified or corrupted. Retrain it or restore the original files.")
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:  # plain arrays only: no pickle
+            missing = [k for k in _ARRAYS if k not in data.files]
+            if missing:
+                raise GateFileError(f"{directory}/gate.npz lacks arrays {missing}.")
+            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in _ARRAYS}
+        try:
+            gate = cls(arrays, float(header["threshold"]), FeatureSpec.from_dict(header["feature_spec"]),
+                       PatchProfile.from_dict(header["profile"]), str(header["model_fingerprint"]), dict(header.get("meta", {})))
+        except (KeyError, TypeError, ValueError) as err:
+            raise GateFileError(f"{directory}/gate.json is malformed: {err}") from err
+        if model is not None and model_fingerprint(model) != gate.fingerprint:
+            raise GateFileError(f"The gate in {directory} was trained on another model (fingerprint {gate.fingerprint}, "
+                                f"this model {model_fingerprint(model)}). Train a gate for this model with "
+                                "`autopatch train-gate`.")
+        return gate

@@ -49,6 +49,12 @@ def patched_prompt(
     return PatchedPrompt(ids, last_token_of_char_span(ends, start, start + len(placeholder)))
 
 
+def _identity_patch(model, tokenizer, vector: torch.Tensor, layer: int, prompt: str) -> tuple[torch.Tensor, PatchEdit]:
+    target = patched_prompt(tokenizer, prompt)
+    device = next(model.parameters()).device
+    return target.input_ids.to(device), PatchEdit(layer=layer, row=0, position=target.position, vector=vector)
+
+
 @torch.no_grad()
 def decode_state(
     model: torch.nn.Module,
@@ -61,11 +67,9 @@ def decode_state(
     prompt: str = IDENTITY_PROMPT,
 ) -> list[tuple[str, float]]:
     """Top-``k`` next tokens (text, probability) of the identity prompt with ``vector`` patched in."""
-    target = patched_prompt(tokenizer, prompt)
-    device = next(model.parameters()).device
-    edit = PatchEdit(layer=layer if target_layer is None else target_layer, row=0, position=target.position, vector=vector)
+    input_ids, edit = _identity_patch(model, tokenizer, vector, layer if target_layer is None else target_layer, prompt)
     with patch(model, [edit]):
-        logits = model(input_ids=target.input_ids.to(device)).logits[0, -1]
+        logits = model(input_ids=input_ids).logits[0, -1]
     probs = torch.softmax(logits.float(), dim=-1)
     top = torch.topk(probs, k)
     return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
@@ -83,10 +87,7 @@ def describe_state(
     prompt: str = IDENTITY_PROMPT,
 ) -> str:
     """Greedy multi-token continuation of the identity prompt with ``vector`` patched in."""
-    target = patched_prompt(tokenizer, prompt)
-    device = next(model.parameters()).device
-    edit = PatchEdit(layer=layer if target_layer is None else target_layer, row=0, position=target.position, vector=vector)
-    input_ids = target.input_ids.to(device)
+    input_ids, edit = _identity_patch(model, tokenizer, vector, layer if target_layer is None else target_layer, prompt)
     with patch(model, [edit]):
         out = model.generate(
             input_ids=input_ids,

@@ -145,8 +145,22 @@ class _TargetStreamer:
         self.inner.end()
 
 
+def _shipped_gate(model) -> Gate | None:
+    """The gate shipped for this exact model, if the ``classifiers`` package has one."""
+    try:
+        from classifiers import default_gate_for
+    except ImportError:
+        return None
+    return default_gate_for(model)
+
+
 class AutoPatcher:
-    """Wraps a causal LM so that ``generate`` corrects two-hop questions; see the module docstring."""
+    """Wraps a causal LM so that ``generate`` corrects two-hop questions; see the module docstring.
+
+    ``gate=None`` uses the gate shipped for this model when there is one (the
+    embedded Gemma has one), else patches every located question; ``profile=None``
+    uses the gate's profile, else the profile shipped for this model, else a default.
+    """
 
     def __init__(self, model, tokenizer, profile: PatchProfile | None = None, gate: Gate | None = None,
                  *, control: Control | None = None):
@@ -154,13 +168,15 @@ class AutoPatcher:
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             raise PatchError("The tokenizer has no pad token; load it with autopatch.load_model or set tokenizer.pad_token.")
+        if gate is None:
+            gate = _shipped_gate(model) or AlwaysPatch()
         if profile is None:
-            profile = PatchProfile.for_model(model)
+            profile = getattr(gate, "profile", None) or PatchProfile.for_model(model)
             if not profile.note.startswith("sweep") and getattr(tokenizer, "chat_template", None):
                 profile = replace(profile, prompt_format=PromptFormat(kind="chat"))
         profile.validate_for(num_layers(model))
         self.profile = profile
-        self.gate: Gate = gate if gate is not None else AlwaysPatch()
+        self.gate: Gate = gate
         self.control = control
         self.last_report: list[PatchReport] = []
         self.last_targets: dict[int, Target] = {}  # row -> the patched prompt and its edits (for audits)

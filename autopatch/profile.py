@@ -26,7 +26,7 @@ Strategies (``../shared/research/anchors.md`` §1-3):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -56,6 +56,7 @@ class PatchProfile:
     max_bridge_tokens: int = 6
     bridge_prompt: BridgePrompt = "identity"
     model_type: str | None = None
+    model_fingerprint: str | None = None  # set on swept profiles: they apply to that model only
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -124,12 +125,16 @@ class PatchProfile:
         return cls.load(Path(str(resource))) if resource.is_file() else None
 
     @classmethod
-    def for_model(cls, model) -> PatchProfile:
-        """The shipped profile for ``model``'s type, else the default with the query format it needs."""
+    def for_model(cls, model, variant: str | None = None) -> PatchProfile:
+        """The profile shipped for this very model (``variant``: a strategy's best), else a default."""
+        from autopatch.fingerprint import model_fingerprint
+
         model_type = getattr(model.config, "model_type", None)
-        shipped = cls.shipped(model_type) if model_type else None
-        if shipped is not None:
+        name = f"{model_type}.{variant}" if variant else model_type
+        shipped = cls.shipped(name) if model_type else None
+        if shipped is not None and shipped.model_fingerprint in (None, model_fingerprint(model)):
             return shipped
         n = getattr(model.config, "num_hidden_layers", 12)
-        return cls(source_layer=max(1, n // 2), target_layer=max(0, n // 4), model_type=model_type,
-                   note="default: no sweep was run for this model")
+        profile = cls(source_layer=max(1, n // 2), target_layer=max(0, n // 4), model_type=model_type,
+                      note="default: no sweep was run for this model")
+        return replace(profile, strategy=variant) if variant in STRATEGIES and variant != "backpatch" else profile

@@ -13,11 +13,18 @@ from importlib import resources
 
 
 def default_gate_for(model):
-    """The gate shipped for ``model``'s type (``classifiers/shipped/<model_type>/``), or ``None`` if there is none."""
+    """The gate shipped for this very model (``classifiers/shipped/<model_type>/``), or ``None``.
+
+    A shipped gate trained on another model of the same type is not used: its
+    fingerprint differs, and ``None`` is returned.
+    """
+    from autopatch.fingerprint import model_fingerprint
+
     model_type = getattr(model.config, "model_type", None)
     directory = resources.files("classifiers").joinpath("shipped", str(model_type))
-    if not directory.is_dir():
+    if not directory.joinpath("gate.json").is_file():
         return None
     from classifiers.gate import PatchGate
 
-    return PatchGate.load(directory, model=model)
+    gate = PatchGate.load(directory)
+    return gate if gate.fingerprint == model_fingerprint(model) else None

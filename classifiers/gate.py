@@ -31,23 +31,13 @@ import numpy as np
 import torch
 
 from autopatch.errors import GateFileError
+from autopatch.fingerprint import model_fingerprint
 from autopatch.gating import GateDecision, GateInput
 from autopatch.profile import PatchProfile
 from classifiers.features import FeatureSpec
 
 GATE_FORMAT_VERSION = 1
 _ARRAYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept")
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's type, shape and a fixed slice of its input embeddings."""
-    config = model.config
-    embedding = model.get_input_embeddings().weight
-    probe = embedding[: min(64, embedding.shape[0]), : min(64, embedding.shape[1])].detach().float().cpu()
-    digest = hashlib.sha256()
-    digest.update(f"{config.model_type}|{config.num_hidden_layers}|{config.hidden_size}|{embedding.shape[0]}".encode())
-    digest.update(np.round(probe.numpy(), 4).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def make_pipeline(kind: str = "logreg", n_components: int = 32, seed: int = 0):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autopatch.profile import PatchProfile
 from classifiers.features import FeatureSpec, extract_features
 from classifiers.gate import PatchGate, make_pipeline
 from classifiers.labels import gate_labels
@@ -125,10 +126,8 @@ def train_gate(model, tok, *, train: str, dev: str, out: Path, layers: tuple[int
     """Run steps 1-4 of the module docstring and return the saved gate."""
     from sklearn.metrics import roc_auc_score
 
-    from autopatch.patcher import AutoPatcher
-
     out.mkdir(parents=True, exist_ok=True)
-    profile = AutoPatcher(model, tok).profile
+    profile = PatchProfile.for_model(model)
     n = model.config.num_hidden_layers
     spec = FeatureSpec(layers=layers or tuple(sorted({profile.source_layer, n // 2})), positions=("span_end", "last"))
     X, labels, _ = collect(model, tok, profile, parse_sources(train), out, spec, batch_size, max_new_tokens)

@@ -82,12 +82,12 @@ class Method:
 def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate | None = None, budget: int = 16,
                   cot_budget: int = 48, use_decomposition: bool = False, gold_scores: bool = True) -> EvalContext:
     """The run context: the model's shipped profile and the best shipped profile of each strategy."""
-    base = profile or AutoPatcher(model, tok).profile
-    model_type = model.config.model_type
+    base = profile or AutoPatcher(model, tok, gate=AlwaysPatch()).profile
     per_strategy = {}
     for strategy in ("reroute", "backpatch", "verbalize"):
-        shipped = PatchProfile.shipped(f"{model_type}.{strategy}") if profile is None else None
-        per_strategy[strategy] = shipped or _fallback_profile(base, strategy)
+        shipped = PatchProfile.for_model(model, variant=strategy) if profile is None else None
+        swept = shipped is not None and shipped.note.startswith("sweep") and shipped.strategy == strategy
+        per_strategy[strategy] = shipped if swept else _fallback_profile(base, strategy)
     return EvalContext(model, tok, base, per_strategy, gate, budget, cot_budget, use_decomposition, gold_scores)
 
 

@@ -35,7 +35,7 @@ import torch
 
 from autopatch.architectures import num_layers
 from autopatch.engine import capture
-from autopatch.gating import POSITION_KINDS
+from autopatch.gating import POSITION_KINDS, AlwaysPatch
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
 from autopatch.strategies import PatchJob, decode_bridges, left_pad, plan_targets, run_targets, verbalized_target
@@ -113,7 +113,7 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepConfig], out_path: Path, *,
               batch_size: int = 16, max_new_tokens: int = 8, use_decomposition: bool = False) -> None:
     """Append results for every (record, config) not yet in ``out_path``."""
-    patcher = AutoPatcher(model, tok)
+    patcher = AutoPatcher(model, tok, gate=AlwaysPatch())
     base, fmt = patcher.profile, patcher.profile.prompt_format
     layers = list(range(num_layers(model)))
     done = _done_keys(out_path)
@@ -227,7 +227,8 @@ def best_per_strategy(table: dict[str, dict[str, dict]]) -> dict[str, SweepConfi
     return best
 
 
-def write_profiles(table: dict[str, dict[str, dict]], model_type: str, base: PatchProfile, source: str) -> list[Path]:
+def write_profiles(table: dict[str, dict[str, dict]], model_type: str, fingerprint: str, base: PatchProfile,
+                   source: str) -> list[Path]:
     """Save the best configuration per strategy, and the best overall as the model's profile."""
     PROFILES_DIR.mkdir(parents=True, exist_ok=True)
     rows = {r["config"]: r for r in summarize(table)}
@@ -237,7 +238,7 @@ def write_profiles(table: dict[str, dict[str, dict]], model_type: str, base: Pat
         r = rows[config.key]
         note = (f"sweep on {source}: best {strategy} config, always-patch EM {r['em']:.3f} "
                 f"(vanilla {sum(v['em'] for v in table['vanilla'].values()) / r['n']:.3f}, n={r['n']})")
-        profile = replace(config.profile(base), model_type=model_type, note=note)
+        profile = replace(config.profile(base), model_type=model_type, model_fingerprint=fingerprint, note=note)
         path = PROFILES_DIR / f"{model_type}.{strategy}.json"
         profile.save(path)
         written.append(path)
@@ -275,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             from autopatch import load_model
 
             model, tok = load_model(args.model)
-            for path in write_profiles(table, model.config.model_type, AutoPatcher(model, tok).profile,
-                                       f"{args.summarize}"):
+            from autopatch.fingerprint import model_fingerprint
+
+            base = AutoPatcher(model, tok, gate=AlwaysPatch()).profile
+            for path in write_profiles(table, model.config.model_type, model_fingerprint(model), base, args.summarize):
                 print(f"wrote {path}")
         return 0
 

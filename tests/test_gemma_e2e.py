@@ -69,3 +69,38 @@ def test_token_identity_patchscope_reads_back_a_word(gemma):
     top = decode_state(model, tok, cap.states[2][0, 0], layer=2, k=3)
     assert top[0][0].strip() == "Paris"
     assert describe_state(model, tok, cap.states[2][0, 0], layer=2, max_new_tokens=2).strip().startswith("Paris")
+
+
+def test_autopatcher_without_patching_is_model_generate(gemma):
+    from autopatch.gating import NeverPatch
+    from autopatch.patcher import AutoPatcher
+
+    model, tok = gemma
+    patcher = AutoPatcher(model, tok, gate=NeverPatch())
+    fmt = patcher.profile.prompt_format
+    prompts = [fmt.render(q, tok) for q in ("What is the capital of the country where the Colosseum is located?",
+                                           "Who founded the company that makes the iPhone?", "What is 2+2?")]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(patcher.generate(**enc, **kwargs), model.generate(**enc, **kwargs))
+    assert torch.equal(patcher.generate(**enc, **kwargs, patching=False), model.generate(**enc, **kwargs))
+
+
+def test_verbalize_span_patchscope_decodes_the_bridge_from_the_subject_state(gemma):
+    from dataclasses import replace
+
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import PatchProfile
+
+    model, tok = gemma
+    profile = replace(PatchProfile.for_model(model), strategy="verbalize", bridge_prompt="span",
+                      source_position="subject_end", source_layer=3, target_layer=3)
+    question = "What is the capital of the country where the Colosseum is located?"
+    enc = tok([profile.prompt_format.render(question, tok)], return_tensors="pt")
+    for control, expect_italy in ((None, True), ("nopatch", False), ("zero", False)):
+        patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch(), control=control)
+        patcher.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        report = patcher.last_report[0]
+        assert report.patched
+        assert ("Italy" in report.bridge) == expect_italy, (control, report.bridge)

@@ -1,0 +1,25 @@
+"""A short, stable identity for a model's weights, so profiles and gates are only used on their model.
+
+Example:
+    >>> from autopatch.fingerprint import model_fingerprint
+    >>> model_fingerprint(model)
+    '3f9a0c1d2e4b5a69'
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the model's type, shape and a fixed slice of its input embeddings (rounded, device-independent)."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    probe = embedding[: min(64, embedding.shape[0]), : min(64, embedding.shape[1])].detach().float().cpu()
+    digest = hashlib.sha256()
+    digest.update(f"{config.model_type}|{config.num_hidden_layers}|{config.hidden_size}|{embedding.shape[0]}".encode())
+    digest.update(np.round(probe.numpy(), 4).tobytes())
+    return digest.hexdigest()[:16]

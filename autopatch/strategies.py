@@ -108,6 +108,16 @@ def _span_question(location: Location) -> str:
     return f"What is {q[location.span_start:location.subject_start]}{SLOT}{q[location.subject_end:location.span_end]}?"
 
 
+def _bridge_stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
+    """EOS plus the single-token separators that end a decoded bridge (newline, ";"): no wasted decode steps."""
+    stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    for separator in ("\n", ";"):
+        ids = tok(separator, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            stops.append(ids[0])
+    return stops
+
+
 def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile, jobs: Sequence[PatchJob]) -> list[tuple[torch.Tensor, int]]:
     """Per job, the decoding prompt's ids and the index of its placeholder token."""
     if profile.bridge_prompt == "identity":
@@ -135,7 +145,8 @@ def decode_bridges(
     device = next(model.parameters()).device
     with patch(model, edits, attention_mask=mask):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=profile.max_bridge_tokens, pad_token_id=tok.pad_token_id)
+                             max_new_tokens=profile.max_bridge_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=_bridge_stop_ids(tok))
     parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
     return [parse(tok.decode(out[i, ids.shape[1] :], skip_special_tokens=True)) for i in range(len(jobs))]
 

@@ -1,0 +1,103 @@
+"""Time AutoPatcher.generate against plain model.generate on the same prompts, in the same run.
+
+Example:
+    $ python bench/bench_generate.py                  # embedded Gemma, prints a markdown table
+    $ python bench/bench_generate.py --model PATH --repeats 5 --max-new-tokens 16
+
+Every method generates exactly ``--max-new-tokens`` tokens (EOS is disabled) with
+greedy decoding, so the ratios compare equal work. Modes:
+
+* ``gate says no``: AutoPatcher with NeverPatch, batch size 1, over model.generate at batch size 1.
+* ``gate says yes``: AutoPatcher with AlwaysPatch and the model's profile, batch size 1, over model.generate.
+* ``batched``: AutoPatcher (AlwaysPatch) throughput at batch size ``--batch`` over its own batch size 1.
+
+Each timing is the median of ``--repeats`` passes over all prompts, with the
+methods interleaved so that machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+QUESTIONS = [
+    "What is the capital of the country where the Colosseum is located?",
+    "Who founded the company that makes the iPhone?",
+    "What currency is used in the country where sushi comes from?",
+    "What is the capital of the country where Mozart was born?",
+    "What is the official language of the country where the Eiffel Tower is located?",
+    "What is the nationality of the author of Hamlet?",
+    "On which continent is the country whose capital is Lima?",
+    "What is the capital of the country where the Taj Mahal is located?",
+]
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    from autopatch import load_model
+    from autopatch.gating import AlwaysPatch, NeverPatch
+    from autopatch.patcher import AutoPatcher
+
+    model, tok = load_model(args.model)
+    never = AutoPatcher(model, tok, gate=NeverPatch())
+    always = AutoPatcher(model, tok, gate=AlwaysPatch())
+    fmt = always.profile.prompt_format
+    prompts = [fmt.render(q, tok) for q in QUESTIONS][: args.batch]
+    singles = [tok([p], return_tensors="pt").to(model.device) for p in prompts]
+    batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
+    gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False,
+               pad_token_id=tok.pad_token_id)
+
+    runs = {
+        "model.generate bs=1": lambda: [model.generate(**e, **gen) for e in singles],
+        "autopatch no-patch bs=1": lambda: [never.generate(**e, **gen) for e in singles],
+        "autopatch patch bs=1": lambda: [always.generate(**e, **gen) for e in singles],
+        f"model.generate bs={len(prompts)}": lambda: model.generate(**batch, **gen),
+        f"autopatch patch bs={len(prompts)}": lambda: always.generate(**batch, **gen),
+    }
+    for fn in runs.values():  # warm-up: first calls pay for lazy initialisation
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append(_timed(fn))
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    assert all(r.patched for r in always.last_report), "the patch mode must actually patch every prompt"
+
+    base = median["model.generate bs=1"]
+    n = len(prompts)
+    print(f"model: {model.config.model_type}, prompts: {n}, new tokens: {args.max_new_tokens}, "
+          f"repeats: {args.repeats}, threads: {torch.get_num_threads()}, strategy: {always.profile.strategy}\n")
+    print("| run | seconds (median) | per prompt | ratio |")
+    print("|---|---|---|---|")
+    rows = [
+        ("model.generate bs=1", base, "1.00x (reference)"),
+        ("autopatch, gate says no, bs=1", median["autopatch no-patch bs=1"], f"{median['autopatch no-patch bs=1'] / base:.2f}x vs model.generate"),
+        ("autopatch, gate says yes, bs=1", median["autopatch patch bs=1"], f"{median['autopatch patch bs=1'] / base:.2f}x vs model.generate"),
+        (f"model.generate bs={n}", median[f"model.generate bs={n}"], f"{base / median[f'model.generate bs={n}']:.2f}x throughput vs bs=1"),
+        (f"autopatch, gate says yes, bs={n}", median[f"autopatch patch bs={n}"],
+         f"{median['autopatch patch bs=1'] / median[f'autopatch patch bs={n}']:.2f}x throughput vs autopatch bs=1"),
+    ]
+    for name, seconds, ratio in rows:
+        print(f"| {name} | {seconds:.2f} | {seconds / n:.3f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

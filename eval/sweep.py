@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import json
 import os
 import time
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the sweep chooses the profile: run it on a training split (twohop train, musique calib), never test")
     if args.summarize:
         table = load_sweep(Path(args.summarize))
-        text = summary_markdown(table, "python -m eval.sweep " + " ".join(argv or []))
+        text = summary_markdown(table, "python -m eval.sweep " + " ".join(sys.argv[1:] if argv is None else argv))
         print(text)
         if args.markdown:
             Path(args.markdown).write_text(text)

@@ -1,1 +1,33 @@
-"""OpenAI-compatible chat endpoint serving a model through autopatch (see the server issue)."""
+"""OpenAI-compatible chat endpoint serving one model through autopatch.
+
+Example:
+    >>> import autopatch
+    >>> from server import create_app
+    >>> model, tok = autopatch.load_model()
+    >>> app = create_app(model, tok, model_name="gemma-3-270m")   # a FastAPI app; run it with uvicorn
+    $ autopatch serve --port 8000                                    # the same, from the command line
+
+Modules: ``schemas`` (request/response models), ``errors`` (OpenAI's error
+shape), ``prompting`` (chat template or few-shot fallback), ``worker`` (the
+single generation thread), ``app`` (routes and streaming), ``runner`` (uvicorn
+in a background thread, for tests and benchmarks), ``cli`` (``autopatch serve``).
+See ``docs/server.md``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.app import create_app
+
+__all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, so that `autopatch --help` (which imports server.cli) does not import FastAPI and torch
+    if name == "create_app":
+        from server.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'server' has no attribute {name!r}")

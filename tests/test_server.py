@@ -44,7 +44,6 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def model_and_tok(one_torch_thread):
-    torch.set_grad_enabled(False)
     return tiny_model_for_bytes("llama", seed=1), byte_tokenizer()  # seed 1: patched and vanilla answers differ
 
 
@@ -193,21 +192,24 @@ def test_strategy_override(client, model_and_tok):
 
 
 def test_sampling_is_seeded_and_matches_direct_sampling(client, model_and_tok):
-    kwargs = dict(temperature=1.3, top_p=0.9, seed=7, extra_body={"autopatch": {"enabled": False}})
+    kwargs = {"temperature": 1.3, "top_p": 0.9, "seed": 7, "extra_body": {"autopatch": {"enabled": False}}}
     first, second = ask(client, **kwargs), ask(client, **kwargs)
     assert first.choices[0].message.content == second.choices[0].message.content
     torch.manual_seed(7)
     expected = direct(model_and_tok, TWO_HOP, patching=False, do_sample=True, temperature=1.3, top_p=0.9)
     assert first.choices[0].message.content == expected
-    assert ask(client, temperature=0).choices[0].message.content == direct(model_and_tok, TWO_HOP, patching=True)
+    greedy = direct(model_and_tok, TWO_HOP, patching=True)
+    assert ask(client, temperature=0).choices[0].message.content == greedy
+    assert ask(client, temperature=1e-300, seed=3).choices[0].message.content == greedy  # no overflow: greedy
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_strings_cut_the_answer(client, model_and_tok, stream):
-    vanilla = direct(model_and_tok, TWO_HOP, patching=False)
-    stop = vanilla[3:5]  # a two-character stop string, so holding back a partial match matters
-    cut = vanilla[: vanilla.find(stop)]
-    kwargs = dict(stop=["never-produced", stop], extra_body={"autopatch": {"enabled": False}})
+@pytest.mark.parametrize("enabled", [False, True])
+def test_stop_strings_cut_the_answer(client, model_and_tok, stream, enabled):
+    answer = direct(model_and_tok, TWO_HOP, patching=enabled)
+    stop = answer[3:5]  # a two-character stop string, so holding back a partial match matters
+    cut = answer[: answer.find(stop)]
+    kwargs = {"stop": ["never-produced", stop], "extra_body": {"autopatch": {"enabled": enabled}}}
     if stream:
         chunks = list(ask(client, stream=True, **kwargs))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

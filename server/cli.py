@@ -1,0 +1,76 @@
+"""``autopatch serve``: load a model once and serve it over an OpenAI-compatible HTTP API.
+
+Example:
+    $ autopatch serve                                   # embedded Gemma 3 270M on http://127.0.0.1:8000
+    $ autopatch serve --model /models/qwen2 --port 9000 --max-queue 8 --timeout 60
+
+The patcher uses the gate shipped for the model (``classifiers.default_gate_for``)
+and that gate's profile; without one it patches every located two-hop question
+(``AlwaysPatch``). Each request is logged with its status and latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from autopatch.cli import subcommand
+
+logger = logging.getLogger("autopatch.server")
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="local path or HF id (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-queue", type=int, default=32, help="requests that may wait for the model; more get 503")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds a request may take, queueing plus generation; then 504")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients pass as `model` (default: the --model value, or gemma-3-270m)")
+    parser.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    parser.add_argument("--no-patching", action="store_true", help="patch only requests that set autopatch.enabled")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def default_gate(model):
+    """The gate shipped for ``model``, or ``None`` (AlwaysPatch) when there is none or it does not fit."""
+    try:
+        from classifiers import default_gate_for
+    except ImportError:
+        return None
+    from autopatch.errors import AutopatchError
+
+    try:
+        return default_gate_for(model)
+    except AutopatchError as err:
+        logger.warning("not using the shipped gate (%s); patching every located question instead", err)
+        return None
+
+
+@subcommand("serve", "serve a model with autopatch over an OpenAI-compatible HTTP API", _configure_serve)
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from autopatch.loading import EMBEDDED_MODEL_NAME, load_model
+    from server.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tok = load_model(args.model)
+    gate = default_gate(model)
+    name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
+    app = create_app(model, tok, model_name=name, profile=getattr(gate, "profile", None), gate=gate,
+                     max_queue=args.max_queue, request_timeout_s=args.timeout, max_tokens_cap=args.max_tokens_cap,
+                     patching_default=not args.no_patching)
+    served = app.state.served
+    logger.info("loaded %s in %.1fs: strategy=%s gate=%s context=%d prompt=%s", name, time.perf_counter() - started,
+                served.base.profile.strategy, type(served.base.gate).__name__, served.context_length,
+                "chat-template" if getattr(tok, "chat_template", None) else "fewshot-qa")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0

@@ -1,0 +1,152 @@
+"""Server parts without a server: prompt building, the answer streamer, gate thresholds, ``autopatch serve``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from autopatch.prompts import PromptFormat
+from server.app import gate_with_threshold
+from server.errors import ApiError
+from server.prompting import build_prompt
+from server.worker import AnswerStream
+from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+Q = "What is the capital of the country where the Colosseum is located?"
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+# ---- prompts --------------------------------------------------------------------------------
+
+
+def test_fallback_single_turn_is_exactly_the_patcher_format():
+    fmt = PromptFormat()
+    prompt = build_prompt([user(f"  {Q}\n")], byte_tokenizer(), fmt)
+    assert prompt.text == fmt.render(Q) and prompt.question == Q
+    assert prompt.template == "fewshot-qa" and prompt.add_special_tokens
+
+
+def test_fallback_keeps_system_text_and_earlier_turns_as_qa_pairs():
+    fmt = PromptFormat(demonstrations=(("Demo?", "Yes"),))
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "developer", "content": "No lists."},
+                user("First?"), {"role": "assistant", "content": "One"}, user("Unanswered?"),
+                {"role": "assistant", "content": "Two"}, {"role": "assistant", "content": "Extra"}, user(Q)]
+    prompt = build_prompt(messages, byte_tokenizer(), fmt)
+    assert prompt.text == ("Answer briefly.\n\nNo lists.\n\n"
+                           "Q: Demo?\nA: Yes\n\nQ: First?\nA: One\n\nQ: Unanswered?\nA: Two\n\nQ: \nA: Extra\n\n"
+                           f"Q: {Q}\nA:")
+    two_users = build_prompt([user("Earlier"), user(Q)], byte_tokenizer(), PromptFormat(demonstrations=()))
+    assert two_users.text == f"Q: Earlier\nA: \n\nQ: {Q}\nA:"
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one():
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    prompt = build_prompt([{"role": "developer", "content": "Be brief."}, user(Q)], tok, PromptFormat())
+    assert prompt.text == f"<system>Be brief.\n<user>{Q}\n<assistant>"
+    assert prompt.template == "chat-template" and not prompt.add_special_tokens and prompt.question == Q
+
+
+def test_template_errors_and_a_final_assistant_turn_are_400s():
+    tok = byte_tokenizer()
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ApiError, match="roles must alternate") as err:
+        build_prompt([user(Q)], tok, PromptFormat())
+    assert err.value.status == 400
+    with pytest.raises(ApiError, match="last message") as err:
+        build_prompt([user(Q), {"role": "assistant", "content": "Rome"}], byte_tokenizer(), PromptFormat())
+    assert err.value.param == "messages"
+
+
+# ---- the answer streamer --------------------------------------------------------------------
+
+
+def feed(text: str, stop=(), prompt: str = "Q: x\nA:") -> tuple[AnswerStream, list[str]]:
+    tok = byte_tokenizer()
+    deltas: list[str] = []
+    stream = AnswerStream(tok, stop, on_delta=deltas.append)
+    stream.put(torch.tensor([tok(prompt).input_ids]))  # the prompt: skipped
+    for token in tok(text).input_ids:
+        if stream.stopped:
+            break
+        stream.put(torch.tensor([token]))
+    stream.finish()
+    return stream, deltas
+
+
+def test_stream_without_stop_emits_everything_once():
+    stream, deltas = feed(" Rome, Italy")
+    assert "".join(deltas) == stream.finish() == " Rome, Italy" and len(deltas) == len(" Rome, Italy")
+
+
+def test_stream_cuts_at_a_stop_string_and_holds_back_partial_matches():
+    stream, deltas = feed(" Rome\n\nQ: next", stop=["\n\nQ:"])
+    assert stream.stopped and stream.finish() == " Rome" and "".join(deltas) == " Rome"
+    assert len(stream.ids) == len(" Rome\n\nQ:")  # generation stopped right after the stop string
+    stream, deltas = feed(" Rome\nParis", stop=["\n\nQ:"])  # a partial match that fails is released
+    assert not stream.stopped and "".join(deltas) == " Rome\nParis"
+
+
+def test_stream_never_emits_half_a_character():
+    _, deltas = feed(" Zürich ✓")
+    assert "".join(deltas) == " Zürich ✓" and not any("\ufffd" in d for d in deltas)
+
+
+def test_stop_string_inside_the_prompt_does_not_stop():
+    stream, deltas = feed(" Rome", stop=["A:"], prompt="Q: x\nA:")
+    assert not stream.stopped and "".join(deltas) == " Rome"
+
+
+# ---- gate thresholds ------------------------------------------------------------------------
+
+
+@dataclass
+class DataclassGate:
+    threshold: float
+    feature_layers: tuple = ()
+
+
+class PlainGate:
+    feature_layers: tuple = ()
+
+    def __init__(self):
+        self.threshold = 0.5
+
+
+@pytest.mark.parametrize("gate", [DataclassGate(0.5), PlainGate()])
+def test_threshold_override_copies_the_gate(gate):
+    other = gate_with_threshold(gate, 0.8)
+    assert other.threshold == 0.8 and gate.threshold == 0.5 and type(other) is type(gate)
+
+
+# ---- autopatch serve ------------------------------------------------------------------------
+
+
+def test_serve_subcommand_loads_once_and_runs_uvicorn(monkeypatch):
+    import uvicorn
+
+    import autopatch.loading
+    import server.cli
+    from autopatch.cli import build_parser
+
+    loads, runs = [], []
+    monkeypatch.setattr(autopatch.loading, "load_model",
+                        lambda name=None: loads.append(name) or (tiny_model_for_bytes("llama"), byte_tokenizer()))
+    monkeypatch.setattr(server.cli, "default_gate", lambda model: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
+    args = build_parser().parse_args(["serve", "--model", "/models/tiny", "--port", "9123", "--max-queue", "3",
+                                      "--timeout", "5", "--no-patching"])
+    assert args.run(args) == 0
+    (app, kwargs), = runs
+    served = app.state.served
+    assert loads == ["/models/tiny"] and served.name == "/models/tiny"
+    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 9123)
+    assert served.worker.max_queue == 3 and served.request_timeout_s == 5 and not served.patching_default
+    assert type(served.base.gate).__name__ == "AlwaysPatch"
+    served.worker.close()

@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-QUESTIONS = [
-    "What is the capital of the country where the Colosseum is located?",
-    "Who founded the company that makes the iPhone?",
-    "What currency is used in the country where sushi comes from?",
-    "What is the capital of the country where Mozart was born?",
-    "What is the official language of the country where the Eiffel Tower is located?",
-    "What is the nationality of the author of Hamlet?",
-    "On which continent is the country whose capital is Lima?",
-    "What is the capital of the country where the Taj Mahal is located?",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from bench.questions import QUESTIONS  # noqa: E402
 
 
 def _timed(fn) -> float:

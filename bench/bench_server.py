@@ -24,16 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-QUESTIONS = [
-    "What is the capital of the country where the Colosseum is located?",
-    "Who founded the company that makes the iPhone?",
-    "What currency is used in the country where sushi comes from?",
-    "What is the capital of the country where Mozart was born?",
-    "What is the official language of the country where the Eiffel Tower is located?",
-    "What is the nationality of the author of Hamlet?",
-    "On which continent is the country whose capital is Lima?",
-    "What is the capital of the country where the Taj Mahal is located?",
-]
+from bench.questions import QUESTIONS  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

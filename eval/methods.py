@@ -222,9 +222,7 @@ def hop_questions(record: QARecord) -> tuple[str, list[str], str, list[str]]:
         hop1 = step1.question
     hop1_golds = [step1.answer, *record.meta.get("bridge_aliases", [])]
     hop2 = step2.question.replace("#1", step1.answer)
-    hop2_golds = [step2.answer] if record.hops == 2 else [step2.answer]
-    if record.hops == 2:
-        hop2_golds = list(record.golds)
+    hop2_golds = list(record.golds) if record.hops == 2 else [step2.answer]  # hop 2 of a 2-hop question is its answer
     return hop1, hop1_golds, hop2, hop2_golds
 
 

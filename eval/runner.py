@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -147,9 +146,3 @@ def iter_methods_rows(rows: Sequence[dict]) -> Iterator[tuple[str, dict[str, dic
     for row in rows:
         by_method.setdefault(row["method"], {}).setdefault(row["id"], row)
     yield from by_method.items()
-
-
-def timed(fn):
-    """Run ``fn`` and return ``(result, seconds)``."""
-    started = time.perf_counter()
-    return fn(), time.perf_counter() - started

@@ -1,0 +1,12 @@
+"""Two-hop questions shared by the benchmarks (hand-written; not drawn from any evaluation split)."""
+
+QUESTIONS = [
+    "What is the capital of the country where the Colosseum is located?",
+    "Who founded the company that makes the iPhone?",
+    "What currency is used in the country where sushi comes from?",
+    "What is the capital of the country where Mozart was born?",
+    "What is the official language of the country where the Eiffel Tower is located?",
+    "What is the nationality of the author of Hamlet?",
+    "On which continent is the country whose capital is Lima?",
+    "What is the capital of the country where the Taj Mahal is located?",
+]

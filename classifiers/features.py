@@ -93,7 +93,7 @@ def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchPr
         positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
         position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
         with capture(model, list(spec.layers), positions, attention_mask=enc.attention_mask) as cap:
-            logits = model(**enc, position_ids=position_ids).logits[:, -1]
+            logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1]
         for i, (record, plan) in enumerate(zip(batch, plans)):
             ids.append(record.id)
             located.append(bool(plan.positions))

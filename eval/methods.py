@@ -142,15 +142,15 @@ def gold_scores(ctx: EvalContext, prompts: Sequence[torch.Tensor], edits: Sequen
     flat = [PatchEdit(layer, i, pos, vec) for i, e in enumerate(edits) for layer, pos, vec in e]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     device = _device(ctx.model)
+    keep = max(len(g) for g in gold_ids) + 1  # gold tokens sit at the end of each left-padded row
     with patch(ctx.model, flat, attention_mask=mask):
         logits = ctx.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=position_ids.to(device)).logits.float()
+                           position_ids=position_ids.to(device), logits_to_keep=keep).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     scores = []
-    width = ids.shape[1]
     for i, g in enumerate(gold_ids):
-        start = width - len(g)  # gold tokens sit at the end of the left-padded row
-        token_lp = logprobs[i, start - 1 : width - 1].gather(-1, g.to(device)[:, None]).squeeze(-1)
+        start = keep - len(g)  # index of the first gold token among the kept positions
+        token_lp = logprobs[i, start - 1 : keep - 1].gather(-1, g.to(device)[:, None]).squeeze(-1)
         first = logits[i, start - 1]
         rank = int((first > first[g[0]]).sum()) + 1
         scores.append((float(token_lp.sum()), rank))

@@ -104,3 +104,21 @@ def test_verbalize_span_patchscope_decodes_the_bridge_from_the_subject_state(gem
         report = patcher.last_report[0]
         assert report.patched
         assert ("Italy" in report.bridge) == expect_italy, (control, report.bridge)
+
+
+def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(gemma):
+    from autopatch.patcher import AutoPatcher
+    from classifiers import default_gate_for
+    from classifiers.gate import PatchGate
+
+    model, tok = gemma
+    gate = default_gate_for(model)
+    assert isinstance(gate, PatchGate)
+    patcher = AutoPatcher(model, tok)
+    assert patcher.gate is not None and isinstance(patcher.gate, PatchGate)
+    assert patcher.profile.strategy == "verbalize" and patcher.profile.note.startswith("sweep")
+    question = "What is the capital of the country where the Colosseum is located?"
+    enc = tok([patcher.profile.prompt_format.render(question, tok)], return_tensors="pt")
+    patcher.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    report = patcher.last_report[0]
+    assert report.located and report.gate_score is not None and 0.0 <= report.gate_score <= 1.0

@@ -100,13 +100,31 @@ def summarise(out_dir: Path) -> dict:
     summary: dict = {"n_questions": len(common), "gap_subset_size": None if gap is None else len(gap), "methods": {}}
     for name, rows in by_method.items():
         method = METHODS.get(name)
-        entry = {"kind": method.kind if method else "unknown", "description": method.description if method else "",
-                 "all": _stats(rows, vanilla if name != "vanilla" else None, common)}
+        kind = method.kind if method else "unknown"
+        paired = vanilla if name != "vanilla" and kind != "diagnostic" else None  # hop questions are other questions
+        entry = {"kind": kind, "description": method.description if method else "", "all": _stats(rows, paired, common)}
         if gap is not None and name not in ("hop1", "hop2"):
-            entry["gap"] = _stats(rows, vanilla if name != "vanilla" else None, [i for i in gap if i in rows])
+            entry["gap"] = _stats(rows, paired, [i for i in gap if i in rows])
         summary["methods"][name] = entry
     summary["warnings"] = _control_warnings(summary)
+    summary["gate"] = gate_quality(by_method)
     return summary
+
+
+def gate_quality(by_method: dict[str, dict[str, dict]]) -> dict | None:
+    """ROC-AUC of the gate's score for 'patch helps' (vanilla wrong, patch right by EM) on these questions."""
+    if not {"vanilla", "patch", "autopatch"} <= set(by_method):
+        return None
+    van, pat, auto = by_method["vanilla"], by_method["patch"], by_method["autopatch"]
+    pairs = [(float(pat[i]["em"] > van[i]["em"]), auto[i]["report"]["gate_score"]) for i in auto
+             if i in van and i in pat and (auto[i].get("report") or {}).get("gate_score") is not None]
+    labels = [p[0] for p in pairs]
+    out = {"n_scored": len(pairs), "helps": int(sum(labels)), "roc_auc": None}
+    if 0 < sum(labels) < len(labels):
+        from sklearn.metrics import roc_auc_score
+
+        out["roc_auc"] = float(roc_auc_score(labels, [p[1] for p in pairs]))
+    return out
 
 
 def _control_warnings(summary: dict) -> list[str]:
@@ -162,6 +180,11 @@ def report_markdown(summary: dict, command: str) -> str:
                   f"{summary['gap_subset_size']} questions where hop 1 and hop 2 are each answered alone (gold in the "
                   "answer line) but vanilla fails the two-hop question. Correction can only help here.", "",
                   *_table(summary, "gap"), ""]
+    gate = summary.get("gate")
+    if gate:
+        auc = "n/a" if gate["roc_auc"] is None else f"{gate['roc_auc']:.3f}"
+        lines += ["## Gate", "", f"ROC-AUC of the gate score for 'patch helps' on these held-out questions: {auc} "
+                  f"({gate['n_scored']} scored questions, {gate['helps']} where always-patching helps).", ""]
     lines += ["## Controls", ""]
     lines += [f"- {w}" for w in summary["warnings"]] or ["- No control reaches the 95% CI of `patch`."]
     lines += ["", "## Methods", ""]

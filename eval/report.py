@@ -132,6 +132,10 @@ def _control_warnings(summary: dict) -> list[str]:
     if "patch" not in methods or "em_ci" not in methods["patch"]["all"]:
         return []
     low = methods["patch"]["all"]["em_ci"][0]
+    vanilla_em = methods.get("vanilla", {}).get("all", {}).get("em")
+    if vanilla_em is not None and methods["patch"]["all"]["em"] <= vanilla_em:
+        return [f"patch does not beat vanilla here (EM {methods['patch']['all']['em']:.3f} vs {vanilla_em:.3f}), "
+                "so the controls have no effect to attribute."]
     warnings = []
     for name, entry in methods.items():
         if entry["kind"] == "control" and entry["all"].get("em", 0.0) >= low:
@@ -186,7 +190,8 @@ def report_markdown(summary: dict, command: str) -> str:
         lines += ["## Gate", "", f"ROC-AUC of the gate score for 'patch helps' on these held-out questions: {auc} "
                   f"({gate['n_scored']} scored questions, {gate['helps']} where always-patching helps).", ""]
     lines += ["## Controls", ""]
-    lines += [f"- {w}" for w in summary["warnings"]] or ["- No control reaches the 95% CI of `patch`."]
+    lines += [f"- {w}" for w in summary["warnings"]] or ["- No control reaches the 95% CI of `patch`: the patched "
+                                                         "state, not the target prompt, carries the effect."]
     lines += ["", "## Methods", ""]
     lines += [f"- `{name}` ({entry['kind']}): {entry['description']}" for name, entry in summary["methods"].items()]
     return "\n".join(lines) + "\n"

@@ -160,6 +160,7 @@ def _spawn_workers(args: argparse.Namespace) -> int:
     procs = []
     for rank in range(args.num_processes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.num_processes), AUTOPATCH_WORKER="1")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_processes)))  # no oversubscription
         procs.append(subprocess.Popen([sys.executable, "-m", "autopatch", *argv], env=env))
     codes = [p.wait() for p in procs]
     if any(codes):

@@ -16,3 +16,14 @@ def gemma():
     import autopatch
 
     return autopatch.load_model()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run far faster on one torch thread than on two (thread overhead, or a busy second core)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,6 +12,8 @@ from tests.tiny_models import TINY_ARCHITECTURES, VOCAB, tiny_model
 
 torch.set_grad_enabled(False)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module", params=TINY_ARCHITECTURES)
 def model(request):

@@ -14,6 +14,8 @@ from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 
 METHODS = "vanilla,patch,verbalize,control-zero,control-nopatch,cot"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -21,6 +21,8 @@ from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 SPEC = FeatureSpec(layers=(1, 2), positions=("span_end", "last"))
 PROFILE = PatchProfile(source_layer=2, target_layer=1, prompt_format=PromptFormat(demonstrations=()))
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def model():

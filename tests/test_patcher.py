@@ -23,6 +23,8 @@ QUESTIONS = [
     "Who founded the company that makes the iPhone?",
 ]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3_text"])
 def setup(request):

@@ -28,12 +28,8 @@ PROFILE = PatchProfile(source_layer=2, target_layer=1, prompt_format=PromptForma
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # tiny models on a shared 2-core machine: one thread is ~100x faster than two contended ones
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs a tiny model (see conftest.one_torch_thread)."""
 
 
 def tiny_app():

@@ -198,11 +198,14 @@ class AutoPatcher:
         if at < 0:
             return RowPlan(question, location, why_not="the question text does not occur in the decoded prompt")
         ends = token_char_ends(self.tokenizer, ids)
-        positions = {
-            "span_end": last_token_of_char_span(ends, at + location.span_start, at + location.span_end),
-            "subject_end": last_token_of_char_span(ends, at + location.subject_start, at + location.subject_end),
-            "last": len(ids) - 1,
-        }
+        try:
+            positions = {
+                "span_end": last_token_of_char_span(ends, at + location.span_start, at + location.span_end),
+                "subject_end": last_token_of_char_span(ends, at + location.subject_start, at + location.subject_end),
+                "last": len(ids) - 1,
+            }
+        except (IndexError, ValueError) as err:  # a tokenizer whose decode() does not round-trip the text
+            return RowPlan(question, location, why_not=f"cannot map the located span to tokens: {err}")
         return RowPlan(question, location, positions)
 
     # ---- generate -------------------------------------------------------------------------

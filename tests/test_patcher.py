@@ -176,3 +176,13 @@ def test_beam_search_runs_unpatched_with_a_reason(setup):
 def test_left_pad_helper():
     ids, mask = left_pad([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_arbitrary_prompts_never_crash_the_planner(setup):
+    model, tok, _ = setup
+    patcher = AutoPatcher(model, tok, profile(), gate=AlwaysPatch())
+    prompts = ["", "no question here", "Q: \nA:", "Q: Wer ist der Autor von Faust?\nA:", "Q: ??? of the of the\nA:"]
+    enc = tok([p or " " for p in prompts], return_tensors="pt", padding=True)
+    out = patcher.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape[0] == len(prompts)
+    assert all(r.reason for r in patcher.last_report)

@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eval.datasets import QARecord
+from eval.jsonl import iter_rows, repair_tail
 from eval.methods import METHODS, EvalContext, hop_questions
 from eval.metrics import score_continuation
 
@@ -38,41 +39,11 @@ def results_path(out_dir: Path, rank: int, world_size: int) -> Path:
 
 def read_results(out_dir: Path) -> list[dict]:
     """Every complete line of every results file in ``out_dir`` (a torn last line is skipped)."""
-    rows = []
-    for path in sorted(Path(out_dir).glob("results*.jsonl")):
-        with path.open() as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return rows
+    return [row for path in sorted(Path(out_dir).glob("results*.jsonl")) for row in iter_rows(path)]
 
 
 def _done(path: Path) -> set[tuple[str, str]]:
-    if not path.exists():
-        return set()
-    done = set()
-    with path.open() as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done.add((row["method"], row["id"]))
-    return done
-
-
-def _repair_tail(path: Path) -> None:
-    """Drop a partial last line left by a kill mid-write, so appends start on a fresh line."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    with path.open("r+b") as f:
-        f.truncate(cut)
+    return {(row["method"], row["id"]) for row in iter_rows(path)}
 
 
 def shard_info() -> tuple[int, int]:
@@ -104,7 +75,7 @@ def run_eval(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[st
     world_size = env_world if world_size is None else world_size
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_path(out_dir, rank, world_size)
-    _repair_tail(path)
+    repair_tail(path)
     done = _done(path)
     generating = [m for m in methods if METHODS[m].run is not None]
     mine = batches(records, batch_size)[rank::world_size]

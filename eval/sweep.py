@@ -25,11 +25,10 @@ import argparse
 import hashlib
 import sys
 import json
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,8 +38,9 @@ from autopatch.engine import capture
 from autopatch.gating import POSITION_KINDS, AlwaysPatch
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
-from autopatch.strategies import PatchJob, decode_bridges, left_pad, plan_targets, run_targets, verbalized_target
+from autopatch.strategies import PatchJob, decode_bridges, plan_targets, run_targets, verbalized_target
 from eval.datasets import QARecord, load_dataset_by_name
+from eval.jsonl import iter_rows, repair_tail
 from eval.metrics import score_continuation
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "autopatch" / "profiles"
@@ -93,16 +93,7 @@ def default_grid(n_layers: int) -> list[SweepConfig]:
 
 
 def _done_keys(path: Path) -> set[tuple[str, str]]:
-    done: set[tuple[str, str]] = set()
-    if path.exists():
-        with path.open() as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption is redone
-                done.add((row["id"], row["config"]))
-    return done
+    return {(row["id"], row["config"]) for row in iter_rows(path)}
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -117,6 +108,7 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
     patcher = AutoPatcher(model, tok, gate=AlwaysPatch())
     base, fmt = patcher.profile, patcher.profile.prompt_format
     layers = list(range(num_layers(model)))
+    repair_tail(out_path)
     done = _done_keys(out_path)
     keys = ["vanilla"] + [c.key for c in configs]
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,13 +162,8 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
 def load_sweep(path: Path) -> dict[str, dict[str, dict]]:
     """``{config_key: {question_id: row}}`` from a sweep file (the last line wins on duplicates)."""
     table: dict[str, dict[str, dict]] = defaultdict(dict)
-    with Path(path).open() as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            table[row["config"]][row["id"]] = row
+    for row in iter_rows(path):
+        table[row["config"]][row["id"]] = row
     return table
 
 

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from autopatch.errors import GateFileError
 from autopatch.patcher import AutoPatcher

@@ -11,7 +11,6 @@ import json
 
 import httpx
 import pytest
-import torch
 
 pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings

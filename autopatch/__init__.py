@@ -6,10 +6,14 @@ Example:
     >>> from autopatch import capture, patch, PatchEdit
     >>> from autopatch.inspect import decode_state
 
+    >>> patcher = autopatch.AutoPatcher(model, tok)  # drop-in generate() with the shipped profile and gate
+
 The public API is re-exported here; submodules hold one concern each:
 ``loading`` (models), ``architectures`` (where the layers are), ``engine``
 (capture/patch context managers), ``inspect`` (token-identity Patchscope),
-``errors`` (everything raised on purpose).
+``locate`` (first-hop spans), ``prompts``, ``profile`` (patch profiles),
+``strategies`` (reroute/backpatch/verbalize), ``gating`` (the gate protocol),
+``patcher`` (``AutoPatcher``), ``errors`` (everything raised on purpose).
 """
 
 from autopatch.architectures import decoder_layers, final_norm, num_layers, unembedding
@@ -22,12 +26,29 @@ from autopatch.errors import (
     ProfileError,
     UnsupportedArchitectureError,
 )
+from autopatch.gating import AlwaysPatch, Gate, GateDecision, GateInput, NeverPatch
 from autopatch.loading import cache_dir, load_model
+from autopatch.locate import Location, UnlocatableQuestion, locate
+from autopatch.patcher import AutoPatcher, PatchReport
+from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlwaysPatch",
+    "AutoPatcher",
     "AutopatchError",
+    "Gate",
+    "GateDecision",
+    "GateInput",
+    "Location",
+    "NeverPatch",
+    "PatchProfile",
+    "PatchReport",
+    "PromptFormat",
+    "UnlocatableQuestion",
+    "locate",
     "CaptureResult",
     "GateFileError",
     "ModelNotFoundError",

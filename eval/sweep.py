@@ -216,9 +216,9 @@ def best_per_strategy(table: dict[str, dict[str, dict]]) -> dict[str, SweepConfi
 
 
 def write_profiles(table: dict[str, dict[str, dict]], model_type: str, fingerprint: str, base: PatchProfile,
-                   source: str) -> list[Path]:
+                   source: str, directory: Path = PROFILES_DIR) -> list[Path]:
     """Save the best configuration per strategy, and the best overall as the model's profile."""
-    PROFILES_DIR.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     rows = {r["config"]: r for r in summarize(table)}
     written = []
     best_overall = None
@@ -227,13 +227,13 @@ def write_profiles(table: dict[str, dict[str, dict]], model_type: str, fingerpri
         note = (f"sweep on {source}: best {strategy} config, always-patch EM {r['em']:.3f} "
                 f"(vanilla {sum(v['em'] for v in table['vanilla'].values()) / r['n']:.3f}, n={r['n']})")
         profile = replace(config.profile(base), model_type=model_type, model_fingerprint=fingerprint, note=note)
-        path = PROFILES_DIR / f"{model_type}.{strategy}.json"
+        path = directory / f"{model_type}.{strategy}.json"
         profile.save(path)
         written.append(path)
         if best_overall is None or r["em"] > rows[best_overall[0].key]["em"]:
             best_overall = (config, profile)
     if best_overall is not None:
-        path = PROFILES_DIR / f"{model_type}.json"
+        path = directory / f"{model_type}.json"
         best_overall[1].save(path)
         written.append(path)
     return written

@@ -1,0 +1,59 @@
+"""The configuration sweep: grid, resumable runs, summaries, profiles; gate sources never include test."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat
+from classifiers.train import parse_sources
+from eval.sweep import SweepConfig, default_grid, load_sweep, run_sweep, summarize, write_profiles
+from eval.twohop import generate_twohop
+from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_default_grid_scales_with_depth_and_keys_round_trip():
+    grid = default_grid(18)
+    assert len(grid) == 38 and len(set(grid)) == 38
+    assert {c.strategy for c in grid} == {"reroute", "backpatch", "verbalize"}
+    for n in (4, 18, 32):
+        for config in default_grid(n):
+            assert 0 <= config.target_layer < n and 0 <= config.source_layer < n
+            assert SweepConfig.from_key(config.key) == config
+            if config.strategy == "backpatch":
+                assert config.target_layer < config.source_layer
+
+
+def test_sweep_resumes_and_summarises(tmp_path, monkeypatch):
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    monkeypatch.setattr(PatchProfile, "for_model", classmethod(
+        lambda cls, m, variant=None: PatchProfile(source_layer=2, target_layer=1, prompt_format=PromptFormat(demonstrations=()))))
+    records = generate_twohop("train")[:5]
+    configs = [SweepConfig("reroute", "span_end", 2, 1), SweepConfig("verbalize", "subject_end", 1, 1, "span")]
+    out = tmp_path / "sweep.jsonl"
+    run_sweep(model, tok, records, configs, out, batch_size=2, max_new_tokens=2)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5 * 3
+    with out.open("a") as f:
+        f.write('{"id": "torn')
+    run_sweep(model, tok, records, configs, out, batch_size=2, max_new_tokens=2)
+    assert out.read_text().splitlines() == lines  # nothing redone, the torn line dropped
+    table = load_sweep(out)
+    rows = summarize(table)
+    assert {r["config"] for r in rows} == {c.key for c in configs}
+    assert all(r["n"] == 5 and 0 <= r["em"] <= 1 for r in rows)
+    written = write_profiles(table, "llama", "abc", replace(PatchProfile(), prompt_format=PromptFormat()), "test",
+                             directory=tmp_path / "profiles")
+    assert {p.name for p in written} == {"llama.json", "llama.reroute.json", "llama.verbalize.json"}
+    best = PatchProfile.load(tmp_path / "profiles" / "llama.json")
+    assert best.model_fingerprint == "abc" and best.note.startswith("sweep")
+
+
+def test_gate_sources_refuse_test_splits():
+    assert parse_sources("twohop:train:10,musique:calib") == [("twohop", "train", 10), ("musique", "calib", None)]
+    with pytest.raises(ValueError, match="test"):
+        parse_sources("twohop:test")

@@ -249,10 +249,9 @@ class AutoPatcher:
 
         layers = sorted({self.profile.source_layer, *self.gate.feature_layers})
         positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
-        holder: dict[str, Any] = {}
 
-        def decide(scores: torch.Tensor) -> list[GateDecision]:
-            states = holder["capture"].states
+        def decide(scores: torch.Tensor) -> list[GateDecision]:  # runs inside generate, after the prefill
+            states = cap.states
             inputs_for_gate = [GateInput(p.question, p.location, {l: states[l][i] for l in layers}, scores[i])
                                for i, p in enumerate(plans)]
             located = [i for i, p in enumerate(plans) if p.location is not None and p.positions]
@@ -267,7 +266,6 @@ class AutoPatcher:
         criteria = StoppingCriteriaList([*(stopping_criteria or []), _StopPatchedRows(decider)])
         vanilla_streamer = _GatedStreamer(streamer, decider) if streamer is not None else None
         with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
-            holder["capture"] = cap
             main = self.model.generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
                                        streamer=vanilla_streamer, **passthrough, **kwargs)
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]

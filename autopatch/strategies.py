@@ -140,15 +140,12 @@ def decode_bridges(
 ) -> list[str]:
     """The words each job's vector decodes to under ``profile.bridge_prompt`` (one batched generate)."""
     prompts = _bridge_prompts(tok, profile, jobs)
-    ids, mask = left_pad([p[0] for p in prompts], tok.pad_token_id)
-    edits = [PatchEdit(profile.target_layer, i, prompts[i][1], v) for i, v in enumerate(vectors) if v is not None]
-    device = next(model.parameters()).device
-    with patch(model, edits, attention_mask=mask):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=profile.max_bridge_tokens, pad_token_id=tok.pad_token_id,
+    targets = [Target(i, ids, [] if v is None else [(profile.target_layer, position, v)])
+               for i, ((ids, position), v) in enumerate(zip(prompts, vectors))]
+    out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=profile.max_bridge_tokens,
                              eos_token_id=_bridge_stop_ids(tok))
     parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
-    return [parse(tok.decode(out[i, ids.shape[1] :], skip_special_tokens=True)) for i in range(len(jobs))]
+    return [parse(tok.decode(out[i, width:], skip_special_tokens=True)) for i in range(len(jobs))]
 
 
 def verbalized_target(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, bridge: str) -> Target:

@@ -23,7 +23,6 @@ Test questions are never read here.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from autopatch.profile import PatchProfile
-from classifiers.features import FeatureSpec, extract_features
+from classifiers.features import SCALARS, FeatureSpec, extract_features
 from classifiers.gate import PatchGate, make_pipeline
 from classifiers.labels import gate_labels
 
@@ -91,7 +90,7 @@ def _feature_columns(spec: FeatureSpec, hidden: int, use_states: bool, use_scala
     if use_states:
         cols += list(range(n_states))
     if use_scalars:
-        cols += list(range(n_states, n_states + 3))
+        cols += list(range(n_states, n_states + len(SCALARS)))
     return np.array(cols)
 
 
@@ -171,7 +170,3 @@ def cv_markdown(gate: PatchGate) -> str:
               f"vanilla {t.get('vanilla_accuracy', float('nan')):.3f} vs always-patch {meta['dev_patched_accuracy']:.3f}. "
               f"Validation ROC-AUC {meta['dev_auc']:.3f} ({meta['dev_helps']} helps, {meta['dev_hurts']} hurts)."]
     return "\n".join(lines) + "\n"
-
-
-def summary_json(gate: PatchGate) -> str:
-    return json.dumps({"threshold": gate.threshold, **gate.meta}, indent=2)

@@ -8,6 +8,7 @@ import torch
 from autopatch.architectures import decoder_layers, final_norm, num_layers, unembedding
 from autopatch.engine import PatchEdit, block_hidden, capture, patch, with_block_hidden
 from autopatch.errors import PatchError
+from autopatch.strategies import left_pad
 from tests.tiny_models import TINY_ARCHITECTURES, VOCAB, tiny_model
 
 torch.set_grad_enabled(False)
@@ -23,16 +24,6 @@ def model(request):
 def ids(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return input_ids, mask
 
 
 def greedy(model, input_ids, attention_mask=None, n=4):
@@ -113,7 +104,7 @@ def test_decode_steps_are_untouched(model):
 
 def test_left_padded_batch_equals_one_by_one(model):
     rows = ids(5, 9, 3, seed=5)
-    input_ids, mask = left_pad(rows)
+    input_ids, mask = left_pad(rows, pad_id=0)
     vectors = [torch.randn(model.config.hidden_size) for _ in rows]
     edits = [PatchEdit(layer=1, row=i, position=1, vector=v) for i, v in enumerate(vectors)]
     with capture(model, layers=[2], positions=[0, -1], attention_mask=mask) as cap, \
@@ -129,7 +120,7 @@ def test_left_padded_batch_equals_one_by_one(model):
 
 def test_per_row_capture_positions(model):
     rows = ids(6, 4, seed=6)
-    input_ids, mask = left_pad(rows)
+    input_ids, mask = left_pad(rows, pad_id=0)
     with capture(model, layers=[0], attention_mask=mask) as full, \
             capture(model, layers=[0], positions=[[5, 1], [0, 3]], attention_mask=mask) as picked:
         model(input_ids=input_ids, attention_mask=mask)

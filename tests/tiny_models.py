@@ -29,15 +29,17 @@ TINY_CONFIGS = {
 TINY_ARCHITECTURES = sorted(TINY_CONFIGS)
 
 
-def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, vocab_size: int = VOCAB) -> torch.nn.Module:
     """A random tiny model of ``arch`` in eval mode, deterministic for a given seed."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS[arch]()
+    config.vocab_size = vocab_size
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     # Spread logits so greedy decoding is not decided by float noise between near-ties.
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(4.0) if p.dim() > 1 else None
+            if p.dim() > 1:
+                p.mul_(4.0)
     return model
 
 
@@ -58,12 +60,4 @@ def byte_tokenizer():
 
 def tiny_model_for_bytes(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny model of ``arch`` whose vocabulary fits :func:`byte_tokenizer`."""
-    torch.manual_seed(seed)
-    config = TINY_CONFIGS[arch]()
-    for name in ("vocab_size",):
-        setattr(config, name, 259)
-    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0) if p.dim() > 1 else None
-    return model
+    return tiny_model(arch, seed, vocab_size=259)

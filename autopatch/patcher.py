@@ -208,6 +208,20 @@ class AutoPatcher:
             return RowPlan(question, location, why_not=f"cannot map the located span to tokens: {err}")
         return RowPlan(question, location, positions)
 
+    def plan_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   questions: Sequence[str | None] | None = None, decompositions: Sequence[Any] | None = None,
+                   ) -> tuple[list[torch.Tensor], list[RowPlan], list[list[int]]]:
+        """Unpadded rows, their plans, and per row the capture positions in ``POSITION_KINDS`` order."""
+        batch = input_ids.shape[0]
+        rows = [input_ids[i][attention_mask[i].bool()].cpu() for i in range(batch)]
+        questions = list(questions) if questions is not None else [None] * batch
+        decompositions = list(decompositions) if decompositions is not None else [None] * batch
+        if len(questions) != batch or len(decompositions) != batch:
+            raise PatchError(f"questions/decompositions need one entry per row ({batch}).")
+        plans = [self.plan_row(rows[i], questions[i], decompositions[i]) for i in range(batch)]
+        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]  # -1: unused placeholder
+        return rows, plans, positions
+
     # ---- generate -------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -240,15 +254,8 @@ class AutoPatcher:
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = self._infer_mask(input_ids)
-        rows = [input_ids[i][attention_mask[i].bool()].cpu() for i in range(batch)]
-        questions = list(questions) if questions is not None else [None] * batch
-        decompositions = list(decompositions) if decompositions is not None else [None] * batch
-        if len(questions) != batch or len(decompositions) != batch:
-            raise PatchError(f"questions/decompositions need one entry per row ({batch}).")
-        plans = [self.plan_row(rows[i], questions[i], decompositions[i]) for i in range(batch)]
-
+        rows, plans, positions = self.plan_batch(input_ids, attention_mask, questions, decompositions)
         layers = sorted({self.profile.source_layer, *self.gate.feature_layers})
-        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
 
         def decide(scores: torch.Tensor) -> list[GateDecision]:  # runs inside generate, after the prefill
             states = cap.states

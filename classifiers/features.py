@@ -88,9 +88,7 @@ def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchPr
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         enc = tok([fmt.render(r.question, tok) for r in batch], return_tensors="pt", padding=True).to(device)
-        unpadded = [enc.input_ids[i][enc.attention_mask[i].bool()].cpu() for i in range(len(batch))]
-        plans = [patcher.plan_row(unpadded[i], r.question) for i, r in enumerate(batch)]
-        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
+        _, plans, positions = patcher.plan_batch(enc.input_ids, enc.attention_mask, [r.question for r in batch])
         position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
         with capture(model, list(spec.layers), positions, attention_mask=enc.attention_mask) as cap:
             logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1]

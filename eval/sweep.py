@@ -124,10 +124,9 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
                 continue
             prompts = [fmt.render(r.question, tok) for r in batch]
             enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-            rows = [enc.input_ids[i][enc.attention_mask[i].bool()].cpu() for i in range(len(batch))]
-            plans = [patcher.plan_row(rows[i], r.question, r.question_decomposition if use_decomposition else None)
-                     for i, r in enumerate(batch)]
-            positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
+            rows, plans, positions = patcher.plan_batch(
+                enc.input_ids, enc.attention_mask, [r.question for r in batch],
+                [r.question_decomposition for r in batch] if use_decomposition else None)
             with capture(model, layers, positions, attention_mask=enc.attention_mask) as cap:
                 vanilla = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             width = enc.input_ids.shape[1]

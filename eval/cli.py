@@ -156,7 +156,7 @@ def _spawn_workers(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for marker in out.glob("done.rank*"):
         marker.unlink()
-    argv = _without_option(_argv_from(args), "--num-processes")
+    argv = _argv_from(args)
     procs = []
     for rank in range(args.num_processes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.num_processes), AUTOPATCH_WORKER="1")
@@ -174,26 +174,11 @@ def _spawn_workers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _without_option(argv: list[str], option: str) -> list[str]:
-    cleaned, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        if item == option:
-            skip = True
-            continue
-        if item.startswith(option + "="):
-            continue
-        cleaned.append(item)
-    return cleaned
-
-
 def _argv_from(args: argparse.Namespace) -> list[str]:
-    """Rebuild the eval command line from parsed arguments (when called as a function, not a script)."""
+    """The eval command line of the parsed arguments, without ``--num-processes`` (workers must not re-spawn)."""
     argv = ["eval"]
     for key, value in vars(args).items():
-        if key in ("run", "command") or value is None or value is False:
+        if key in ("run", "command", "num_processes") or value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]

@@ -59,25 +59,29 @@ def _derived(by_method: dict[str, dict[str, dict]], out_dir: Path) -> None:
             by_method["oracle-layers"] = oracle
 
 
-def _stats(rows: Sequence[dict], vanilla: dict[str, dict] | None, ids: Sequence[str]) -> dict:
+def _stats(rows: dict[str, dict], vanilla: dict[str, dict] | None, ids: Sequence[str]) -> dict:
     out: dict = {"n": len(ids)}
     if not ids:
         return out
+
+    def present(key: str) -> list:
+        return [rows[i][key] for i in ids if rows[i].get(key) is not None]
+
+    def mean(values: list) -> float | None:
+        return sum(values) / len(values) if values else None
+
     for m in METRICS:
-        values = [float(rows[i][m]) for i in ids]  # type: ignore[index]
-        out[m] = sum(values) / len(values)
+        values = [float(v) for v in present(m)]
+        out[m] = mean(values)
         out[f"{m}_ci"] = list(bootstrap_ci(values))
-    tokens = [rows[i]["n_tokens"] for i in ids if rows[i].get("n_tokens") is not None]  # type: ignore[index]
-    seconds = [rows[i]["seconds"] for i in ids if rows[i].get("seconds") is not None]  # type: ignore[index]
-    out["mean_tokens"] = sum(tokens) / len(tokens) if tokens else None
-    out["seconds_per_q"] = sum(seconds) / len(seconds) if seconds else None
-    out["patched"] = sum(1 for i in ids if rows[i].get("patched")) / len(ids)  # type: ignore[index]
-    logprobs = [rows[i]["gold_logprob"] for i in ids if rows[i].get("gold_logprob") is not None]  # type: ignore[index]
-    ranks = [rows[i]["gold_rank"] for i in ids if rows[i].get("gold_rank") is not None]  # type: ignore[index]
-    out["gold_logprob"] = sum(logprobs) / len(logprobs) if logprobs else None
+    out["mean_tokens"] = mean(present("n_tokens"))
+    out["seconds_per_q"] = mean(present("seconds"))
+    out["patched"] = sum(1 for i in ids if rows[i].get("patched")) / len(ids)
+    out["gold_logprob"] = mean(present("gold_logprob"))
+    ranks = present("gold_rank")
     out["gold_rank_median"] = statistics.median(ranks) if ranks else None
     if vanilla is not None:
-        test = mcnemar([bool(vanilla[i]["em"]) for i in ids], [bool(rows[i]["em"]) for i in ids])  # type: ignore[index]
+        test = mcnemar([bool(vanilla[i]["em"]) for i in ids], [bool(rows[i]["em"]) for i in ids])
         out["vs_vanilla"] = {"fixed": test["b_fixed"], "broken": test["b_broken"], "p_value": test["p_value"]}
     return out
 

@@ -6,9 +6,11 @@ Example:
     >>> ends = token_char_ends(tok, ids)        # decoded text length after each token
     >>> token_at_char(ends, 24)                 # index of the token holding character 24
 
-Offsets come from decoding growing prefixes of the ids, which works for any
-tokenizer (slow or fast, with or without offset mapping) and exactly matches
-``tok.decode(ids)``; prompts are short, so the quadratic cost does not matter.
+``ends[i]`` is defined as the length of ``decode(ids[: i + 1])``. Fast
+tokenizers get it in linear time from the offset mapping of the decoded text,
+used only when re-encoding that text gives back exactly the same ids; otherwise
+(slow tokenizers, non-round-tripping ids) growing prefixes are decoded, which is
+quadratic but always exact.
 """
 
 from __future__ import annotations
@@ -21,9 +23,29 @@ from transformers import PreTrainedTokenizerBase
 def token_char_ends(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int]:
     """``ends[i]`` is the length of ``decode(ids[: i + 1])`` (special tokens skipped)."""
     ids = [int(i) for i in ids]
-    ends = []
-    for i in range(len(ids)):
-        ends.append(len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)))
+    return _ends_from_offsets(tokenizer, ids) or _ends_from_prefixes(tokenizer, ids)
+
+
+def _ends_from_prefixes(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    return [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+
+
+def _ends_from_offsets(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int] | None:
+    """Linear-time ends via the offset mapping; ``None`` when it cannot be trusted for these ids."""
+    special = set(tokenizer.all_special_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None  # slow tokenizers have no offset mapping
+    if encoded.input_ids != [i for i in ids if i not in special]:
+        return None
+    offsets = iter(encoded.offset_mapping)
+    ends, last = [], 0
+    for token in ids:
+        if token not in special:
+            last = next(offsets)[1]
+        ends.append(last)
     return ends
 
 

@@ -11,6 +11,7 @@ subcommands through :data:`SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,42 @@ def subcommand(name: str, help_text: str, configure: Callable[[argparse.Argument
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local path or HF id (default: the embedded Gemma 3 270M)")
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (hyper-threads share a core's arithmetic units, so they do not speed up matmuls)."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    return max(1, cores or os.cpu_count() or 1)
+
+
+def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=physical_cores(),
+                        help="torch CPU threads; on a machine that is busy with other work, 1 is often fastest")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads (and the environment that worker processes inherit)."""
+    if not threads:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autopatch", description="Inference-time multi-hop correction for HF causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure, fn) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         configure(p)
+        _add_threads_arg(p)
         p.set_defaults(run=fn)
     return parser
 
@@ -92,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from autopatch.errors import AutopatchError
 
     args = build_parser().parse_args(argv)
+    apply_threads(getattr(args, "threads", None))
     try:
         return int(args.run(args) or 0)
     except AutopatchError as err:

@@ -38,3 +38,10 @@ class ProfileError(AutopatchError, ValueError):
 
 class GateFileError(AutopatchError, ValueError):
     """A saved gate is corrupt, tampered with, of another version or another model."""
+
+
+class ConfigError(AutopatchError, ValueError):
+    """A command or function was asked for something inconsistent; the message says which option to change.
+
+    Example: ``ConfigError("The gate never trains or tunes on a test split: drop 'twohop:test' from --train.")``.
+    """

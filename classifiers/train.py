@@ -39,14 +39,22 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 def parse_sources(spec: str) -> list[tuple[str, str, int | None]]:
     """``"twohop:train:600,musique:calib"`` -> ``[("twohop", "train", 600), ("musique", "calib", None)]``."""
+    from autopatch.errors import ConfigError
+
     sources = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         fields = part.split(":")
         if len(fields) not in (2, 3):
-            raise ValueError(f"Bad source {part!r}: use DATASET:SPLIT[:LIMIT], e.g. twohop:train:600.")
+            raise ConfigError(f"Bad source {part!r}: use DATASET:SPLIT[:LIMIT], e.g. twohop:train:600.")
         if fields[1] == "test":
-            raise ValueError("The gate never trains or tunes on a test split.")
-        sources.append((fields[0], fields[1], int(fields[2]) if len(fields) == 3 else None))
+            raise ConfigError(f"The gate never trains or tunes on a test split: drop {part!r} (use train/dev, or "
+                              "MuSiQue calib).")
+        limit = fields[2] if len(fields) == 3 else None
+        if limit is not None and (not limit.isdigit() or int(limit) < 1):
+            raise ConfigError(f"Bad source {part!r}: LIMIT must be a positive integer.")
+        sources.append((fields[0], fields[1], int(limit) if limit is not None else None))
+    if not sources:
+        raise ConfigError(f"No sources in {spec!r}: use DATASET:SPLIT[:LIMIT],... e.g. twohop:train:600.")
     return sources
 
 

@@ -9,8 +9,14 @@ Data parallelism: each process takes every N-th batch (``RANK``/``WORLD_SIZE``
 from torchrun or ``accelerate launch``, or local workers started by
 ``--num-processes``), writes its own results file, and marks itself done; rank
 0 waits for every mark, then merges and reports. Re-running the same command resumes an interrupted run. The output directory
-remembers its settings (``config.json``); a different command pointed at it
-is refused rather than mixed in.
+remembers its settings (``config.json``); a command with any other setting,
+``--methods`` included, is refused before the model loads. ``--add-methods``
+adds methods to an existing run (every other setting must match), and each
+command that wrote into the run is kept in ``config.json`` and the report.
+
+Selection: a dataset file is evaluated whole unless ``--split`` is given;
+``twohop`` and ``musique`` default to their test split. What was filtered,
+and why, is printed and stored in ``config.json`` under ``selection``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from autopatch.cli import _add_model_arg, subcommand
+from autopatch.cli import _add_model_arg, _positive_int, subcommand
 from autopatch.errors import AutopatchError
 from eval.methods import DEFAULT_METHODS, METHODS
 
@@ -33,12 +39,18 @@ class EvalConfigError(AutopatchError, ValueError):
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="twohop", help="twohop, musique, or a JSON/JSONL file in the MuSiQue schema")
-    parser.add_argument("--split", default="test", help="twohop: train/dev/test; musique: calib/test")
+    parser.add_argument("--dataset", default="twohop",
+                        help="twohop, musique (bundled MuSiQue-Ans dev), hf:<hub-id>, or a JSON/JSONL file in the MuSiQue schema")
+    parser.add_argument("--split", default=None,
+                        help="twohop: train/dev/test; musique: calib/test; a file: all, or calib/test by meta.split "
+                             "or the MuSiQue id rule (default: test for twohop and musique, all for a file)")
     parser.add_argument("--hops", type=int, default=2, help="keep questions with this many hops (0 = all)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated; known: {', '.join(METHODS)}")
+    parser.add_argument("--add-methods", action="store_true",
+                        help="add --methods to an existing run directory whose other settings match")
     parser.add_argument("--out", required=True, help="run directory (resumable)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate a deterministic stratified sample of N questions")
+    parser.add_argument("--limit", type=_positive_int, default=None,
+                        help="evaluate a deterministic stratified sample of N questions (default: all)")
     _add_model_arg(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--budget", type=int, default=16, help="new tokens for direct-answer methods")
@@ -62,42 +74,94 @@ def _methods(spec: str, with_hops: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_config(out: Path, config: dict) -> None:
+SETTINGS = ("dataset", "split", "hops", "limit", "model", "batch_size", "budget", "cot_budget", "use_decomposition",
+            "methods")
+
+
+def _resolved_split(dataset: str, split: str | None) -> str | None:
+    """``None`` means every record; named datasets default to their test split."""
+    if split == "all":
+        return None
+    if split is None and dataset.strip().lower() in ("twohop", "musique"):
+        return "test"
+    return split
+
+
+def check_run_dir(out: Path, settings: dict, *, add_methods: bool = False) -> list[str]:
+    """Refuse ``out`` when it holds a run with other settings; return the methods the run will hold.
+
+    Called before the model loads. With ``add_methods`` the methods may grow (never shrink).
+    """
     path = out / "config.json"
-    if path.exists():
+    if not path.exists():
+        return list(settings["methods"])
+    try:
         previous = json.loads(path.read_text())
-        keys = ("dataset", "split", "hops", "limit", "model", "batch_size", "budget", "cot_budget", "use_decomposition",
-                "profile")
-        changed = [k for k in keys if previous.get(k) != config.get(k)]
-        if changed:
-            raise EvalConfigError(f"{out} holds a run with different settings ({', '.join(changed)}); "
-                                  "use a new --out directory, or the original settings to resume.")
-        config["methods"] = list(dict.fromkeys(previous.get("methods", []) + config["methods"]))
+    except (OSError, json.JSONDecodeError) as err:
+        raise EvalConfigError(f"{path} is unreadable ({err}); use a new --out directory.") from None
+    changed = [k for k in SETTINGS if k != "methods" and previous.get(k) != settings.get(k)]
+    old_methods = list(previous.get("methods", []))
+    new_methods = list(settings["methods"])
+    if add_methods:
+        methods = list(dict.fromkeys(old_methods + new_methods))
+    else:
+        methods = new_methods
+        if set(old_methods) != set(new_methods):
+            changed.append("methods")
+    if changed:
+        detail = ", ".join(f"{k}: {previous.get(k)!r} there, {settings.get(k)!r} now" for k in changed)
+        hint = ("use a new --out directory, or the original settings to resume"
+                + ("; pass --add-methods to add methods to this run" if changed == ["methods"] else ""))
+        raise EvalConfigError(f"{out} holds a run with different settings ({detail}); {hint}.")
+    return methods
+
+
+def _write_config(out: Path, config: dict, command: str) -> list[str]:
+    """Write ``config.json``, keeping every command that wrote into this run; return those commands."""
+    path = out / "config.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    commands = list(previous.get("commands", []))
+    if command not in commands:
+        commands.append(command)
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    path.write_text(json.dumps({**config, "commands": commands}, indent=2) + "\n")
+    return commands
 
 
 @subcommand("eval", "evaluate methods (baselines, patching, controls, oracles) on a dataset", _configure)
 def run_eval_command(args: argparse.Namespace) -> int:
+    methods = _methods(args.methods, with_hops=not args.no_hops)
+    split = _resolved_split(args.dataset, args.split)
+    out = Path(args.out)
+    settings = {"dataset": args.dataset, "split": split or "all", "hops": args.hops, "limit": args.limit,
+                "model": args.model, "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
+                "use_decomposition": args.use_decomposition, "methods": methods}
+    methods = check_run_dir(out, settings, add_methods=args.add_methods)  # before anything slow
+    settings["methods"] = methods
+    if args.num_processes > 1:
+        return _spawn_workers(args)
+
+    from eval.datasets import select_records
+    from eval.sweep import stratified_sample
+
+    records, selection = select_records(args.dataset, split=split, hops=args.hops or None)
+    sampled = stratified_sample(records, args.limit)
+    print(f"data: {selection.describe()}" + (f"; sampled {len(sampled)} (--limit {args.limit})"
+                                            if len(sampled) < len(records) else ""), file=sys.stderr)
+    if not sampled:
+        raise EvalConfigError(f"Nothing to evaluate: {selection.describe()}.")
+    records = sampled
+
     import torch
 
     from autopatch import load_model
-    from eval.datasets import load_dataset_by_name
     from eval.methods import build_context
     from eval.report import report_markdown, write_report
     from eval.runner import run_eval, shard_info
-    from eval.sweep import default_grid, run_sweep, stratified_sample
+    from eval.sweep import default_grid, run_sweep
 
     torch.set_grad_enabled(False)
     explicit_methods = args.methods != ",".join(DEFAULT_METHODS)
-    methods = _methods(args.methods, with_hops=not args.no_hops)
-    if args.num_processes > 1:
-        return _spawn_workers(args)
-    records = load_dataset_by_name(args.dataset, split=None if args.split == "all" else args.split,
-                                   hops=args.hops or None)
-    records = stratified_sample(records, args.limit)
-    if not records:
-        raise EvalConfigError(f"No questions in dataset {args.dataset!r} split {args.split!r} with {args.hops} hops.")
     model, tok = load_model(args.model)
     gate = None
     if "autopatch" in methods:
@@ -110,16 +174,17 @@ def run_eval_command(args: argparse.Namespace) -> int:
         if gate is None:
             print("note: no gate is shipped for this model; the `autopatch` method is left out", file=sys.stderr)
             methods.remove("autopatch")
+            settings["methods"] = methods
     ctx = build_context(model, tok, gate=gate, budget=args.budget, cot_budget=args.cot_budget,
                         use_decomposition=args.use_decomposition, gold_scores=not args.no_gold_scores)
-    out = Path(args.out)
     rank, world = shard_info()
-    config = {"dataset": args.dataset, "split": args.split, "hops": args.hops, "limit": args.limit, "model": args.model,
-              "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
-              "use_decomposition": args.use_decomposition, "profile": ctx.profile.to_dict(), "methods": methods,
-              "strategy_profiles": {k: v.to_dict() for k, v in ctx.strategy_profiles.items()}}
+    config = {**settings, "profile": ctx.profile.to_dict(),
+              "strategy_profiles": {k: v.to_dict() for k, v in ctx.strategy_profiles.items()},
+              "selection": {**selection.to_dict(), "evaluated": len(records)}}
+    command = "autopatch " + " ".join(_argv_from(args))
+    commands = [command]
     if rank == 0:
-        _check_config(out, config)
+        commands = _write_config(out, config, command)
     run_eval(ctx, records, methods, out, batch_size=args.batch_size, progress=not args.quiet)
     if "oracle-layers" in methods:
         from autopatch.architectures import num_layers
@@ -135,9 +200,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if rank == 0:
         if world > 1:
             _merge_sweeps(out)
-        command = "autopatch " + " ".join(_argv_from(args))
-        summary = write_report(out, command)
-        print(report_markdown(summary, command))
+        shown = "\n".join(commands)
+        summary = write_report(out, shown)
+        print(report_markdown(summary, shown))
         print(f"wrote {out}/summary.json, {out}/report.md, {out}/accuracy.png")
     return 0
 
@@ -156,11 +221,12 @@ def _spawn_workers(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for marker in out.glob("done.rank*"):
         marker.unlink()
-    argv = _argv_from(args)
+    per_worker = max(1, args.threads // args.num_processes)  # no oversubscription
+    argv = [*_argv_from(args), "--threads", str(per_worker)]
     procs = []
     for rank in range(args.num_processes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.num_processes), AUTOPATCH_WORKER="1")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_processes)))  # no oversubscription
+        env["OMP_NUM_THREADS"] = str(per_worker)
         procs.append(subprocess.Popen([sys.executable, "-m", "autopatch", *argv], env=env))
     codes = [p.wait() for p in procs]
     if any(codes):
@@ -178,7 +244,7 @@ def _argv_from(args: argparse.Namespace) -> list[str]:
     """The eval command line of the parsed arguments, without ``--num-processes`` (workers must not re-spawn)."""
     argv = ["eval"]
     for key, value in vars(args).items():
-        if key in ("run", "command", "num_processes") or value is None or value is False:
+        if key in ("run", "command", "num_processes", "threads") or value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]

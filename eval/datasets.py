@@ -22,10 +22,11 @@ MuSiQue split rule (from ``shared/data/musique/README.md``): a record is in
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,9 @@ __all__ = [
     "load_records",
     "musique_split",
     "default_musique_path",
+    "bundled_musique_path",
+    "Selection",
+    "select_records",
     "load_musique",
     "load_hf_musique",
     "load_dataset_by_name",
@@ -49,8 +53,9 @@ __all__ = [
 ]
 
 MUSIQUE_FILENAME = "musique_ans_v1.0_dev.jsonl"
+BUNDLED_MUSIQUE = MUSIQUE_FILENAME + ".gz"
 MUSIQUE_ENV = "AUTOPATCH_MUSIQUE_DIR"
-_MUSIQUE_REL = Path("..") / "shared" / "data" / "musique" / MUSIQUE_FILENAME
+HF_PREFIX = "hf:"
 _MUSIQUE_SPLITS = ("calib", "test")
 
 
@@ -235,9 +240,29 @@ def _check_unique(records: Iterable[tuple[str, QARecord]]) -> list[QARecord]:
 # --------------------------------------------------------------------------- files
 
 
+def _open_text(path: Path):
+    """A text handle on ``path``, decompressing ``.gz`` files."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def _read_text(path: Path) -> str:
+    with _open_text(path) as fh:
+        return fh.read()
+
+
+def _data_suffix(path: Path) -> str:
+    """``.jsonl`` for ``x.jsonl`` and ``x.jsonl.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, QARecord]]:
     name = path.name
-    with path.open(encoding="utf-8") as fh:
+    with _open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -270,7 +295,7 @@ def load_json(path: str | os.PathLike[str]) -> list[QARecord]:
     """``load_json("dev.json")``: a JSON list of records, or ``{"data": [records...]}``."""
     p = _open_checked(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(p))
     except json.JSONDecodeError as err:
         raise DatasetError(f"{p.name} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
     if isinstance(data, list):
@@ -285,16 +310,16 @@ def load_json(path: str | os.PathLike[str]) -> list[QARecord]:
 def load_records(path: str | os.PathLike[str]) -> list[QARecord]:
     """``load_records(path)``: ``.jsonl``/``.ndjson`` -> :func:`load_jsonl`, ``.json`` -> :func:`load_json`.
 
-    A ``.json`` file that is really JSON Lines (several top-level values) is
-    read as JSONL.
+    Either may be gzipped (``.jsonl.gz``). A ``.json`` file that is really JSON
+    Lines (several top-level values) is read as JSONL.
     """
     p = _open_checked(path)
-    suffix = p.suffix.lower()
+    suffix = _data_suffix(p)
     if suffix in (".jsonl", ".ndjson"):
         return load_jsonl(p)
     if suffix == ".json":
         try:
-            json.loads(p.read_text(encoding="utf-8"))
+            json.loads(_read_text(p))
         except json.JSONDecodeError as err:
             if err.msg == "Extra data":
                 return load_jsonl(p)
@@ -310,12 +335,13 @@ def musique_split(record_id: str) -> Literal["calib", "test"]:
     return "calib" if int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % 2 == 0 else "test"
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+def bundled_musique_path() -> Path:
+    """The MuSiQue-Ans v1.0 dev questions shipped as package data (CC BY 4.0, see ``eval/data/MUSIQUE.md``)."""
+    return Path(__file__).resolve().parent / "data" / BUNDLED_MUSIQUE
 
 
 def default_musique_path() -> Path:
-    """``default_musique_path()``: ``$AUTOPATCH_MUSIQUE_DIR`` or ``../shared/data/musique/`` (repo root, then cwd).
+    """``default_musique_path()``: ``$AUTOPATCH_MUSIQUE_DIR`` when set, else the bundled copy.
 
     ``$AUTOPATCH_MUSIQUE_DIR`` may name the directory holding
     ``musique_ans_v1.0_dev.jsonl`` or the file itself.
@@ -328,17 +354,14 @@ def default_musique_path() -> Path:
             return candidate
         raise DatasetError(
             f"{MUSIQUE_ENV}={env!r} does not contain {MUSIQUE_FILENAME}; "
-            f"fix the variable or pass --dataset PATH to a MuSiQue .jsonl file"
+            f"fix or unset the variable (the bundled copy is used when it is unset), "
+            f"or pass --dataset PATH to a MuSiQue .jsonl file"
         )
-    candidates = [_repo_root() / _MUSIQUE_REL, Path.cwd() / _MUSIQUE_REL]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    tried = ", ".join(str(c) for c in candidates)
-    raise DatasetError(
-        f"MuSiQue file {MUSIQUE_FILENAME} not found (tried {tried}); "
-        f"pass --dataset PATH to the .jsonl file or set {MUSIQUE_ENV} to its directory"
-    )
+    bundled = bundled_musique_path()
+    if not bundled.is_file():
+        raise DatasetError(f"the bundled MuSiQue file {bundled} is missing (a broken install?); reinstall autopatch, "
+                           f"pass --dataset PATH to a MuSiQue .jsonl file, or set {MUSIQUE_ENV}")
+    return bundled
 
 
 def _check_split(split: str | None, allowed: tuple[str, ...], what: str) -> None:
@@ -429,19 +452,70 @@ def _record_split(rec: QARecord) -> str:
     return split if isinstance(split, str) else musique_split(rec.id)
 
 
-def load_dataset_by_name(
+@dataclass(frozen=True)
+class Selection:
+    """What a dataset request kept, and what it filtered out and why (printed and stored with a run)."""
+
+    source: str
+    loaded: int
+    kept: int
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    split_rule: str | None = None  # how a split was decided, when one was asked for
+
+    def describe(self) -> str:
+        """One line, e.g. ``"musique: 2417 records, kept 627 (dropped 1165: not 2 hops; 625: split is not test)"``."""
+        text = f"{self.source}: {self.loaded} records, kept {self.kept}"
+        if self.dropped:
+            text += " (dropped " + "; ".join(f"{n}: {why}" for why, n in self.dropped.items()) + ")"
+        if self.split_rule:
+            text += f"; split by {self.split_rule}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "loaded": self.loaded, "kept": self.kept, "dropped": dict(self.dropped),
+                "split_rule": self.split_rule}
+
+
+def _filter(records: list[QARecord], source: str, split: str | None, hops: int | None,
+            split_of=_record_split, split_rule: str | None = None) -> tuple[list[QARecord], Selection]:
+    dropped: dict[str, int] = {}
+    kept = []
+    for rec in records:
+        if hops is not None and rec.hops != hops:
+            reason = f"not {hops} hops"
+        elif split is not None and split_of(rec) != split:
+            reason = f"split is not {split}"
+        else:
+            kept.append(rec)
+            continue
+        dropped[reason] = dropped.get(reason, 0) + 1
+    return kept, Selection(source, len(records), len(kept), dropped, split_rule if split is not None else None)
+
+
+def _file_split_rule(records: Sequence[QARecord]) -> str:
+    with_meta = sum(1 for r in records if isinstance(r.meta.get("split"), str))
+    if with_meta == len(records):
+        return "each record's meta.split"
+    if with_meta == 0:
+        return "the MuSiQue id-hash rule (no record has meta.split)"
+    return f"meta.split where present ({with_meta} records), else the MuSiQue id-hash rule"
+
+
+def select_records(
     name_or_path: str | os.PathLike[str],
     split: str | None = None,
     hops: int | None = None,
-) -> list[QARecord]:
-    """``load_dataset_by_name("twohop", split="test")``, ``("musique", "calib", hops=2)`` or a file path.
+) -> tuple[list[QARecord], Selection]:
+    """Records of a named dataset or a file, and a :class:`Selection` saying what was filtered and why.
 
     * ``"twohop"``: the bundled generator (:func:`eval.twohop.generate_twohop`,
       splits train/dev/test, all 2-hop);
-    * ``"musique"``: :func:`load_musique` (splits calib/test);
-    * an existing file: :func:`load_records`, filtered by ``hops`` and by
-      ``split`` (the record's ``meta["split"]`` when present, else the
-      MuSiQue id rule, so MuSiQue files accept calib/test).
+    * ``"musique"``: MuSiQue-Ans dev (bundled, or ``$AUTOPATCH_MUSIQUE_DIR``;
+      splits calib/test by the id-hash rule);
+    * ``"hf:<hub-id>"``: MuSiQue from the Hugging Face hub, only when asked (needs network);
+    * an existing file: :func:`load_records`, kept whole unless ``split`` is
+      given (the record's ``meta["split"]`` when present, else the MuSiQue id
+      rule, so MuSiQue files accept calib/test) or ``hops`` filters.
     """
     key = os.fspath(name_or_path)
     lowered = key.strip().lower()
@@ -451,18 +525,40 @@ def load_dataset_by_name(
         _check_split(split, SPLITS, "twohop")
         if hops not in (None, 2):
             raise DatasetError(f"twohop has only 2-hop questions; got hops={hops}")
-        return generate_twohop(split=split)
+        records = generate_twohop(split=split)
+        return records, Selection("twohop", len(records), len(records), {},
+                                  "the bundled subject split" if split else None)
     if lowered == "musique":
-        return load_musique(split=split, hops=hops)
+        _check_split(split, _MUSIQUE_SPLITS, "MuSiQue")
+        everything = load_records(default_musique_path())
+        records = [r for r in everything if r.answerable]
+        kept, selection = _filter(records, "musique", split, hops, lambda r: musique_split(r.id),
+                                  "the MuSiQue id-hash rule (calib: sha256(id) even)")
+        if len(records) < len(everything):
+            selection = Selection("musique", len(everything), selection.kept,
+                                  {"not answerable": len(everything) - len(records), **selection.dropped},
+                                  selection.split_rule)
+        return [_with_meta(r, split=musique_split(r.id), source="musique") for r in kept], selection
+    if lowered.startswith(HF_PREFIX):
+        records = load_hf_musique(key[len(HF_PREFIX):])
+        return _filter(records, key, split, hops, split_rule="the MuSiQue id-hash rule")
     if Path(key).expanduser().is_file():
-        recs = load_records(Path(key).expanduser())
-        return [
-            r
-            for r in recs
-            if (hops is None or r.hops == hops) and (split is None or _record_split(r) == split)
-        ]
+        records = load_records(Path(key).expanduser())
+        return _filter(records, key, split, hops, split_rule=_file_split_rule(records))
     raise DatasetError(
         f"unknown dataset {key!r}: use 'twohop' (bundled two-hop questions), "
-        f"'musique' (MuSiQue-Ans dev, found via {MUSIQUE_ENV} or ../shared/data/musique/) "
+        f"'musique' (MuSiQue-Ans dev, bundled), 'hf:<hub-id>' (MuSiQue from the Hugging Face hub) "
         f"or a path to an existing .jsonl/.json file"
     )
+
+
+def load_dataset_by_name(
+    name_or_path: str | os.PathLike[str],
+    split: str | None = None,
+    hops: int | None = None,
+) -> list[QARecord]:
+    """``load_dataset_by_name("twohop", split="test")``, ``("musique", "calib", hops=2)`` or a file path.
+
+    The records of :func:`select_records`, without its account of what was filtered.
+    """
+    return select_records(name_or_path, split, hops)[0]

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from autopatch.engine import PatchEdit, patch
-from autopatch.gating import AlwaysPatch, Gate
-from autopatch.patcher import AutoPatcher
-from autopatch.profile import PatchProfile
-from autopatch.prompts import PromptFormat, cot_fewshot_prompt, cot_prompt
-from autopatch.strategies import Control, left_pad
 from eval.datasets import QARecord
+
+if TYPE_CHECKING:  # the registry itself is imported by the CLI's parser, which must not load torch
+    import torch
+
+    from autopatch.gating import Gate
+    from autopatch.profile import PatchProfile
+    from autopatch.prompts import PromptFormat
+    from autopatch.strategies import Control
 
 MethodKind = Literal["baseline", "patch", "control", "oracle", "diagnostic"]
 
@@ -52,8 +52,8 @@ class MethodResult:
 class EvalContext:
     """Everything a method needs; built once per run."""
 
-    model: torch.nn.Module
-    tok: object
+    model: Any  # torch.nn.Module
+    tok: Any
     profile: PatchProfile
     strategy_profiles: dict[str, PatchProfile]
     gate: Gate | None
@@ -82,19 +82,14 @@ class Method:
 def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate | None = None, budget: int = 16,
                   cot_budget: int = 48, use_decomposition: bool = False, gold_scores: bool = True) -> EvalContext:
     """The run context: the model's shipped profile and the best shipped profile of each strategy."""
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import strategy_profile
+
     base = profile or AutoPatcher(model, tok, gate=AlwaysPatch()).profile
-    per_strategy = {}
-    for strategy in ("reroute", "backpatch", "verbalize"):
-        shipped = PatchProfile.for_model(model, variant=strategy) if profile is None else None
-        swept = shipped is not None and shipped.note.startswith("sweep") and shipped.strategy == strategy
-        per_strategy[strategy] = shipped if swept else _fallback_profile(base, strategy)
+    per_strategy = {s: strategy_profile(model, s, base, use_shipped=profile is None)[0]
+                    for s in ("reroute", "backpatch", "verbalize")}
     return EvalContext(model, tok, base, per_strategy, gate, budget, cot_budget, use_decomposition, gold_scores)
-
-
-def _fallback_profile(base: PatchProfile, strategy: str) -> PatchProfile:
-    if strategy == "backpatch" and base.target_layer >= base.source_layer:
-        return replace(base, strategy=strategy, target_layer=max(0, base.source_layer - 1))
-    return replace(base, strategy=strategy)
 
 
 # ---- generation helpers ------------------------------------------------------------------
@@ -104,12 +99,14 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int) -> tuple[list[str], list[int], float]:
+    import torch
+
     tok = ctx.tok
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(_device(ctx.model))
     started = time.perf_counter()
-    out = ctx.model.generate(**enc, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        out = ctx.model.generate(**enc, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id)
     seconds = (time.perf_counter() - started) / len(prompts)
     width = enc.input_ids.shape[1]
     texts, counts = _decode_new(tok, out, width)
@@ -127,7 +124,6 @@ def _decode_new(tok, sequences: torch.Tensor, width: int) -> tuple[list[str], li
     return texts, counts
 
 
-@torch.no_grad()
 def gold_scores(ctx: EvalContext, prompts: Sequence[torch.Tensor], edits: Sequence[list[tuple[int, int, torch.Tensor]]],
                 golds: Sequence[str], k: int = 3) -> list[tuple[float, int]]:
     """Teacher-forced log-probability of the gold's first ``k`` tokens, and the rank of its first token.
@@ -135,6 +131,11 @@ def gold_scores(ctx: EvalContext, prompts: Sequence[torch.Tensor], edits: Sequen
     ``prompts`` are the methods' final prompt ids; ``edits`` patch their prefill
     exactly as the method did (empty for unpatched prompts).
     """
+    import torch
+
+    from autopatch.engine import PatchEdit, patch
+    from autopatch.strategies import left_pad
+
     tok = ctx.tok
     gold_ids = [tok(" " + g.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0][:k] for g in golds]
     rows = [torch.cat([p.cpu(), g]) for p, g in zip(prompts, gold_ids)]
@@ -143,7 +144,7 @@ def gold_scores(ctx: EvalContext, prompts: Sequence[torch.Tensor], edits: Sequen
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     device = _device(ctx.model)
     keep = max(len(g) for g in gold_ids) + 1  # gold tokens sit at the end of each left-padded row
-    with patch(ctx.model, flat, attention_mask=mask):
+    with torch.no_grad(), patch(ctx.model, flat, attention_mask=mask):
         logits = ctx.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=position_ids.to(device), logits_to_keep=keep).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -184,6 +185,9 @@ def _prompted(build: Callable[[EvalContext, QARecord], str], *, cot: bool = Fals
 def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated: bool = False,
                     control: Control | None = None):
     def run(ctx: EvalContext, records: Sequence[QARecord]) -> list[MethodResult]:
+        from autopatch.gating import AlwaysPatch
+        from autopatch.patcher import AutoPatcher
+
         gate = ctx.gate if gated else AlwaysPatch()
         patcher = AutoPatcher(ctx.model, ctx.tok, profile_of(ctx), gate=gate, control=control)
         prompts = [ctx.fmt.render(r.question, ctx.tok) for r in records]
@@ -237,12 +241,24 @@ def register(method: Method) -> Method:
     return method
 
 
+def _cot(ctx: EvalContext, record: QARecord) -> str:
+    from autopatch.prompts import cot_prompt
+
+    return cot_prompt(ctx.fmt, record.question, ctx.tok)
+
+
+def _cot_fewshot(ctx: EvalContext, record: QARecord) -> str:
+    from autopatch.prompts import cot_fewshot_prompt
+
+    return cot_fewshot_prompt(ctx.fmt, record.question, ctx.tok)
+
+
 register(Method("vanilla", "baseline", "the question in the query format, no patching",
                 _prompted(lambda ctx, r: ctx.fmt.render(r.question, ctx.tok))))
 register(Method("cot", "baseline", "zero-shot chain of thought (\"Let's think step by step.\"), cot budget",
-                _prompted(lambda ctx, r: cot_prompt(ctx.fmt, r.question, ctx.tok), cot=True, scored=False), cot=True))
+                _prompted(_cot, cot=True, scored=False), cot=True))
 register(Method("cot-fewshot", "baseline", "few-shot chain of thought whose demonstrations state the bridge first, cot budget",
-                _prompted(lambda ctx, r: cot_fewshot_prompt(ctx.fmt, r.question, ctx.tok), cot=True, scored=False), cot=True))
+                _prompted(_cot_fewshot, cot=True, scored=False), cot=True))
 register(Method("patch", "patch", "always patch with the model's profile",
                 _patcher_method(lambda ctx: ctx.profile)))
 register(Method("autopatch", "patch", "patch when the gate says so (the deployable method)",

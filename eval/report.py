@@ -172,10 +172,30 @@ def _table(summary: dict, subset: str) -> list[str]:
     return lines
 
 
+def _command_lines(command: str) -> list[str]:
+    commands = [c for c in command.split("\n") if c.strip()]
+    if len(commands) == 1:
+        return [f"Command: `{commands[0]}`"]
+    return ["Commands (each wrote part of this run, in order):", "", *(f"- `{c}`" for c in commands)]
+
+
+def _control_lines(summary: dict) -> list[str]:
+    """What the controls say, only about methods that ran."""
+    methods = summary["methods"]
+    controls = [name for name, entry in methods.items() if entry["kind"] == "control"]
+    if "patch" not in methods or not controls:
+        missing = " and ".join(x for x, absent in (("`patch`", "patch" not in methods), ("a control", not controls)) if absent)
+        return [f"- Not assessed: this run has no {missing}, so it cannot say whether the patched state carries an effect."]
+    if summary["warnings"]:
+        return [f"- {w}" for w in summary["warnings"]]
+    return [f"- No control ({', '.join(f'`{c}`' for c in controls)}) reaches the 95% CI of `patch`: the patched state, "
+            "not the target prompt, carries the effect."]
+
+
 def report_markdown(summary: dict, command: str) -> str:
     lines = [
         "# Evaluation report", "",
-        f"Command: `{command}`", "",
+        *_command_lines(command), "",
         f"Questions: {summary['n_questions']}. Greedy decoding. EM/F1 use SQuAD normalisation, best over answer and "
         "aliases, on the answer extracted by the one rule in `eval/metrics.py` (first line; for CoT the text after "
         "\"the answer is\"). `contains`: a gold appears in the answer line. Gold log-p: teacher-forced log-probability "
@@ -194,8 +214,7 @@ def report_markdown(summary: dict, command: str) -> str:
         lines += ["## Gate", "", f"ROC-AUC of the gate score for 'patch helps' on these held-out questions: {auc} "
                   f"({gate['n_scored']} scored questions, {gate['helps']} where always-patching helps).", ""]
     lines += ["## Controls", ""]
-    lines += [f"- {w}" for w in summary["warnings"]] or ["- No control reaches the 95% CI of `patch`: the patched "
-                                                         "state, not the target prompt, carries the effect."]
+    lines += _control_lines(summary)
     lines += ["", "## Methods", ""]
     lines += [f"- `{name}` ({entry['kind']}): {entry['description']}" for name, entry in summary["methods"].items()]
     return "\n".join(lines) + "\n"

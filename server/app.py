@@ -254,7 +254,8 @@ def _plan(served: _Served, body: ChatCompletionRequest) -> tuple[GenerationJob, 
 
     job = GenerationJob(prompt_ids=list(ids), question=prompt.question, max_new_tokens=max_new, profile=profile,
                         gate=gate, patching=options.enabled if options.enabled is not None else served.patching_default,
-                        emit=emit, sampling=sampling, seed=body.seed, stop=body.stop_strings(), stream=bool(body.stream))
+                        emit=emit, sampling=sampling, seed=body.seed,
+                        stop=[*body.stop_strings(), *prompt.stop], stream=bool(body.stream))
     return job, events
 
 

@@ -31,7 +31,6 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="the name clients pass as `model` (default: the --model value, or gemma-3-270m)")
     parser.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--no-patching", action="store_true", help="patch only requests that set autopatch.enabled")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -52,15 +51,12 @@ def default_gate(model):
 
 @subcommand("serve", "serve a model with autopatch over an OpenAI-compatible HTTP API", _configure_serve)
 def run_serve(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     from autopatch.loading import EMBEDDED_MODEL_NAME, load_model
     from server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tok = load_model(args.model)
     gate = default_gate(model)

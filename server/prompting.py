@@ -43,6 +43,7 @@ class Prompt:
     question: str
     template: str  # "chat-template" or "fewshot-qa"
     add_special_tokens: bool  # False when the chat template already wrote BOS
+    stop: tuple[str, ...] = ()  # where the template's answer ends (the next few-shot turn); EOS ends chat turns
 
 
 def _turns(messages: Sequence[dict]) -> tuple[list[str], list[tuple[str, str]], str]:
@@ -80,4 +81,5 @@ def build_prompt(messages: Sequence[dict], tokenizer: PreTrainedTokenizerBase, f
     base = fmt if fmt.kind == "fewshot-qa" else PromptFormat()
     rendered = replace(base, demonstrations=(*base.demonstrations, *pairs)).render(question)
     preamble = "\n\n".join(s.strip() for s in system if s.strip())
-    return Prompt(f"{preamble}\n\n{rendered}" if preamble else rendered, question, "fewshot-qa", add_special_tokens=True)
+    return Prompt(f"{preamble}\n\n{rendered}" if preamble else rendered, question, "fewshot-qa", add_special_tokens=True,
+                  stop=base.stop_strings)

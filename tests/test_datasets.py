@@ -28,15 +28,7 @@ from eval.metrics import contains
 from eval.twohop import COMPOSITIONS, SPLITS, generate_twohop, subject_split, twohop_stats
 
 
-def _find_musique() -> Path | None:
-    try:
-        return ds.default_musique_path()
-    except DatasetError:
-        return None
-
-
-MUSIQUE = _find_musique() or Path("musique_ans_v1.0_dev.jsonl")
-needs_musique = pytest.mark.skipif(not MUSIQUE.is_file(), reason="MuSiQue-Ans dev file not available")
+MUSIQUE = ds.bundled_musique_path()  # shipped as package data: no test skips for want of it
 
 
 def _good(**over: object) -> dict:
@@ -166,7 +158,6 @@ def test_musique_split_rule() -> None:
         assert musique_split(rid) == ("calib" if parity == 0 else "test")
 
 
-@needs_musique
 def test_musique_real_file_splits_and_hops() -> None:
     everything = load_musique(MUSIQUE)
     assert len(everything) == 2417
@@ -201,11 +192,24 @@ def test_default_path_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         load_musique()
 
 
-def test_default_path_not_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_path_is_the_bundled_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(ds.MUSIQUE_ENV, raising=False)
-    monkeypatch.setattr(ds, "_MUSIQUE_REL", Path("no") / "such" / "musique.jsonl")
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DatasetError, match=r"not found .*pass --dataset PATH"):
+    monkeypatch.chdir(tmp_path)  # found wherever the clone or the install lives
+    assert ds.default_musique_path() == MUSIQUE and MUSIQUE.name.endswith(".jsonl.gz")
+    assert len(load_musique()) == 2417
+
+
+def test_bundled_copy_matches_the_shared_file() -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "musique" / ds.MUSIQUE_FILENAME
+    if not shared.is_file():  # a clone that is not beside the workspace's shared/ folder
+        shared = MUSIQUE
+    assert [r.to_dict() for r in load_records(shared)] == [r.to_dict() for r in load_records(MUSIQUE)]
+
+
+def test_missing_bundled_file_says_how_to_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(ds.MUSIQUE_ENV, raising=False)
+    monkeypatch.setattr(ds, "bundled_musique_path", lambda: tmp_path / "gone.jsonl.gz")
+    with pytest.raises(DatasetError, match=r"missing .*reinstall.*--dataset PATH"):
         ds.default_musique_path()
 
 
@@ -247,9 +251,7 @@ def test_load_dataset_by_name(tmp_path: Path) -> None:
         load_dataset_by_name("twohop", hops=3)
 
 
-@needs_musique
 def test_load_dataset_by_name_musique_file_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ds.MUSIQUE_ENV, str(MUSIQUE.parent))
     by_name = load_dataset_by_name("musique", split="calib", hops=2)
     by_path = load_dataset_by_name(str(MUSIQUE), split="calib", hops=2)
     assert [r.id for r in by_name] == [r.id for r in by_path]
@@ -329,3 +331,39 @@ def test_twohop_known_questions(twohop: list[QARecord]) -> None:
 def test_twohop_bad_split() -> None:
     with pytest.raises(DatasetError, match="unknown twohop split"):
         generate_twohop("calib")
+
+
+def test_a_file_without_splits_is_kept_whole_and_filtering_is_explained(tmp_path: Path) -> None:
+    objs = [_good(id=f"2hop__{i}") for i in range(90)] + [
+        _good(id="3hop1__x", question_decomposition=[*_good()["question_decomposition"], {"question": "#2 >> born", "answer": "Y"}])]
+    path = _write_jsonl(tmp_path / "mine.jsonl", objs)
+    records, selection = ds.select_records(path, split=None, hops=2)
+    assert len(records) == 90 and selection.loaded == 91 and selection.dropped == {"not 2 hops": 1}
+    assert "kept 90" in selection.describe() and "not 2 hops" in selection.describe()
+    test_half, selection = ds.select_records(path, split="test", hops=2)
+    assert 0 < len(test_half) < 90 and selection.dropped["split is not test"] == 90 - len(test_half)
+    assert "id-hash rule" in selection.describe()
+
+
+def test_musique_selection_counts_every_record() -> None:
+    records, selection = ds.select_records("musique", split="test", hops=2)
+    assert selection.loaded == 2417 and selection.kept == len(records)
+    assert sum(selection.dropped.values()) + selection.kept == selection.loaded
+
+
+def test_hub_copy_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda name, split: calls.append(name) or [_good()]))
+    load_dataset_by_name("musique", split="test")
+    assert calls == []
+    assert len(load_dataset_by_name("hf:some/musique")) == 1 and calls == ["some/musique"]
+
+
+def test_gzipped_jsonl_loads(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write(json.dumps(_good()) + "\n")
+    assert [r.id for r in load_records(path)] == ["2hop__1_2"]

@@ -135,3 +135,58 @@ def test_unknown_method_and_malformed_dataset_are_clear_errors(tiny_dir, tmp_pat
         load_records(bad)
     assert main(["eval", "--dataset", "twohop", "--methods", "vanilla,telepathy", "--out", str(tmp_path / "y")]) == 2
     assert "telepathy" in capsys.readouterr().err
+
+
+def _no_model_load(monkeypatch):
+    import autopatch.loading
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not load for a refused command")
+
+    monkeypatch.setattr(autopatch.loading, "load_model", refuse)
+
+
+def test_a_changed_methods_list_is_refused_before_the_model_loads(tiny_dir, dataset, reference_run, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    argv = ["eval", "--dataset", str(dataset), "--split", "all", "--model", str(tiny_dir), "--out", str(reference_run),
+            "--methods", "vanilla,patch", "--batch-size", "4", "--budget", "3", "--cot-budget", "4", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "methods" in err and "--add-methods" in err
+
+
+def test_add_methods_extends_a_run_and_the_report_names_every_command(tiny_dir, dataset, tmp_path):
+    out = tmp_path / "grow"
+    base = ["eval", "--dataset", str(dataset), "--split", "all", "--model", str(tiny_dir), "--out", str(out),
+            "--batch-size", "4", "--budget", "3", "--quiet", "--no-hops", "--no-gold-scores"]
+    assert main([*base, "--methods", "vanilla"]) == 0
+    assert "Not assessed" in (out / "report.md").read_text()  # no patch, no control: no claim about controls
+    assert main([*base, "--methods", "control-zero", "--add-methods"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["methods"] == ["vanilla", "control-zero"] and len(config["commands"]) == 2
+    report = (out / "report.md").read_text()
+    assert "Commands (each wrote part of this run" in report and "--add-methods" in report
+    assert "Not assessed: this run has no `patch`" in report
+    assert {r["method"] for r in read_results(out)} == {"vanilla", "control-zero"}
+
+
+def test_a_file_without_splits_is_evaluated_whole(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "ninety.jsonl"
+    records = generate_twohop("test")[:90]
+    path.write_text("".join(json.dumps({k: v for k, v in r.to_dict().items() if k != "meta"}) + "\n" for r in records))
+    out = tmp_path / "whole"
+    argv = ["eval", "--dataset", str(path), "--model", str(tiny_dir), "--out", str(out), "--methods", "vanilla",
+            "--batch-size", "32", "--budget", "1", "--quiet", "--no-hops", "--no-gold-scores"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_questions"] == 90
+    config = json.loads((out / "config.json").read_text())
+    assert config["selection"]["kept"] == 90 and config["split"] == "all"
+    assert "90 records, kept 90" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_limit_must_be_positive(limit, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--dataset", "twohop", "--limit", limit, "--out", str(tmp_path / "z")])
+    assert "positive integer" in capsys.readouterr().err

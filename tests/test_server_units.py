@@ -150,3 +150,15 @@ def test_serve_subcommand_loads_once_and_runs_uvicorn(monkeypatch):
     assert served.worker.max_queue == 3 and served.request_timeout_s == 5 and not served.patching_default
     assert type(served.base.gate).__name__ == "AlwaysPatch"
     served.worker.close()
+
+
+def test_fallback_template_stops_at_the_next_few_shot_turn():
+    from autopatch.prompts import FEWSHOT_STOP_STRINGS, PromptFormat
+    from server.prompting import build_prompt
+
+    class NoTemplate:
+        chat_template = None
+
+    prompt = build_prompt([{"role": "user", "content": "What is the capital of France?"}], NoTemplate(), PromptFormat())
+    assert prompt.stop == FEWSHOT_STOP_STRINGS == PromptFormat().stop_strings
+    assert PromptFormat(kind="chat").stop_strings == ()

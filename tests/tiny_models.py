@@ -26,15 +26,52 @@ TINY_CONFIGS = {
     "opt": lambda: T.OPTConfig(**_COMMON, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
                                max_position_embeddings=128, word_embed_proj_dim=32),
 }
-TINY_ARCHITECTURES = sorted(TINY_CONFIGS)
+# Not a transformers architecture: a llama whose blocks return ``(hidden,)`` tuples, as transformers < 5 and
+# many remote-code checkpoints do. transformers 5.24 returns bare tensors from every block of the configs
+# above, so without it the engine's tuple path would go untested.
+TUPLE_BLOCK_ARCH = "llama_tuple_blocks"
+TINY_ARCHITECTURES = sorted([*TINY_CONFIGS, TUPLE_BLOCK_ARCH])
+
+
+class _TupleBlock(T.models.llama.modeling_llama.LlamaDecoderLayer):
+    """A llama block that returns ``(hidden,)`` and accepts the previous block's tuple.
+
+    A subclass rather than a wrapper, so transformers' own ``output_hidden_states`` recorder sees the block
+    output exactly as the loop of a tuple-returning model would.
+    """
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if isinstance(hidden_states, tuple):
+            hidden_states = hidden_states[0]
+        return (super().forward(hidden_states, *args, **kwargs),)
+
+
+class _UnwrapTuple(torch.nn.Module):
+    """The final norm of a tuple-block model: unpacks the last block's tuple first."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, hidden_states):
+        return self.norm(hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states)
+
+
+def _with_tuple_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    for block in model.model.layers:
+        block.__class__ = _TupleBlock
+    model.model.norm = _UnwrapTuple(model.model.norm)
+    return model
 
 
 def tiny_model(arch: str, seed: int = 0, vocab_size: int = VOCAB) -> torch.nn.Module:
     """A random tiny model of ``arch`` in eval mode, deterministic for a given seed."""
     torch.manual_seed(seed)
-    config = TINY_CONFIGS[arch]()
+    config = TINY_CONFIGS["llama" if arch == TUPLE_BLOCK_ARCH else arch]()
     config.vocab_size = vocab_size
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if arch == TUPLE_BLOCK_ARCH:
+        model = _with_tuple_blocks(model)
     # Spread logits so greedy decoding is not decided by float noise between near-ties.
     with torch.no_grad():
         for p in model.parameters():

@@ -122,3 +122,14 @@ def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(
     patcher.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     report = patcher.last_report[0]
     assert report.located and report.gate_score is not None and 0.0 <= report.gate_score <= 1.0
+
+
+@pytest.mark.gemma
+def test_generate_strategy_backpatch_uses_the_shipped_backpatch_profile(gemma):
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import strategy_profile
+
+    model, tok = gemma
+    profile, swept = strategy_profile(model, "backpatch", AutoPatcher(model, tok).profile)
+    assert swept and profile.strategy == "backpatch" and profile.target_layer < profile.source_layer
+    AutoPatcher(model, tok, profile)  # valid for this model: the CLI path no longer fails

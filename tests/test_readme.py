@@ -25,3 +25,13 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line.strip() for line in ROOT.joinpath(".ci/run").read_text().splitlines()]
     runs = [line for line in ci_lines if line == test_command or line.startswith(test_command + " 2>&1 | tee ")]
     assert len(runs) == 1
+
+
+def test_readme_commands_never_write_tracked_files():
+    text = ROOT.joinpath("README.md").read_text()
+    commands = re.findall(r"`(autopatch [^`]+)`", text) + re.findall(r"^\$ (autopatch .+?)(?:\s+#.*)?$", text, re.M)
+    assert commands
+    for command in commands:
+        out = re.search(r"--out (\S+)", command)
+        assert not (out and out.group(1).startswith(("docs/", "autopatch/", "classifiers/", "eval/"))), command
+        assert "--ship" not in command, command  # replaces tracked gate files: documented, never suggested as-is

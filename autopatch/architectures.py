@@ -15,6 +15,7 @@ on ``model_type``. Unknown types fall back to probing the common paths in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -121,11 +122,22 @@ def architecture_spec(model: nn.Module) -> ArchitectureSpec:
     )
 
 
+def _resolve(model: nn.Module, part: str) -> nn.Module:
+    """The module at ``part`` ("layers", "final_norm" or "unembedding") of the model's spec."""
+    spec = architecture_spec(model)
+    module = get_module(model, getattr(spec, part))
+    if module is None or (part == "layers" and not isinstance(module, nn.ModuleList)):
+        # architecture_spec only returns a spec whose paths fit, so this means the model changed in between
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no {part} module at {getattr(spec, part)!r} ({spec.describe()}); "
+            "fix its entry in autopatch.architectures.ARCHITECTURES."
+        )
+    return module
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder blocks, in order."""
-    layers = get_module(model, architecture_spec(model).layers)
-    assert isinstance(layers, nn.ModuleList)
-    return layers
+    return cast(nn.ModuleList, _resolve(model, "layers"))  # _resolve checked that it is one
 
 
 def num_layers(model: nn.Module) -> int:
@@ -135,13 +147,9 @@ def num_layers(model: nn.Module) -> int:
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied to the last block's output before the unembedding."""
-    module = get_module(model, architecture_spec(model).final_norm)
-    assert module is not None
-    return module
+    return _resolve(model, "final_norm")
 
 
 def unembedding(model: nn.Module) -> nn.Module:
     """The LM head that maps normed hidden states to logits."""
-    module = get_module(model, architecture_spec(model).unembedding)
-    assert module is not None
-    return module
+    return _resolve(model, "unembedding")

@@ -24,10 +24,13 @@ Conventions, shared by every function here:
   a tuple are both handled; the output keeps its structure.
 * Patch vectors are cast to each block's device and dtype (``device_map="auto"``).
 * Hooks are removed in ``finally``: after exceptions and ``KeyboardInterrupt`` too.
+* Hooks act only on the thread that opened the context, so several threads
+  may capture, patch and generate on one model at once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,12 +137,28 @@ def _rows_positions(positions: Positions, batch: int) -> list[list[int]]:
     return [list(positions)] * batch  # type: ignore[arg-type]
 
 
+def _this_thread_only(fn: Callable, owner: int) -> Callable:
+    """A hook that acts only on forward calls made by the thread that opened the context.
+
+    Hooks live on the shared modules, so without this a capture or patch opened
+    in one thread would fire on another thread's concurrent forward pass.
+    """
+
+    def hook(module: nn.Module, args: tuple, output):
+        if threading.get_ident() != owner:
+            return None
+        return fn(module, args, output)
+
+    return hook
+
+
 @contextmanager
 def _hooks(modules_and_fns: Sequence[tuple[nn.Module, Callable]], *, prepend: bool = False) -> Iterator[None]:
     handles = []
+    owner = threading.get_ident()
     try:
         for module, fn in modules_and_fns:
-            handles.append(module.register_forward_hook(fn, prepend=prepend))
+            handles.append(module.register_forward_hook(_this_thread_only(fn, owner), prepend=prepend))
         yield
     finally:
         for handle in handles:

@@ -45,3 +45,11 @@ class ConfigError(AutopatchError, ValueError):
 
     Example: ``ConfigError("The gate never trains or tunes on a test split: drop 'twohop:test' from --train.")``.
     """
+
+
+class ServerError(AutopatchError, RuntimeError):
+    """The HTTP server could not start or serve; the message says what to check."""
+
+
+class InputError(AutopatchError, TypeError):
+    """An argument has the wrong type (e.g. a question that is not a string); the message names what is expected."""

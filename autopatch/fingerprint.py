@@ -13,13 +13,22 @@ import hashlib
 import numpy as np
 import torch
 
+from autopatch.errors import UnsupportedArchitectureError
+
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the model's type, shape and a fixed slice of its input embeddings (rounded, device-independent)."""
-    config = model.config
-    embedding = model.get_input_embeddings().weight
+    try:
+        config = model.config
+        identity = f"{config.model_type}|{config.num_hidden_layers}|{config.hidden_size}"
+        embedding = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError) as err:
+        raise UnsupportedArchitectureError(
+            f"Cannot fingerprint {type(model).__name__}: {err}. autopatch needs a Hugging Face causal LM whose "
+            "config has model_type, num_hidden_layers and hidden_size, and which has input embeddings."
+        ) from err
     probe = embedding[: min(64, embedding.shape[0]), : min(64, embedding.shape[1])].detach().float().cpu()
     digest = hashlib.sha256()
-    digest.update(f"{config.model_type}|{config.num_hidden_layers}|{config.hidden_size}|{embedding.shape[0]}".encode())
+    digest.update(f"{identity}|{embedding.shape[0]}".encode())
     digest.update(np.round(probe.numpy(), 4).tobytes())
     return digest.hexdigest()[:16]

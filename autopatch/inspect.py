@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from autopatch.engine import PatchEdit, patch
+from autopatch.errors import PatchError
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
 IDENTITY_PROMPT = "cat -> cat; 1135 -> 1135; hello -> hello; ? ->"
@@ -44,7 +45,10 @@ def patched_prompt(
     """Tokenize ``prompt`` and find the last token of the last ``placeholder`` in it."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     decoded = tokenizer.decode(ids[0], skip_special_tokens=True)
-    start = decoded.rindex(placeholder)  # search the decoded text: decode() may alter spacing
+    start = decoded.rfind(placeholder) if placeholder else -1  # search the decoded text: decode() may alter spacing
+    if start < 0:
+        raise PatchError(f"The placeholder {placeholder!r} does not occur in the prompt {prompt!r} as the tokenizer "
+                         f"decodes it ({decoded!r}); put it where the vector goes, e.g. {IDENTITY_PROMPT!r}.")
     ends = token_char_ends(tokenizer, ids[0])
     return PatchedPrompt(ids, last_token_of_char_span(ends, start, start + len(placeholder)))
 

@@ -30,8 +30,9 @@ How one call works:
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -40,10 +41,11 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from autopatch.architectures import num_layers
 from autopatch.engine import capture
 from autopatch.errors import PatchError
-from autopatch.gating import POSITION_KINDS, AlwaysPatch, Gate, GateDecision, GateInput
+from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
 from autopatch.locate import Location, UnlocatableQuestion, locate
 from autopatch.profile import PatchProfile
-from autopatch.prompts import PromptFormat
+from autopatch.prompts import PromptFormat, chat_question
+from autopatch.resolve import Resolution, resolve
 from autopatch.strategies import Control, PatchJob, Target, plan_targets, run_targets
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
@@ -145,13 +147,25 @@ class _TargetStreamer:
         self.inner.end()
 
 
-def _shipped_gate(model) -> Gate | None:
-    """The gate shipped for this exact model, if the ``classifiers`` package has one."""
-    try:
-        from classifiers import default_gate_for
-    except ImportError:
-        return None
-    return default_gate_for(model)
+@dataclass(frozen=True)
+class Answer:
+    """One question's answer from :meth:`AutoPatcher.answer`: the text and what autopatch did."""
+
+    question: str
+    text: str
+    report: PatchReport
+
+    def to_dict(self) -> dict:
+        return {"question": self.question, "text": self.text, "report": self.report.to_dict()}
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What one :meth:`AutoPatcher.generate_with_reports` call returns: ``generate``'s output and per-row details."""
+
+    output: Any  # exactly what model.generate would return (tensor or dict output)
+    reports: list[PatchReport]
+    targets: dict[int, Target]  # row -> the patched prompt and its edits (for audits)
 
 
 class AutoPatcher:
@@ -162,34 +176,41 @@ class AutoPatcher:
     uses the gate's profile, else the profile shipped for this model, else a default.
     """
 
-    def __init__(self, model, tokenizer, profile: PatchProfile | None = None, gate: Gate | None = None,
+    def __init__(self, model, tokenizer, profile: PatchProfile | str | None = None, gate: Gate | str | None = None,
                  *, control: Control | None = None):
         self.model = model
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             raise PatchError("The tokenizer has no pad token; load it with autopatch.load_model or set tokenizer.pad_token.")
-        if gate is None:
-            gate = _shipped_gate(model) or AlwaysPatch()
-        if profile is None:
-            profile = getattr(gate, "profile", None) or PatchProfile.for_model(model)
-            if not profile.note.startswith("sweep") and getattr(tokenizer, "chat_template", None):
-                profile = replace(profile, prompt_format=PromptFormat(kind="chat"))
-        profile.validate_for(num_layers(model))
-        self.profile = profile
-        self.gate: Gate = gate
+        self.resolution: Resolution = resolve(model, tokenizer, profile=profile, gate=gate)
+        self.resolution.profile.validate_for(num_layers(model))
+        self.profile: PatchProfile = self.resolution.profile
+        self.gate: Gate = self.resolution.gate
         self.control = control
-        self.last_report: list[PatchReport] = []
-        self.last_targets: dict[int, Target] = {}  # row -> the patched prompt and its edits (for audits)
+        self._local = threading.local()  # last_report / last_targets belong to the calling thread
+
+    @property
+    def last_report(self) -> list[PatchReport]:
+        """The reports of this thread's latest ``generate`` call (prefer :meth:`generate_with_reports`)."""
+        return getattr(self._local, "reports", [])
+
+    @property
+    def last_targets(self) -> dict[int, Target]:
+        """The patched prompts of this thread's latest ``generate`` call, by row."""
+        return getattr(self._local, "targets", {})
 
     # ---- planning -------------------------------------------------------------------------
 
     def plan_row(self, ids: torch.Tensor, question: str | None, decomposition=None) -> RowPlan:
         """Locate one unpadded prompt's question and map the span, subject and last token to token indices."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if question is None and getattr(self.tokenizer, "chat_template", None):
+            question = chat_question(self.tokenizer, self.tokenizer.decode(ids, skip_special_tokens=False))
         if question is None:
             question = self.profile.prompt_format.extract_question(text) or PromptFormat().extract_question(text)
         if not question:
-            return RowPlan(None, None, why_not="no question found in the prompt; pass questions=")
+            return RowPlan(None, None, why_not="no question found in the prompt (no 'Q:' line or chat user turn); "
+                                               "pass questions=")
         try:
             location = locate(question, decomposition)
         except UnlocatableQuestion as err:
@@ -224,7 +245,6 @@ class AutoPatcher:
 
     # ---- generate -------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                  logits_processor: LogitsProcessorList | None = None,
                  stopping_criteria: StoppingCriteriaList | None = None, prefix_allowed_tokens_fn=None,
@@ -234,21 +254,41 @@ class AutoPatcher:
         """Same arguments and return type as ``model.generate``, plus three keyword-only extras.
 
         ``questions``: the question of each row, when it cannot be read from the prompt
-        (e.g. chat prompts). ``decompositions``: MuSiQue-style decompositions, used by
-        the locator when given. ``patching=False``: behave exactly like ``model.generate``.
+        (the last ``Q:`` line, or the last user turn of a chat-template prompt).
+        ``decompositions``: MuSiQue-style decompositions, used by the locator when
+        given. ``patching=False``: behave exactly like ``model.generate``. The
+        reports are kept for this thread in ``last_report``; dict outputs also
+        carry them as ``out.autopatch``.
         """
+        result = self.generate_with_reports(inputs, generation_config, logits_processor, stopping_criteria,
+                                            prefix_allowed_tokens_fn, synced_gpus, assistant_model, streamer,
+                                            questions=questions, decompositions=decompositions, patching=patching,
+                                            **kwargs)
+        self._local.reports, self._local.targets = result.reports, result.targets
+        return result.output
+
+    @torch.no_grad()
+    def generate_with_reports(self, inputs: torch.Tensor | None = None,
+                              generation_config: GenerationConfig | None = None,
+                              logits_processor: LogitsProcessorList | None = None,
+                              stopping_criteria: StoppingCriteriaList | None = None, prefix_allowed_tokens_fn=None,
+                              synced_gpus: bool | None = None, assistant_model=None, streamer=None, *,
+                              questions: Sequence[str | None] | None = None,
+                              decompositions: Sequence[Any] | None = None, patching: bool = True,
+                              **kwargs) -> GenerateResult:
+        """:meth:`generate`, returning its output with this call's reports and targets (thread-safe)."""
         passthrough = dict(generation_config=generation_config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
                            synced_gpus=synced_gpus, assistant_model=assistant_model)
         passthrough = {k: v for k, v in passthrough.items() if v is not None}
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        self.last_targets = {}
         config = copy.deepcopy(generation_config or self.model.generation_config)
         unsupported = self._unsupported_mode(input_ids, config, kwargs, assistant_model)
         if not patching or unsupported:
-            self.last_report = [PatchReport(reason=unsupported or "patching disabled by the caller")
-                                for _ in range(0 if input_ids is None else input_ids.shape[0])]
-            return self.model.generate(input_ids, logits_processor=logits_processor,
-                                       stopping_criteria=stopping_criteria, streamer=streamer, **passthrough, **kwargs)
+            reports = [PatchReport(reason=unsupported or "patching disabled by the caller")
+                       for _ in range(0 if input_ids is None else input_ids.shape[0])]
+            out = self.model.generate(input_ids, logits_processor=logits_processor,
+                                      stopping_criteria=stopping_criteria, streamer=streamer, **passthrough, **kwargs)
+            return GenerateResult(out, reports, {})
 
         batch, width = input_ids.shape
         attention_mask = kwargs.get("attention_mask")
@@ -280,7 +320,7 @@ class AutoPatcher:
         reports = self._reports(plans, decisions, sequences, width)
         patched_rows = [i for i, d in enumerate(decisions) if d.patch]
         if not patched_rows:
-            return self._finish(main, reports, sequences, width)
+            return GenerateResult(self._finish(main, reports, sequences, width), reports, {})
 
         jobs = [PatchJob(i, plans[i].location, rows[i], plans[i].positions[self.profile.source_position],
                          cap.states[self.profile.source_layer][i, POSITION_KINDS.index(self.profile.source_position)])
@@ -293,12 +333,45 @@ class AutoPatcher:
         target_out, target_width = run_targets(self.model, self.tokenizer, targets, logits_processor=logits_processor,
                                                stopping_criteria=stopping_criteria, streamer=target_streamer,
                                                **passthrough, **target_kwargs)
-        self.last_targets = {t.row: t for t in targets}
         for target in targets:
             report = reports[target.row]
             report.target_prompt, report.bridge = target.prompt_text, target.bridge
         merged = self._merge(main, target_out, targets, width, target_width)
-        return self._finish(merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences, width)
+        finished = self._finish(merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences, width)
+        return GenerateResult(finished, reports, {t.row: t for t in targets})
+
+    # ---- strings in, strings out --------------------------------------------------------------
+
+    def answer(self, questions: str | Sequence[str], *, decompositions: Sequence[Any] | None = None,
+               max_new_tokens: int = 16, **generation_kwargs) -> list[Answer]:
+        """Answer each question: render it in the profile's format, generate (greedy by default), decode.
+
+        ``patcher.answer("What is the capital of the country where the Colosseum is?")[0].text``.
+        The answer ends at the format's stop strings (the next few-shot turn) or
+        the chat turn's end, and is stripped. Extra keyword arguments go to
+        ``generate``.
+        """
+        batch = [questions] if isinstance(questions, str) else list(questions)
+        if not batch:
+            return []
+        fmt, tok = self.profile.prompt_format, self.tokenizer
+        prompts = [fmt.render(q, tok) for q in batch]
+        chat = fmt.kind == "chat"
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        device = next(self.model.parameters()).device
+        generation_kwargs.setdefault("do_sample", False)
+        generation_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        if fmt.stop_strings:
+            generation_kwargs.setdefault("stop_strings", list(fmt.stop_strings))
+            generation_kwargs.setdefault("tokenizer", tok)
+        result = self.generate_with_reports(input_ids=enc.input_ids.to(device),
+                                            attention_mask=enc.attention_mask.to(device), questions=batch,
+                                            decompositions=decompositions, max_new_tokens=max_new_tokens,
+                                            **generation_kwargs)
+        sequences = result.output if isinstance(result.output, torch.Tensor) else result.output.sequences
+        width = enc.input_ids.shape[1]
+        return [Answer(q, fmt.clean_answer(tok.decode(sequences[i, width:], skip_special_tokens=True)),
+                       result.reports[i]) for i, q in enumerate(batch)]
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -381,7 +454,6 @@ class AutoPatcher:
     def _finish(self, out, reports: list[PatchReport], sequences: torch.Tensor, width: int):
         for i, report in enumerate(reports):
             report.answer = self.tokenizer.decode(sequences[i, width:], skip_special_tokens=True)
-        self.last_report = reports
         if not isinstance(out, torch.Tensor):
             out.autopatch = reports
         return out

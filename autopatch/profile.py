@@ -6,7 +6,7 @@ Example:
     >>> profile.save("my_model.profile.json")
     >>> PatchProfile.load("my_model.profile.json") == profile
     True
-    >>> PatchProfile.for_model(model)     # the shipped profile for this model, else a default
+    >>> PatchProfile.shipped_for(model)   # the profile shipped for this very model, or None
 
 Strategies (``../shared/research/anchors.md`` §1-3):
 
@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from autopatch import registry
 from autopatch.errors import ProfileError
 from autopatch.prompts import PromptFormat
 
-Strategy = Literal["reroute", "backpatch", "verbalize"]
+Strategy = str  # a name registered in autopatch.registry.STRATEGIES
 SourcePosition = Literal["span_end", "subject_end", "last"]
 BridgePrompt = Literal["identity", "span"]
 BRIDGE_PROMPTS: tuple[str, ...] = ("identity", "span")
-STRATEGIES: tuple[str, ...] = ("reroute", "backpatch", "verbalize")
+STRATEGIES: tuple[str, ...] = tuple(registry.STRATEGIES)
 SOURCE_POSITIONS: tuple[str, ...] = ("span_end", "subject_end", "last")
 PROFILE_VERSION = 1
 
@@ -60,14 +60,15 @@ class PatchProfile:
     note: str = ""
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ProfileError(f"Unknown strategy {self.strategy!r}; choose one of {STRATEGIES}.")
+        if self.strategy not in registry.STRATEGIES:
+            raise ProfileError(f"Unknown strategy {self.strategy!r}; choose one of {tuple(registry.STRATEGIES)}.")
         if self.source_position not in SOURCE_POSITIONS:
             raise ProfileError(f"Unknown source position {self.source_position!r}; choose one of {SOURCE_POSITIONS}.")
         if self.source_layer < 0 or self.target_layer < 0:
             raise ProfileError("Layers are 0-indexed decoder blocks and cannot be negative.")
-        if self.strategy == "backpatch" and self.target_layer >= self.source_layer:
-            raise ProfileError("backpatch needs target_layer < source_layer (it patches a later state into an earlier layer).")
+        if registry.STRATEGIES[self.strategy].target_before_source and self.target_layer >= self.source_layer:
+            raise ProfileError(f"{self.strategy} needs target_layer < source_layer (it patches a later state into an "
+                               "earlier layer).")
         if not self.placeholder.strip():
             raise ProfileError("The placeholder must contain a visible token.")
         if self.bridge_prompt not in BRIDGE_PROMPTS:
@@ -119,25 +120,47 @@ class PatchProfile:
         return cls.from_dict(data)
 
     @classmethod
-    def shipped(cls, name: str) -> PatchProfile | None:
-        """The profile shipped in ``autopatch/profiles/<name>.json``, if any."""
-        resource = resources.files("autopatch").joinpath("profiles", f"{name}.json")
-        return cls.load(Path(str(resource))) if resource.is_file() else None
+    def shipped_for(cls, model, variant: str | None = None) -> PatchProfile | None:
+        """The profile shipped for this very model (matched by weight fingerprint), or ``None``.
 
-    @classmethod
-    def for_model(cls, model, variant: str | None = None) -> PatchProfile:
-        """The profile shipped for this very model (``variant``: a strategy's best), else a default."""
+        ``variant`` names a strategy: that strategy's best swept configuration.
+        Shipped profiles live in ``autopatch/profiles/<name>/`` (``profile.json``,
+        ``<strategy>.json``), so several models of one ``model_type`` ship side by side.
+        """
         from autopatch.fingerprint import model_fingerprint
 
-        model_type = getattr(model.config, "model_type", None)
-        name = f"{model_type}.{variant}" if variant else model_type
-        shipped = cls.shipped(name) if model_type else None
-        if shipped is not None and shipped.model_fingerprint in (None, model_fingerprint(model)):
-            return shipped
+        directory = shipped_profile_dir(model_fingerprint(model))
+        if directory is None:
+            return None
+        path = directory / f"{variant or 'profile'}.json"
+        return cls.load(path) if path.is_file() else None
+
+    @classmethod
+    def default_for(cls, model) -> PatchProfile:
+        """The unswept default for a model: ``reroute`` from ℓ = n/2 at the span end into ℓ* = n/4."""
         n = getattr(model.config, "num_hidden_layers", 12)
-        profile = cls(source_layer=max(1, n // 2), target_layer=max(0, n // 4), model_type=model_type,
-                      note="default: no sweep was run for this model")
-        return replace(profile, strategy=variant) if variant in STRATEGIES and variant != "backpatch" else profile
+        return cls(source_layer=max(1, n // 2), target_layer=max(0, n // 4),
+                   model_type=getattr(model.config, "model_type", None), note="default: no sweep was run for this model")
+
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+def shipped_profile_dir(fingerprint: str, root: Path = PROFILES_DIR) -> Path | None:
+    """The shipped profile directory whose ``profile.json`` carries ``fingerprint``, if any."""
+    for candidate in sorted(root.glob("*/profile.json")):
+        try:
+            if json.loads(candidate.read_text()).get("model_fingerprint") == fingerprint:
+                return candidate.parent
+        except (OSError, json.JSONDecodeError) as err:
+            raise ProfileError(f"Shipped profile {candidate} is unreadable ({err}); reinstall autopatch.") from err
+    return None
+
+
+def ship_name(model) -> str:
+    """The directory name a model's shipped files get: its checkpoint directory's name, else its ``model_type``."""
+    raw = Path(str(getattr(model.config, "_name_or_path", "") or "")).name or str(model.config.model_type)
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw).strip(".-") or "model"
 
 
 def strategy_profile(model, strategy: str, base: PatchProfile, *, use_shipped: bool = True) -> tuple[PatchProfile, bool]:
@@ -147,9 +170,9 @@ def strategy_profile(model, strategy: str, base: PatchProfile, *, use_shipped: b
     needs an earlier target layer, so it moves one block down when it must).
     """
     if use_shipped:
-        shipped = PatchProfile.for_model(model, variant=strategy)
-        if shipped.strategy == strategy and shipped.note.startswith("sweep"):
+        shipped = PatchProfile.shipped_for(model, variant=strategy)
+        if shipped is not None:
             return shipped, True
-    if strategy == "backpatch" and base.target_layer >= base.source_layer:
+    if registry.strategy(strategy).target_before_source and base.target_layer >= base.source_layer:
         return replace(base, strategy=strategy, target_layer=max(0, base.source_layer - 1)), False
     return replace(base, strategy=strategy), False

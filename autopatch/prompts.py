@@ -96,6 +96,11 @@ class PromptFormat:
         """
         return FEWSHOT_STOP_STRINGS if self.kind == "fewshot-qa" else ()
 
+    def clean_answer(self, text: str) -> str:
+        """The generated text up to this format's first stop string, stripped."""
+        cut = min((i for i in (text.find(stop) for stop in self.stop_strings) if i >= 0), default=len(text))
+        return text[:cut].strip()
+
     def extract_question(self, prompt: str) -> str | None:
         """The question of a prompt this format rendered (the last ``Q:`` line), or ``None``."""
         if self.kind == "chat":
@@ -105,6 +110,63 @@ class PromptFormat:
             return None
         line = prompt[marker + 3 :].split("\n", 1)[0].strip()
         return line or None
+
+
+_SENTINEL = "\u2063autopatch-question\u2063"
+_MARKERS: dict[tuple[int, str], tuple[str, str] | None] = {}
+
+
+def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    return [t for t in {*tokenizer.all_special_tokens, *added} if t]
+
+
+def chat_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
+    """The text that opens and closes a user turn in the tokenizer's chat template, e.g. ``("<|im_start|>user\\n", "<|im_end|>")``."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    key = (id(tokenizer), str(template))
+    if key not in _MARKERS:
+        _MARKERS[key] = _find_markers(tokenizer)
+    return _MARKERS[key]
+
+
+def _find_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # templates raise their own error types; no markers then, and questions= is needed
+        return None
+    if not isinstance(text, str) or _SENTINEL not in text:
+        return None
+    before, after = text.split(_SENTINEL, 1)
+    specials = _special_strings(tokenizer)
+    opens = [before.rfind(t) for t in specials if t in before]
+    opener = before[max(opens):] if opens else before.rsplit("\n", 2)[-2 if before.endswith("\n") else -1] + (
+        "\n" if before.endswith("\n") else "")
+    closes = [(after.find(t), t) for t in specials if t in after]
+    if closes:
+        at, token = min(closes)
+        closer = after[: at + len(token)]
+    else:
+        closer = after.strip().split("\n", 1)[0]
+    return (opener, closer) if opener else None
+
+
+def chat_question(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str | None:
+    """The last user turn of a prompt rendered with ``tokenizer``'s chat template (special tokens kept), or ``None``."""
+    markers = chat_markers(tokenizer)
+    if markers is None:
+        return None
+    opener, closer = markers
+    start = prompt.rfind(opener)
+    if start < 0:
+        return None
+    start += len(opener)
+    end = prompt.find(closer, start) if closer.strip() else -1
+    question = prompt[start : end if end >= 0 else len(prompt)].strip()
+    return question or None
 
 
 @dataclass(frozen=True)

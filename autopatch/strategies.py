@@ -18,19 +18,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from autopatch import registry
 from autopatch.engine import PatchEdit, patch
+from autopatch.errors import ConfigError
 from autopatch.inspect import patched_prompt
 from autopatch.locate import SLOT, Location
 from autopatch.profile import PatchProfile
 from autopatch.prompts import target_prompt
+from autopatch.registry import CONTROLS as REGISTERED_CONTROLS
 
-Control = Literal["random", "zero", "nopatch"]
-CONTROLS: tuple[str, ...] = ("random", "zero", "nopatch")
+Control = str  # a name registered in autopatch.registry.CONTROLS
+CONTROLS: tuple[str, ...] = tuple(REGISTERED_CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str
     """The vector a control patches in: unchanged, norm-matched random, zero, or ``None`` (no patch)."""
     if control is None:
         return vector
+    registry.control(control)  # an unknown name is refused, naming the known ones
     if control == "zero":
         return torch.zeros_like(vector)
     if control == "nopatch":
@@ -67,7 +70,7 @@ def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str
         seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
         noise = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         return (noise * (vector.float().norm() / noise.norm())).to(vector.dtype)
-    raise ValueError(f"Unknown control {control!r}; choose one of {CONTROLS}.")
+    raise ConfigError(f"Unknown control {control!r}; choose one of {CONTROLS}.")
 
 
 def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +157,18 @@ def verbalized_target(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: 
     return Target(job.row, tok(text, return_tensors="pt").input_ids[0], [], text, bridge)
 
 
-def _verbalize(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
+def build_reroute(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
+    """Registered as ``reroute`` in :mod:`autopatch.registry`."""
+    return [_reroute(tok, profile, job, vector) for job, vector in zip(jobs, vectors)]
+
+
+def build_backpatch(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
+    """Registered as ``backpatch`` in :mod:`autopatch.registry`."""
+    return [_backpatch(tok, profile, job, vector) for job, vector in zip(jobs, vectors)]
+
+
+def build_verbalize(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
+    """Registered as ``verbalize`` in :mod:`autopatch.registry`."""
     bridges = decode_bridges(model, tok, profile, jobs, vectors)
     return [verbalized_target(tok, profile, job, bridge) for job, bridge in zip(jobs, bridges)]
 
@@ -169,10 +183,7 @@ def plan_targets(
 ) -> list[Target]:
     """Build the target prompt and patches of each job under ``profile.strategy``."""
     vectors = [control_vector(j.vector, control, j.location.question) for j in jobs]
-    if profile.strategy == "verbalize":
-        return _verbalize(model, tok, profile, jobs, vectors)
-    build = _reroute if profile.strategy == "reroute" else _backpatch
-    return [build(tok, profile, job, vector) for job, vector in zip(jobs, vectors)]
+    return registry.strategy(profile.strategy).build()(model, tok, profile, jobs, vectors)
 
 
 @torch.no_grad()

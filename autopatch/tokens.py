@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from autopatch.errors import PatchError
+
 
 def token_char_ends(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int]:
     """``ends[i]`` is the length of ``decode(ids[: i + 1])`` (special tokens skipped)."""
@@ -54,11 +56,11 @@ def token_at_char(ends: Sequence[int], char_index: int) -> int:
     for i, end in enumerate(ends):
         if end > char_index:
             return i
-    raise IndexError(f"Character {char_index} is beyond the decoded text ({ends[-1] if ends else 0} characters).")
+    raise PatchError(f"Character {char_index} is beyond the decoded text ({ends[-1] if ends else 0} characters).")
 
 
 def last_token_of_char_span(ends: Sequence[int], start: int, end: int) -> int:
     """Index of the token holding the last character of ``text[start:end]``."""
     if end <= start:
-        raise ValueError(f"Empty character span [{start}, {end}).")
+        raise PatchError(f"Empty character span [{start}, {end}).")
     return token_at_char(ends, end - 1)

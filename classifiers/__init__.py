@@ -2,29 +2,62 @@
 
 Example:
     >>> from classifiers import default_gate_for
-    >>> gate = default_gate_for(model)     # the gate shipped for this model, or None
+    >>> gate = default_gate_for(model)     # the gate shipped for this very model, or None
+    >>> from autopatch import AutoPatcher
+    >>> AutoPatcher(model, tok).resolution.gate_source   # 'shipped': found through GATE_PROVIDER
 
-Learned gates implement :class:`autopatch.gating.Gate`.
+Learned gates implement :class:`autopatch.gating.Gate`. This package plugs into
+the core through the ``autopatch.gate_providers`` entry point (``GATE_PROVIDER``);
+the core never imports it directly.
 """
 
 from __future__ import annotations
 
-from importlib import resources
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
-def default_gate_for(model):
-    """The gate shipped for this very model (``classifiers/shipped/<model_type>/``), or ``None``.
+def shipped_gate_dir(fingerprint: str, root: Path = SHIPPED_DIR) -> Path | None:
+    """The directory under ``classifiers/shipped/`` whose ``gate.json`` was fitted on weights with ``fingerprint``."""
+    from autopatch.errors import GateFileError
 
-    A shipped gate trained on another model of the same type is not used: its
-    fingerprint differs, and ``None`` is returned.
+    for header in sorted(root.glob("*/gate.json")):
+        try:
+            if json.loads(header.read_text()).get("model_fingerprint") == fingerprint:
+                return header.parent
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise GateFileError(f"Shipped gate header {header} is unreadable ({err}); reinstall autopatch.") from err
+    return None
+
+
+def default_gate_for(model: Any):
+    """The gate shipped for this very model (matched by weight fingerprint), or ``None``.
+
+    Gates of several models, of one ``model_type`` or not, ship side by side in
+    ``classifiers/shipped/<name>/``. A shipped gate that fails its checks raises
+    :class:`~autopatch.errors.GateFileError`.
     """
     from autopatch.fingerprint import model_fingerprint
-
-    model_type = getattr(model.config, "model_type", None)
-    directory = resources.files("classifiers").joinpath("shipped", str(model_type))
-    if not directory.joinpath("gate.json").is_file():
-        return None
     from classifiers.gate import PatchGate
 
-    gate = PatchGate.load(directory)
-    return gate if gate.fingerprint == model_fingerprint(model) else None
+    directory = shipped_gate_dir(model_fingerprint(model))
+    return None if directory is None else PatchGate.load(directory, model=model)
+
+
+class _Provider:
+    """The gate provider the core finds through the ``autopatch.gate_providers`` entry point."""
+
+    def shipped_gate(self, model: Any):
+        return default_gate_for(model)
+
+    def load_gate(self, path: str | os.PathLike[str], model: Any):
+        from classifiers.gate import PatchGate
+
+        return PatchGate.load(path, model=model)
+
+
+GATE_PROVIDER = _Provider()

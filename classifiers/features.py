@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from autopatch.engine import capture
-from autopatch.gating import POSITION_KINDS, GateInput
+from autopatch.errors import ConfigError
+from autopatch.gating import POSITION_KINDS, AlwaysPatch, GateInput
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
 
@@ -38,6 +39,16 @@ class FeatureSpec:
     positions: tuple[str, ...] = ("span_end", "last")
     use_states: bool = True
     use_scalars: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.positions if p not in POSITION_KINDS]
+        if unknown:
+            raise ConfigError(f"Unknown gate feature positions {unknown}; choose from {list(POSITION_KINDS)}.")
+        if not (self.use_states or self.use_scalars):
+            raise ConfigError("A gate needs features: set use_states or use_scalars.")
+        if self.use_states and not (self.layers and self.positions):
+            raise ConfigError("Gate state features need at least one layer and one position "
+                              f"(got layers={list(self.layers)}, positions={list(self.positions)}).")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -79,7 +90,7 @@ def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchPr
 
     Returns ``(ids, X, located)``; rows of unlocated questions are zeros with ``located`` False.
     """
-    patcher = AutoPatcher(model, tok, profile)
+    patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch())  # the shipped gate is not needed (or loaded) here
     fmt = patcher.profile.prompt_format
     ids: list[str] = []
     rows: list[np.ndarray] = []

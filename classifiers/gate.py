@@ -87,7 +87,13 @@ class PatchGate:
         gate = cls({k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}, 0.5, spec, profile,
                    model_fingerprint(model), dict(meta or {}))
         # the NumPy path must reproduce scikit-learn's probabilities: checked once, here
-        np.testing.assert_allclose(gate.scores(X[:8]), pipeline.predict_proba(X[:8])[:, 1], rtol=1e-6, atol=1e-8)
+        ours, theirs = gate.scores(X[:8]), pipeline.predict_proba(X[:8])[:, 1]
+        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-6, atol=1e-8, equal_nan=True):
+            worst = float(np.max(np.abs(ours - theirs))) if ours.shape == theirs.shape else float("nan")
+            raise GateFileError(f"The exported gate arrays do not reproduce scikit-learn's probabilities (largest "
+                                f"difference {worst:.3g} on {len(theirs)} training rows), so a saved gate would score "
+                                "differently. The installed scikit-learn computes the pipeline another way: report "
+                                "this with the output of `pip show scikit-learn`.")
         return gate
 
     def scores(self, X: np.ndarray) -> np.ndarray:

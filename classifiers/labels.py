@@ -20,7 +20,11 @@ patched and get no label.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Real
+
+from autopatch.errors import ConfigError
 
 NEUTRAL_WEIGHT = 0.5
 
@@ -49,7 +53,19 @@ class Label:
         return 1.0 if self.helps or self.hurts else NEUTRAL_WEIGHT
 
 
+def _score(row: object, metric: str, config_key: str, question_id: str) -> float:
+    value = row.get(metric) if isinstance(row, Mapping) else None
+    if not isinstance(value, Real):
+        raise ConfigError(f"The sweep row of question {question_id!r} under {config_key!r} has no numeric {metric!r} "
+                          f"(got {value!r}); label with a metric the sweep recorded, or re-run the sweep.")
+    return float(value)
+
+
 def gate_labels(table: dict[str, dict[str, dict]], config_key: str, metric: str = "em") -> dict[str, Label]:
-    """Labels for every question that has both a vanilla row and a row for ``config_key``."""
+    """Labels for every question that has both a vanilla row and a row for ``config_key``.
+
+    Raises :class:`~autopatch.errors.ConfigError` when such a row lacks a numeric ``metric``.
+    """
     vanilla, patched = table.get("vanilla", {}), table.get(config_key, {})
-    return {i: Label(float(vanilla[i][metric]), float(patched[i][metric])) for i in vanilla if i in patched}
+    return {i: Label(_score(vanilla[i], metric, "vanilla", i), _score(patched[i], metric, config_key, i))
+            for i in vanilla if i in patched}

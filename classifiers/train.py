@@ -16,7 +16,7 @@ Steps (every one resumable; results are cached in ``--out``):
 4. Fit the logistic-regression pipeline on all training questions, tune the
    threshold on the validation questions for end-to-end accuracy, report the
    validation ROC-AUC, and save ``gate.json`` + ``gate.npz`` (``--ship`` also
-   copies them to ``classifiers/shipped/<model_type>/``).
+   copies them to ``classifiers/shipped/<name>/``, keyed by the model's fingerprint).
 
 Test questions are never read here.
 """
@@ -34,7 +34,6 @@ from classifiers.features import SCALARS, FeatureSpec, extract_features
 from classifiers.gate import PatchGate, make_pipeline
 from classifiers.labels import gate_labels
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
 def parse_sources(spec: str) -> list[tuple[str, str, int | None]]:
@@ -134,7 +133,7 @@ def train_gate(model, tok, *, train: str, dev: str, out: Path, layers: tuple[int
     from sklearn.metrics import roc_auc_score
 
     out.mkdir(parents=True, exist_ok=True)
-    profile = PatchProfile.for_model(model)
+    profile = PatchProfile.shipped_for(model) or PatchProfile.default_for(model)
     n = model.config.num_hidden_layers
     spec = FeatureSpec(layers=layers or tuple(sorted({profile.source_layer, n // 2})), positions=("span_end", "last"))
     X, labels, _ = collect(model, tok, profile, parse_sources(train), out, spec, batch_size, max_new_tokens)
@@ -155,7 +154,11 @@ def train_gate(model, tok, *, train: str, dev: str, out: Path, layers: tuple[int
     gate.save(out)
     (out / "cv.md").write_text(cv_markdown(gate))
     if ship:
-        target = SHIPPED_DIR / model.config.model_type
+        from autopatch.fingerprint import model_fingerprint
+        from autopatch.profile import ship_name
+        from classifiers import SHIPPED_DIR, shipped_gate_dir
+
+        target = shipped_gate_dir(model_fingerprint(model)) or SHIPPED_DIR / ship_name(model)
         target.mkdir(parents=True, exist_ok=True)
         for name in ("gate.json", "gate.npz"):
             shutil.copyfile(out / name, target / name)

@@ -52,6 +52,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="evaluate a deterministic stratified sample of N questions (default: all)")
     _add_model_arg(parser)
+    parser.add_argument("--profile", default=None, help="a patch profile JSON file (default: resolved for the model)")
+    parser.add_argument("--gate", default=None,
+                        help="a gate directory for `autopatch` (default: the gate shipped for the model)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--budget", type=int, default=16, help="new tokens for direct-answer methods")
     parser.add_argument("--cot-budget", type=int, default=48, help="new tokens for chain-of-thought methods")
@@ -75,7 +78,7 @@ def _methods(spec: str, with_hops: bool) -> list[str]:
 
 
 SETTINGS = ("dataset", "split", "hops", "limit", "model", "batch_size", "budget", "cot_budget", "use_decomposition",
-            "methods")
+            "methods", "profile_file", "gate_file")
 
 
 def _resolved_split(dataset: str, split: str | None) -> str | None:
@@ -135,7 +138,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     settings = {"dataset": args.dataset, "split": split or "all", "hops": args.hops, "limit": args.limit,
                 "model": args.model, "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
-                "use_decomposition": args.use_decomposition, "methods": methods}
+                "use_decomposition": args.use_decomposition, "methods": methods, "profile_file": args.profile,
+                "gate_file": args.gate}
     methods = check_run_dir(out, settings, add_methods=args.add_methods)  # before anything slow
     settings["methods"] = methods
     if args.num_processes > 1:
@@ -163,22 +167,22 @@ def run_eval_command(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     explicit_methods = args.methods != ",".join(DEFAULT_METHODS)
     model, tok = load_model(args.model)
-    gate = None
-    if "autopatch" in methods:
-        from classifiers import default_gate_for
+    from autopatch.resolve import resolve
 
-        gate = default_gate_for(model)
-        if gate is None and explicit_methods:
-            raise EvalConfigError("No gate is shipped for this model: train one with `autopatch train-gate`, "
-                                  "or leave `autopatch` out of --methods.")
-        if gate is None:
-            print("note: no gate is shipped for this model; the `autopatch` method is left out", file=sys.stderr)
-            methods.remove("autopatch")
-            settings["methods"] = methods
-    ctx = build_context(model, tok, gate=gate, budget=args.budget, cot_budget=args.cot_budget,
+    resolution = resolve(model, tok, profile=args.profile, gate=args.gate)
+    gate = resolution.gate if resolution.gate_source != "default" else None
+    if "autopatch" in methods and gate is None:
+        if explicit_methods:
+            raise EvalConfigError("No gate for this model (none shipped, or the shipped one was refused): train one "
+                                  "with `autopatch train-gate` and pass --gate, or leave `autopatch` out of --methods.")
+        print("note: no gate for this model; the `autopatch` method is left out", file=sys.stderr)
+        methods.remove("autopatch")
+        settings["methods"] = methods
+    profile = resolution.profile if resolution.profile_source in ("argument", "file") else None
+    ctx = build_context(model, tok, profile=profile, gate=gate, budget=args.budget, cot_budget=args.cot_budget,
                         use_decomposition=args.use_decomposition, gold_scores=not args.no_gold_scores)
     rank, world = shard_info()
-    config = {**settings, "profile": ctx.profile.to_dict(),
+    config = {**settings, "profile": ctx.profile.to_dict(), "resolution": resolution.to_dict(),
               "strategy_profiles": {k: v.to_dict() for k, v in ctx.strategy_profiles.items()},
               "selection": {**selection.to_dict(), "evaluated": len(records)}}
     command = "autopatch " + " ".join(_argv_from(args))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from autopatch.registry import CONTROLS, STRATEGIES
 from eval.datasets import QARecord
 
 if TYPE_CHECKING:  # the registry itself is imported by the CLI's parser, which must not load torch
@@ -87,8 +88,7 @@ def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate
     from autopatch.profile import strategy_profile
 
     base = profile or AutoPatcher(model, tok, gate=AlwaysPatch()).profile
-    per_strategy = {s: strategy_profile(model, s, base, use_shipped=profile is None)[0]
-                    for s in ("reroute", "backpatch", "verbalize")}
+    per_strategy = {s: strategy_profile(model, s, base, use_shipped=profile is None)[0] for s in STRATEGIES}
     return EvalContext(model, tok, base, per_strategy, gate, budget, cot_budget, use_decomposition, gold_scores)
 
 
@@ -193,16 +193,17 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
         prompts = [ctx.fmt.render(r.question, ctx.tok) for r in records]
         enc = ctx.tok(prompts, return_tensors="pt", padding=True).to(_device(ctx.model))
         started = time.perf_counter()
-        out = patcher.generate(**enc, max_new_tokens=ctx.budget, do_sample=False, pad_token_id=ctx.tok.pad_token_id,
-                               questions=[r.question for r in records],
-                               decompositions=[r.question_decomposition for r in records] if ctx.use_decomposition else None)
+        result = patcher.generate_with_reports(
+            **enc, max_new_tokens=ctx.budget, do_sample=False, pad_token_id=ctx.tok.pad_token_id,
+            questions=[r.question for r in records],
+            decompositions=[r.question_decomposition for r in records] if ctx.use_decomposition else None)
         seconds = (time.perf_counter() - started) / len(records)
-        texts, counts = _decode_new(ctx.tok, out, enc.input_ids.shape[1])
+        texts, counts = _decode_new(ctx.tok, result.output, enc.input_ids.shape[1])
         results = []
         final_prompts, final_edits = [], []
         for i, (prompt, text, n) in enumerate(zip(prompts, texts, counts)):
-            report = patcher.last_report[i]
-            target = patcher.last_targets.get(i)
+            report = result.reports[i]
+            target = result.targets.get(i)
             results.append(MethodResult(target.prompt_text if target else prompt, text, n, seconds,
                                         patched=report.patched, report=report.to_dict()))
             if target is not None:
@@ -236,7 +237,9 @@ METHODS: dict[str, Method] = {}
 def register(method: Method) -> Method:
     """Add a method to the registry (names are unique)."""
     if method.name in METHODS:
-        raise ValueError(f"Method {method.name!r} is already registered.")
+        from autopatch.errors import ConfigError
+
+        raise ConfigError(f"Method {method.name!r} is already registered.")
     METHODS[method.name] = method
     return method
 
@@ -263,15 +266,12 @@ register(Method("patch", "patch", "always patch with the model's profile",
                 _patcher_method(lambda ctx: ctx.profile)))
 register(Method("autopatch", "patch", "patch when the gate says so (the deployable method)",
                 _patcher_method(lambda ctx: ctx.profile, gated=True)))
-for _strategy in ("reroute", "backpatch", "verbalize"):
+for _strategy in STRATEGIES:
     register(Method(_strategy, "patch", f"always patch with the best swept {_strategy} configuration",
                     _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))
-for _control in ("random", "zero", "nopatch"):
-    register(Method(f"control-{_control}", "control",
-                    {"random": "the profile's patch with a norm-matched random vector",
-                     "zero": "the profile's patch with a zero vector",
-                     "nopatch": "the profile's target prompt with the placeholder left alone"}[_control],
-                    _patcher_method(lambda ctx: ctx.profile, control=_control)))  # type: ignore[arg-type]
+for _control in CONTROLS.values():
+    register(Method(f"control-{_control.name}", "control", _control.description,
+                    _patcher_method(lambda ctx: ctx.profile, control=_control.name)))  # type: ignore[misc]
 register(Method("hop1", "diagnostic", "hop 1 asked alone (e.g. 'In which country is the Colosseum located?')",
                 _prompted(lambda ctx, r: ctx.fmt.render(hop_questions(r)[0], ctx.tok), scored=False)))
 register(Method("hop2", "diagnostic", "hop 2 with the gold bridge given (e.g. 'What is the capital of Italy?')",
@@ -281,5 +281,5 @@ register(Method("oracle-gate", "oracle", "ORACLE: patch exactly when patching he
 register(Method("oracle-layers", "oracle", "ORACLE: correct if any configuration of the sweep grid answers correctly",
                 needs=("vanilla",)))
 
-DEFAULT_METHODS = ("vanilla", "cot", "cot-fewshot", "patch", "autopatch", "reroute", "backpatch", "verbalize",
-                   "control-random", "control-zero", "control-nopatch", "oracle-gate")
+DEFAULT_METHODS = ("vanilla", "cot", "cot-fewshot", "patch", "autopatch", *STRATEGIES,
+                   *(f"control-{c}" for c in CONTROLS), "oracle-gate")

@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from autopatch.errors import ConfigError
+
 __all__ = [
     "normalize_answer",
     "exact_match",
@@ -170,11 +172,11 @@ def bootstrap_ci(
     """
     arr = np.asarray(values, dtype=float)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError("bootstrap_ci needs a non-empty 1-D sequence of values")
+        raise ConfigError("bootstrap_ci needs a non-empty 1-D sequence of values")
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
     if n_resamples < 1:
-        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+        raise ConfigError(f"n_resamples must be positive, got {n_resamples}")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, arr.size, size=(n_resamples, arr.size))
     means = arr[idx].mean(axis=1)
@@ -192,7 +194,7 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict[str, f
     ``statistic`` is that minimum. With no discordant pair the p-value is 1.
     """
     if len(a_correct) != len(b_correct):
-        raise ValueError(f"paired inputs differ in length: {len(a_correct)} vs {len(b_correct)}")
+        raise ConfigError(f"paired inputs differ in length: {len(a_correct)} vs {len(b_correct)}")
     fixed = sum(1 for a, b in zip(a_correct, b_correct) if not a and b)
     broken = sum(1 for a, b in zip(a_correct, b_correct) if a and not b)
     n = fixed + broken

@@ -16,7 +16,7 @@ Output: ``sweep.jsonl``, one line per (question, configuration) plus one
 ``--summarize`` prints the table (EM / contains of always-patching with each
 configuration, and its fix / break counts against vanilla) and with
 ``--write-profile`` saves the best configuration per strategy and overall
-under ``autopatch/profiles/``.
+under ``--out/profiles/`` (and, with ``--ship``, into ``autopatch/profiles/<name>/``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from eval.datasets import QARecord, load_dataset_by_name
 from eval.jsonl import iter_rows, repair_tail
 from eval.metrics import score_continuation
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "autopatch" / "profiles"
 
 
 @dataclass(frozen=True)
@@ -215,8 +214,8 @@ def best_per_strategy(table: dict[str, dict[str, dict]]) -> dict[str, SweepConfi
 
 
 def write_profiles(table: dict[str, dict[str, dict]], model_type: str, fingerprint: str, base: PatchProfile,
-                   source: str, directory: Path = PROFILES_DIR) -> list[Path]:
-    """Save the best configuration per strategy, and the best overall as the model's profile."""
+                   source: str, directory: Path) -> list[Path]:
+    """Save the best configuration per strategy (``<strategy>.json``) and the best overall (``profile.json``)."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = {r["config"]: r for r in summarize(table)}
     written = []
@@ -226,13 +225,13 @@ def write_profiles(table: dict[str, dict[str, dict]], model_type: str, fingerpri
         note = (f"sweep on {source}: best {strategy} config, always-patch EM {r['em']:.3f} "
                 f"(vanilla {sum(v['em'] for v in table['vanilla'].values()) / r['n']:.3f}, n={r['n']})")
         profile = replace(config.profile(base), model_type=model_type, model_fingerprint=fingerprint, note=note)
-        path = directory / f"{model_type}.{strategy}.json"
+        path = directory / f"{strategy}.json"
         profile.save(path)
         written.append(path)
         if best_overall is None or r["em"] > rows[best_overall[0].key]["em"]:
             best_overall = (config, profile)
     if best_overall is not None:
-        path = directory / f"{model_type}.json"
+        path = directory / "profile.json"
         best_overall[1].save(path)
         written.append(path)
     return written
@@ -248,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--summarize", help="a sweep.jsonl to summarise instead of running")
-    parser.add_argument("--write-profile", action="store_true", help="with --summarize: save the chosen profiles")
+    parser.add_argument("--write-profile", action="store_true",
+                        help="with --summarize: save the chosen profiles into --out/profiles/")
+    parser.add_argument("--ship", action="store_true",
+                        help="with --write-profile: also replace the shipped profiles of this model (tracked files)")
     parser.add_argument("--markdown", help="with --summarize: write the table to this file")
     args = parser.parse_args(argv)
     if args.split in ("test",):
@@ -265,9 +267,16 @@ def main(argv: list[str] | None = None) -> int:
             model, tok = load_model(args.model)
             from autopatch.fingerprint import model_fingerprint
 
+            from autopatch.profile import PROFILES_DIR, ship_name, shipped_profile_dir
+
             base = AutoPatcher(model, tok, gate=AlwaysPatch()).profile
-            for path in write_profiles(table, model.config.model_type, model_fingerprint(model), base, args.summarize):
-                print(f"wrote {path}")
+            fingerprint = model_fingerprint(model)
+            targets = [Path(args.out) / "profiles"]
+            if args.ship:
+                targets.append(shipped_profile_dir(fingerprint) or PROFILES_DIR / ship_name(model))
+            for directory in targets:
+                for path in write_profiles(table, model.config.model_type, fingerprint, base, args.summarize, directory):
+                    print(f"wrote {path}")
         return 0
 
     from autopatch import load_model

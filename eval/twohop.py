@@ -26,21 +26,47 @@ Splits train/dev/test (~60/20/20) are assigned by sha256 of the subject
 entity, so a subject never appears in two splits. Questions whose text
 already contains the answer or the bridge entity (e.g. "the Acropolis of
 Athens" for a capital question) are left out.
+
+Modules: :mod:`eval.twohop_kb` (loading the KB, gold answers, the subject
+split), :mod:`eval.twohop_templates` (spans, frames, compositions) and this
+one (subjects, records, statistics); the public names of all three are
+importable from here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from eval.datasets import DatasetError, DecompStep, QARecord
 from eval.metrics import contains
+from eval.records import DatasetError, DecompStep, QARecord
+from eval.twohop_kb import (
+    KB_PATH,
+    SPLITS,
+    Answer,
+    Entity,
+    _country_answer,
+    _country_bridge,
+    _dedup,
+    _index,
+    _sha_int,
+    load_kb,
+    subject_split,
+)
+from eval.twohop_templates import (
+    _COMPOSITIONS,
+    _COUNTRY_KINDS,
+    _COUNTRY_SPANS,
+    _PRODUCT_SPANS,
+    _WORK_ROLES,
+    COMPOSITIONS,
+    Composition,
+    Frame,
+    _possessive,
+)
 
 __all__ = [
     "SPLITS",
@@ -51,39 +77,6 @@ __all__ = [
     "twohop_stats",
     "subject_split",
 ]
-
-SPLITS = ("train", "dev", "test")
-KB_PATH = Path(__file__).resolve().parent / "data" / "twohop_kb.json"
-
-Entity = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A gold answer: the canonical string and its accepted aliases."""
-
-    text: str
-    aliases: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One question template: ``question`` contains ``{span}``; ``span_keys`` are tried in order."""
-
-    question: str
-    span_keys: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Composition:
-    """Two chained relations, e.g. landmark -(country)-> country -(capital)-> city."""
-
-    name: str
-    kind: str
-    hop1_relation: str
-    hop2_relation: str
-    hop2_question: str
-    frames: tuple[Frame, ...]
 
 
 @dataclass(frozen=True)
@@ -101,201 +94,7 @@ class Subject:
     bridge_answer: Answer
 
 
-# --------------------------------------------------------------------------- KB
-
-
-@lru_cache(maxsize=4)
-def _load_kb_cached(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read the twohop knowledge base ({err.strerror})") from None
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{Path(path).name} line {err.lineno}: invalid JSON ({err.msg})") from None
-
-
-def load_kb(path: str | Path | None = None) -> dict[str, Any]:
-    """``kb = load_kb()``: the parsed ``twohop_kb.json`` (cached; treat it as read-only)."""
-    return _load_kb_cached(str(path or KB_PATH))
-
-
-def _sha_int(text: str) -> int:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16)
-
-
-def subject_split(subject_key: str) -> str:
-    """``subject_split("landmark:colosseum") in SPLITS``: 60/20/20 by sha256 of the subject key."""
-    bucket = _sha_int(subject_key) % 100
-    return "train" if bucket < 60 else "dev" if bucket < 80 else "test"
-
-
-def _dedup(items: Iterator[str] | list[str] | tuple[str, ...], exclude: str = "") -> tuple[str, ...]:
-    return tuple(x for x in dict.fromkeys(items) if x and x != exclude)
-
-
-# --------------------------------------------------------------------------- text helpers
-
-
-def _possessive(mention: str, plural: bool) -> str | None:
-    """``"the Colosseum" -> "the Colosseum's"``; None where a possessive reads badly."""
-    if plural or any(sep in mention for sep in (" of ", " in ", ",", ":")) or mention.endswith(("s", ".")):
-        return None
-    return f"{mention}'s"
-
-
-def _country_answer(country: Entity) -> Answer:
-    return Answer(country["name"], _dedup(country.get("aliases", []), country["name"]))
-
-
-# --------------------------------------------------------------------------- compositions
-
-# Span templates (the phrase that denotes the bridge), by subject kind. "P" spans are possessive.
-_COUNTRY_SPANS: dict[str, dict[str, str]] = {
-    "landmark": {
-        "A": "the country where {s} {be} located",
-        "B": "the country in which {s} {be} situated",
-        "C": "the country that is home to {s}",
-        "P": "{s_poss} country",
-    },
-    "food": {
-        "A": "the country where {s} {come} from",
-        "B": "the country of origin of {s}",
-        "C": "the country that {s} originally {come} from",
-        "P": "{s_poss} country of origin",
-    },
-    "person": {
-        "A": "the country where {s} was born",
-        "B": "the country {s} was born in",
-        "C": "the birth country of {s}",
-        "P": "{s_poss} country of birth",
-    },
-    "capital": {
-        "A": "the country whose capital is {s}",
-        "B": "the country whose capital city is {s}",
-        "C": "the country with {s} as its capital",
-    },
-    "company": {
-        "A": "the country where {s} is headquartered",
-        "B": "the country in which {s} has its headquarters",
-        "C": "the home country of {s}",
-    },
-}
-
-_COUNTRY_FACT_FRAMES: dict[str, tuple[Frame, ...]] = {
-    "capital": (
-        Frame("What is the capital of {span}?", ("A",)),
-        Frame("What is the capital city of {span}?", ("B",)),
-        Frame("What is the capital of {span}?", ("P", "C")),
-    ),
-    "currency": (
-        Frame("What currency is used in {span}?", ("A",)),
-        Frame("What is the currency of {span}?", ("C",)),
-        Frame("Which currency does {span} use?", ("P", "B")),
-    ),
-    "language": (
-        Frame("What language is mainly spoken in {span}?", ("A",)),
-        Frame("What is the main language of {span}?", ("C",)),
-        Frame("Which language do most people speak in {span}?", ("P", "B")),
-    ),
-    "continent": (
-        Frame("On which continent is {span}?", ("A",)),
-        Frame("On what continent is {span}?", ("C",)),
-        Frame("On which continent does {span} lie?", ("P", "B")),
-    ),
-}
-
-_HOP2_COUNTRY_QUESTIONS = {
-    "capital": "What is the capital of #1?",
-    "currency": "What currency is used in #1?",
-    "language": "What language is mainly spoken in #1?",
-    "continent": "On which continent is #1 located?",
-}
-
-_COUNTRY_KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    # kind: (composition infix, hop-1 relation, facts)
-    "landmark": ("country", "located_in_country", ("capital", "currency", "language", "continent")),
-    "food": ("country", "country_of_origin", ("capital", "currency", "language", "continent")),
-    "person": ("birthcountry", "country_of_birth", ("capital", "currency", "language", "continent")),
-    "capital": ("country", "capital_of", ("currency", "language", "continent")),
-    "company": ("hqcountry", "headquarters_country", ("capital", "currency", "continent")),
-}
-
-_PRODUCT_SPANS = {
-    "A": "the company that {verb} {s}",
-    "B": "the company behind {s}",
-    "M": "the maker of {s}",
-}
-_PRODUCT_FRAMES = {
-    "founder": (
-        Frame("Who founded {span}?", ("A",)),
-        Frame("Who is the founder of {span}?", ("B",)),
-        Frame("Who founded {span}?", ("M", "B")),
-    ),
-    "headquarters_country": (
-        Frame("In which country is {span} headquartered?", ("A",)),
-        Frame("In which country does {span} have its headquarters?", ("B",)),
-        Frame("In which country is {span} based?", ("M", "A")),
-    ),
-}
-
-_WORK_ROLES: dict[str, tuple[str, str, str, str, str]] = {
-    # kind: (hop-1 relation, hop-1 verb, role noun, role span 2, role span 3)
-    "book": ("author", "wrote", "author", "the writer of {s}", "the person who wrote {s}"),
-    "play": ("author", "wrote", "author", "the playwright who wrote {s}", "the writer of {s}"),
-    "poem": ("author", "wrote", "author", "the poet who wrote {s}", "the writer of {s}"),
-    "painting": ("painter", "painted", "painter", "the artist who painted {s}", "the person who painted {s}"),
-    "artwork": ("creator", "created", "creator", "the artist who made {s}", "the artist behind {s}"),
-    "sculpture": ("sculptor", "sculpted", "sculptor", "the artist who sculpted {s}", "the creator of {s}"),
-    "music": ("composer", "composed", "composer", "the composer who wrote {s}", "the person who composed {s}"),
-    "film": ("director", "directed", "director", "the filmmaker who directed {s}", "the person who directed {s}"),
-}
-_WORK_FRAMES = (
-    Frame("What is the nationality of {span}?", ("R1",)),
-    Frame("What nationality is {span}?", ("R2",)),
-    Frame("What is the nationality of {span}?", ("P", "R3")),
-)
-
-
-def _build_compositions() -> dict[str, Composition]:
-    comps: dict[str, Composition] = {}
-    for kind, (infix, rel1, facts) in _COUNTRY_KINDS.items():
-        for fact in facts:
-            name = f"{kind}_{infix}_{fact}"
-            comps[name] = Composition(
-                name, kind, rel1, fact, _HOP2_COUNTRY_QUESTIONS[fact], _COUNTRY_FACT_FRAMES[fact]
-            )
-    comps["product_company_founder"] = Composition(
-        "product_company_founder", "product", "company", "founder", "Who founded #1?", _PRODUCT_FRAMES["founder"]
-    )
-    comps["product_company_hqcountry"] = Composition(
-        "product_company_hqcountry",
-        "product",
-        "company",
-        "headquarters_country",
-        "In which country is #1 headquartered?",
-        _PRODUCT_FRAMES["headquarters_country"],
-    )
-    comps["work_creator_nationality"] = Composition(
-        "work_creator_nationality", "work", "creator", "nationality", "What is the nationality of #1?", _WORK_FRAMES
-    )
-    return comps
-
-
-_COMPOSITIONS = _build_compositions()
-COMPOSITIONS: tuple[str, ...] = tuple(_COMPOSITIONS)
-
-
 # --------------------------------------------------------------------------- subjects
-
-
-def _index(items: list[Entity]) -> dict[str, Entity]:
-    return {e["id"]: e for e in items}
-
-
-def _country_bridge(country: Entity, region: str | None) -> Answer:
-    base = _country_answer(country)
-    return Answer(base.text, _dedup([*base.aliases, *([region] if region else [])], base.text))
 
 
 def _iter_country_subjects(kb: Mapping[str, Any], kind: str) -> Iterator[Subject]:
@@ -441,7 +240,8 @@ def _hop2_answer(comp: Composition, subj: Subject, kb: Mapping[str, Any]) -> Ans
         dem_aliases = bridge.get("demonym_aliases", country.get("demonym_aliases", []))
         aliases = [*dem_aliases, country["name"], *country.get("aliases", [])]
         return Answer(demonym, _dedup(aliases, demonym))
-    raise AssertionError(f"unknown relation {rel}")
+    raise DatasetError(f"twohop composition {comp.name!r}: relation {rel!r} has no answer rule; "
+                       f"add one to _hop2_answer in eval/twohop.py")
 
 
 # --------------------------------------------------------------------------- generation
@@ -468,7 +268,9 @@ def _choose_frame(comp: Composition, subj: Subject, spans: Mapping[str, str]) ->
     for key in frame.span_keys:
         if key in spans:
             return idx, frame, spans[key]
-    raise AssertionError(f"no span for {comp.name} / {subj.key}")
+    raise DatasetError(f"twohop composition {comp.name!r}, frame {idx}: subject {subj.key!r} has none of the "
+                       f"spans {frame.span_keys} (it has {sorted(spans)}); "
+                       f"fix the frame's span keys in eval/twohop_templates.py")
 
 
 def _subjects_for(comp: Composition, kb: Mapping[str, Any]) -> Iterator[Subject]:

@@ -105,8 +105,8 @@ class _RequestLog:
         await self.app(scope, receive, send_logged)
 
 
-def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, profile: PatchProfile | None = None,
-               gate: Gate | None = None, control: str | None = None, max_queue: int = 32,
+def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, profile: PatchProfile | str | None = None,
+               gate: Gate | str | None = None, control: str | None = None, max_queue: int = 32,
                request_timeout_s: float = 120.0, max_tokens_cap: int = 1024, default_max_tokens: int = 256,
                context_length: int | None = None, patching_default: bool = True) -> FastAPI:
     """An app serving ``model`` as ``model_name``; ``profile``/``gate``/``control`` go to :class:`AutoPatcher`.

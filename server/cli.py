@@ -4,9 +4,10 @@ Example:
     $ autopatch serve                                   # embedded Gemma 3 270M on http://127.0.0.1:8000
     $ autopatch serve --model /models/qwen2 --port 9000 --max-queue 8 --timeout 60
 
-The patcher uses the gate shipped for the model (``classifiers.default_gate_for``)
-and that gate's profile; without one it patches every located two-hop question
-(``AlwaysPatch``). Each request is logged with its status and latency.
+The profile and gate are resolved by :func:`autopatch.resolve.resolve`: the
+gate shipped for the model and its profile; when none is shipped, or the
+shipped one is refused, it patches every located two-hop question
+(``AlwaysPatch``) and logs one warning. Each request is logged with its status and latency.
 """
 
 from __future__ import annotations
@@ -32,21 +33,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--no-patching", action="store_true", help="patch only requests that set autopatch.enabled")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-
-def default_gate(model):
-    """The gate shipped for ``model``, or ``None`` (AlwaysPatch) when there is none or it does not fit."""
-    try:
-        from classifiers import default_gate_for
-    except ImportError:
-        return None
-    from autopatch.errors import AutopatchError
-
-    try:
-        return default_gate_for(model)
-    except AutopatchError as err:
-        logger.warning("not using the shipped gate (%s); patching every located question instead", err)
-        return None
+    parser.add_argument("--profile", default=None, help="a patch profile JSON file (default: resolved for the model)")
+    parser.add_argument("--gate", default=None, help="a gate directory (default: the gate shipped for the model)")
 
 
 @subcommand("serve", "serve a model with autopatch over an OpenAI-compatible HTTP API", _configure_serve)
@@ -59,14 +47,15 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     model, tok = load_model(args.model)
-    gate = default_gate(model)
     name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
-    app = create_app(model, tok, model_name=name, profile=getattr(gate, "profile", None), gate=gate,
+    app = create_app(model, tok, model_name=name, profile=args.profile, gate=args.gate,
                      max_queue=args.max_queue, request_timeout_s=args.timeout, max_tokens_cap=args.max_tokens_cap,
                      patching_default=not args.no_patching)
     served = app.state.served
-    logger.info("loaded %s in %.1fs: strategy=%s gate=%s context=%d prompt=%s", name, time.perf_counter() - started,
-                served.base.profile.strategy, type(served.base.gate).__name__, served.context_length,
+    resolution = served.base.resolution
+    logger.info("loaded %s in %.1fs: strategy=%s (profile: %s) gate=%s (%s) context=%d prompt=%s", name,
+                time.perf_counter() - started, served.base.profile.strategy, resolution.profile_source,
+                type(served.base.gate).__name__, resolution.gate_source, served.context_length,
                 "chat-template" if getattr(tok, "chat_template", None) else "fewshot-qa")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0

@@ -18,6 +18,8 @@ import time
 
 import uvicorn
 
+from autopatch.errors import ServerError
+
 
 class BackgroundServer:
     """uvicorn serving ``app`` on ``host`` (loopback by default) in a daemon thread."""
@@ -41,7 +43,7 @@ class BackgroundServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start on {self.url}")
+                raise ServerError(f"uvicorn did not start on {self.url}")
             time.sleep(0.01)
         return self
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from autopatch.profile import STRATEGIES
+from autopatch.registry import STRATEGIES
 
 Role = Literal["system", "developer", "user", "assistant"]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -84,13 +84,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]  # derived from autopatch.registry
+
+
 class AutopatchOptions(BaseModel):
     """Per-request patching controls: ``{"enabled": bool, "strategy": ..., "threshold": float}``."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     enabled: bool | None = Field(default=None, description="Patch two-hop questions (default: the server's setting).")
-    strategy: Literal["reroute", "backpatch", "verbalize"] | None = Field(
-        default=None, description=f"Override the profile's strategy, one of {STRATEGIES}.")
+    strategy: StrategyName | None = Field(
+        default=None, description=f"Override the profile's strategy, one of {tuple(STRATEGIES)}.")
     threshold: float | None = Field(default=None, description="Override the learned gate's threshold (needs a learned gate).")
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from autopatch.errors import ConfigError
 from autopatch.gating import Gate
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
@@ -157,7 +158,7 @@ class GenerationWorker:
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, *, control=None, max_queue: int = 32):
         if max_queue < 1:
-            raise ValueError("max_queue must be at least 1")
+            raise ConfigError("max_queue must be at least 1")
         self.model, self.tokenizer, self.control = model, tokenizer, control
         self.max_queue = max_queue
         self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=max_queue)
@@ -243,10 +244,11 @@ class GenerationWorker:
         ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
         if job.seed is not None:
             torch.manual_seed(job.seed)
-        patcher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
-                         pad_token_id=self.tokenizer.pad_token_id, streamer=stream,
-                         stopping_criteria=StoppingCriteriaList([halt]), questions=[job.question],
-                         patching=job.patching, **job.sampling)
+        result = patcher.generate_with_reports(ids, attention_mask=torch.ones_like(ids),
+                                               max_new_tokens=job.max_new_tokens,
+                                               pad_token_id=self.tokenizer.pad_token_id, streamer=stream,
+                                               stopping_criteria=StoppingCriteriaList([halt]), questions=[job.question],
+                                               patching=job.patching, **job.sampling)
         if job.cancelled.is_set():
             return None
         text = stream.finish()
@@ -254,7 +256,7 @@ class GenerationWorker:
             finish = "stop"
         else:
             finish = "length" if len(stream.ids) >= job.max_new_tokens else "stop"
-        report = patcher.last_report[0].to_dict() if patcher.last_report else {}
+        report = result.reports[0].to_dict() if result.reports else {}
         return GenerationResult(text, finish, len(job.prompt_ids), len(stream.ids), report)
 
 

@@ -94,7 +94,7 @@ def test_verbalize_span_patchscope_decodes_the_bridge_from_the_subject_state(gem
     from autopatch.profile import PatchProfile
 
     model, tok = gemma
-    profile = replace(PatchProfile.for_model(model), strategy="verbalize", bridge_prompt="span",
+    profile = replace(PatchProfile.shipped_for(model), strategy="verbalize", bridge_prompt="span",
                       source_position="subject_end", source_layer=3, target_layer=3)
     question = "What is the capital of the country where the Colosseum is located?"
     enc = tok([profile.prompt_format.render(question, tok)], return_tensors="pt")
@@ -117,6 +117,7 @@ def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(
     patcher = AutoPatcher(model, tok)
     assert patcher.gate is not None and isinstance(patcher.gate, PatchGate)
     assert patcher.profile.strategy == "verbalize" and patcher.profile.note.startswith("sweep")
+    assert (patcher.resolution.profile_source, patcher.resolution.gate_source) == ("shipped", "shipped")
     question = "What is the capital of the country where the Colosseum is located?"
     enc = tok([patcher.profile.prompt_format.render(question, tok)], return_tensors="pt")
     patcher.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -133,3 +134,13 @@ def test_generate_strategy_backpatch_uses_the_shipped_backpatch_profile(gemma):
     profile, swept = strategy_profile(model, "backpatch", AutoPatcher(model, tok).profile)
     assert swept and profile.strategy == "backpatch" and profile.target_layer < profile.source_layer
     AutoPatcher(model, tok, profile)  # valid for this model: the CLI path no longer fails
+
+
+def test_answer_on_gemma_is_short_and_reported(gemma):
+    from autopatch.patcher import AutoPatcher
+
+    model, tok = gemma
+    (answer,) = AutoPatcher(model, tok).answer("What is the capital of the country where the Colosseum is located?",
+                                               max_new_tokens=12)
+    assert answer.text and "\n" not in answer.text and "Q:" not in answer.text
+    assert answer.report.located and answer.report.gate_score is not None

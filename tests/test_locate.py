@@ -264,7 +264,9 @@ def test_decomposition_unlocatable(question: str, steps: list[str]) -> None:
 
 
 def test_malformed_inputs_are_type_errors() -> None:
-    with pytest.raises(TypeError):
+    from autopatch.errors import InputError
+
+    with pytest.raises(InputError):
         locate_from_decomposition("Who is the spouse of the Green performer?", [{"q": "x"}, {"q": "#1"}])
     with pytest.raises(TypeError):
         locate_from_text(None)  # type: ignore[arg-type]

@@ -138,7 +138,6 @@ def test_serve_subcommand_loads_once_and_runs_uvicorn(monkeypatch):
     loads, runs = [], []
     monkeypatch.setattr(autopatch.loading, "load_model",
                         lambda name=None: loads.append(name) or (tiny_model_for_bytes("llama"), byte_tokenizer()))
-    monkeypatch.setattr(server.cli, "default_gate", lambda model: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
     args = build_parser().parse_args(["serve", "--model", "/models/tiny", "--port", "9123", "--max-queue", "3",
                                       "--timeout", "5", "--no-patching"])

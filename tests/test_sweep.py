@@ -30,8 +30,8 @@ def test_default_grid_scales_with_depth_and_keys_round_trip():
 
 def test_sweep_resumes_and_summarises(tmp_path, monkeypatch):
     model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
-    monkeypatch.setattr(PatchProfile, "for_model", classmethod(
-        lambda cls, m, variant=None: PatchProfile(source_layer=2, target_layer=1, prompt_format=PromptFormat(demonstrations=()))))
+    monkeypatch.setattr(PatchProfile, "default_for", classmethod(
+        lambda cls, m: PatchProfile(source_layer=2, target_layer=1, prompt_format=PromptFormat(demonstrations=()))))
     records = generate_twohop("train")[:5]
     configs = [SweepConfig("reroute", "span_end", 2, 1), SweepConfig("verbalize", "subject_end", 1, 1, "span")]
     out = tmp_path / "sweep.jsonl"
@@ -48,8 +48,8 @@ def test_sweep_resumes_and_summarises(tmp_path, monkeypatch):
     assert all(r["n"] == 5 and 0 <= r["em"] <= 1 for r in rows)
     written = write_profiles(table, "llama", "abc", replace(PatchProfile(), prompt_format=PromptFormat()), "test",
                              directory=tmp_path / "profiles")
-    assert {p.name for p in written} == {"llama.json", "llama.reroute.json", "llama.verbalize.json"}
-    best = PatchProfile.load(tmp_path / "profiles" / "llama.json")
+    assert {p.name for p in written} == {"profile.json", "reroute.json", "verbalize.json"}
+    best = PatchProfile.load(tmp_path / "profiles" / "profile.json")
     assert best.model_fingerprint == "abc" and best.note.startswith("sweep")
 
 

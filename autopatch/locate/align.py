@@ -13,6 +13,7 @@ from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import Any
 
+from autopatch.errors import InputError
 from autopatch.locate.lexicon import (
     _AUX,
     _BE,
@@ -53,7 +54,7 @@ def _step_text(step: Any) -> str:
         return step
     text = step.get("question") if isinstance(step, Mapping) else getattr(step, "question", None)
     if not isinstance(text, str):
-        raise TypeError(
+        raise InputError(
             f"a decomposition step must be a string, a mapping with a 'question' string or an object "
             f"with a .question string; got {step!r}"
         )

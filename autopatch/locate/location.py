@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from autopatch.errors import AutopatchError
+from autopatch.errors import AutopatchError, InputError, PatchError
 
 if TYPE_CHECKING:
     from autopatch.locate.tokens import _Tok
@@ -56,13 +56,13 @@ class Location:
     def __post_init__(self) -> None:
         q = self.question
         if q[self.span_start : self.span_end] != self.span:
-            raise ValueError(f"span offsets {self.span_start}:{self.span_end} do not give {self.span!r}")
+            raise PatchError(f"span offsets {self.span_start}:{self.span_end} do not give {self.span!r}")
         if q[self.subject_start : self.subject_end] != self.subject:
-            raise ValueError(f"subject offsets do not give {self.subject!r}")
+            raise PatchError(f"subject offsets do not give {self.subject!r}")
         if not (self.span_start <= self.subject_start < self.subject_end <= self.span_end):
-            raise ValueError(f"subject {self.subject!r} is not inside span {self.span!r}")
+            raise PatchError(f"subject {self.subject!r} is not inside span {self.span!r}")
         if self.second_hop.count(SLOT) != 1:
-            raise ValueError(f"second_hop must contain {SLOT!r} exactly once: {self.second_hop!r}")
+            raise PatchError(f"second_hop must contain {SLOT!r} exactly once: {self.second_hop!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +78,7 @@ class Location:
 
 def _check_question(question: Any) -> None:
     if not isinstance(question, str):
-        raise TypeError(f"question must be a string, got {type(question).__name__}")
+        raise InputError(f"question must be a string, got {type(question).__name__}")
 
 
 def _make_location(

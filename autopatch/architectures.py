@@ -21,7 +21,6 @@ from torch import nn
 
 from autopatch.errors import UnsupportedArchitectureError
 
-
 Paths = str | tuple[str, ...]
 
 

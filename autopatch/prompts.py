@@ -122,7 +122,10 @@ def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 
 
 def chat_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
-    """The text that opens and closes a user turn in the tokenizer's chat template, e.g. ``("<|im_start|>user\\n", "<|im_end|>")``."""
+    """The text that opens and closes a user turn in the tokenizer's chat template.
+
+    E.g. ``("<|im_start|>user\\n", "<|im_end|>")`` for Qwen2.5.
+    """
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return None

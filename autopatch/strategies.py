@@ -121,7 +121,8 @@ def _bridge_stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
     return stops
 
 
-def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile, jobs: Sequence[PatchJob]) -> list[tuple[torch.Tensor, int]]:
+def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile,
+                    jobs: Sequence[PatchJob]) -> list[tuple[torch.Tensor, int]]:
     """Per job, the decoding prompt's ids and the index of its placeholder token."""
     if profile.bridge_prompt == "identity":
         identity = patched_prompt(tok)

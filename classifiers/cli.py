@@ -22,7 +22,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for labels, features, cv.md and the gate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--ship", action="store_true", help="also replace the shipped gate in classifiers/shipped/<model_type>/ (tracked files: commit or revert)")
+    parser.add_argument("--ship", action="store_true",
+                        help="also replace this model's shipped gate in classifiers/shipped/ (tracked files: commit or revert)")
 
 
 @subcommand("train-gate", "train the patch gate on training questions and save it without pickle", _configure)

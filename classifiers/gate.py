@@ -125,7 +125,8 @@ class PatchGate:
             return []
         scores = self.scores(np.stack([self.spec.vector(i) for i in inputs]))
         return [GateDecision(bool(s >= self.threshold), float(s),
-                             f"gate: P(patch helps)={s:.3f} {'>=' if s >= self.threshold else '<'} threshold {self.threshold:.3f}")
+                             f"gate: P(patch helps)={s:.3f} {'>=' if s >= self.threshold else '<'} "
+                             f"threshold {self.threshold:.3f}")
                 for s in scores]
 
     # ---- persistence ----------------------------------------------------------------------

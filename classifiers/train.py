@@ -35,7 +35,6 @@ from classifiers.gate import PatchGate, make_pipeline
 from classifiers.labels import gate_labels
 
 
-
 def parse_sources(spec: str) -> list[tuple[str, str, int | None]]:
     """``"twohop:train:600,musique:calib"`` -> ``[("twohop", "train", 600), ("musique", "calib", None)]``."""
     from autopatch.errors import ConfigError
@@ -121,7 +120,8 @@ def compare_models(X: np.ndarray, y: np.ndarray, w: np.ndarray, spec: FeatureSpe
             pipe = make_pipeline(kind, n_comp)
             fit_args = {} if kind == "mlp" else {"head__sample_weight": w[train_idx]}
             pipe.fit(X[train_idx][:, cols], y[train_idx], **fit_args)
-            scores = pipe.decision_function(X[test_idx][:, cols]) if kind == "svm" else pipe.predict_proba(X[test_idx][:, cols])[:, 1]
+            held_out = X[test_idx][:, cols]
+            scores = pipe.decision_function(held_out) if kind == "svm" else pipe.predict_proba(held_out)[:, 1]
             aucs.append(roc_auc_score(y[test_idx], scores))
         rows.append({"features": feature_set, "model": kind, "auc": float(np.mean(aucs)), "auc_sd": float(np.std(aucs))})
     return rows

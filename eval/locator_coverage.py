@@ -176,7 +176,8 @@ def render_markdown(reports: Sequence[Report], *, show_misses: int = 0) -> str:
     rows: list[tuple[str, Callable[[Report], str]]] = [
         ("questions", lambda r: str(r.total)),
         ("decomposition locator succeeds", lambda r: _pct(r.decomp_located, r.decomp_tried)),
-        ("… via step-2 alignment / via subject anchor", lambda r: f"{r.routes['align']} / {r.routes['anchor']}" if r.decomp_tried else "n/a"),
+        ("… via step-2 alignment / via subject anchor",
+         lambda r: f"{r.routes['align']} / {r.routes['anchor']}" if r.decomp_tried else "n/a"),
         ("questions with a reference span", lambda r: str(r.with_reference)),
         ("text locator: exact span, of those with a reference", lambda r: _pct(r.text_exact, r.with_reference)),
         ("text locator: token-F1 ≥ 0.8, of those with a reference", lambda r: _pct(r.text_overlap, r.with_reference)),

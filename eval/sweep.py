@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 import json
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -42,7 +42,6 @@ from autopatch.strategies import PatchJob, decode_bridges, plan_targets, run_tar
 from eval.datasets import QARecord, load_dataset_by_name
 from eval.jsonl import iter_rows, repair_tail
 from eval.metrics import score_continuation
-
 
 
 @dataclass(frozen=True)
@@ -266,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
 
             model, tok = load_model(args.model)
             from autopatch.fingerprint import model_fingerprint
-
             from autopatch.profile import PROFILES_DIR, ship_name, shipped_profile_dir
 
             base = AutoPatcher(model, tok, gate=AlwaysPatch()).profile

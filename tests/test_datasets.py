@@ -27,7 +27,6 @@ from eval.datasets import (
 from eval.metrics import contains
 from eval.twohop import COMPOSITIONS, SPLITS, generate_twohop, subject_split, twohop_stats
 
-
 MUSIQUE = ds.bundled_musique_path()  # shipped as package data: no test skips for want of it
 
 

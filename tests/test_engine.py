@@ -179,8 +179,8 @@ def test_tiny_models_cover_tuple_and_tensor_blocks():
     kinds = set()
     for arch in TINY_ARCHITECTURES:
         m = tiny_model(arch)
-        seen = []
-        handle = decoder_layers(m)[0].register_forward_hook(lambda mod, a, o: seen.append(type(o)))
+        seen: list[type] = []
+        handle = decoder_layers(m)[0].register_forward_hook(lambda mod, a, o, seen=seen: seen.append(type(o)))
         m(torch.tensor([[3, 4, 5]]))
         handle.remove()
         kinds.add(tuple if issubclass(seen[0], tuple) else torch.Tensor)

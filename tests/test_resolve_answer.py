@@ -39,8 +39,8 @@ def tiny_chat():
     return tiny_model_for_bytes("qwen2"), tok
 
 
-def _profile(fmt: PromptFormat = PromptFormat(demonstrations=())) -> PatchProfile:
-    return PatchProfile(source_layer=2, target_layer=1, prompt_format=fmt)
+def _profile(fmt: PromptFormat | None = None) -> PatchProfile:
+    return PatchProfile(source_layer=2, target_layer=1, prompt_format=fmt or PromptFormat(demonstrations=()))
 
 
 class _Provider:

@@ -132,7 +132,6 @@ def test_serve_subcommand_loads_once_and_runs_uvicorn(monkeypatch):
     import uvicorn
 
     import autopatch.loading
-    import server.cli
     from autopatch.cli import build_parser
 
     loads, runs = [], []

@@ -9,11 +9,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from autopatch.errors import UnsupportedArchitectureError
+from autopatch.errors import AutopatchError, UnsupportedArchitectureError
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -32,3 +34,19 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     digest.update(f"{identity}|{embedding.shape[0]}".encode())
     digest.update(np.round(probe.numpy(), 4).tobytes())
     return digest.hexdigest()[:16]
+
+
+def shipped_dir_for(root: Path, header: str, fingerprint: str, error: type[AutopatchError]) -> Path | None:
+    """The folder ``root/<name>/`` whose ``header`` JSON names ``fingerprint`` as its ``model_fingerprint``, if any.
+
+    Shipped profiles and gates are found this way, so files of several models of
+    one ``model_type`` ship side by side. An unreadable header raises ``error``.
+    """
+    for candidate in sorted(root.glob(f"*/{header}")):
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise error(f"Shipped file {candidate} is unreadable ({err}); reinstall autopatch.") from err
+        if isinstance(data, dict) and data.get("model_fingerprint") == fingerprint:
+            return candidate.parent
+    return None

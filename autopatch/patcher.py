@@ -43,6 +43,7 @@ from autopatch.engine import capture
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
 from autopatch.locate import Location, UnlocatableQuestion, locate
+from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.resolve import Resolution, resolve
@@ -108,43 +109,6 @@ class _StopPatchedRows(StoppingCriteria):
         decisions = self.decider.decisions or []
         flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
-class _GatedStreamer:
-    """Forwards the vanilla stream unless the (single) row is patched, then the patched stream."""
-
-    def __init__(self, inner, decider: _DecideAfterPrefill):
-        self.inner, self.decider, self.prompt_sent = inner, decider, False
-
-    def _patched(self) -> bool:
-        return bool(self.decider.decisions and self.decider.decisions[0].patch)
-
-    def put(self, value) -> None:
-        if not self.prompt_sent:
-            self.prompt_sent = True
-            self.inner.put(value)
-        elif not self._patched():
-            self.inner.put(value)
-
-    def end(self) -> None:
-        if not self._patched():
-            self.inner.end()
-
-
-class _TargetStreamer:
-    """Drops the target prompt (the caller already saw their own) and forwards the answer."""
-
-    def __init__(self, inner):
-        self.inner, self.first = inner, True
-
-    def put(self, value) -> None:
-        if self.first:
-            self.first = False
-            return
-        self.inner.put(value)
-
-    def end(self) -> None:
-        self.inner.end()
 
 
 @dataclass(frozen=True)
@@ -311,7 +275,8 @@ class AutoPatcher:
         decider = _DecideAfterPrefill(decide)
         processors = LogitsProcessorList([decider, *(logits_processor or [])])
         criteria = StoppingCriteriaList([*(stopping_criteria or []), _StopPatchedRows(decider)])
-        vanilla_streamer = _GatedStreamer(streamer, decider) if streamer is not None else None
+        first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
+        vanilla_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
         with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
             main = self.model.generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
                                        streamer=vanilla_streamer, **passthrough, **kwargs)
@@ -329,14 +294,15 @@ class AutoPatcher:
         budget = self._token_budget(config, kwargs, width)
         target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
         target_kwargs["max_new_tokens"] = budget
-        target_streamer = _TargetStreamer(streamer) if streamer is not None else None
+        target_streamer = TargetStreamer(streamer) if streamer is not None else None
         target_out, target_width = run_targets(self.model, self.tokenizer, targets, logits_processor=logits_processor,
                                                stopping_criteria=stopping_criteria, streamer=target_streamer,
                                                **passthrough, **target_kwargs)
         for target in targets:
             report = reports[target.row]
             report.target_prompt, report.bridge = target.prompt_text, target.bridge
-        merged = self._merge(main, target_out, targets, width, target_width)
+        merged = merge_outputs(main, target_out, {t.row: j for j, t in enumerate(targets)}, width, target_width,
+                               self.tokenizer.pad_token_id)
         finished = self._finish(merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences, width)
         return GenerateResult(finished, reports, {t.row: t for t in targets})
 
@@ -412,44 +378,6 @@ class AutoPatcher:
                 strategy=p.strategy, source_layer=p.source_layer, target_layer=p.target_layer,
                 source_position=p.source_position, control=self.control, vanilla_first_token=first))
         return reports
-
-    def _merge(self, main, target_out, targets: list[Target], width: int, target_width: int):
-        """The caller's prompt plus each row's answer tokens, right-padded like ``generate`` pads."""
-        main_seq = main if isinstance(main, torch.Tensor) else main.sequences
-        target_seq = target_out if isinstance(target_out, torch.Tensor) else target_out.sequences
-        answers = [main_seq[i, width:] for i in range(main_seq.shape[0])]
-        target_index = {t.row: j for j, t in enumerate(targets)}
-        for row, j in target_index.items():
-            answers[row] = target_seq[j, target_width:]
-        length = max(len(a) for a in answers)
-        pad = self.tokenizer.pad_token_id
-        merged = torch.full((main_seq.shape[0], width + length), pad, dtype=main_seq.dtype, device=main_seq.device)
-        merged[:, :width] = main_seq[:, :width]
-        for i, answer in enumerate(answers):
-            merged[i, width : width + len(answer)] = answer.to(merged.device)
-        if isinstance(main, torch.Tensor):
-            return merged
-        out = copy.copy(main)
-        out.sequences = merged
-        for name in ("scores", "logits"):
-            if getattr(main, name, None) is not None and getattr(target_out, name, None) is not None:
-                setattr(out, name, self._merge_steps(getattr(main, name), getattr(target_out, name), target_index, length))
-        for name in ("attentions", "hidden_states", "past_key_values"):
-            if getattr(out, name, None) is not None:
-                setattr(out, name, None)  # per-step internals of two different prompts cannot be merged
-        return out
-
-    def _merge_steps(self, main_steps, target_steps, target_index: dict[int, int], length: int):
-        batch, vocab = main_steps[0].shape
-        filler = torch.full((vocab,), float("-inf"), dtype=main_steps[0].dtype, device=main_steps[0].device)
-        filler[self.tokenizer.pad_token_id] = 0.0
-        steps = []
-        for s in range(length):
-            step = main_steps[s].clone() if s < len(main_steps) else filler.expand(batch, vocab).clone()
-            for row, j in target_index.items():
-                step[row] = target_steps[s][j].to(step.device) if s < len(target_steps) else filler
-            steps.append(step)
-        return tuple(steps)
 
     def _finish(self, out, reports: list[PatchReport], sequences: torch.Tensor, width: int):
         for i, report in enumerate(reports):

@@ -148,13 +148,9 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 def shipped_profile_dir(fingerprint: str, root: Path = PROFILES_DIR) -> Path | None:
     """The shipped profile directory whose ``profile.json`` carries ``fingerprint``, if any."""
-    for candidate in sorted(root.glob("*/profile.json")):
-        try:
-            if json.loads(candidate.read_text()).get("model_fingerprint") == fingerprint:
-                return candidate.parent
-        except (OSError, json.JSONDecodeError) as err:
-            raise ProfileError(f"Shipped profile {candidate} is unreadable ({err}); reinstall autopatch.") from err
-    return None
+    from autopatch.fingerprint import shipped_dir_for
+
+    return shipped_dir_for(root, "profile.json", fingerprint, ProfileError)
 
 
 def ship_name(model) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from autopatch.errors import ConfigError
 
@@ -46,38 +46,45 @@ class ControlSpec:
     description: str
 
 
-STRATEGIES: dict[str, StrategySpec] = {}
-CONTROLS: dict[str, ControlSpec] = {}
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
 
 
-def register_strategy(spec: StrategySpec) -> StrategySpec:
-    if spec.name in STRATEGIES:
-        raise ConfigError(f"Strategy {spec.name!r} is already registered.")
-    STRATEGIES[spec.name] = spec
-    return spec
+T = TypeVar("T", bound=_Named)
 
 
-def register_control(spec: ControlSpec) -> ControlSpec:
-    if spec.name in CONTROLS:
-        raise ConfigError(f"Control {spec.name!r} is already registered.")
-    CONTROLS[spec.name] = spec
-    return spec
+class Registry(dict[str, T], Generic[T]):
+    """Named plug-ins of one kind, in registration order: ``reg.add(spec)``, ``reg.get_known(name)``.
+
+    Used for strategies and controls here, and for evaluation methods in :mod:`eval.methods`.
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def add(self, item: T) -> T:
+        """Register ``item`` under its name; names are unique."""
+        if item.name in self:
+            raise ConfigError(f"{self.kind} {item.name!r} is already registered.")
+        self[item.name] = item
+        return item
+
+    def get_known(self, name: str) -> T:
+        """The item called ``name``; an unknown name lists the known ones."""
+        try:
+            return self[name]
+        except KeyError:
+            raise ConfigError(f"Unknown {self.kind.lower()} {name!r}; choose one of {', '.join(self)}.") from None
 
 
-def strategy(name: str) -> StrategySpec:
-    """The registered strategy ``name``; an unknown name lists the known ones."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.") from None
-
-
-def control(name: str) -> ControlSpec:
-    """The registered control ``name``; an unknown name lists the known ones."""
-    try:
-        return CONTROLS[name]
-    except KeyError:
-        raise ConfigError(f"Unknown control {name!r}; choose one of {', '.join(CONTROLS)}.") from None
+STRATEGIES: Registry[StrategySpec] = Registry("Strategy")
+CONTROLS: Registry[ControlSpec] = Registry("Control")
+register_strategy = STRATEGIES.add
+register_control = CONTROLS.add
+strategy = STRATEGIES.get_known
+control = CONTROLS.get_known
 
 
 register_strategy(StrategySpec(

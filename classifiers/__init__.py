@@ -13,7 +13,6 @@ the core never imports it directly.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,9 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 def shipped_gate_dir(fingerprint: str, root: Path = SHIPPED_DIR) -> Path | None:
     """The directory under ``classifiers/shipped/`` whose ``gate.json`` was fitted on weights with ``fingerprint``."""
     from autopatch.errors import GateFileError
+    from autopatch.fingerprint import shipped_dir_for
 
-    for header in sorted(root.glob("*/gate.json")):
-        try:
-            if json.loads(header.read_text()).get("model_fingerprint") == fingerprint:
-                return header.parent
-        except (OSError, json.JSONDecodeError, AttributeError) as err:
-            raise GateFileError(f"Shipped gate header {header} is unreadable ({err}); reinstall autopatch.") from err
-    return None
+    return shipped_dir_for(root, "gate.json", fingerprint, GateFileError)
 
 
 def default_gate_for(model: Any):

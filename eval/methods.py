@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from autopatch.registry import CONTROLS, STRATEGIES
+from autopatch.registry import CONTROLS, STRATEGIES, Registry
 from eval.datasets import QARecord
 
 if TYPE_CHECKING:  # the registry itself is imported by the CLI's parser, which must not load torch
@@ -231,17 +231,8 @@ def hop_questions(record: QARecord) -> tuple[str, list[str], str, list[str]]:
     return hop1, hop1_golds, hop2, hop2_golds
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    """Add a method to the registry (names are unique)."""
-    if method.name in METHODS:
-        from autopatch.errors import ConfigError
-
-        raise ConfigError(f"Method {method.name!r} is already registered.")
-    METHODS[method.name] = method
-    return method
+METHODS: Registry[Method] = Registry("Method")
+register = METHODS.add
 
 
 def _cot(ctx: EvalContext, record: QARecord) -> str:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from autopatch.architectures import num_layers
-from autopatch.engine import capture
+from autopatch.engine import CaptureResult, capture
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
 from autopatch.locate import Location, UnlocatableQuestion, locate
@@ -109,6 +110,31 @@ class _StopPatchedRows(StoppingCriteria):
         decisions = self.decider.decisions or []
         flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One shared prefill: the unpadded rows, their plans, and the block outputs captured at the located positions.
+
+    ``states`` is filled while the model runs inside :meth:`AutoPatcher.prefill`.
+    """
+
+    rows: list[torch.Tensor]
+    plans: list[RowPlan]
+    positions: list[list[int]]  # per row, capture positions in POSITION_KINDS order (-1 where unused)
+    capture: CaptureResult
+
+    @property
+    def states(self) -> dict[int, torch.Tensor]:
+        return self.capture.states
+
+    def job(self, row: int, source_position: str, source_layer: int) -> PatchJob:
+        """The patch job of a located row: its prompt, source index and captured vector."""
+        plan = self.plans[row]
+        if plan.location is None:
+            raise PatchError(f"Row {row} was not located ({plan.why_not}); it has no patch job.")
+        return PatchJob(row, plan.location, self.rows[row], plan.positions[source_position],
+                        self.states[source_layer][row, POSITION_KINDS.index(source_position)])
 
 
 @dataclass(frozen=True)
@@ -207,6 +233,26 @@ class AutoPatcher:
         positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]  # -1: unused placeholder
         return rows, plans, positions
 
+    @contextmanager
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
+                questions: Sequence[str | None] | None = None,
+                decompositions: Sequence[Any] | None = None) -> Iterator[Prefill]:
+        """Plan the batch and capture ``layers`` at the located positions of the next forward pass run inside.
+
+        The one prefill path of ``generate``, the sweep and the gate's features:
+        ``with patcher.prefill(ids, mask, [6]) as pre: model.generate(...)``; then ``pre.job(...)``.
+        """
+        rows, plans, positions = self.plan_batch(input_ids, attention_mask, questions, decompositions)
+        with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
+            yield Prefill(rows, plans, positions, cap)
+
+    def encode(self, questions: Sequence[str]):
+        """The questions rendered in the profile's format and tokenized as one left-padded batch, on the model's device."""
+        fmt = self.profile.prompt_format
+        enc = self.tokenizer([fmt.render(q, self.tokenizer) for q in questions], return_tensors="pt", padding=True,
+                             add_special_tokens=fmt.kind != "chat")  # a chat template writes its own BOS
+        return enc.to(next(self.model.parameters()).device)
+
     # ---- generate -------------------------------------------------------------------------
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
@@ -258,11 +304,11 @@ class AutoPatcher:
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = self._infer_mask(input_ids)
-        rows, plans, positions = self.plan_batch(input_ids, attention_mask, questions, decompositions)
         layers = sorted({self.profile.source_layer, *self.gate.feature_layers})
+        plans: list[RowPlan] = []
 
         def decide(scores: torch.Tensor) -> list[GateDecision]:  # runs inside generate, after the prefill
-            states = cap.states
+            states = pre.states
             inputs_for_gate = [GateInput(p.question, p.location, {l: states[l][i] for l in layers}, scores[i])
                                for i, p in enumerate(plans)]
             located = [i for i, p in enumerate(plans) if p.location is not None and p.positions]
@@ -277,7 +323,8 @@ class AutoPatcher:
         criteria = StoppingCriteriaList([*(stopping_criteria or []), _StopPatchedRows(decider)])
         first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
         vanilla_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
-        with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
+        with self.prefill(input_ids, attention_mask, layers, questions, decompositions) as pre:
+            plans.extend(pre.plans)
             main = self.model.generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
                                        streamer=vanilla_streamer, **passthrough, **kwargs)
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
@@ -287,9 +334,8 @@ class AutoPatcher:
         if not patched_rows:
             return GenerateResult(self._finish(main, reports, sequences, width), reports, {})
 
-        jobs = [PatchJob(i, plans[i].location, rows[i], plans[i].positions[self.profile.source_position],
-                         cap.states[self.profile.source_layer][i, POSITION_KINDS.index(self.profile.source_position)])
-                for i in patched_rows]
+        p = self.profile
+        jobs = [pre.job(i, p.source_position, p.source_layer) for i in patched_rows]
         targets = plan_targets(self.model, self.tokenizer, self.profile, jobs, control=self.control)
         budget = self._token_budget(config, kwargs, width)
         target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
@@ -321,17 +367,13 @@ class AutoPatcher:
         if not batch:
             return []
         fmt, tok = self.profile.prompt_format, self.tokenizer
-        prompts = [fmt.render(q, tok) for q in batch]
-        chat = fmt.kind == "chat"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-        device = next(self.model.parameters()).device
+        enc = self.encode(batch)
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", tok.pad_token_id)
         if fmt.stop_strings:
             generation_kwargs.setdefault("stop_strings", list(fmt.stop_strings))
             generation_kwargs.setdefault("tokenizer", tok)
-        result = self.generate_with_reports(input_ids=enc.input_ids.to(device),
-                                            attention_mask=enc.attention_mask.to(device), questions=batch,
+        result = self.generate_with_reports(input_ids=enc.input_ids, attention_mask=enc.attention_mask, questions=batch,
                                             decompositions=decompositions, max_new_tokens=max_new_tokens,
                                             **generation_kwargs)
         sequences = result.output if isinstance(result.output, torch.Tensor) else result.output.sequences

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from autopatch.engine import capture
 from autopatch.errors import ConfigError
 from autopatch.gating import POSITION_KINDS, AlwaysPatch, GateInput
 from autopatch.patcher import AutoPatcher
@@ -91,20 +90,17 @@ def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchPr
     Returns ``(ids, X, located)``; rows of unlocated questions are zeros with ``located`` False.
     """
     patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch())  # the shipped gate is not needed (or loaded) here
-    fmt = patcher.profile.prompt_format
     ids: list[str] = []
     rows: list[np.ndarray] = []
     located: list[bool] = []
-    device = next(model.parameters()).device
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        enc = tok([fmt.render(r.question, tok) for r in batch], return_tensors="pt", padding=True).to(device)
-        _, plans, positions = patcher.plan_batch(enc.input_ids, enc.attention_mask, [r.question for r in batch])
+        enc = patcher.encode([r.question for r in batch])
         position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
-        with capture(model, list(spec.layers), positions, attention_mask=enc.attention_mask) as cap:
+        with patcher.prefill(enc.input_ids, enc.attention_mask, list(spec.layers), [r.question for r in batch]) as pre:
             logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1]
-        for i, (record, plan) in enumerate(zip(batch, plans)):
+        for i, (record, plan) in enumerate(zip(batch, pre.plans)):
             ids.append(record.id)
             located.append(bool(plan.positions))
-            rows.append(spec._vector({l: cap.states[l][i] for l in spec.layers}, logits[i]))
+            rows.append(spec._vector({l: pre.states[l][i] for l in spec.layers}, logits[i]))
     return ids, np.stack(rows), np.array(located)

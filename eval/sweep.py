@@ -34,11 +34,10 @@ from pathlib import Path
 import torch
 
 from autopatch.architectures import num_layers
-from autopatch.engine import capture
-from autopatch.gating import POSITION_KINDS, AlwaysPatch
+from autopatch.gating import AlwaysPatch
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
-from autopatch.strategies import PatchJob, decode_bridges, plan_targets, run_targets, verbalized_target
+from autopatch.strategies import decode_bridges, plan_targets, run_targets, verbalized_target
 from eval.datasets import QARecord, load_dataset_by_name
 from eval.jsonl import iter_rows, repair_tail
 from eval.metrics import score_continuation
@@ -104,7 +103,7 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
               batch_size: int = 16, max_new_tokens: int = 8, use_decomposition: bool = False) -> None:
     """Append results for every (record, config) not yet in ``out_path``."""
     patcher = AutoPatcher(model, tok, gate=AlwaysPatch())
-    base, fmt = patcher.profile, patcher.profile.prompt_format
+    base = patcher.profile
     layers = list(range(num_layers(model)))
     repair_tail(out_path)
     done = _done_keys(out_path)
@@ -120,13 +119,11 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
         for batch in _chunks(list(records), batch_size):
             if all((r.id, k) in done for r in batch for k in keys):
                 continue
-            prompts = [fmt.render(r.question, tok) for r in batch]
-            enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-            rows, plans, positions = patcher.plan_batch(
-                enc.input_ids, enc.attention_mask, [r.question for r in batch],
-                [r.question_decomposition for r in batch] if use_decomposition else None)
-            with capture(model, layers, positions, attention_mask=enc.attention_mask) as cap:
+            enc = patcher.encode([r.question for r in batch])
+            with patcher.prefill(enc.input_ids, enc.attention_mask, layers, [r.question for r in batch],
+                                 [r.question_decomposition for r in batch] if use_decomposition else None) as pre:
                 vanilla = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            plans = pre.plans
             width = enc.input_ids.shape[1]
             for i, rec in enumerate(batch):
                 if (rec.id, "vanilla") not in done:
@@ -138,9 +135,7 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
                 if not todo:
                     continue
                 profile = config.profile(base)
-                kind = POSITION_KINDS.index(config.source_position)
-                jobs = [PatchJob(i, plans[i].location, rows[i], plans[i].positions[config.source_position],
-                                 cap.states[config.source_layer][i, kind]) for i in todo]
+                jobs = [pre.job(i, config.source_position, config.source_layer) for i in todo]
                 if config.strategy == "verbalize":
                     bridges = decode_bridges(model, tok, profile, jobs, [j.vector for j in jobs])
                     targets = [verbalized_target(tok, profile, j, b) for j, b in zip(jobs, bridges)]

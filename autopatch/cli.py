@@ -30,7 +30,9 @@ def subcommand(name: str, help_text: str, configure: Callable[[argparse.Argument
 
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local path or HF id (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--model", default=None,
+                        help="an embedded model (gemma-3-270m, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct), "
+                             "a local path or an HF id (default: gemma-3-270m)")
 
 
 def physical_cores() -> int:

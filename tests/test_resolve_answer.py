@@ -189,3 +189,27 @@ def test_resolution_serialises(tiny, providers):
     model, tok = tiny
     data = resolve(model, tok, profile=_profile()).to_dict()
     assert json.loads(json.dumps(data))["gate_source"] == "default"
+
+
+def test_chat_format_uses_real_demonstration_turns_and_asks_for_a_short_answer(tiny_chat):
+    from autopatch.prompts import CHAT_INSTRUCTION, cot_fewshot_prompt
+
+    _, tok = tiny_chat
+    fmt = PromptFormat(kind="chat")
+    text = fmt.render(QUESTION, tok)
+    assert text.startswith(f"<|im_start|>system\n{CHAT_INSTRUCTION}<|im_end|>")
+    for q, a in fmt.demonstrations:
+        assert f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>" in text
+    assert chat_question(tok, text) == QUESTION  # the last user turn, not a demonstration
+    assert cot_fewshot_prompt(fmt, QUESTION, tok) != text  # few-shot CoT renders its own demonstrations
+
+
+def test_a_template_without_system_turns_gets_the_instruction_in_the_first_user_turn():
+    from autopatch.prompts import CHAT_INSTRUCTION
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]")
+    text = PromptFormat(kind="chat").render(QUESTION, tok)
+    assert text.startswith(f"[user] {CHAT_INSTRUCTION}\n\nWhich planet")
+    assert text.rstrip().endswith(f"[user] {QUESTION}\n[assistant]")

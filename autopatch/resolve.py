@@ -15,7 +15,7 @@ Rules, in order:
   ``None`` asks the provider for the gate shipped for this model's fingerprint
   (``"shipped"``). With no gate, or a shipped gate that is refused (corrupt,
   another model), every located question is patched (:class:`AlwaysPatch`,
-  ``"default"``) and one warning is logged.
+  ``"default"``) and one warning is logged (once per model and reason).
 * ``profile``: a :class:`PatchProfile` (``"argument"``) or a path
   (``"file"``); ``None`` takes the gate's own profile when it has one (same
   source as the gate), else the profile shipped for this model's fingerprint
@@ -54,6 +54,7 @@ class GateProvider(Protocol):
 
 
 _PROVIDERS: list[GateProvider] = []
+_WARNED: set[tuple[int, str]] = set()
 _ENTRY_POINTS_LOADED = False
 
 
@@ -137,5 +138,7 @@ def resolve(model: Any, tokenizer: Any, *, profile: PatchProfile | str | os.Path
     chosen_profile, profile_source, profile_notes = _resolve_profile(model, tokenizer, profile, chosen_gate, gate_source)
     notes += profile_notes
     for note in notes:
-        logger.warning("autopatch: %s", note)
+        if (id(model), note) not in _WARNED:  # once per model and reason, however many patchers are built
+            _WARNED.add((id(model), note))
+            logger.warning("autopatch: %s", note)
     return Resolution(chosen_profile, profile_source, chosen_gate, gate_source, tuple(notes))

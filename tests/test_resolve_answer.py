@@ -213,3 +213,11 @@ def test_a_template_without_system_turns_gets_the_instruction_in_the_first_user_
     text = PromptFormat(kind="chat").render(QUESTION, tok)
     assert text.startswith(f"[user] {CHAT_INSTRUCTION}\n\nWhich planet")
     assert text.rstrip().endswith(f"[user] {QUESTION}\n[assistant]")
+
+
+def test_a_fallback_is_logged_once_however_many_patchers_are_built(providers, caplog):
+    model, tok = tiny_model_for_bytes("llama", seed=3), byte_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="autopatch"):
+        for _ in range(3):
+            AutoPatcher(model, tok)
+    assert len([r for r in caplog.records if "no gate is shipped" in r.getMessage()]) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +21,11 @@ from autopatch.errors import AutopatchError, UnsupportedArchitectureError
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the model's type, shape and a fixed slice of its input embeddings (rounded, device-independent)."""
+    hf_model: Any = model  # any module: a missing Hugging Face attribute is the AttributeError below
     try:
-        config = model.config
+        config = hf_model.config
         identity = f"{config.model_type}|{config.num_hidden_layers}|{config.hidden_size}"
-        embedding = model.get_input_embeddings().weight
+        embedding = hf_model.get_input_embeddings().weight
     except (AttributeError, NotImplementedError) as err:
         raise UnsupportedArchitectureError(
             f"Cannot fingerprint {type(model).__name__}: {err}. autopatch needs a Hugging Face causal LM whose "

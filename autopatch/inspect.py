@@ -19,6 +19,7 @@ default the layer it came from), and the model's continuation is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -44,7 +45,7 @@ def patched_prompt(
 ) -> PatchedPrompt:
     """Tokenize ``prompt`` and find the last token of the last ``placeholder`` in it."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    decoded = tokenizer.decode(ids[0], skip_special_tokens=True)
+    decoded = cast(str, tokenizer.decode(ids[0], skip_special_tokens=True))
     start = decoded.rfind(placeholder) if placeholder else -1  # search the decoded text: decode() may alter spacing
     if start < 0:
         raise PatchError(f"The placeholder {placeholder!r} does not occur in the prompt {prompt!r} as the tokenizer "
@@ -76,7 +77,7 @@ def decode_state(
         logits = model(input_ids=input_ids).logits[0, -1]
     probs = torch.softmax(logits.float(), dim=-1)
     top = torch.topk(probs, k)
-    return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+    return [(cast(str, tokenizer.decode([int(i)])), float(p)) for p, i in zip(top.values, top.indices)]
 
 
 @torch.no_grad()
@@ -93,11 +94,11 @@ def describe_state(
     """Greedy multi-token continuation of the identity prompt with ``vector`` patched in."""
     input_ids, edit = _identity_patch(model, tokenizer, vector, layer if target_layer is None else target_layer, prompt)
     with patch(model, [edit]):
-        out = model.generate(
+        out = cast(Any, model).generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+    return cast(str, tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))

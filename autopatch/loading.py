@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -31,6 +32,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from autopatch.architectures import architecture_spec
 from autopatch.errors import ModelNotFoundError, UnsupportedArchitectureError
 from autopatch.models import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, assemble_chunked, embedded_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EMBEDDED_MODEL_NAME = DEFAULT_MODEL
 _HUB_HOST = ("huggingface.co", 443)
@@ -170,7 +174,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode; ``None`` loads the embedded Gemma 3 270M.
 
     ``device="auto"`` spreads the model with accelerate (``device_map="auto"``).
@@ -194,7 +198,7 @@ def load_model(
     except OSError as err:
         raise ModelNotFoundError(f"Could not load model {source!r}: {err}") from err
     if device is not None and device != "auto":
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' functools.wraps on PreTrainedModel.to drops self
     model.eval()
     architecture_spec(model)  # fail now, with the paths tried, rather than at the first patch
     return model, prepare_tokenizer(tokenizer)

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -90,7 +90,7 @@ class RowPlan:
 class _DecideAfterPrefill(LogitsProcessor):
     """Runs the gate once, on the first step's scores, before any token is chosen."""
 
-    def __init__(self, decide):
+    def __init__(self, decide: Callable[[torch.Tensor], list[GateDecision]]) -> None:
         self.decide = decide
         self.decisions: list[GateDecision] | None = None
 
@@ -109,7 +109,7 @@ class _StopPatchedRows(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         decisions = self.decider.decisions or []
         flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, torch.tensor(flags, dtype=torch.bool, device=input_ids.device))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ Strategies (``../shared/research/anchors.md`` §1-3):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -110,7 +111,7 @@ class PatchProfile:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> PatchProfile:
+    def load(cls, path: str | os.PathLike[str]) -> PatchProfile:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:

@@ -18,7 +18,7 @@ context.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -70,7 +70,7 @@ class PromptFormat:
         if kind not in ("fewshot-qa", "chat"):
             raise ProfileError(f"Unknown prompt format kind {kind!r}; use 'fewshot-qa' or 'chat'.")
         demos = tuple(tuple(d) for d in data.get("demonstrations", QA_DEMONSTRATIONS))
-        return cls(kind=kind, demonstrations=demos)  # type: ignore[arg-type]
+        return cls(kind=kind, demonstrations=demos)
 
     @classmethod
     def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
@@ -213,7 +213,7 @@ def target_prompt(
         raise ProfileError("The placeholder must be a non-empty string.")
     text = fmt.render(second_hop.replace(SLOT, placeholder), tokenizer)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
-    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    decoded = cast(str, tokenizer.decode(ids, skip_special_tokens=True))
     rendered_question_at = decoded.rfind(second_hop.split(SLOT)[0].strip() or placeholder)
     start = decoded.find(placeholder, max(rendered_question_at, 0))
     ends = token_char_ends(tokenizer, ids)

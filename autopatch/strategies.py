@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -92,7 +93,7 @@ def _reroute(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob,
 
 def _backpatch(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, vector: torch.Tensor | None) -> Target:
     edits = [] if vector is None else [(profile.target_layer, job.source_index, vector)]
-    return Target(job.row, job.prompt_ids, edits, tok.decode(job.prompt_ids, skip_special_tokens=True))
+    return Target(job.row, job.prompt_ids, edits, cast(str, tok.decode(job.prompt_ids, skip_special_tokens=True)))
 
 
 def _bridge_from_description(text: str) -> str:
@@ -149,7 +150,7 @@ def decode_bridges(
     out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=profile.max_bridge_tokens,
                              eos_token_id=_bridge_stop_ids(tok))
     parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
-    return [parse(tok.decode(out[i, width:], skip_special_tokens=True)) for i in range(len(jobs))]
+    return [parse(cast(str, tok.decode(out[i, width:], skip_special_tokens=True))) for i in range(len(jobs))]
 
 
 def verbalized_target(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, bridge: str) -> Target:
@@ -195,4 +196,5 @@ def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: S
     device = next(model.parameters()).device
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
     with patch(model, edits, attention_mask=mask):
-        return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **generate_kwargs), ids.shape[1]
+        return (cast(Any, model).generate(input_ids=ids.to(device), attention_mask=mask.to(device), **generate_kwargs),
+                ids.shape[1])

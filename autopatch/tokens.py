@@ -15,17 +15,18 @@ quadratic but always exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import SupportsInt
 
 from transformers import PreTrainedTokenizerBase
 
 from autopatch.errors import PatchError
 
 
-def token_char_ends(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int]:
+def token_char_ends(tokenizer: PreTrainedTokenizerBase, ids: Iterable[SupportsInt]) -> list[int]:
     """``ends[i]`` is the length of ``decode(ids[: i + 1])`` (special tokens skipped)."""
-    ids = [int(i) for i in ids]
-    return _ends_from_offsets(tokenizer, ids) or _ends_from_prefixes(tokenizer, ids)
+    int_ids: list[int] = [int(i) for i in ids]
+    return _ends_from_offsets(tokenizer, int_ids) or _ends_from_prefixes(tokenizer, int_ids)
 
 
 def _ends_from_prefixes(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:

@@ -135,7 +135,7 @@ class PatchGate:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        np.savez(buffer, **self.arrays)
+        np.savez(buffer, **self.arrays)  # type: ignore[arg-type]  # mypy matches **arrays against savez's allow_pickle: bool
         blob = buffer.getvalue()
         (directory / "gate.npz").write_bytes(blob)
         header = {"format": "autopatch-gate", "version": GATE_FORMAT_VERSION, "threshold": self.threshold,

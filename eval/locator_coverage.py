@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from autopatch.locate import (
     Location,
@@ -138,7 +138,7 @@ def coverage(name: str, cases: Iterable[Case], *, reference_from_decomposition: 
                 dec = None
             if dec is not None:
                 rep.decomp_located += 1
-                rep.routes[route.split(":")[0]] += 1
+                rep.routes[cast(str, route).split(":")[0]] += 1  # set with dec by decomposition_route
                 if reference_from_decomposition:
                     ref, ref_subject = dec.span, dec.subject
         if dec is not None and case.reference is not None and not reference_from_decomposition:

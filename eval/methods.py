@@ -259,10 +259,10 @@ register(Method("autopatch", "patch", "patch when the gate says so (the deployab
                 _patcher_method(lambda ctx: ctx.profile, gated=True)))
 for _strategy in STRATEGIES:
     register(Method(_strategy, "patch", f"always patch with the best swept {_strategy} configuration",
-                    _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))
+                    _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))  # type: ignore[misc]  # mypy cannot infer a lambda with a default
 for _control in CONTROLS.values():
     register(Method(f"control-{_control.name}", "control", _control.description,
-                    _patcher_method(lambda ctx: ctx.profile, control=_control.name)))  # type: ignore[misc]
+                    _patcher_method(lambda ctx: ctx.profile, control=_control.name)))
 register(Method("hop1", "diagnostic", "hop 1 asked alone (e.g. 'In which country is the Colosseum located?')",
                 _prompted(lambda ctx, r: ctx.fmt.render(hop_questions(r)[0], ctx.tok), scored=False)))
 register(Method("hop2", "diagnostic", "hop 2 with the gold bridge given (e.g. 'What is the capital of Italy?')",

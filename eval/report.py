@@ -25,6 +25,7 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from eval.methods import METHODS
 from eval.metrics import bootstrap_ci, mcnemar
@@ -123,7 +124,7 @@ def gate_quality(by_method: dict[str, dict[str, dict]]) -> dict | None:
     pairs = [(float(pat[i]["em"] > van[i]["em"]), auto[i]["report"]["gate_score"]) for i in auto
              if i in van and i in pat and (auto[i].get("report") or {}).get("gate_score") is not None]
     labels = [p[0] for p in pairs]
-    out = {"n_scored": len(pairs), "helps": int(sum(labels)), "roc_auc": None}
+    out: dict[str, Any] = {"n_scored": len(pairs), "helps": int(sum(labels)), "roc_auc": None}
     if 0 < sum(labels) < len(labels):
         from sklearn.metrics import roc_auc_score
 
@@ -271,8 +272,8 @@ def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute") 
         grid[sources.index(s), targets.index(t)] = max(rates)  # best source position for the cell
     fig, ax = plt.subplots(figsize=(4 + 0.4 * len(targets), 3 + 0.3 * len(sources)))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(targets)), targets)
-    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xticks(range(len(targets)), targets)  # type: ignore[arg-type]  # matplotlib's stub wants str labels; it formats any
+    ax.set_yticks(range(len(sources)), sources)  # type: ignore[arg-type]  # matplotlib's stub wants str labels; it formats any
     ax.set_xlabel("target layer ℓ*")
     ax.set_ylabel("source layer ℓ")
     ax.set_title(f"{strategy}: fix rate on vanilla-wrong questions")

@@ -30,13 +30,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from autopatch.architectures import num_layers
 from autopatch.gating import AlwaysPatch
 from autopatch.patcher import AutoPatcher
-from autopatch.profile import PatchProfile
+from autopatch.profile import BridgePrompt, PatchProfile, SourcePosition
 from autopatch.strategies import decode_bridges, plan_targets, run_targets, verbalized_target
 from eval.datasets import QARecord, load_dataset_by_name
 from eval.jsonl import iter_rows, repair_tail
@@ -63,8 +64,10 @@ class SweepConfig:
         return cls(strategy, position, int(source), int(target), bridge)
 
     def profile(self, base: PatchProfile) -> PatchProfile:
-        return replace(base, strategy=self.strategy, source_position=self.source_position,
-                       source_layer=self.source_layer, target_layer=self.target_layer, bridge_prompt=self.bridge_prompt)
+        # PatchProfile checks both names when it is built
+        return replace(base, strategy=self.strategy, source_position=cast(SourcePosition, self.source_position),
+                       source_layer=self.source_layer, target_layer=self.target_layer,
+                       bridge_prompt=cast(BridgePrompt, self.bridge_prompt))
 
 
 def default_grid(n_layers: int) -> list[SweepConfig]:

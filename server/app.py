@@ -44,7 +44,7 @@ from server.worker import GenerationJob, GenerationResult, GenerationWorker
 logger = logging.getLogger("autopatch.server")
 
 SAMPLING_EPS = 1e-5  # below this temperature, sampling is greedy (as in vLLM); 1e-300 would overflow the softmax
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)}
 
 
 def context_length_of(model, tokenizer: PreTrainedTokenizerBase) -> int:

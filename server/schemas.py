@@ -92,7 +92,7 @@ class AutopatchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     enabled: bool | None = Field(default=None, description="Patch two-hop questions (default: the server's setting).")
-    strategy: StrategyName | None = Field(
+    strategy: StrategyName | None = Field(  # type: ignore[valid-type]  # Literal built at runtime from the registry
         default=None, description=f"Override the profile's strategy, one of {tuple(STRATEGIES)}.")
     threshold: float | None = Field(default=None, description="Override the learned gate's threshold (needs a learned gate).")
 

@@ -25,7 +25,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
@@ -126,7 +126,7 @@ class AnswerStream:
         return self._final
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(self.ids, skip_special_tokens=True))
 
     def _emit(self, text: str) -> None:
         if text and self.on_delta is not None:
@@ -140,7 +140,8 @@ class _Halt(StoppingCriteria):
         self.should_stop = should_stop
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool,
+                                                device=input_ids.device))
 
 
 def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:

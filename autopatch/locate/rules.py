@@ -263,6 +263,7 @@ def _clause_candidates(toks: Sequence[_Tok], n: int, runs: Sequence[tuple[int, i
 def _common_noun_candidates(toks: Sequence[_Tok], n: int) -> list[_Cand]:
     """Subjects that are not names: "sushi's country of origin", "the country of origin of sashimi"."""
     cands: list[_Cand] = []
+    start: int | None
     for j in range(1, n - 1):
         if toks[j].low == "'s":
             # possessor: up to three plain words, then a boundary

@@ -34,7 +34,8 @@ _EXPORTS: dict[str, str] = {
     "GateInput": "autopatch.gating", "NeverPatch": "autopatch.gating",
     "cache_dir": "autopatch.loading", "load_model": "autopatch.loading",
     "Location": "autopatch.locate", "UnlocatableQuestion": "autopatch.locate", "locate": "autopatch.locate",
-    "AutoPatcher": "autopatch.patcher", "PatchReport": "autopatch.patcher",
+    "AutoPatcher": "autopatch.patcher", "PatchReport": "autopatch.patcher", "Answer": "autopatch.patcher",
+    "Resolution": "autopatch.resolve",
     "PatchProfile": "autopatch.profile", "PromptFormat": "autopatch.prompts",
 }
 
@@ -52,9 +53,10 @@ if TYPE_CHECKING:
     from autopatch.gating import AlwaysPatch, Gate, GateDecision, GateInput, NeverPatch
     from autopatch.loading import cache_dir, load_model
     from autopatch.locate import Location, UnlocatableQuestion, locate
-    from autopatch.patcher import AutoPatcher, PatchReport
+    from autopatch.patcher import Answer, AutoPatcher, PatchReport
     from autopatch.profile import PatchProfile
     from autopatch.prompts import PromptFormat
+    from autopatch.resolve import Resolution
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +73,8 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Answer",
+    "Resolution",
     "AlwaysPatch",
     "AutoPatcher",
     "AutopatchError",

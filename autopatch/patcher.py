@@ -305,10 +305,9 @@ class AutoPatcher:
         if attention_mask is None:
             attention_mask = self._infer_mask(input_ids)
         layers = sorted({self.profile.source_layer, *self.gate.feature_layers})
-        plans: list[RowPlan] = []
 
         def decide(scores: torch.Tensor) -> list[GateDecision]:  # runs inside generate, after the prefill
-            states = pre.states
+            states, plans = pre.states, pre.plans
             inputs_for_gate = [GateInput(p.question, p.location, {l: states[l][i] for l in layers}, scores[i])
                                for i, p in enumerate(plans)]
             located = [i for i, p in enumerate(plans) if p.location is not None and p.positions]
@@ -324,9 +323,9 @@ class AutoPatcher:
         first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
         vanilla_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
         with self.prefill(input_ids, attention_mask, layers, questions, decompositions) as pre:
-            plans.extend(pre.plans)
             main = self.model.generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
                                        streamer=vanilla_streamer, **passthrough, **kwargs)
+        plans = pre.plans
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
         sequences = main if isinstance(main, torch.Tensor) else main.sequences
         reports = self._reports(plans, decisions, sequences, width)

@@ -39,7 +39,6 @@ Strategy = str  # a name registered in autopatch.registry.STRATEGIES
 SourcePosition = Literal["span_end", "subject_end", "last"]
 BridgePrompt = Literal["identity", "span"]
 BRIDGE_PROMPTS: tuple[str, ...] = ("identity", "span")
-STRATEGIES: tuple[str, ...] = tuple(registry.STRATEGIES)
 SOURCE_POSITIONS: tuple[str, ...] = ("span_end", "subject_end", "last")
 PROFILE_VERSION = 1
 

@@ -30,10 +30,8 @@ from autopatch.inspect import patched_prompt
 from autopatch.locate import SLOT, Location
 from autopatch.profile import PatchProfile
 from autopatch.prompts import target_prompt
-from autopatch.registry import CONTROLS as REGISTERED_CONTROLS
 
 Control = str  # a name registered in autopatch.registry.CONTROLS
-CONTROLS: tuple[str, ...] = tuple(REGISTERED_CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str
         seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
         noise = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         return (noise * (vector.float().norm() / noise.norm())).to(vector.dtype)
-    raise ConfigError(f"Unknown control {control!r}; choose one of {CONTROLS}.")
+    raise ConfigError(f"Control {control!r} is registered but control_vector has no rule for it; add one.")
 
 
 def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

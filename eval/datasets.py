@@ -45,6 +45,7 @@ __all__ = [
     "bundled_musique_path",
     "Selection",
     "select_records",
+    "select_musique",
     "load_musique",
     "load_hf_musique",
     "load_dataset_by_name",
@@ -214,19 +215,27 @@ def load_musique(
     ``split`` is "calib", "test" or None (all); ``hops`` keeps records with
     exactly that many decomposition steps.
     """
+    return select_musique(path, split=split, hops=hops, answerable_only=answerable_only)[0]
+
+
+def select_musique(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    split: str | None = None,
+    hops: int | None = None,
+    answerable_only: bool = True,
+) -> tuple[list[QARecord], Selection]:
+    """:func:`load_musique`'s records and a :class:`Selection` saying what was filtered and why."""
     _check_split(split, _MUSIQUE_SPLITS, "MuSiQue")
-    p = Path(path) if path is not None else default_musique_path()
-    out: list[QARecord] = []
-    for rec in load_records(p):
-        rec_split = musique_split(rec.id)
-        if split is not None and rec_split != split:
-            continue
-        if hops is not None and rec.hops != hops:
-            continue
-        if answerable_only and not rec.answerable:
-            continue
-        out.append(_with_meta(rec, split=rec_split, source="musique"))
-    return out
+    everything = load_records(Path(path) if path is not None else default_musique_path())
+    records = [r for r in everything if r.answerable or not answerable_only]
+    kept, selection = _filter(records, "musique", split, hops, lambda r: musique_split(r.id),
+                              "the MuSiQue id-hash rule (calib: sha256(id) even)")
+    if len(records) < len(everything):
+        selection = Selection("musique", len(everything), selection.kept,
+                              {"not answerable": len(everything) - len(records), **selection.dropped},
+                              selection.split_rule)
+    return [_with_meta(r, split=musique_split(r.id), source="musique") for r in kept], selection
 
 
 def _with_meta(rec: QARecord, **extra: Any) -> QARecord:
@@ -362,16 +371,7 @@ def select_records(
         return records, Selection("twohop", len(records), len(records), {},
                                   "the bundled subject split" if split else None)
     if lowered == "musique":
-        _check_split(split, _MUSIQUE_SPLITS, "MuSiQue")
-        everything = load_records(default_musique_path())
-        records = [r for r in everything if r.answerable]
-        kept, selection = _filter(records, "musique", split, hops, lambda r: musique_split(r.id),
-                                  "the MuSiQue id-hash rule (calib: sha256(id) even)")
-        if len(records) < len(everything):
-            selection = Selection("musique", len(everything), selection.kept,
-                                  {"not answerable": len(everything) - len(records), **selection.dropped},
-                                  selection.split_rule)
-        return [_with_meta(r, split=musique_split(r.id), source="musique") for r in kept], selection
+        return select_musique(split=split, hops=hops)
     if lowered.startswith(HF_PREFIX):
         records = load_hf_musique(key[len(HF_PREFIX):])
         return _filter(records, key, split, hops, split_rule="the MuSiQue id-hash rule")

@@ -70,6 +70,7 @@ class PatchReport:
     control: str | None = None
     target_prompt: str | None = None
     bridge: str | None = None
+    bridge_tokens: int = 0  # tokens generated to decode the bridge, on top of the answer's
     vanilla_first_token: str | None = None
     answer: str | None = None
 
@@ -345,7 +346,7 @@ class AutoPatcher:
                                                **passthrough, **target_kwargs)
         for target in targets:
             report = reports[target.row]
-            report.target_prompt, report.bridge = target.prompt_text, target.bridge
+            report.target_prompt, report.bridge, report.bridge_tokens = target.prompt_text, target.bridge, target.bridge_tokens
         merged = merge_outputs(main, target_out, {t.row: j for j, t in enumerate(targets)}, width, target_width,
                                self.tokenizer.pad_token_id)
         finished = self._finish(merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences, width)

@@ -40,18 +40,24 @@ COT_TRIGGER = "Let's think step by step."
 CHAT_INSTRUCTION = "Answer with only the answer itself: a name, a number or a short phrase. Do not write a sentence."
 FEWSHOT_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQ:")
 
-# Two-hop demonstrations that state the bridge first; their facts avoid the bundled two-hop knowledge base.
-COT_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
-    (
-        "Which sea does the river that flows through Cairo empty into?",
-        "The river that flows through Cairo is the Nile. The Nile empties into the Mediterranean Sea. "
-        "So the answer is the Mediterranean Sea.",
-    ),
-    (
-        "How many legs does the animal that spins webs have?",
-        "The animal that spins webs is the spider. A spider has eight legs. So the answer is eight.",
-    ),
+# Chain of thought for chat models: reason, then a final line in a fixed form (eval.metrics reads it).
+CHAT_COT_INSTRUCTION = ("Think step by step. Then end with a last line of the form 'Answer: <answer>', where <answer> "
+                        "is only the answer itself: a name, a number or a short phrase.")
+# Kojima et al. (2022), zero-shot CoT: the reasoning trigger, then a second prompt that extracts the answer.
+KOJIMA_ANSWER_TRIGGER = "Therefore, the answer is"
+
+# Two-hop demonstrations (question, reasoning, answer) that state the bridge first; their facts avoid the bundled
+# two-hop knowledge base.
+COT_EXAMPLES: tuple[tuple[str, str, str], ...] = (
+    ("Which sea does the river that flows through Cairo empty into?",
+     "The river that flows through Cairo is the Nile. The Nile empties into the Mediterranean Sea.",
+     "the Mediterranean Sea"),
+    ("How many legs does the animal that spins webs have?",
+     "The animal that spins webs is the spider. A spider has eight legs.", "eight"),
 )
+# Base models: the demonstrations end "So the answer is X."; chat models: a last line "Answer: X".
+COT_DEMONSTRATIONS: tuple[tuple[str, str], ...] = tuple((q, f"{r} So the answer is {a}.") for q, r, a in COT_EXAMPLES)
+CHAT_COT_DEMONSTRATIONS: tuple[tuple[str, str], ...] = tuple((q, f"{r}\nAnswer: {a}") for q, r, a in COT_EXAMPLES)
 
 
 @dataclass(frozen=True)
@@ -77,18 +83,22 @@ class PromptFormat:
         """``chat`` when the tokenizer has a chat template, else ``fewshot-qa``."""
         return cls(kind="chat") if getattr(tokenizer, "chat_template", None) else cls()
 
-    def render(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None, *, answer_prefix: str = "") -> str:
-        """The prompt for ``question``; ``answer_prefix`` starts the answer (e.g. a CoT trigger)."""
+    def render(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None, *, answer_prefix: str = "",
+               instruction: str | None = CHAT_INSTRUCTION) -> str:
+        """The prompt for ``question``; ``answer_prefix`` starts the answer (e.g. a CoT trigger).
+
+        ``instruction`` is the chat format's system turn (``None``: the template's own default).
+        """
         if self.kind == "chat":
             if tokenizer is None:
                 raise ProfileError("The chat prompt format needs the tokenizer to apply its chat template.")
-            return chat_render(tokenizer, self.chat_messages(question)) + answer_prefix
+            return chat_render(tokenizer, self.chat_messages(question, instruction)) + answer_prefix
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.demonstrations)
         return f"{shots}Q: {question}\nA:" + (f" {answer_prefix}" if answer_prefix else "")
 
-    def chat_messages(self, question: str) -> list[dict[str, str]]:
+    def chat_messages(self, question: str, instruction: str | None = CHAT_INSTRUCTION) -> list[dict[str, str]]:
         """The chat turns of ``question``: the short-answer instruction, the demonstrations as real turns, the question."""
-        messages = [{"role": "system", "content": CHAT_INSTRUCTION}]
+        messages = [{"role": "system", "content": instruction}] if instruction else []
         for q, a in self.demonstrations:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return [*messages, {"role": "user", "content": question}]
@@ -130,6 +140,8 @@ def chat_render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
         if not messages or messages[0]["role"] != "system":
             raise
     system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    if not rest:
+        raise ProfileError("A chat prompt needs a user turn after the system turn.")
     rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
     return str(tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True))
 
@@ -226,10 +238,36 @@ def vanilla_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokeni
 
 
 def cot_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-    """Zero-shot chain of thought: the answer starts with "Let's think step by step."."""
+    """Zero-shot chain of thought.
+
+    Base models: the answer starts with "Let's think step by step.". Chat models: no demonstrations,
+    and a system turn that asks for reasoning and then a last line "Answer: <answer>".
+    """
+    if fmt.kind == "chat":
+        return replace(fmt, demonstrations=()).render(question, tokenizer, instruction=CHAT_COT_INSTRUCTION)
     return fmt.render(question, tokenizer, answer_prefix=COT_TRIGGER)
 
 
 def cot_fewshot_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-    """Few-shot chain of thought: demonstrations that name the bridge before the answer."""
+    """Few-shot chain of thought: demonstrations that name the bridge before the answer (chat: as real turns)."""
+    if fmt.kind == "chat":
+        return replace(fmt, demonstrations=CHAT_COT_DEMONSTRATIONS).render(question, tokenizer,
+                                                                           instruction=CHAT_COT_INSTRUCTION)
     return replace(fmt, demonstrations=COT_DEMONSTRATIONS).render(question, tokenizer)
+
+
+def kojima_prompts(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """Stage 1 of Kojima et al.'s two-stage zero-shot CoT: the question, then "Let's think step by step.".
+
+    Base models get exactly :func:`cot_prompt`'s prompt; chat models the bare question as their only user turn
+    (the template's default system turn) and the trigger opening the assistant's turn. Stage 2 is
+    :func:`kojima_answer_prompt`.
+    """
+    if fmt.kind == "chat":
+        return replace(fmt, demonstrations=()).render(question, tokenizer, answer_prefix=COT_TRIGGER, instruction=None)
+    return cot_prompt(fmt, question, tokenizer)  # base models: the same prompt as ``cot``
+
+
+def kojima_answer_prompt(stage1_prompt: str, reasoning: str) -> str:
+    """Stage 2: the stage-1 prompt, the model's reasoning, then "Therefore, the answer is"."""
+    return f"{stage1_prompt} {reasoning.strip()}\n{KOJIMA_ANSWER_TRIGGER}"

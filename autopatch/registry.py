@@ -3,7 +3,7 @@
 Example:
     >>> from autopatch.registry import STRATEGIES, CONTROLS, strategy
     >>> tuple(STRATEGIES)                      # profile validation, CLI choices, server schema, eval methods
-    ('reroute', 'backpatch', 'verbalize')
+    ('reroute', 'backpatch', 'verbalize', 'decompose')
     >>> strategy("backpatch").target_before_source
     True
 
@@ -32,6 +32,7 @@ class StrategySpec:
     description: str
     builder: str  # "module:function" building the targets of a batch of jobs
     target_before_source: bool = False  # the target layer must precede the source layer (back-patching)
+    uses_state: bool = True  # False for text-only baselines (``decompose``): the hidden state is never patched
 
     def build(self) -> Callable[..., Any]:
         module, _, function = self.builder.partition(":")
@@ -40,10 +41,15 @@ class StrategySpec:
 
 @dataclass(frozen=True)
 class ControlSpec:
-    """A control: everything as the strategy does it, except the vector that is patched in."""
+    """A control: everything as the strategy does it, except the vector that is patched in.
+
+    ``subject_text``: instead of patching, write the subject's own words where the
+    placeholder was (the Patchscopes text-substitution control).
+    """
 
     name: str
     description: str
+    subject_text: bool = False
 
 
 class _Named(Protocol):
@@ -96,7 +102,13 @@ register_strategy(StrategySpec(
 register_strategy(StrategySpec(
     "verbalize", "a Patchscope decodes the bridge into words, which fill the second-hop slot",
     "autopatch.strategies:build_verbalize"))
+register_strategy(StrategySpec(
+    "decompose", "text only, no hidden state: the located first hop asked as a question, its short answer fills the "
+    "second-hop slot (the baseline every patch method must beat)", "autopatch.strategies:build_decompose",
+    uses_state=False))
 
 register_control(ControlSpec("random", "the profile's patch with a norm-matched random vector"))
 register_control(ControlSpec("zero", "the profile's patch with a zero vector"))
 register_control(ControlSpec("nopatch", "the profile's target prompt with the placeholder left alone"))
+register_control(ControlSpec("text", "the profile's target prompt with the subject's words in the placeholder, no patch",
+                             subject_text=True))

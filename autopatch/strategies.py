@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from autopatch import registry
 from autopatch.engine import PatchEdit, patch
 from autopatch.errors import ConfigError
-from autopatch.inspect import patched_prompt
+from autopatch.inspect import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
 from autopatch.locate import SLOT, Location
 from autopatch.profile import PatchProfile
 from autopatch.prompts import target_prompt
@@ -43,6 +43,11 @@ class PatchJob:
     prompt_ids: torch.Tensor  # (seq,) the caller's unpadded prompt
     source_index: int  # token index of the source position in prompt_ids
     vector: torch.Tensor  # (hidden,) block output at the profile's source layer
+    placeholder: str | None = None  # words for the target prompt's slot instead of the profile's placeholder
+
+
+def _placeholder(profile: PatchProfile, job: PatchJob) -> str:
+    return job.placeholder if job.placeholder is not None else profile.placeholder
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Target:
     edits: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (layer, position, vector)
     prompt_text: str = ""
     bridge: str | None = None
+    bridge_tokens: int = 0  # tokens generated to decode the bridge (counted in the method's cost)
 
 
 def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str) -> torch.Tensor | None:
@@ -63,7 +69,7 @@ def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str
     registry.control(control)  # an unknown name is refused, naming the known ones
     if control == "zero":
         return torch.zeros_like(vector)
-    if control == "nopatch":
+    if control in ("nopatch", "text"):
         return None
     if control == "random":
         seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
@@ -84,7 +90,7 @@ def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, t
 
 
 def _reroute(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, vector: torch.Tensor | None) -> Target:
-    target = target_prompt(profile.prompt_format, tok, job.location.second_hop, placeholder=profile.placeholder)
+    target = target_prompt(profile.prompt_format, tok, job.location.second_hop, placeholder=_placeholder(profile, job))
     edits = [] if vector is None else [(profile.target_layer, target.placeholder_index, vector)]
     return Target(job.row, target.input_ids, edits, target.text)
 
@@ -123,12 +129,15 @@ def _bridge_stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
 def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile,
                     jobs: Sequence[PatchJob]) -> list[tuple[torch.Tensor, int]]:
     """Per job, the decoding prompt's ids and the index of its placeholder token."""
-    if profile.bridge_prompt == "identity":
-        identity = patched_prompt(tok)
-        return [(identity.input_ids[0], identity.position)] * len(jobs)
     prompts = []
+    if profile.bridge_prompt == "identity":
+        for job in jobs:
+            words = IDENTITY_PLACEHOLDER if job.placeholder is None else job.placeholder
+            identity = patched_prompt(tok, IDENTITY_PROMPT.replace(IDENTITY_PLACEHOLDER, words), words)
+            prompts.append((identity.input_ids[0], identity.position))
+        return prompts
     for job in jobs:
-        t = target_prompt(profile.prompt_format, tok, _span_question(job.location), placeholder=profile.placeholder)
+        t = target_prompt(profile.prompt_format, tok, _span_question(job.location), placeholder=_placeholder(profile, job))
         prompts.append((t.input_ids, t.placeholder_index))
     return prompts
 
@@ -142,19 +151,41 @@ def decode_bridges(
     vectors: Sequence[torch.Tensor | None],
 ) -> list[str]:
     """The words each job's vector decodes to under ``profile.bridge_prompt`` (one batched generate)."""
+    return [bridge for bridge, _ in decode_bridges_counted(model, tok, profile, jobs, vectors)]
+
+
+@torch.no_grad()
+def decode_bridges_counted(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    profile: PatchProfile,
+    jobs: Sequence[PatchJob],
+    vectors: Sequence[torch.Tensor | None],
+) -> list[tuple[str, int]]:
+    """:func:`decode_bridges`, with the number of tokens each decoding generated."""
     prompts = _bridge_prompts(tok, profile, jobs)
     targets = [Target(i, ids, [] if v is None else [(profile.target_layer, position, v)])
                for i, ((ids, position), v) in enumerate(zip(prompts, vectors))]
     out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=profile.max_bridge_tokens,
                              eos_token_id=_bridge_stop_ids(tok))
     parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
-    return [parse(cast(str, tok.decode(out[i, width:], skip_special_tokens=True))) for i in range(len(jobs))]
+    return [(parse(cast(str, tok.decode(out[i, width:], skip_special_tokens=True))), _generated(out[i, width:], tok))
+            for i in range(len(jobs))]
 
 
-def verbalized_target(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, bridge: str) -> Target:
+def _generated(new_ids: torch.Tensor, tok: PreTrainedTokenizerBase) -> int:
+    """Tokens a row generated (``generate`` pads finished rows on the right)."""
+    ids = new_ids.tolist()
+    while ids and ids[-1] == tok.pad_token_id:
+        ids.pop()
+    return len(ids)
+
+
+def verbalized_target(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, bridge: str,
+                      bridge_tokens: int = 0) -> Target:
     """The explicit second-hop question with ``bridge`` in the slot (the span itself if nothing was decoded)."""
     text = profile.prompt_format.render(job.location.fill(bridge or job.location.span), tok)
-    return Target(job.row, tok(text, return_tensors="pt").input_ids[0], [], text, bridge)
+    return Target(job.row, tok(text, return_tensors="pt").input_ids[0], [], text, bridge, bridge_tokens)
 
 
 def build_reroute(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
@@ -169,8 +200,19 @@ def build_backpatch(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob],
 
 def build_verbalize(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
     """Registered as ``verbalize`` in :mod:`autopatch.registry`."""
-    bridges = decode_bridges(model, tok, profile, jobs, vectors)
-    return [verbalized_target(tok, profile, job, bridge) for job, bridge in zip(jobs, bridges)]
+    bridges = decode_bridges_counted(model, tok, profile, jobs, vectors)
+    return [verbalized_target(tok, profile, job, bridge, n) for job, (bridge, n) in zip(jobs, bridges)]
+
+
+def build_decompose(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
+    """Registered as ``decompose``: text only. The first-hop span is asked as a question ("What is the country
+    where the Colosseum is located?"), and its short answer fills the second-hop slot; no state is patched.
+
+    The same prompts and token budget as ``verbalize`` with the span prompt, with the subject's words where
+    ``verbalize`` patches the subject's state, so the two differ only in what the hidden state adds.
+    """
+    text_jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
+    return build_verbalize(model, tok, replace(profile, bridge_prompt="span"), text_jobs, [None] * len(jobs))
 
 
 def plan_targets(
@@ -182,6 +224,8 @@ def plan_targets(
     control: Control | None = None,
 ) -> list[Target]:
     """Build the target prompt and patches of each job under ``profile.strategy``."""
+    if control is not None and registry.control(control).subject_text:
+        jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
     vectors = [control_vector(j.vector, control, j.location.question) for j in jobs]
     return registry.strategy(profile.strategy).build()(model, tok, profile, jobs, vectors)
 

@@ -204,6 +204,7 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
         for i, (prompt, text, n) in enumerate(zip(prompts, texts, counts)):
             report = result.reports[i]
             target = result.targets.get(i)
+            n += target.bridge_tokens if target else 0  # cost: the bridge decoding's tokens count too
             results.append(MethodResult(target.prompt_text if target else prompt, text, n, seconds,
                                         patched=report.patched, report=report.to_dict()))
             if target is not None:
@@ -253,12 +254,32 @@ register(Method("cot", "baseline", "zero-shot chain of thought (\"Let's think st
                 _prompted(_cot, cot=True, scored=False), cot=True))
 register(Method("cot-fewshot", "baseline", "few-shot chain of thought whose demonstrations state the bridge first, cot budget",
                 _prompted(_cot_fewshot, cot=True, scored=False), cot=True))
+def _cot_two_stage(ctx: EvalContext, records: Sequence[QARecord]) -> list[MethodResult]:
+    """Kojima et al. (2022): reason after "Let's think step by step.", then "Therefore, the answer is" (budget).
+
+    The stored continuation is the reasoning, the trigger and the stage-2 answer, so the CoT extraction rule
+    reads the answer after the trigger; tokens and seconds are both stages together.
+    """
+    from autopatch.prompts import KOJIMA_ANSWER_TRIGGER, kojima_answer_prompt, kojima_prompts
+
+    stage1 = [kojima_prompts(ctx.fmt, r.question, ctx.tok) for r in records]
+    reasoning, n1, s1 = _generate_prompts(ctx, stage1, ctx.cot_budget)
+    reasoning = [ctx.fmt.clean_answer(t) for t in reasoning]  # a base model's reasoning ends at the next "Q:"
+    stage2 = [kojima_answer_prompt(p, t) for p, t in zip(stage1, reasoning)]
+    answers, n2, s2 = _generate_prompts(ctx, stage2, ctx.budget)
+    return [MethodResult(p, f"{t}\n{KOJIMA_ANSWER_TRIGGER}{a}", a1 + a2, s1 + s2)
+            for p, t, a, a1, a2 in zip(stage2, reasoning, answers, n1, n2)]
+
+
+register(Method("cot-2stage", "baseline", "zero-shot CoT with Kojima et al.'s second, answer-extraction prompt "
+                "(\"Therefore, the answer is\"); cot budget, then the direct budget", _cot_two_stage, cot=True))
 register(Method("patch", "patch", "always patch with the model's profile",
                 _patcher_method(lambda ctx: ctx.profile)))
 register(Method("autopatch", "patch", "patch when the gate says so (the deployable method)",
                 _patcher_method(lambda ctx: ctx.profile, gated=True)))
-for _strategy in STRATEGIES:
-    register(Method(_strategy, "patch", f"always patch with the best swept {_strategy} configuration",
+for _strategy, _spec in STRATEGIES.items():
+    register(Method(_strategy, "patch" if _spec.uses_state else "baseline",
+                    f"always patch with the best swept {_strategy} configuration" if _spec.uses_state else _spec.description,
                     _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))  # type: ignore[misc]  # mypy cannot infer a lambda with a default
 for _control in CONTROLS.values():
     register(Method(f"control-{_control.name}", "control", _control.description,
@@ -272,5 +293,5 @@ register(Method("oracle-gate", "oracle", "ORACLE: patch exactly when patching he
 register(Method("oracle-layers", "oracle", "ORACLE: correct if any configuration of the sweep grid answers correctly",
                 needs=("vanilla",)))
 
-DEFAULT_METHODS = ("vanilla", "cot", "cot-fewshot", "patch", "autopatch", *STRATEGIES,
+DEFAULT_METHODS = ("vanilla", "cot", "cot-fewshot", "cot-2stage", "patch", "autopatch", *STRATEGIES,
                    *(f"control-{c}" for c in CONTROLS), "oracle-gate")

@@ -17,10 +17,16 @@ that normalize to the empty string never match anything.
 Answer extraction rule (:func:`extract_answer`), applied to the raw text a
 model generated after the prompt:
 
-1. If ``cot=True`` and the text contains "the answer is" (case-insensitive),
-   the answer is the text after the LAST occurrence, up to the next newline
-   or period (a leading ":" is dropped). Otherwise continue with step 2 on the
-   whole text.
+1. If ``cot=True`` (chain-of-thought methods):
+
+   a. a line of the form "Answer: X" (the chat CoT format's last line;
+      case-insensitive, "Final answer:" too): the answer is X of the LAST such
+      line, up to a sentence end;
+   b. else, if the text contains "the answer is" (the base-model
+      demonstrations' "So the answer is X.", and Kojima's stage-2 trigger
+      "Therefore, the answer is"), the answer is the text after the LAST
+      occurrence, up to the next newline or period (a leading ":" is dropped);
+   c. otherwise continue with step 2 on the whole text.
 2. Leading whitespace (including blank lines) is skipped; the answer is the
    text up to the first newline, trimmed.
 3. A leading "A:" or "Answer:" (case-insensitive) is stripped.
@@ -60,6 +66,7 @@ __all__ = [
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"^[ \t*#]*(?:final\s+)?answer[ \t*]*:[ \t*]*(.*)$", re.IGNORECASE | re.MULTILINE)
 _ANSWER_PREFIX = re.compile(r"^(?:answer|a)\s*:\s*", re.IGNORECASE)
 _NEXT_Q = re.compile(r"\bQ\s*:")
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")
@@ -130,6 +137,11 @@ def _strip_answer(text: str) -> str:
 
 
 def _extract_cot(continuation: str) -> str | None:
+    lines = [m.group(1) for m in _ANSWER_LINE.finditer(continuation) if m.group(1).strip(" *")]
+    if lines:
+        line = lines[-1].strip(" *")
+        end = _SENTENCE_END.search(line)
+        return _strip_answer(line[: end.start()] if end else line)
     matches = list(_ANSWER_IS.finditer(continuation))
     if not matches:
         return None

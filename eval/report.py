@@ -111,9 +111,30 @@ def summarise(out_dir: Path) -> dict:
         if gap is not None and name not in ("hop1", "hop2"):
             entry["gap"] = _stats(rows, paired, [i for i in gap if i in rows])
         summary["methods"][name] = entry
+    summary["vs_decompose"] = _versus(by_method, "decompose", common)
     summary["warnings"] = _control_warnings(summary)
     summary["gate"] = gate_quality(by_method)
     return summary
+
+
+def _versus(by_method: dict[str, dict[str, dict]], reference: str, ids: Sequence[str]) -> dict:
+    """Every patch method against ``reference`` (paired EM on ``ids``): is the hidden state worth more than text?"""
+    if reference not in by_method:
+        return {}
+    ref = by_method[reference]
+    out = {}
+    for name, rows in by_method.items():
+        method = METHODS.get(name)
+        if method is None or method.kind != "patch":
+            continue
+        paired = [i for i in ids if i in rows and i in ref]
+        if not paired:
+            continue
+        test = mcnemar([bool(ref[i]["em"]) for i in paired], [bool(rows[i]["em"]) for i in paired])
+        out[name] = {"n": len(paired), "em": sum(rows[i]["em"] for i in paired) / len(paired),
+                     f"{reference}_em": sum(ref[i]["em"] for i in paired) / len(paired),
+                     "fixed": test["b_fixed"], "broken": test["b_broken"], "p_value": test["p_value"]}
+    return out
 
 
 def gate_quality(by_method: dict[str, dict[str, dict]]) -> dict | None:
@@ -156,7 +177,8 @@ def _fmt(x, digits: int = 3) -> str:
 def _table(summary: dict, subset: str) -> list[str]:
     order = [m for m in METHODS if m in summary["methods"]] + [m for m in summary["methods"] if m not in METHODS]
     lines = ["| method | kind | n | EM [95% CI] | F1 | contains | fixed/broken vs vanilla (McNemar p) | "
-             "gold log-p | tokens | s/q | patched |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gold log-p | tokens | s/q | EM per 100 tokens | EM per s | patched |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         entry = summary["methods"][name]
         stats = entry.get(subset)
@@ -169,7 +191,29 @@ def _table(summary: dict, subset: str) -> list[str]:
         lines.append(
             f"| {label} | {entry['kind']} | {stats['n']} | {_fmt(stats['em'])} [{_fmt(em_ci[0])}, {_fmt(em_ci[1])}] | "
             f"{_fmt(stats['f1'])} | {_fmt(stats['contains'])} | {vs_text} | {_fmt(stats.get('gold_logprob'), 2)} | "
-            f"{_fmt(stats.get('mean_tokens'), 1)} | {_fmt(stats.get('seconds_per_q'), 2)} | {_fmt(stats.get('patched'), 2)} |")
+            f"{_fmt(stats.get('mean_tokens'), 1)} | {_fmt(stats.get('seconds_per_q'), 2)} | "
+            f"{_fmt(_per(stats.get('em'), stats.get('mean_tokens'), 100), 2)} | "
+            f"{_fmt(_per(stats.get('em'), stats.get('seconds_per_q')), 2)} | {_fmt(stats.get('patched'), 2)} |")
+    return lines
+
+
+def _per(value: float | None, cost: float | None, scale: float = 1.0) -> float | None:
+    """Accuracy per unit of cost (``None`` where the cost is unknown or zero)."""
+    return None if value is None or not cost else scale * value / cost
+
+
+def _decompose_lines(summary: dict) -> list[str]:
+    """Whether each patch method beats the text-only decomposition (the hidden state must add something)."""
+    versus = summary.get("vs_decompose") or {}
+    if not versus:
+        return ["- Not assessed: this run has no `decompose` (text-only) row, so it cannot say whether the hidden "
+                "state adds anything over asking the located first hop in words."]
+    lines = []
+    for name, v in versus.items():
+        verdict = ("beats" if v["em"] > v["decompose_em"] and v["p_value"] < 0.05 else
+                   "does not beat" if v["em"] <= v["decompose_em"] else "is above but not significantly above")
+        lines.append(f"- `{name}` {verdict} `decompose`: EM {v['em']:.3f} vs {v['decompose_em']:.3f} "
+                     f"({v['fixed']} fixed / {v['broken']} broken, McNemar p={v['p_value']:.3g}, n={v['n']}).")
     return lines
 
 
@@ -198,8 +242,9 @@ def report_markdown(summary: dict, command: str) -> str:
         "# Evaluation report", "",
         *_command_lines(command), "",
         f"Questions: {summary['n_questions']}. Greedy decoding. EM/F1 use SQuAD normalisation, best over answer and "
-        "aliases, on the answer extracted by the one rule in `eval/metrics.py` (first line; for CoT the text after "
-        "\"the answer is\"). `contains`: a gold appears in the answer line. Gold log-p: teacher-forced log-probability "
+        "aliases, on the answer extracted by the one rule in `eval/metrics.py` (first line; for CoT the last "
+        "\"Answer:\" line, else the text after \"the answer is\"). Tokens: every token the method generated (a "
+        "decoded bridge and CoT's second stage included). `contains`: a gold appears in the answer line. Gold log-p: teacher-forced log-probability "
         "of the gold's first 3 tokens under the method's final prompt, patched where the method patches. Oracle rows "
         "are upper bounds, not methods.", "",
         "## All questions", "", *_table(summary, "all"), "",
@@ -216,6 +261,8 @@ def report_markdown(summary: dict, command: str) -> str:
                   f"({gate['n_scored']} scored questions, {gate['helps']} where always-patching helps).", ""]
     lines += ["## Controls", ""]
     lines += _control_lines(summary)
+    lines += ["", "## Hidden state against text", ""]
+    lines += _decompose_lines(summary)
     lines += ["", "## Methods", ""]
     lines += [f"- `{name}` ({entry['kind']}): {entry['description']}" for name, entry in summary["methods"].items()]
     return "\n".join(lines) + "\n"
@@ -240,6 +287,31 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_cost(summary: dict, path: Path) -> bool:
+    """Accuracy against cost: one point per method at (mean generated tokens, EM); False if no method has both."""
+    points = [(name, e["all"]["mean_tokens"], e["all"]["em"], e["kind"]) for name, e in summary["methods"].items()
+              if e["all"].get("mean_tokens") is not None and e["all"].get("em") is not None and e["kind"] != "diagnostic"]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"baseline": "#4c72b0", "patch": "#dd8452", "control": "#8c8c8c", "oracle": "#55a868"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, tokens, em, kind in points:
+        ax.scatter([tokens], [em], color=colours.get(kind, "#999"))
+        ax.annotate(name, (tokens, em), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("mean generated tokens per question (bridge and CoT stages included)")
+    ax.set_ylabel("exact match")
+    ax.set_title(f"Accuracy against cost (n={summary['n_questions']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute") -> bool:
@@ -292,6 +364,7 @@ def write_report(out_dir: Path, command: str) -> dict:
     (out_dir / "report.md").write_text(report_markdown(summary, command))
     if summary["methods"]:
         plot_accuracy(summary, out_dir / "accuracy.png")
+        plot_cost(summary, out_dir / "cost.png")
     if (out_dir / "sweep.jsonl").exists():
         plot_sweep_heatmap(out_dir / "sweep.jsonl", out_dir / "sweep_heatmap.png")
     return summary

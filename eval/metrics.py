@@ -26,7 +26,11 @@ model generated after the prompt:
       demonstrations' "So the answer is X.", and Kojima's stage-2 trigger
       "Therefore, the answer is"), the answer is the text after the LAST
       occurrence, up to the next newline or period (a leading ":" is dropped);
-   c. otherwise continue with step 2 on the whole text.
+   c. else, if the last sentence states "... is X" (a chat model that answers
+      its reasoning in one sentence: "The capital of the country where the
+      Uffizi is located is Rome."), the answer is X after the last "is",
+      "are", "was" or "were";
+   d. otherwise continue with step 2 on the whole text.
 2. Leading whitespace (including blank lines) is skipped; the answer is the
    text up to the first newline, trimmed.
 3. A leading "A:" or "Answer:" (case-insensitive) is stripped.
@@ -136,6 +140,18 @@ def _strip_answer(text: str) -> str:
     return text
 
 
+_COPULA = re.compile(r"\b(?:is|are|was|were)\s+", re.IGNORECASE)
+
+
+def _extract_copula(continuation: str) -> str | None:
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", continuation.strip()) if s.strip()]
+    if not sentences:
+        return None
+    last = sentences[-1]
+    found = list(_COPULA.finditer(last))
+    return _strip_answer(last[found[-1].end():]) if found else None
+
+
 def _extract_cot(continuation: str) -> str | None:
     lines = [m.group(1) for m in _ANSWER_LINE.finditer(continuation) if m.group(1).strip(" *")]
     if lines:
@@ -144,7 +160,7 @@ def _extract_cot(continuation: str) -> str | None:
         return _strip_answer(line[: end.start()] if end else line)
     matches = list(_ANSWER_IS.finditer(continuation))
     if not matches:
-        return None
+        return _extract_copula(continuation)
     tail = continuation[matches[-1].end() :]
     tail = tail.lstrip(" \t:")
     cut = min((i for i in (tail.find("\n"), tail.find(".")) if i >= 0), default=len(tail))

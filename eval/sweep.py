@@ -92,6 +92,27 @@ def default_grid(n_layers: int) -> list[SweepConfig]:
     return list(dict.fromkeys(grid))
 
 
+def study_grid(n_layers: int) -> list[SweepConfig]:
+    """The reroute study: (ℓ, ℓ*) at a coarse stride with ℓ* ≤ ℓ (ℓ* early to middle, as Patchscopes and Hopping
+    Too Late suggest), from the span end and from the subject end, plus the span-prompt ``verbalize`` points.
+
+    On a 24-layer model: sources 4, 8, 12, 16 and targets 0, 4, 8 (27 points).
+    """
+    def layer(fraction: float) -> int:
+        return min(n_layers - 1, round(fraction * n_layers))
+
+    sources = sorted({layer(f) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3)})
+    targets = sorted({0, layer(1 / 6), layer(1 / 3)})
+    grid = [SweepConfig("reroute", pos, s, t) for pos in ("span_end", "subject_end") for s in sources for t in targets
+            if t <= s]
+    grid += [SweepConfig("verbalize", "subject_end", s, t, "span")
+             for s, t in ((0, 0), (sources[0], sources[0]), (sources[1], sources[1]), (sources[0], 0), (sources[1], 0))]
+    return list(dict.fromkeys(grid))
+
+
+GRIDS = {"default": default_grid, "study": study_grid}
+
+
 def _done_keys(path: Path) -> set[tuple[str, str]]:
     return {(row["id"], row["config"]) for row in iter_rows(path)}
 
@@ -243,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/sweep_train")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
+                        help="default: strategies x positions x layers (38 points on 18 layers); study: the reroute "
+                             "study, (ℓ, ℓ*) with ℓ* ≤ ℓ from the span end and the subject end, plus span verbalize")
     parser.add_argument("--summarize", help="a sweep.jsonl to summarise instead of running")
     parser.add_argument("--write-profile", action="store_true",
                         help="with --summarize: save the chosen profiles into --out/profiles/")
@@ -280,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     records = stratified_sample(load_dataset_by_name(args.dataset, split=args.split, hops=2), args.limit)
-    configs = default_grid(num_layers(model))
+    configs = GRIDS[args.grid](num_layers(model))
     print(f"sweep: {len(records)} questions x {len(configs)} configurations -> {args.out}/sweep.jsonl", flush=True)
     run_sweep(model, tok, records, configs, Path(args.out) / "sweep.jsonl", batch_size=args.batch_size,
               max_new_tokens=args.max_new_tokens)

@@ -45,11 +45,15 @@ from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
 from autopatch.locate import Location, UnlocatableQuestion, locate
 from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs
+from autopatch.prefix import PrefixLayout, prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.resolve import Resolution, resolve
 from autopatch.strategies import Control, PatchJob, Target, plan_targets, run_targets
 from autopatch.tokens import last_token_of_char_span, token_char_ends
+
+
+_OWN_CACHE_ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids", "cache_position")
 
 
 @dataclass
@@ -124,6 +128,23 @@ class Prefill:
     plans: list[RowPlan]
     positions: list[list[int]]  # per row, capture positions in POSITION_KINDS order (-1 where unused)
     capture: CaptureResult
+    layout: PrefixLayout | None = None  # with reuse_prefix=True: run the forward on these ids (see ``generate``)
+
+    def generate(self, model, input_ids: torch.Tensor, **kwargs):
+        """``model.generate`` for the prefill's batch, through the cached prefix when there is one.
+
+        The output has the caller's ``input_ids`` in front of the new tokens, as a plain call would.
+        """
+        if self.layout is None:
+            return model.generate(input_ids, **kwargs)
+        device = input_ids.device
+        kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        out = model.generate(input_ids=self.layout.input_ids.to(device), attention_mask=self.layout.attention_mask.to(device),
+                             **self.layout.generate_kwargs(model), **kwargs)
+        if isinstance(out, torch.Tensor):
+            return self.layout.caller_sequences(out, input_ids)
+        out.sequences = self.layout.caller_sequences(out.sequences, input_ids)
+        return out
 
     @property
     def states(self) -> dict[int, torch.Tensor]:
@@ -168,7 +189,7 @@ class AutoPatcher:
     """
 
     def __init__(self, model, tokenizer, profile: PatchProfile | str | None = None, gate: Gate | str | None = None,
-                 *, control: Control | None = None):
+                 *, control: Control | None = None, reuse_prefix: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
@@ -178,6 +199,7 @@ class AutoPatcher:
         self.profile: PatchProfile = self.resolution.profile
         self.gate: Gate = self.resolution.gate
         self.control = control
+        self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix); False: plain batches
         self._local = threading.local()  # last_report / last_targets belong to the calling thread
 
     @property
@@ -237,15 +259,24 @@ class AutoPatcher:
     @contextmanager
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
                 questions: Sequence[str | None] | None = None,
-                decompositions: Sequence[Any] | None = None) -> Iterator[Prefill]:
+                decompositions: Sequence[Any] | None = None, *, reuse_prefix: bool = False) -> Iterator[Prefill]:
         """Plan the batch and capture ``layers`` at the located positions of the next forward pass run inside.
 
         The one prefill path of ``generate``, the sweep and the gate's features:
         ``with patcher.prefill(ids, mask, [6]) as pre: model.generate(...)``; then ``pre.job(...)``.
+        With ``reuse_prefix=True`` run the forward as ``pre.generate(model, ids, ...)``: the rows' shared
+        prefix then comes from :mod:`autopatch.prefix`'s cache (computed before the capture opens).
         """
         rows, plans, positions = self.plan_batch(input_ids, attention_mask, questions, decompositions)
-        with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
-            yield Prefill(rows, plans, positions, cap)
+        if not reuse_prefix:
+            with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
+                yield Prefill(rows, plans, positions, cap)
+            return
+        lay = prefix_layout(self.model, rows, self.tokenizer.pad_token_id,
+                            protect=[p for row in positions for p in row if p >= 0])
+        shifted = [[lay.engine_position(p) if p >= 0 else p for p in row] for row in positions]
+        with capture(self.model, layers, shifted, attention_mask=lay.engine_mask) as cap:
+            yield Prefill(rows, plans, positions, cap, lay)
 
     def encode(self, questions: Sequence[str]):
         """The questions rendered in the profile's format and tokenized as one left-padded batch, on the model's device."""
@@ -323,9 +354,13 @@ class AutoPatcher:
         criteria = StoppingCriteriaList([*(stopping_criteria or []), _StopPatchedRows(decider)])
         first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
         vanilla_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
-        with self.prefill(input_ids, attention_mask, layers, questions, decompositions) as pre:
-            main = self.model.generate(input_ids, logits_processor=processors, stopping_criteria=criteria,
-                                       streamer=vanilla_streamer, **passthrough, **kwargs)
+        # The cached prefix changes the ids that generate's callbacks see, so only plain calls reuse it.
+        reuse = (self.reuse_prefix and streamer is None and not logits_processor and not stopping_criteria
+                 and prefix_allowed_tokens_fn is None and not any(k in kwargs for k in _OWN_CACHE_ARGUMENTS)
+                 and kwargs.get("max_new_tokens") is not None)  # max_length would count the re-laid-out width
+        with self.prefill(input_ids, attention_mask, layers, questions, decompositions, reuse_prefix=reuse) as pre:
+            main = pre.generate(self.model, input_ids, logits_processor=processors, stopping_criteria=criteria,
+                                streamer=vanilla_streamer, **passthrough, **kwargs)
         plans = pre.plans
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
         sequences = main if isinstance(main, torch.Tensor) else main.sequences
@@ -343,7 +378,7 @@ class AutoPatcher:
         target_streamer = TargetStreamer(streamer) if streamer is not None else None
         target_out, target_width = run_targets(self.model, self.tokenizer, targets, logits_processor=logits_processor,
                                                stopping_criteria=stopping_criteria, streamer=target_streamer,
-                                               **passthrough, **target_kwargs)
+                                               reuse_prefix=reuse, **passthrough, **target_kwargs)
         for target in targets:
             report = reports[target.row]
             report.target_prompt, report.bridge, report.bridge_tokens = target.prompt_text, target.bridge, target.bridge_tokens

@@ -62,6 +62,7 @@ class EvalContext:
     cot_budget: int = 48
     use_decomposition: bool = False
     gold_scores: bool = True
+    reuse_prefix: bool = True  # the prompts' shared prefix from autopatch.prefix's cache (same tokens, less compute)
 
     @property
     def fmt(self) -> PromptFormat:
@@ -102,14 +103,19 @@ def _device(model) -> torch.device:
 def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int) -> tuple[list[str], list[int], float]:
     import torch
 
+    from autopatch.prefix import prefix_layout
+
     tok = ctx.tok
-    enc = tok(list(prompts), return_tensors="pt", padding=True).to(_device(ctx.model))
     started = time.perf_counter()
+    rows = [tok(p, return_tensors="pt").input_ids[0] for p in prompts]
+    lay = prefix_layout(ctx.model, rows, tok.pad_token_id, enabled=ctx.reuse_prefix)  # the format's shared start, once
+    device = _device(ctx.model)
     with torch.no_grad():
-        out = ctx.model.generate(**enc, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = ctx.model.generate(input_ids=lay.input_ids.to(device), attention_mask=lay.attention_mask.to(device),
+                                 **lay.generate_kwargs(ctx.model), max_new_tokens=budget, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
     seconds = (time.perf_counter() - started) / len(prompts)
-    width = enc.input_ids.shape[1]
-    texts, counts = _decode_new(tok, out, width)
+    texts, counts = _decode_new(tok, out, lay.width)
     return texts, counts, seconds
 
 
@@ -189,7 +195,8 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
         from autopatch.patcher import AutoPatcher
 
         gate = ctx.gate if gated else AlwaysPatch()
-        patcher = AutoPatcher(ctx.model, ctx.tok, profile_of(ctx), gate=gate, control=control)
+        patcher = AutoPatcher(ctx.model, ctx.tok, profile_of(ctx), gate=gate, control=control,
+                              reuse_prefix=ctx.reuse_prefix)
         prompts = [ctx.fmt.render(r.question, ctx.tok) for r in records]
         enc = ctx.tok(prompts, return_tensors="pt", padding=True).to(_device(ctx.model))
         started = time.perf_counter()

@@ -145,8 +145,10 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
                 continue
             enc = patcher.encode([r.question for r in batch])
             with patcher.prefill(enc.input_ids, enc.attention_mask, layers, [r.question for r in batch],
-                                 [r.question_decomposition for r in batch] if use_decomposition else None) as pre:
-                vanilla = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                                 [r.question_decomposition for r in batch] if use_decomposition else None,
+                                 reuse_prefix=True) as pre:
+                vanilla = pre.generate(model, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=tok.pad_token_id)
             plans = pre.plans
             width = enc.input_ids.shape[1]
             for i, rec in enumerate(batch):

@@ -144,3 +144,23 @@ def test_answer_on_gemma_is_short_and_reported(gemma):
                                                max_new_tokens=12)
     assert answer.text and "\n" not in answer.text and "Q:" not in answer.text
     assert answer.report.located and answer.report.gate_score is not None
+
+
+@pytest.mark.parametrize("strategy", ["verbalize", "reroute", "decompose"])
+def test_the_cached_prefix_gives_the_uncached_tokens_on_gemma(gemma, strategy):
+    from dataclasses import replace
+
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from eval.twohop import generate_twohop
+
+    model, tok = gemma
+    questions = [r.question for r in generate_twohop("dev")[:8]]
+    outputs = []
+    for reuse in (False, True):
+        patcher = AutoPatcher(model, tok, gate=AlwaysPatch(), reuse_prefix=reuse)
+        patcher.profile = replace(patcher.profile, strategy=strategy)
+        enc = patcher.encode(questions)
+        result = patcher.generate_with_reports(**enc, max_new_tokens=8, do_sample=False, questions=questions)
+        outputs.append((result.output, [r.bridge for r in result.reports]))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and outputs[0][1] == outputs[1][1]

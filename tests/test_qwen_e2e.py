@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from autopatch.models import embedded_model
 
@@ -67,3 +68,23 @@ def test_vanilla_answers_are_short_names(qwen):
         ["What is the capital of Italy?", "Who wrote Hamlet?"], max_new_tokens=16)
     assert [len(a.text.split()) <= 3 for a in answers] == [True, True], [a.text for a in answers]
     assert "Rome" in answers[0].text and "Shakespeare" in answers[1].text
+
+
+def test_the_cached_prefix_gives_the_uncached_tokens_on_a_chat_model(qwen):
+    """The chat format's system and demonstration turns are cached once; the answers do not change."""
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.prefix import prefix_layout
+    from eval.twohop import generate_twohop
+
+    model, tok = qwen
+    questions = [r.question for r in generate_twohop("dev")[:8]]
+    outputs = []
+    for reuse in (False, True):
+        patcher = AutoPatcher(model, tok, gate=AlwaysPatch(), reuse_prefix=reuse)
+        enc = patcher.encode(questions)
+        result = patcher.generate_with_reports(**enc, max_new_tokens=6, do_sample=False, questions=questions)
+        outputs.append(result.output)
+    assert torch.equal(outputs[0], outputs[1])
+    rows = [enc.input_ids[i][enc.attention_mask[i].bool()] for i in range(len(questions))]
+    assert prefix_layout(model, rows, tok.pad_token_id).prefix_len >= 80  # most of each prompt is shared

@@ -64,11 +64,13 @@ def _with_tuple_blocks(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def tiny_model(arch: str, seed: int = 0, vocab_size: int = VOCAB) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, vocab_size: int = VOCAB, **config_overrides) -> torch.nn.Module:
     """A random tiny model of ``arch`` in eval mode, deterministic for a given seed."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS["llama" if arch == TUPLE_BLOCK_ARCH else arch]()
     config.vocab_size = vocab_size
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     if arch == TUPLE_BLOCK_ARCH:
         model = _with_tuple_blocks(model)
@@ -95,6 +97,6 @@ def byte_tokenizer():
     return tok
 
 
-def tiny_model_for_bytes(arch: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model_for_bytes(arch: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A tiny model of ``arch`` whose vocabulary fits :func:`byte_tokenizer`."""
-    return tiny_model(arch, seed, vocab_size=259)
+    return tiny_model(arch, seed, vocab_size=259, **config_overrides)

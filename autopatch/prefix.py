@@ -1,0 +1,181 @@
+"""Shared-prefix KV caching: the prompts of one format share their start, so compute it once.
+
+Example:
+    >>> from autopatch.prefix import prefix_layout
+    >>> lay = prefix_layout(model, rows, tok.pad_token_id)        # rows: unpadded 1-D id tensors
+    >>> out = model.generate(input_ids=lay.input_ids, attention_mask=lay.attention_mask, **lay.generate_kwargs(model))
+    >>> new_tokens = out[:, lay.width:]
+
+Every prompt that autopatch renders in one format starts with the same tokens:
+the few-shot demonstrations, or the chat template's system turn and
+demonstration turns (91 of about 110 tokens for Qwen2.5 with the chat format).
+:func:`prefix_layout` finds the longest token prefix that every row of a batch
+shares, takes its keys and values from a small per-model cache (computing them
+once, with one forward pass of batch 1), and lays the batch out as
+``[prefix | left padding | suffix]``: the attention mask hides the padding and
+the position ids, which ``generate`` derives from the mask, run on unbroken,
+so each row computes exactly what it would alone. Only the suffixes are run.
+
+Positions for :mod:`autopatch.engine` are then counted in the suffix:
+:meth:`PrefixLayout.engine_position` and :attr:`PrefixLayout.engine_mask`
+translate them, and ``protect=`` keeps every position that will be captured or
+patched out of the cached prefix. The prefix is computed before any capture or
+patch context opens, so the engine's "first forward call" is still the
+prefill of the rows. Falls back to a plain left-padded batch (``prefix_len ==
+0``) when the shared prefix is short, when the model's cache class cannot be
+built, or when the prompt would outgrow a sliding attention window.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MIN_PREFIX_TOKENS = 8  # below this, a cached prefix saves less than its copy costs
+MAX_PREFIXES_PER_MODEL = 8
+
+_lock = threading.Lock()
+_store: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """A batch laid out for ``generate``: ``[prefix | left padding | suffix]``, with the prefix's KV cache."""
+
+    input_ids: torch.Tensor  # (batch, width)
+    attention_mask: torch.Tensor  # (batch, width)
+    prefix_len: int  # 0: no cached prefix, a plain left-padded batch
+    cache: Any = None  # a batch-sized copy of the prefix's cache, or None
+
+    @property
+    def width(self) -> int:
+        """Where generated tokens start in ``generate``'s output."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def engine_mask(self) -> torch.Tensor:
+        """The mask over the tokens the first forward call sees (the suffixes), for engine position translation."""
+        return self.attention_mask[:, self.prefix_len :]
+
+    def engine_position(self, position: int) -> int:
+        """A position of the unpadded row, counted in the suffix the first forward call sees."""
+        return position - self.prefix_len if position >= 0 else position
+
+    def generate_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The cache argument for ``model.generate`` (``cache`` in transformers >= 5.24, else ``past_key_values``)."""
+        if self.cache is None:
+            return {}
+        return {_cache_argument(model): self.cache}
+
+    def caller_sequences(self, sequences: torch.Tensor, caller_ids: torch.Tensor) -> torch.Tensor:
+        """``generate``'s output with the caller's own (left-padded) prompt in front of the new tokens."""
+        return torch.cat([caller_ids.to(sequences.device), sequences[:, self.width :]], dim=1)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shared_prefix_len(rows: Sequence[torch.Tensor]) -> int:
+    """The number of leading tokens every row has in common."""
+    if not rows:
+        return 0
+    shortest = min(len(r) for r in rows)
+    first = rows[0][:shortest]
+    same = torch.ones(shortest, dtype=torch.bool)
+    for row in rows[1:]:
+        same &= row[:shortest] == first
+    mismatch = (~same).nonzero()
+    return int(mismatch[0]) if len(mismatch) else shortest
+
+
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def _new_cache(model: torch.nn.Module):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers releases whose DynamicCache takes no config
+        return DynamicCache()
+
+
+def _prefix_cache(model: torch.nn.Module, prefix: torch.Tensor):
+    """The batch-1 cache of ``prefix`` for ``model``, computed once and kept (a few per model, least recent out)."""
+    key = tuple(int(t) for t in prefix)
+    with _lock:
+        entries = _store.setdefault(model, OrderedDict())
+        if key in entries:
+            entries.move_to_end(key)
+            return entries[key]
+    device = next(model.parameters()).device
+    cache = _new_cache(model)
+    with torch.no_grad():
+        model(input_ids=prefix[None].to(device), use_cache=True, **{_cache_argument(model): cache})
+    with _lock:
+        entries = _store.setdefault(model, OrderedDict())
+        entries[key] = cache
+        while len(entries) > MAX_PREFIXES_PER_MODEL:
+            entries.popitem(last=False)
+    return cache
+
+
+def clear_prefix_cache(model: torch.nn.Module | None = None) -> None:
+    """Forget cached prefixes (of one model, or of all); needed only after editing a model's weights in place."""
+    with _lock:
+        if model is None:
+            _store.clear()
+        else:
+            _store.pop(model, None)
+
+
+def _left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: int, *,
+                  protect: Sequence[int] = (), enabled: bool = True) -> PrefixLayout:
+    """Lay ``rows`` out for one ``generate`` call, reusing the KV cache of the prefix they all share.
+
+    ``protect``: non-negative row positions that a capture or patch will touch; the cached prefix stops before
+    the earliest. The last token of every row always stays in the suffix (its logits start the answer).
+    """
+    rows = [r.cpu() for r in rows]
+    length = shared_prefix_len(rows) if enabled and len(rows) > 0 else 0
+    length = min([length, min(len(r) for r in rows) - 1, *(p for p in protect if p >= 0)]) if rows else 0
+    window = _sliding_window(model)
+    if window is not None and max(len(r) for r in rows) >= window:
+        length = 0  # a sliding-window cache would drop the prefix's oldest keys
+    if length < MIN_PREFIX_TOKENS:
+        ids, mask = _left_pad(rows, pad_id)
+        return PrefixLayout(ids, mask, 0)
+    prefix = rows[0][:length]
+    try:
+        cache = copy.deepcopy(_prefix_cache(model, prefix))
+        cache.batch_repeat_interleave(len(rows))
+    except (AttributeError, TypeError, ValueError, NotImplementedError):  # a model whose cache cannot be reused so
+        ids, mask = _left_pad(rows, pad_id)
+        return PrefixLayout(ids, mask, 0)
+    suffix_ids, suffix_mask = _left_pad([r[length:] for r in rows], pad_id)
+    batch = len(rows)
+    ids = torch.cat([prefix[None].expand(batch, -1), suffix_ids], dim=1)
+    mask = torch.cat([torch.ones(batch, length, dtype=torch.long), suffix_mask], dim=1)
+    return PrefixLayout(ids, mask, length, cache)

@@ -1,0 +1,143 @@
+"""Shared-prefix KV caching gives the tokens of the uncached path, for plain, patched and gated generation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from autopatch.gating import AlwaysPatch
+from autopatch.patcher import AutoPatcher
+from autopatch.prefix import MIN_PREFIX_TOKENS, _prefix_cache, clear_prefix_cache, prefix_layout, shared_prefix_len
+from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat
+from autopatch.strategies import Target, left_pad, run_targets
+from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FMT = PromptFormat(demonstrations=(("Which planet is red?", "Mars"),))
+QUESTIONS = [
+    "What is the capital of the country where the Colosseum is located?",
+    "Who founded the company that makes the iPhone?",
+    "What is 2+2?",
+]
+ARCHS = ["llama", "llama_tuple_blocks", "qwen2", "gemma3_text", "gpt2", "mistral"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request):
+    # Gemma 3's tiny config has an 8-token sliding window, which disables the cache; the real one has 512.
+    overrides = {"sliding_window": 512} if request.param == "gemma3_text" else {}
+    return tiny_model_for_bytes(request.param, **overrides), byte_tokenizer()
+
+
+def _rows(tok, texts):
+    return [tok(t, return_tensors="pt").input_ids[0] for t in texts]
+
+
+def test_shared_prefix_len():
+    a, b = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5])
+    assert shared_prefix_len([a, b]) == 2 and shared_prefix_len([a]) == 4 and shared_prefix_len([]) == 0
+
+
+def test_generation_from_a_cached_prefix_is_token_for_token_the_plain_batch(tiny):
+    model, tok = tiny
+    rows = _rows(tok, [FMT.render(q) for q in QUESTIONS])
+    lay = prefix_layout(model, rows, tok.pad_token_id)
+    assert lay.prefix_len >= MIN_PREFIX_TOKENS
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    cached = model.generate(input_ids=lay.input_ids, attention_mask=lay.attention_mask, **lay.generate_kwargs(model),
+                            **kwargs)[:, lay.width:]
+    assert torch.equal(plain, cached)
+    assert torch.equal(lay.caller_sequences(torch.cat([lay.input_ids, cached], 1), ids)[:, : ids.shape[1]], ids)
+
+
+def test_patched_targets_give_the_same_tokens_with_and_without_the_cached_prefix(tiny):
+    model, tok = tiny
+    rows = _rows(tok, [FMT.render(q) for q in QUESTIONS])
+    vector = torch.randn(model.config.hidden_size) * 3
+    targets = [Target(i, r, [(1, len(r) - 4, vector), (0, -2, -vector)]) for i, r in enumerate(rows)]
+    plain, w1 = run_targets(model, tok, targets, reuse_prefix=False, max_new_tokens=5, do_sample=False)
+    cached, w2 = run_targets(model, tok, targets, max_new_tokens=5, do_sample=False)
+    assert w2 == w1  # the layout keeps the width: prefix + the longest suffix
+    assert torch.equal(plain[:, w1:], cached[:, w2:])
+
+
+def test_autopatcher_generate_is_the_same_with_and_without_the_cached_prefix(tiny):
+    model, tok = tiny
+    profile = PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT)
+    enc = tok([FMT.render(q) for q in QUESTIONS], return_tensors="pt", padding=True)
+    outs = []
+    for reuse in (False, True):
+        patcher = AutoPatcher(model, tok, profile, AlwaysPatch(), reuse_prefix=reuse)
+        result = patcher.generate_with_reports(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                               return_dict_in_generate=True, output_scores=True)
+        outs.append(result)
+    plain, cached = outs
+    assert torch.equal(plain.output.sequences, cached.output.sequences)
+    assert torch.equal(cached.output.sequences[:, : enc.input_ids.shape[1]], enc.input_ids)  # the caller's prompt
+    assert [r.to_dict() for r in plain.reports] == [r.to_dict() for r in cached.reports]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain.output.scores, cached.output.scores))
+
+
+def test_captured_and_patched_positions_never_fall_inside_the_cached_prefix():
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    rows = _rows(tok, [FMT.render(q) for q in QUESTIONS])
+    full = prefix_layout(model, rows, tok.pad_token_id)
+    cut = prefix_layout(model, rows, tok.pad_token_id, protect=[full.prefix_len - 3])
+    assert cut.prefix_len == full.prefix_len - 3
+    assert prefix_layout(model, rows, tok.pad_token_id, protect=[2]).prefix_len == 0  # too short to be worth it
+    assert prefix_layout(model, rows, tok.pad_token_id, enabled=False).prefix_len == 0
+
+
+def test_a_whole_row_is_never_cached():
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    row = _rows(tok, [FMT.render(QUESTIONS[0])])[0]
+    lay = prefix_layout(model, [row, row.clone()], tok.pad_token_id)
+    assert lay.prefix_len == len(row) - 1  # the last token's logits start the answer
+
+
+def test_the_prefix_cache_is_computed_once_and_bounded():
+    model = tiny_model_for_bytes("llama", seed=5)
+    clear_prefix_cache(model)
+    prefix = torch.arange(3, 20)
+    first = _prefix_cache(model, prefix)
+    assert _prefix_cache(model, prefix) is first
+    for n in range(12):
+        _prefix_cache(model, torch.arange(3, 12 + n))
+    assert _prefix_cache(model, prefix) is not first  # evicted, least recently used first
+    clear_prefix_cache(model)
+
+
+def test_a_sliding_window_shorter_than_the_prompt_disables_the_cache():
+    model, tok = tiny_model_for_bytes("mistral"), byte_tokenizer()
+    rows = _rows(tok, [FMT.render(q) for q in QUESTIONS])
+    model.config.sliding_window = 16
+    try:
+        assert prefix_layout(model, rows, tok.pad_token_id).prefix_len == 0
+    finally:
+        model.config.sliding_window = None
+
+
+def test_callers_with_their_own_callbacks_get_the_plain_path():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Count(StoppingCriteria):
+        widths: list[int] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            Count.widths.append(input_ids.shape[1])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    profile = replace(PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT), strategy="reroute")
+    patcher = AutoPatcher(model, tok, profile, AlwaysPatch())
+    enc = tok([FMT.render(QUESTIONS[2])], return_tensors="pt")  # unlocatable: the caller's row runs on
+    patcher.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                     stopping_criteria=StoppingCriteriaList([Count()]))
+    assert Count.widths[0] == enc.input_ids.shape[1] + 1  # it saw the caller's own sequence

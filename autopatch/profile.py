@@ -26,6 +26,7 @@ Strategies (``../shared/research/anchors.md`` §1-3):
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -55,6 +56,7 @@ class PatchProfile:
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     max_bridge_tokens: int = 6
     bridge_prompt: BridgePrompt = "identity"
+    scale: float = 1.0  # the patched vector is scale * h (an amplified patch, as in Superscopes, when > 1)
     model_type: str | None = None
     model_fingerprint: str | None = None  # set on swept profiles: they apply to that model only
     note: str = ""
@@ -73,6 +75,8 @@ class PatchProfile:
             raise ProfileError("The placeholder must contain a visible token.")
         if self.bridge_prompt not in BRIDGE_PROMPTS:
             raise ProfileError(f"Unknown bridge prompt {self.bridge_prompt!r}; choose one of {BRIDGE_PROMPTS}.")
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale != 0):
+            raise ProfileError(f"scale must be a finite, non-zero number, not {self.scale!r}.")
         if self.max_bridge_tokens < 1:
             raise ProfileError("max_bridge_tokens must be at least 1.")
 

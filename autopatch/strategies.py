@@ -227,7 +227,8 @@ def plan_targets(
     """Build the target prompt and patches of each job under ``profile.strategy``."""
     if control is not None and registry.control(control).subject_text:
         jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
-    vectors = [control_vector(j.vector, control, j.location.question) for j in jobs]
+    vectors = [control_vector(j.vector * profile.scale if profile.scale != 1 else j.vector, control, j.location.question)
+               for j in jobs]
     return registry.strategy(profile.strategy).build()(model, tok, profile, jobs, vectors)
 
 

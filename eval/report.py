@@ -45,12 +45,12 @@ def _derived(by_method: dict[str, dict[str, dict]], out_dir: Path) -> None:
         }
     sweep_file = out_dir / "sweep.jsonl"
     if sweep_file.exists():
-        from eval.sweep import load_sweep
+        from eval.sweep import is_config_key, load_sweep
 
         table = load_sweep(sweep_file)
         oracle: dict[str, dict] = {}
         for key, rows in table.items():
-            if key == "vanilla":
+            if not is_config_key(key):
                 continue
             for i, row in rows.items():
                 best = oracle.setdefault(i, {m: 0.0 for m in METRICS} | {"n_tokens": None, "seconds": None, "patched": True})
@@ -314,17 +314,22 @@ def plot_cost(summary: dict, path: Path) -> bool:
     return True
 
 
-def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute") -> bool:
-    """Fix rate (vanilla wrong -> patched right, by EM) over (source layer, target layer); False if no data."""
-    from eval.sweep import SweepConfig, load_sweep
+def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute", position: str | None = None) -> bool:
+    """Fix rate (vanilla wrong -> patched right, by EM) over (source layer, target layer); False if no data.
+
+    ``position`` keeps one source position (else each cell shows the best); amplified patches are left out.
+    """
+    from eval.sweep import SweepConfig, is_config_key, load_sweep
 
     table = load_sweep(sweep_file)
     vanilla = table.get("vanilla", {})
     cells: dict[tuple[int, int], list[float]] = {}
     for key, rows in table.items():
-        if key == "vanilla" or SweepConfig.from_key(key).strategy != strategy:
+        if not is_config_key(key) or SweepConfig.from_key(key).strategy != strategy:
             continue
         config = SweepConfig.from_key(key)
+        if config.scale != 1 or (position is not None and config.source_position != position):
+            continue
         wrong = [i for i in rows if i in vanilla and not vanilla[i]["em"]]
         if wrong:
             rate = sum(rows[i]["em"] for i in wrong) / len(wrong)
@@ -348,7 +353,7 @@ def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute") 
     ax.set_yticks(range(len(sources)), sources)  # type: ignore[arg-type]  # matplotlib's stub wants str labels; it formats any
     ax.set_xlabel("target layer ℓ*")
     ax.set_ylabel("source layer ℓ")
-    ax.set_title(f"{strategy}: fix rate on vanilla-wrong questions")
+    ax.set_title(f"{strategy}{f' from {position}' if position else ''}: fix rate on vanilla-wrong questions")
     fig.colorbar(image)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -38,7 +38,7 @@ from autopatch.architectures import num_layers
 from autopatch.gating import AlwaysPatch
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import BridgePrompt, PatchProfile, SourcePosition
-from autopatch.strategies import decode_bridges, plan_targets, run_targets, verbalized_target
+from autopatch.strategies import plan_targets, run_targets
 from eval.datasets import QARecord, load_dataset_by_name
 from eval.jsonl import iter_rows, repair_tail
 from eval.metrics import score_continuation
@@ -53,21 +53,34 @@ class SweepConfig:
     source_layer: int
     target_layer: int
     bridge_prompt: str = "identity"
+    scale: float = 1.0
 
     @property
     def key(self) -> str:
-        return f"{self.strategy}|{self.source_position}|{self.source_layer}|{self.target_layer}|{self.bridge_prompt}"
+        key = f"{self.strategy}|{self.source_position}|{self.source_layer}|{self.target_layer}|{self.bridge_prompt}"
+        return key if self.scale == 1 else f"{key}|{self.scale:g}"
 
     @classmethod
     def from_key(cls, key: str) -> SweepConfig:
-        strategy, position, source, target, bridge = key.split("|")
-        return cls(strategy, position, int(source), int(target), bridge)
+        strategy, position, source, target, bridge, *scale = key.split("|")
+        return cls(strategy, position, int(source), int(target), bridge, float(scale[0]) if scale else 1.0)
 
     def profile(self, base: PatchProfile) -> PatchProfile:
         # PatchProfile checks both names when it is built
         return replace(base, strategy=self.strategy, source_position=cast(SourcePosition, self.source_position),
                        source_layer=self.source_layer, target_layer=self.target_layer,
-                       bridge_prompt=cast(BridgePrompt, self.bridge_prompt))
+                       bridge_prompt=cast(BridgePrompt, self.bridge_prompt), scale=self.scale)
+
+
+# Rows a study sweep adds per question beside the configurations: text-only references and hop diagnostics.
+# ``random:<config>`` rows hold a configuration's norm-matched random-vector control.
+REFERENCE_KEYS = ("decompose", "control-text", "hop1", "hop2")
+RANDOM_PREFIX = "random:"
+
+
+def is_config_key(key: str) -> bool:
+    """True for a grid configuration's key (not vanilla, a reference row or a control row)."""
+    return key != "vanilla" and key not in REFERENCE_KEYS and not key.startswith(RANDOM_PREFIX)
 
 
 def default_grid(n_layers: int) -> list[SweepConfig]:
@@ -96,7 +109,9 @@ def study_grid(n_layers: int) -> list[SweepConfig]:
     """The reroute study: (ℓ, ℓ*) at a coarse stride with ℓ* ≤ ℓ (ℓ* early to middle, as Patchscopes and Hopping
     Too Late suggest), from the span end and from the subject end, plus the span-prompt ``verbalize`` points.
 
-    On a 24-layer model: sources 4, 8, 12, 16 and targets 0, 4, 8 (27 points).
+    On a 24-layer model: sources 4, 8, 12, 16 and targets 0, 4, 8, plus amplified patches (2h, 4h) from 8 and
+    12 into 0 (35 points). Run with ``--controls`` for each point's random-vector control and the text-only
+    references (``decompose``, ``control-text``, the hop diagnostics) that the study compares against.
     """
     def layer(fraction: float) -> int:
         return min(n_layers - 1, round(fraction * n_layers))
@@ -107,6 +122,8 @@ def study_grid(n_layers: int) -> list[SweepConfig]:
             if t <= s]
     grid += [SweepConfig("verbalize", "subject_end", s, t, "span")
              for s, t in ((0, 0), (sources[0], sources[0]), (sources[1], sources[1]), (sources[0], 0), (sources[1], 0))]
+    grid += [SweepConfig("reroute", pos, s, 0, "identity", scale)  # amplified patches (Superscopes)
+             for pos in ("span_end", "subject_end") for s in sources[1:3] for scale in (2.0, 4.0)]
     return list(dict.fromkeys(grid))
 
 
@@ -124,20 +141,30 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 @torch.no_grad()
 def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepConfig], out_path: Path, *,
-              batch_size: int = 16, max_new_tokens: int = 8, use_decomposition: bool = False) -> None:
-    """Append results for every (record, config) not yet in ``out_path``."""
+              batch_size: int = 16, max_new_tokens: int = 8, use_decomposition: bool = False,
+              controls: bool = False) -> None:
+    """Append results for every (record, config) not yet in ``out_path``.
+
+    ``controls=True`` also writes each configuration's random-vector control (``random:<key>``) and, per
+    question, the text-only references and hop diagnostics in :data:`REFERENCE_KEYS`.
+    """
     patcher = AutoPatcher(model, tok, gate=AlwaysPatch())
     base = patcher.profile
     layers = list(range(num_layers(model)))
     repair_tail(out_path)
     done = _done_keys(out_path)
-    keys = ["vanilla"] + [c.key for c in configs]
+    runs: list[tuple[str, SweepConfig, str | None]] = [(c.key, c, None) for c in configs]
+    if controls:
+        runs += [(RANDOM_PREFIX + c.key, c, "random") for c in configs]
+        runs += [("decompose", SweepConfig("decompose", "subject_end", 0, 0), None),
+                 ("control-text", SweepConfig("reroute", "span_end", 0, 0), "text")]
+    keys = ["vanilla", *(key for key, _, _ in runs), *(("hop1", "hop2") if controls else ())]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     started, n_done = time.perf_counter(), 0
     with out_path.open("a") as sink:
-        def emit(rec: QARecord, key: str, continuation: str, **extra) -> None:
+        def emit(rec: QARecord, key: str, continuation: str, golds: Sequence[str] | None = None, **extra) -> None:
             row = {"id": rec.id, "config": key, "continuation": continuation,
-                   **score_continuation(continuation, rec.golds), **extra}
+                   **score_continuation(continuation, rec.golds if golds is None else golds), **extra}
             sink.write(json.dumps(row) + "\n")
 
         for batch in _chunks(list(records), batch_size):
@@ -156,25 +183,39 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
                     emit(rec, "vanilla", tok.decode(vanilla[i, width:], skip_special_tokens=True),
                          located=bool(plans[i].positions), reason=plans[i].why_not)
             located = [i for i, p in enumerate(plans) if p.positions]
-            for config in configs:
-                todo = [i for i in located if (batch[i].id, config.key) not in done]
+            for key, config, control in runs:
+                todo = [i for i in located if (batch[i].id, key) not in done]
                 if not todo:
                     continue
-                profile = config.profile(base)
                 jobs = [pre.job(i, config.source_position, config.source_layer) for i in todo]
-                if config.strategy == "verbalize":
-                    bridges = decode_bridges(model, tok, profile, jobs, [j.vector for j in jobs])
-                    targets = [verbalized_target(tok, profile, j, b) for j, b in zip(jobs, bridges)]
-                else:
-                    targets = plan_targets(model, tok, profile, jobs)
+                targets = plan_targets(model, tok, config.profile(base), jobs, control=control)
                 out, target_width = run_targets(model, tok, targets, max_new_tokens=max_new_tokens, do_sample=False)
                 for j, target in enumerate(targets):
-                    emit(batch[target.row], config.key, tok.decode(out[j, target_width:], skip_special_tokens=True),
+                    emit(batch[target.row], key, tok.decode(out[j, target_width:], skip_special_tokens=True),
                          bridge=target.bridge)
+            if controls:
+                _hop_rows(model, tok, base, [r for r in batch if (r.id, "hop1") not in done], emit, max_new_tokens)
             sink.flush()
             n_done += len(batch)
             rate = n_done / (time.perf_counter() - started)
             print(f"sweep: {n_done}/{len(records)} questions ({rate:.2f} q/s)", flush=True)
+
+
+def _hop_rows(model, tok, base: PatchProfile, records: Sequence[QARecord], emit, max_new_tokens: int) -> None:
+    """Hop 1 alone and hop 2 with the gold bridge, asked in the profile's format (the gap-subset diagnostics)."""
+    from autopatch.prefix import prefix_layout
+    from eval.methods import hop_questions
+
+    if not records:
+        return
+    hops = [hop_questions(r) for r in records]
+    for name, question_at, golds_at in (("hop1", 0, 1), ("hop2", 2, 3)):
+        rows = [tok(base.prompt_format.render(h[question_at], tok), return_tensors="pt").input_ids[0] for h in hops]
+        lay = prefix_layout(model, rows, tok.pad_token_id)
+        out = model.generate(input_ids=lay.input_ids, attention_mask=lay.attention_mask, **lay.generate_kwargs(model),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for i, rec in enumerate(records):
+            emit(rec, name, tok.decode(out[i, lay.width:], skip_special_tokens=True), golds=hops[i][golds_at])
 
 
 def load_sweep(path: Path) -> dict[str, dict[str, dict]]:
@@ -190,7 +231,7 @@ def summarize(table: dict[str, dict[str, dict]]) -> list[dict]:
     vanilla = table["vanilla"]
     summary = []
     for key, rows in table.items():
-        if key == "vanilla":
+        if key in ("vanilla", "hop1", "hop2"):
             continue
         ids = list(vanilla)
         em = [rows[i]["em"] if i in rows else vanilla[i]["em"] for i in ids]
@@ -228,6 +269,8 @@ def summary_markdown(table: dict[str, dict[str, dict]], command: str) -> str:
 def best_per_strategy(table: dict[str, dict[str, dict]]) -> dict[str, SweepConfig]:
     best: dict[str, SweepConfig] = {}
     for row in summarize(table):  # sorted best first
+        if not is_config_key(row["config"]):
+            continue
         config = SweepConfig.from_key(row["config"])
         best.setdefault(config.strategy, config)
     return best
@@ -266,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/sweep_train")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--controls", action="store_true",
+                        help="also run each configuration's random-vector control, decompose, control-text and the "
+                             "hop diagnostics (the study compares against them; see eval/study.py)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
                         help="default: strategies x positions x layers (38 points on 18 layers); study: the reroute "
                              "study, (ℓ, ℓ*) with ℓ* ≤ ℓ from the span end and the subject end, plus span verbalize")
@@ -309,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = GRIDS[args.grid](num_layers(model))
     print(f"sweep: {len(records)} questions x {len(configs)} configurations -> {args.out}/sweep.jsonl", flush=True)
     run_sweep(model, tok, records, configs, Path(args.out) / "sweep.jsonl", batch_size=args.batch_size,
-              max_new_tokens=args.max_new_tokens)
+              max_new_tokens=args.max_new_tokens, controls=args.controls)
     return 0
 
 

@@ -57,3 +57,26 @@ def test_gate_sources_refuse_test_splits():
     assert parse_sources("twohop:train:10,musique:calib") == [("twohop", "train", 10), ("musique", "calib", None)]
     with pytest.raises(ValueError, match="test"):
         parse_sources("twohop:test")
+
+
+def test_a_study_sweep_writes_controls_references_and_hops_and_the_study_reads_them(tmp_path, monkeypatch):
+    from eval.study import choose_on_train, config_stats, gap_ids, study_markdown
+    from eval.sweep import REFERENCE_KEYS, study_grid
+
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    monkeypatch.setattr(PatchProfile, "default_for", classmethod(
+        lambda cls, m: PatchProfile(source_layer=2, target_layer=1, prompt_format=PromptFormat(demonstrations=()))))
+    configs = [SweepConfig("reroute", "span_end", 2, 1), SweepConfig("reroute", "subject_end", 2, 0, scale=2.0)]
+    assert SweepConfig.from_key(configs[1].key) == configs[1] and configs[1].key.endswith("|2")
+    out = tmp_path / "sweep.jsonl"
+    run_sweep(model, tok, generate_twohop("train")[:4], configs, out, batch_size=2, max_new_tokens=2, controls=True)
+    table = load_sweep(out)
+    assert set(table) == {"vanilla", *REFERENCE_KEYS, *(c.key for c in configs), *("random:" + c.key for c in configs)}
+    assert all(len(rows) == 4 for rows in table.values())
+    assert {r["config"] for r in summarize(table)} >= {c.key for c in configs}
+    chosen = choose_on_train(table)
+    assert set(chosen) == {"reroute"} and chosen["reroute"] in {c.key for c in configs}
+    stats = config_stats(table, configs[0].key)
+    assert stats["gap_n"] == len(gap_ids(table)) and "gap_fixed_random" in stats and "p_vs_decompose" in stats
+    assert "Chosen on train, scored on dev" in study_markdown(table, table, "cmd")
+    assert len(study_grid(24)) == 35 and all(c.target_layer <= c.source_layer for c in study_grid(24))

@@ -52,7 +52,6 @@ from autopatch.resolve import Resolution, resolve
 from autopatch.strategies import Control, PatchJob, Target, plan_targets, run_targets
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
-
 _OWN_CACHE_ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids", "cache_position")
 
 

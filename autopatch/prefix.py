@@ -35,7 +35,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -107,7 +107,7 @@ def _new_cache(model: torch.nn.Module):
     from transformers import DynamicCache
 
     try:
-        return DynamicCache(config=model.config)
+        return DynamicCache(config=cast(Any, model).config)
     except TypeError:  # transformers releases whose DynamicCache takes no config
         return DynamicCache()
 

@@ -244,8 +244,8 @@ def report_markdown(summary: dict, command: str) -> str:
         f"Questions: {summary['n_questions']}. Greedy decoding. EM/F1 use SQuAD normalisation, best over answer and "
         "aliases, on the answer extracted by the one rule in `eval/metrics.py` (first line; for CoT the last "
         "\"Answer:\" line, else the text after \"the answer is\"). Tokens: every token the method generated (a "
-        "decoded bridge and CoT's second stage included). `contains`: a gold appears in the answer line. Gold log-p: teacher-forced log-probability "
-        "of the gold's first 3 tokens under the method's final prompt, patched where the method patches. Oracle rows "
+        "decoded bridge and CoT's second stage included). `contains`: a gold appears in the answer line. Gold "
+        "log-p: teacher-forced log-probability of the gold's first 3 tokens under the method's final prompt, patched where the method patches. Oracle rows "
         "are upper bounds, not methods.", "",
         "## All questions", "", *_table(summary, "all"), "",
     ]
@@ -353,7 +353,8 @@ def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute", 
     ax.set_yticks(range(len(sources)), sources)  # type: ignore[arg-type]  # matplotlib's stub wants str labels; it formats any
     ax.set_xlabel("target layer ℓ*")
     ax.set_ylabel("source layer ℓ")
-    ax.set_title(f"{strategy}{f' from {position}' if position else ''}: fix rate on vanilla-wrong questions")
+    where = f" from {position}" if position else ""
+    ax.set_title(f"{strategy}{where}: fix rate on vanilla-wrong questions")
     fig.colorbar(image)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -18,6 +18,7 @@ configuration are printed too, labelled as not used for the choice.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,8 +103,7 @@ def study_markdown(train: Table, dev: Table, command: str) -> str:
              f"Text references on dev: decompose EM {config_stats(dev, 'vanilla').get('em_decompose', float('nan')):.3f}, "
              f"control-text EM {config_stats(dev, 'vanilla').get('em_text', float('nan')):.3f}.", "",
              "## Chosen on train, scored on dev", "", *HEADER]
-    for strategy, key in chosen.items():
-        lines.append(_row(key, config_stats(dev, key)))
+    lines += [_row(key, config_stats(dev, key)) for key in chosen.values()]
     lines += ["", "The same configurations on train (where they were chosen):", "", *HEADER]
     lines += [_row(key, config_stats(train, key)) for key in chosen.values()]
     lines += ["", "## Every configuration on dev (descriptive; not used for the choice)", "", *HEADER]
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k in ("vanilla", "hop1", "hop2", "decompose", "control-text") if k not in table]
         if missing:
             parser.error(f"the {name} sweep has no {', '.join(missing)} rows: run eval.sweep with --controls")
-    text = study_markdown(train, dev, "python -m eval.study " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
+    text = study_markdown(train, dev, "python -m eval.study " + " ".join(sys.argv[1:] if argv is None else argv))
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)

@@ -210,7 +210,8 @@ def _hop_rows(model, tok, base: PatchProfile, records: Sequence[QARecord], emit,
         return
     hops = [hop_questions(r) for r in records]
     for name, question_at, golds_at in (("hop1", 0, 1), ("hop2", 2, 3)):
-        rows = [tok(base.prompt_format.render(h[question_at], tok), return_tensors="pt").input_ids[0] for h in hops]
+        rows = [tok(base.prompt_format.render(cast(str, h[question_at]), tok), return_tensors="pt").input_ids[0]
+                for h in hops]
         lay = prefix_layout(model, rows, tok.pad_token_id)
         out = model.generate(input_ids=lay.input_ids, attention_mask=lay.attention_mask, **lay.generate_kwargs(model),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -245,8 +245,8 @@ def report_markdown(summary: dict, command: str) -> str:
         "aliases, on the answer extracted by the one rule in `eval/metrics.py` (first line; for CoT the last "
         "\"Answer:\" line, else the text after \"the answer is\"). Tokens: every token the method generated (a "
         "decoded bridge and CoT's second stage included). `contains`: a gold appears in the answer line. Gold "
-        "log-p: teacher-forced log-probability of the gold's first 3 tokens under the method's final prompt, patched where the method patches. Oracle rows "
-        "are upper bounds, not methods.", "",
+        "log-p: teacher-forced log-probability of the gold's first 3 tokens under the method's final prompt, "
+        "patched where the method patches. Oracle rows are upper bounds, not methods.", "",
         "## All questions", "", *_table(summary, "all"), "",
     ]
     if summary.get("gap_subset_size") is not None:

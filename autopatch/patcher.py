@@ -129,6 +129,14 @@ class Prefill:
     capture: CaptureResult
     layout: PrefixLayout | None = None  # with reuse_prefix=True: run the forward on these ids (see ``generate``)
 
+    def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        """One forward pass over the prefill's batch (through the cached prefix when there is one), with the
+        position ids ``generate`` would use."""
+        if self.layout is not None:
+            return self.layout.forward(model, **kwargs)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
     def generate(self, model, input_ids: torch.Tensor, **kwargs):
         """``model.generate`` for the prefill's batch, through the cached prefix when there is one.
 

@@ -75,6 +75,15 @@ class PrefixLayout:
             return {}
         return {_cache_argument(model): self.cache}
 
+    def forward(self, model: torch.nn.Module, **kwargs):
+        """One forward pass over the suffixes (the prefix comes from the cache), with the positions ``generate``
+        would give them; e.g. ``lay.forward(model, logits_to_keep=1).logits``."""
+        device = next(model.parameters()).device
+        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, self.prefix_len :]
+        return model(input_ids=self.input_ids[:, self.prefix_len :].to(device),
+                     attention_mask=self.attention_mask.to(device), position_ids=positions.to(device),
+                     **self.generate_kwargs(model), **kwargs)
+
     def caller_sequences(self, sequences: torch.Tensor, caller_ids: torch.Tensor) -> torch.Tensor:
         """``generate``'s output with the caller's own (left-padded) prompt in front of the new tokens."""
         return torch.cat([caller_ids.to(sequences.device), sequences[:, self.width :]], dim=1)

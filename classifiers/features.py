@@ -96,9 +96,9 @@ def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchPr
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         enc = patcher.encode([r.question for r in batch])
-        position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
-        with patcher.prefill(enc.input_ids, enc.attention_mask, list(spec.layers), [r.question for r in batch]) as pre:
-            logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1]
+        with patcher.prefill(enc.input_ids, enc.attention_mask, list(spec.layers), [r.question for r in batch],
+                             reuse_prefix=True) as pre:
+            logits = pre.forward(model, enc.input_ids, enc.attention_mask, logits_to_keep=1).logits[:, -1]
         for i, (record, plan) in enumerate(zip(batch, pre.plans)):
             ids.append(record.id)
             located.append(bool(plan.positions))

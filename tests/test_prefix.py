@@ -141,3 +141,21 @@ def test_callers_with_their_own_callbacks_get_the_plain_path():
     patcher.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0,
                      stopping_criteria=StoppingCriteriaList([Count()]))
     assert Count.widths[0] == enc.input_ids.shape[1] + 1  # it saw the caller's own sequence
+
+
+def test_gate_features_are_the_same_through_the_cached_prefix():
+    """extract_features runs one forward from the cached prefix; states and logits match a plain forward."""
+    from autopatch.patcher import AutoPatcher as Patcher
+
+    model, tok = tiny_model_for_bytes("qwen2"), byte_tokenizer()
+    patcher = Patcher(model, tok, PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT), AlwaysPatch())
+    enc = patcher.encode(QUESTIONS)
+    results = []
+    for reuse in (False, True):
+        with patcher.prefill(enc.input_ids, enc.attention_mask, [0, 2], QUESTIONS, reuse_prefix=reuse) as pre:
+            logits = pre.forward(model, enc.input_ids, enc.attention_mask, logits_to_keep=1).logits[:, -1]
+        results.append((logits, pre.states))
+    (plain_logits, plain_states), (cached_logits, cached_states) = results
+    torch.testing.assert_close(plain_logits, cached_logits, atol=1e-4, rtol=1e-4)
+    for layer in (0, 2):
+        torch.testing.assert_close(plain_states[layer], cached_states[layer], atol=1e-4, rtol=1e-4)

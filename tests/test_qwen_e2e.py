@@ -88,3 +88,27 @@ def test_the_cached_prefix_gives_the_uncached_tokens_on_a_chat_model(qwen):
     assert torch.equal(outputs[0], outputs[1])
     rows = [enc.input_ids[i][enc.attention_mask[i].bool()] for i in range(len(questions))]
     assert prefix_layout(model, rows, tok.pad_token_id).prefix_len >= 80  # most of each prompt is shared
+
+
+def test_the_server_answers_a_chat_request_through_the_models_own_template(qwen):
+    """The caller's system message is kept, the question is the last user turn, and the answer is patched."""
+    import httpx
+
+    from autopatch.gating import AlwaysPatch
+    from server import create_app
+    from server.runner import BackgroundServer
+
+    model, tok = qwen
+    question = "What is the capital of the country where the Colosseum is located?"
+    messages = [{"role": "system", "content": "You answer geography questions with one name."},
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris"},
+                {"role": "user", "content": question}]
+    with BackgroundServer(create_app(model, tok, model_name="qwen", gate=AlwaysPatch())) as srv:
+        body = {"model": "qwen", "messages": messages, "max_tokens": 8, "temperature": 0}
+        resp = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120).json()
+    report = resp["autopatch"]
+    assert report["question"] == question and report["located"] and report["patched"], report
+    assert report["location"]["span"] == "the country where the Colosseum is located"
+    content = resp["choices"][0]["message"]["content"]
+    assert 0 < len(content.split()) <= 4, content  # a short answer, not a sentence

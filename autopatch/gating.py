@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from autopatch.locate import Location
+from autopatch.profile import PatchProfile
 
 POSITION_KINDS: tuple[str, ...] = ("span_end", "subject_end", "last")
 
@@ -40,11 +41,15 @@ class GateInput:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """Whether to patch one row, with the gate's score and a human-readable reason."""
+    """Whether to patch one row, with the gate's score and a human-readable reason.
+
+    ``profile``: how to patch this row, for gates that choose among strategies (``None``: the patcher's profile).
+    """
 
     patch: bool
     score: float | None
     reason: str
+    profile: PatchProfile | None = None
 
 
 @runtime_checkable

@@ -343,7 +343,7 @@ class AutoPatcher:
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = self._infer_mask(input_ids)
-        layers = sorted({self.profile.source_layer, *self.gate.feature_layers})
+        layers = sorted({self.profile.source_layer, *self.gate.feature_layers})  # a choosing gate lists its sources
 
         def decide(scores: torch.Tensor) -> list[GateDecision]:  # runs inside generate, after the prefill
             states, plans = pre.states, pre.plans
@@ -376,9 +376,11 @@ class AutoPatcher:
         if not patched_rows:
             return GenerateResult(self._finish(main, reports, sequences, width), reports, {})
 
-        p = self.profile
-        jobs = [pre.job(i, p.source_position, p.source_layer) for i in patched_rows]
-        targets = plan_targets(self.model, self.tokenizer, self.profile, jobs, control=self.control)
+        targets = []
+        for profile, rows in self._by_profile(decisions, patched_rows).items():  # a choosing gate may mix strategies
+            jobs = [pre.job(i, profile.source_position, profile.source_layer) for i in rows]
+            targets += plan_targets(self.model, self.tokenizer, profile, jobs, control=self.control)
+        targets.sort(key=lambda t: t.row)
         budget = self._token_budget(config, kwargs, width)
         target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
         target_kwargs["max_new_tokens"] = budget
@@ -450,10 +452,16 @@ class AutoPatcher:
             return int(config.max_new_tokens)
         return max(1, int(config.max_length) - width)
 
+    def _by_profile(self, decisions: list[GateDecision], rows: list[int]) -> dict[PatchProfile, list[int]]:
+        groups: dict[PatchProfile, list[int]] = {}
+        for i in rows:
+            groups.setdefault(decisions[i].profile or self.profile, []).append(i)
+        return groups
+
     def _reports(self, plans: list[RowPlan], decisions: list[GateDecision], sequences, width: int) -> list[PatchReport]:
         reports = []
-        p = self.profile
         for i, (plan, decision) in enumerate(zip(plans, decisions)):
+            p = decision.profile or self.profile
             first = self.tokenizer.decode(sequences[i, width : width + 1]) if sequences.shape[1] > width else None
             reports.append(PatchReport(
                 question=plan.question, location=plan.location.to_dict() if plan.location else None,

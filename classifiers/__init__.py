@@ -21,11 +21,25 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
 def shipped_gate_dir(fingerprint: str, root: Path = SHIPPED_DIR) -> Path | None:
-    """The directory under ``classifiers/shipped/`` whose ``gate.json`` was fitted on weights with ``fingerprint``."""
+    """The directory under ``classifiers/shipped/`` whose gate (``choice.json`` or ``gate.json``) was fitted on
+    weights with ``fingerprint``."""
     from autopatch.errors import GateFileError
     from autopatch.fingerprint import shipped_dir_for
 
-    return shipped_dir_for(root, "gate.json", fingerprint, GateFileError)
+    return (shipped_dir_for(root, "choice.json", fingerprint, GateFileError)
+            or shipped_dir_for(root, "gate.json", fingerprint, GateFileError))
+
+
+def load_gate_dir(directory: str | os.PathLike[str], model: Any = None):
+    """The gate saved in ``directory``: a :class:`~classifiers.choice.ChoiceGate` (``choice.json``) or a
+    :class:`~classifiers.gate.PatchGate` (``gate.json``)."""
+    if (Path(directory) / "choice.json").is_file():
+        from classifiers.choice import ChoiceGate
+
+        return ChoiceGate.load(Path(directory), model=model)
+    from classifiers.gate import PatchGate
+
+    return PatchGate.load(directory, model=model)
 
 
 def default_gate_for(model: Any):
@@ -36,10 +50,9 @@ def default_gate_for(model: Any):
     :class:`~autopatch.errors.GateFileError`.
     """
     from autopatch.fingerprint import model_fingerprint
-    from classifiers.gate import PatchGate
 
     directory = shipped_gate_dir(model_fingerprint(model))
-    return None if directory is None else PatchGate.load(directory, model=model)
+    return None if directory is None else load_gate_dir(directory, model=model)
 
 
 class _Provider:
@@ -49,9 +62,7 @@ class _Provider:
         return default_gate_for(model)
 
     def load_gate(self, path: str | os.PathLike[str], model: Any):
-        from classifiers.gate import PatchGate
-
-        return PatchGate.load(path, model=model)
+        return load_gate_dir(path, model=model)
 
 
 GATE_PROVIDER = _Provider()

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from autopatch.cli import _add_model_arg, subcommand
@@ -22,6 +23,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for labels, features, cv.md and the gate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--choose", default=None, metavar="STRATEGIES",
+                        help="train a choosing gate over these strategies (comma-separated, e.g. "
+                             "verbalize,reroute,decompose; each with the model's shipped profile for it) instead of "
+                             "a yes/no gate for the model's profile")
     parser.add_argument("--ship", action="store_true",
                         help="also replace this model's shipped gate in classifiers/shipped/ (tracked files: commit or revert)")
 
@@ -30,12 +35,24 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 def run_train_gate(args: argparse.Namespace) -> int:
     import torch
 
-    from autopatch import load_model
-    from classifiers.train import cv_markdown, parse_sources, train_gate
+    from autopatch import load_model, registry
+    from autopatch.profile import PatchProfile, strategy_profile
+    from classifiers.train import cv_markdown, parse_sources, train_choice_gate, train_gate
 
     parse_sources(args.train), parse_sources(args.dev)  # refuse a bad source before the model loads
+    strategies = [s.strip() for s in (args.choose or "").split(",") if s.strip()]
+    for name in strategies:
+        registry.strategy(name)  # an unknown name is refused before the model loads
     torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
+    if strategies:
+        base = PatchProfile.shipped_for(model) or PatchProfile.default_for(model)
+        candidates = {name: strategy_profile(model, name, base)[0] for name in strategies}
+        choice = train_choice_gate(model, tok, candidates=candidates, train=args.train, dev=args.dev, out=Path(args.out),
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, ship=args.ship)
+        print(json.dumps(choice.meta, indent=2))
+        print(f"wrote {args.out}/choice.json and one gate per strategy" + (" (and shipped it)" if args.ship else ""))
+        return 0
     gate = train_gate(model, tok, train=args.train, dev=args.dev, out=Path(args.out), batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, ship=args.ship)
     print(cv_markdown(gate))

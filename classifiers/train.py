@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from autopatch.profile import PatchProfile
+from classifiers.choice import ChoiceGate
 from classifiers.features import SCALARS, FeatureSpec, extract_features
 from classifiers.gate import PatchGate, make_pipeline
 from classifiers.labels import gate_labels
@@ -60,13 +61,18 @@ def _source_name(dataset: str, split: str) -> str:
     return f"{Path(dataset).stem}_{split}"
 
 
-def collect(model, tok, profile, sources, out: Path, spec: FeatureSpec, batch_size: int, max_new_tokens: int):
-    """Labels and features for every question of ``sources``: ``(X, labels list, ids)``."""
+def collect(model, tok, profile, sources, out: Path, spec: FeatureSpec, batch_size: int, max_new_tokens: int, *,
+            feature_dir: Path | None = None):
+    """Labels and features for every question of ``sources``: ``(X, labels list, ids)``.
+
+    Features are cached in ``feature_dir`` (default ``out``), so gates that read the same features share them.
+    """
     from eval.datasets import load_dataset_by_name
     from eval.sweep import SweepConfig, load_sweep, run_sweep, stratified_sample
 
     config = SweepConfig(profile.strategy, profile.source_position, profile.source_layer, profile.target_layer,
-                         profile.bridge_prompt)
+                         profile.bridge_prompt, profile.scale)
+    out.mkdir(parents=True, exist_ok=True)
     X_parts, labels, ids = [], [], []
     for dataset, split, limit in sources:
         name = _source_name(dataset, split)
@@ -75,7 +81,7 @@ def collect(model, tok, profile, sources, out: Path, spec: FeatureSpec, batch_si
         run_sweep(model, tok, records, [config], label_file, batch_size=batch_size, max_new_tokens=max_new_tokens)
         table = load_sweep(label_file)
         by_id = gate_labels(table, config.key)
-        feature_file = out / f"features_{name}.npz"
+        feature_file = (feature_dir or out) / f"features_{name}.npz"
         if feature_file.exists():
             with np.load(feature_file, allow_pickle=False) as data:
                 f_ids, X = list(data["ids"]), data["X"]
@@ -163,6 +169,55 @@ def train_gate(model, tok, *, train: str, dev: str, out: Path, layers: tuple[int
         for name in ("gate.json", "gate.npz"):
             shutil.copyfile(out / name, target / name)
     return gate
+
+
+def train_choice_gate(model, tok, *, candidates: dict[str, PatchProfile], train: str, dev: str, out: Path,
+                      layers: tuple[int, ...] | None = None, batch_size: int = 32, max_new_tokens: int = 12,
+                      ship: bool = False) -> ChoiceGate:
+    """One gate per candidate profile ("this candidate fixes a vanilla error"), thresholds tuned on ``dev``."""
+    from sklearn.metrics import roc_auc_score
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = model.config.num_hidden_layers
+    first = next(iter(candidates.values()))
+    spec = FeatureSpec(layers=layers or tuple(sorted({first.source_layer, n // 2})), positions=("span_end", "last"))
+    members: dict[str, PatchGate] = {}
+    dev_outcomes: dict[str, dict[str, tuple[float, float]]] = {}
+    dev_X: dict[str, np.ndarray] = {}
+    for name, profile in candidates.items():
+        X, labels, _ = collect(model, tok, profile, parse_sources(train), out / name, spec, batch_size, max_new_tokens,
+                               feature_dir=out)
+        y = np.array([l.target for l in labels])
+        w = np.array([l.weight for l in labels])
+        gate = PatchGate.fit(X, y, w, spec=spec, profile=profile, model=model,
+                             meta={"train": train, "dev": dev, "n_train": int(len(y)), "train_helps": int(y.sum())})
+        X_dev, dev_labels, dev_ids = collect(model, tok, profile, parse_sources(dev), out / name, spec, batch_size,
+                                             max_new_tokens, feature_dir=out)
+        gate.tune_threshold(X_dev, [l.vanilla for l in dev_labels], [l.patched for l in dev_labels])
+        y_dev = np.array([l.target for l in dev_labels])
+        gate.meta["dev_auc"] = float(roc_auc_score(y_dev, gate.scores(X_dev))) if 0 < y_dev.sum() < len(y_dev) else None
+        members[name] = gate
+        dev_outcomes[name] = {i: (l.vanilla, l.patched) for i, l in zip(dev_ids, dev_labels)}
+        dev_X.update(zip(dev_ids, X_dev))
+    choice = ChoiceGate(members, {"train": train, "dev_sources": dev, "candidates": list(candidates)})
+    shared = sorted(set.intersection(*(set(o) for o in dev_outcomes.values())))
+    if shared:
+        picks = choice.choose(np.stack([dev_X[i] for i in shared]))
+        some = next(iter(dev_outcomes.values()))
+        joint = [dev_outcomes[p][i][1] if p else some[i][0] for i, p in zip(shared, picks)]
+        choice.meta["dev"] = {"n": len(shared), "choice_accuracy": float(np.mean(joint)),
+                              "vanilla_accuracy": float(np.mean([some[i][0] for i in shared])),
+                              "always": {n: float(np.mean([o[i][1] for i in shared])) for n, o in dev_outcomes.items()},
+                              "chosen": {n: sum(p == n for p in picks) for n in [*candidates, None]}}
+    choice.save(out)
+    if ship:
+        from autopatch.fingerprint import model_fingerprint
+        from autopatch.profile import ship_name
+        from classifiers import SHIPPED_DIR, shipped_gate_dir
+
+        target = shipped_gate_dir(model_fingerprint(model)) or SHIPPED_DIR / ship_name(model)
+        choice.save(target)
+    return choice
 
 
 def cv_markdown(gate: PatchGate) -> str:

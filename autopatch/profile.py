@@ -89,6 +89,8 @@ class PatchProfile:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        if data["scale"] == 1.0:
+            del data["scale"]  # written only when set, so profiles and run settings from before it still match
         data["prompt_format"] = self.prompt_format.to_dict()
         data["version"] = PROFILE_VERSION
         return data

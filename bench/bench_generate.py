@@ -7,9 +7,12 @@ Example:
 Every method generates exactly ``--max-new-tokens`` tokens (EOS is disabled) with
 greedy decoding, so the ratios compare equal work. Modes:
 
-* ``gate says no``: AutoPatcher with NeverPatch, batch size 1, over model.generate at batch size 1.
-* ``gate says yes``: AutoPatcher with AlwaysPatch and the model's profile, batch size 1, over model.generate.
-* ``batched``: AutoPatcher (AlwaysPatch) throughput at batch size ``--batch`` over its own batch size 1.
+* ``gate says no``: AutoPatcher with NeverPatch, batch size 1, over model.generate at batch size 1, with the
+  shared-prefix cache (the default) and without it (``reuse_prefix=False``).
+* ``gate says yes``: AutoPatcher with AlwaysPatch, batch size 1, over model.generate, once per strategy in
+  ``--strategies`` (each with the model's shipped profile for it).
+* ``batched``: AutoPatcher (AlwaysPatch, the model's profile) throughput at batch size ``--batch`` over its own
+  batch size 1.
 
 Each timing is the median of ``--repeats`` passes over all prompts, with the
 methods interleaved so that machine noise hits them alike.
@@ -42,16 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--strategies", default="verbalize,reroute,decompose")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
 
     from autopatch import load_model
     from autopatch.gating import AlwaysPatch, NeverPatch
     from autopatch.patcher import AutoPatcher
+    from autopatch.profile import strategy_profile
 
     model, tok = load_model(args.model)
     never = AutoPatcher(model, tok, gate=NeverPatch())
+    never_uncached = AutoPatcher(model, tok, gate=NeverPatch(), reuse_prefix=False)
     always = AutoPatcher(model, tok, gate=AlwaysPatch())
+    strategies = [s for s in args.strategies.split(",") if s]
+    per_strategy = {s: AutoPatcher(model, tok, strategy_profile(model, s, always.profile)[0], gate=AlwaysPatch())
+                    for s in strategies}
     fmt = always.profile.prompt_format
     prompts = [fmt.render(q, tok) for q in QUESTIONS][: args.batch]
     singles = [tok([p], return_tensors="pt").to(model.device) for p in prompts]
@@ -62,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "model.generate bs=1": lambda: [model.generate(**e, **gen) for e in singles],
         "autopatch no-patch bs=1": lambda: [never.generate(**e, **gen) for e in singles],
+        "autopatch no-patch uncached bs=1": lambda: [never_uncached.generate(**e, **gen) for e in singles],
         "autopatch patch bs=1": lambda: [always.generate(**e, **gen) for e in singles],
+        **{f"autopatch {s} bs=1": (lambda p=p: [p.generate(**e, **gen) for e in singles]) for s, p in per_strategy.items()},
         f"model.generate bs={len(prompts)}": lambda: model.generate(**batch, **gen),
         f"autopatch patch bs={len(prompts)}": lambda: always.generate(**batch, **gen),
     }
@@ -73,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in runs.items():
             times[name].append(_timed(fn))
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    assert all(r.patched for r in always.last_report), "the patch mode must actually patch every prompt"
+    for patcher in (always, *per_strategy.values()):
+        if not all(r.patched for r in patcher.last_report):
+            raise SystemExit(f"{patcher.profile.strategy}: the patch mode must actually patch every prompt")
 
     base = median["model.generate bs=1"]
     n = len(prompts)
@@ -84,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("model.generate bs=1", base, "1.00x (reference)"),
         ("autopatch, gate says no, bs=1", median["autopatch no-patch bs=1"], f"{median['autopatch no-patch bs=1'] / base:.2f}x vs model.generate"),
-        ("autopatch, gate says yes, bs=1", median["autopatch patch bs=1"], f"{median['autopatch patch bs=1'] / base:.2f}x vs model.generate"),
+        ("autopatch, gate says no, bs=1, no prefix cache", median["autopatch no-patch uncached bs=1"],
+         f"{median['autopatch no-patch uncached bs=1'] / base:.2f}x vs model.generate"),
+        (f"autopatch, gate says yes, bs=1 (profile: {always.profile.strategy})", median["autopatch patch bs=1"],
+         f"{median['autopatch patch bs=1'] / base:.2f}x vs model.generate"),
+        *((f"autopatch, gate says yes, bs=1, {s}", median[f"autopatch {s} bs=1"],
+           f"{median[f'autopatch {s} bs=1'] / base:.2f}x vs model.generate") for s in strategies),
         (f"model.generate bs={n}", median[f"model.generate bs={n}"], f"{base / median[f'model.generate bs={n}']:.2f}x throughput vs bs=1"),
         (f"autopatch, gate says yes, bs={n}", median[f"autopatch patch bs={n}"],
          f"{median['autopatch patch bs=1'] / median[f'autopatch patch bs={n}']:.2f}x throughput vs autopatch bs=1"),

@@ -116,6 +116,8 @@ class ChoiceGate:
     @classmethod
     def load(cls, directory: str | Path, *, model: torch.nn.Module | None = None) -> ChoiceGate:
         directory = Path(directory)
+        if (directory / "choice.json").is_symlink():
+            raise GateFileError(f"{directory}/choice.json is a symbolic link; gates are read from plain files only.")
         try:
             header = json.loads((directory / "choice.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -132,6 +134,8 @@ class ChoiceGate:
         for name in names:
             if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS:
                 raise GateFileError(f"{directory}/choice.json names an invalid member {name!r}.")
+            if (directory / name).is_symlink():
+                raise GateFileError(f"Choice gate member {directory / name} is a symbolic link; refused.")
             try:
                 blob = (directory / name / "gate.json").read_bytes()
             except OSError as err:

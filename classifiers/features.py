@@ -58,6 +58,11 @@ class FeatureSpec:
     def from_dict(cls, data: dict) -> FeatureSpec:
         return cls(tuple(data["layers"]), tuple(data["positions"]), bool(data["use_states"]), bool(data["use_scalars"]))
 
+    def width(self, hidden_size: int) -> int:
+        """The length of the feature vector on a model with ``hidden_size``."""
+        states = len(self.layers) * len(self.positions) * hidden_size if self.use_states else 0
+        return states + (len(SCALARS) if self.use_scalars else 0)
+
     def vector(self, gate_input: GateInput) -> np.ndarray:
         """The feature vector of one row at inference time."""
         states = {layer: gate_input.states[layer] for layer in self.layers}

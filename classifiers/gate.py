@@ -37,6 +37,7 @@ from autopatch.profile import PatchProfile
 from classifiers.features import FeatureSpec
 
 GATE_FORMAT_VERSION = 1
+MAX_GATE_BYTES = 64 * 2**20  # a gate is a few hundred kilobytes; anything near this is not one
 _ARRAYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept")
 
 
@@ -147,12 +148,24 @@ class PatchGate:
 
     @classmethod
     def load(cls, directory, *, model: torch.nn.Module | None = None) -> PatchGate:
-        """Load a saved gate; with ``model``, refuse a gate trained on another model."""
+        """Load a saved gate; with ``model``, refuse a gate trained on another model.
+
+        Every refusal is a :class:`GateFileError` naming the file and the field: symlinks, files over
+        :data:`MAX_GATE_BYTES`, a checksum mismatch, arrays that are not plain finite numbers of consistent
+        shapes, a threshold outside [0, 1], feature layers the model does not have.
+        """
         directory = Path(str(directory))
+        for name in ("gate.json", "gate.npz"):
+            path = directory / name
+            if path.is_symlink():
+                raise GateFileError(f"{path} is a symbolic link; gates are read from plain files only.")
+            if path.is_file() and path.stat().st_size > MAX_GATE_BYTES:
+                raise GateFileError(f"{path} is {path.stat().st_size} bytes, over the {MAX_GATE_BYTES}-byte limit "
+                                    "for a gate file.")
         try:
             header = json.loads((directory / "gate.json").read_text())
             blob = (directory / "gate.npz").read_bytes()
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
             raise GateFileError(f"Cannot read a gate from {directory}: {err}. Expected gate.json and gate.npz "
                                 "written by PatchGate.save / `autopatch train-gate`.") from err
         if not isinstance(header, dict) or header.get("format") != "autopatch-gate":
@@ -163,18 +176,68 @@ class PatchGate:
         if hashlib.sha256(blob).hexdigest() != header.get("arrays_sha256"):
             raise GateFileError(f"{directory}/gate.npz does not match the checksum in gate.json: the gate was "
                                 "modified or corrupted. Retrain it or restore the original files.")
-        with np.load(io.BytesIO(blob), allow_pickle=False) as data:  # plain arrays only: no pickle
-            missing = [k for k in _ARRAYS if k not in data.files]
-            if missing:
-                raise GateFileError(f"{directory}/gate.npz lacks arrays {missing}.")
-            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in _ARRAYS}
+        arrays = _read_arrays(directory / "gate.npz", blob)
         try:
             gate = cls(arrays, float(header["threshold"]), FeatureSpec.from_dict(header["feature_spec"]),
                        PatchProfile.from_dict(header["profile"]), str(header["model_fingerprint"]), dict(header.get("meta", {})))
         except (KeyError, TypeError, ValueError) as err:
             raise GateFileError(f"{directory}/gate.json is malformed: {err}") from err
+        _check_gate(directory, gate, model)
         if model is not None and model_fingerprint(model) != gate.fingerprint:
             raise GateFileError(f"The gate in {directory} was trained on another model (fingerprint {gate.fingerprint}, "
                                 f"this model {model_fingerprint(model)}). Train a gate for this model with "
                                 "`autopatch train-gate`.")
         return gate
+
+
+def _read_arrays(path: Path, blob: bytes) -> dict[str, np.ndarray]:
+    """The six arrays of ``gate.npz``: plain numbers only (no pickle), each checked for size before it is read."""
+    import zipfile
+
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:  # plain arrays only: no pickle
+            missing = [k for k in _ARRAYS if k not in data.files]
+            if missing:
+                raise GateFileError(f"{path} lacks arrays {missing}.")
+            for k in _ARRAYS:
+                size = data.zip.getinfo(f"{k}.npy").file_size
+                if size > MAX_GATE_BYTES:
+                    raise GateFileError(f"{path}: array {k!r} unpacks to {size} bytes, over the {MAX_GATE_BYTES}-byte "
+                                        "limit.")
+            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in _ARRAYS}
+    except GateFileError:
+        raise
+    except (ValueError, TypeError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise GateFileError(f"{path} is not a plain-number gate array file ({type(err).__name__}: {err}).") from err
+    return arrays
+
+
+def _check_gate(directory: Path, gate: PatchGate, model: torch.nn.Module | None) -> None:
+    """Refuse values that would make the gate score NaN or fail later inside ``generate``."""
+    a = gate.arrays
+    for k, v in a.items():
+        if not np.all(np.isfinite(v)):
+            raise GateFileError(f"{directory}/gate.npz: array {k!r} holds NaN or infinite values.")
+    if np.any(a["scaler_scale"] == 0):
+        raise GateFileError(f"{directory}/gate.npz: array 'scaler_scale' holds zeros (a division by zero).")
+    d, k = a["scaler_mean"].shape[-1:] or (0,), a["pca_components"].shape[:1] or (0,)
+    expected = {"scaler_mean": (d[0],), "scaler_scale": (d[0],), "pca_mean": (d[0],),
+                "pca_components": (k[0], d[0]), "coef": (k[0],), "intercept": (1,)}
+    for name, shape in expected.items():
+        if a[name].shape != shape:
+            raise GateFileError(f"{directory}/gate.npz: array {name!r} has shape {a[name].shape}, expected {shape} "
+                                "for the other arrays' sizes.")
+    if not (np.isfinite(gate.threshold) and 0.0 <= gate.threshold <= 1.0 + 1e-6):
+        raise GateFileError(f"{directory}/gate.json: 'threshold' is {gate.threshold}; it must be a probability in [0, 1].")
+    if model is not None:
+        from autopatch.architectures import num_layers
+
+        n = num_layers(model)
+        bad = [layer for layer in (*gate.spec.layers, gate.profile.source_layer, gate.profile.target_layer)
+               if not 0 <= layer < n]
+        if bad:
+            raise GateFileError(f"{directory}/gate.json: layers {bad} do not exist in this {n}-layer model.")
+        width = gate.spec.width(int(model.config.hidden_size))
+        if width != d[0]:
+            raise GateFileError(f"{directory}/gate.npz: the arrays expect {d[0]} features but the feature spec gives "
+                                f"{width} on this model.")

@@ -110,8 +110,81 @@ def test_a_pickled_array_file_is_not_loaded(gate, tmp_path):
     header = json.loads((tmp_path / "gate.json").read_text())
     header["arrays_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
     (tmp_path / "gate.json").write_text(json.dumps(header))
-    with pytest.raises(ValueError, match="pickle"):
+    with pytest.raises(GateFileError, match="pickle"):  # numpy's own ValueError, wrapped with the file's name
         PatchGate.load(tmp_path)
+
+
+def _resigned(gate, tmp_path, *, threshold=None, **arrays):
+    """Save ``gate`` with some arrays (or the threshold) replaced and a fresh, matching checksum."""
+    import hashlib
+    import io
+
+    gate.save(tmp_path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**gate.arrays, **arrays})
+    (tmp_path / "gate.npz").write_bytes(buffer.getvalue())
+    header = json.loads((tmp_path / "gate.json").read_text())
+    header["arrays_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    if threshold is not None:
+        header["threshold"] = threshold
+    (tmp_path / "gate.json").write_text(json.dumps(header))
+    return tmp_path
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"coef": "nan"}, "'coef' holds NaN"),
+    ({"scaler_scale": "zero"}, "'scaler_scale' holds zeros"),
+    ({"pca_mean": "short"}, "'pca_mean' has shape"),
+    ({"threshold": float("nan")}, "'threshold' is nan"),
+    ({"threshold": -1e9}, "'threshold' is -1000000000.0"),
+])
+def test_a_resigned_gate_with_bad_values_is_refused_at_load(gate, model, tmp_path, change, match):
+    arrays = {}
+    for key, how in change.items():
+        if key == "threshold":
+            continue
+        value = gate.arrays[key].copy()
+        arrays[key] = {"nan": lambda v: v * np.nan, "zero": lambda v: v * 0, "short": lambda v: v[:-1]}[how](value)
+    _resigned(gate, tmp_path, threshold=change.get("threshold"), **arrays)
+    with pytest.raises(GateFileError, match=match):
+        PatchGate.load(tmp_path, model=model)
+
+
+def test_layers_outside_the_model_and_a_mismatched_width_are_refused(gate, model, tmp_path):
+    gate.save(tmp_path)
+    header = json.loads((tmp_path / "gate.json").read_text())
+    header["feature_spec"]["layers"] = [1, 99]
+    (tmp_path / "gate.json").write_text(json.dumps(header))
+    with pytest.raises(GateFileError, match=r"layers \[99\] do not exist"):
+        PatchGate.load(tmp_path, model=model)
+    header["feature_spec"]["layers"] = [1]
+    (tmp_path / "gate.json").write_text(json.dumps(header))
+    with pytest.raises(GateFileError, match="features but the feature spec gives"):
+        PatchGate.load(tmp_path, model=model)
+
+
+def test_symlinks_oversized_and_broken_archives_are_refused(gate, tmp_path, monkeypatch):
+    import hashlib
+
+    import classifiers.gate as gate_module
+
+    real = gate.save(tmp_path / "real")
+    link = tmp_path / "link"
+    link.mkdir()
+    (link / "gate.json").symlink_to(real / "gate.json")
+    (link / "gate.npz").symlink_to(real / "gate.npz")
+    with pytest.raises(GateFileError, match="symbolic link"):
+        PatchGate.load(link)
+    monkeypatch.setattr(gate_module, "MAX_GATE_BYTES", 1000)
+    with pytest.raises(GateFileError, match="over the 1000-byte limit"):
+        PatchGate.load(real)
+    monkeypatch.undo()
+    (real / "gate.npz").write_bytes(b"PK\x03\x04 not a zip")
+    header = json.loads((real / "gate.json").read_text())
+    header["arrays_sha256"] = hashlib.sha256(b"PK\x03\x04 not a zip").hexdigest()
+    (real / "gate.json").write_text(json.dumps(header))
+    with pytest.raises(GateFileError, match="not a plain-number gate array file"):
+        PatchGate.load(real)
 
 
 def test_gate_drives_autopatcher_per_row(gate, model):

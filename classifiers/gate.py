@@ -26,6 +26,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -215,14 +216,15 @@ def _read_arrays(path: Path, blob: bytes) -> dict[str, np.ndarray]:
 def _check_gate(directory: Path, gate: PatchGate, model: torch.nn.Module | None) -> None:
     """Refuse values that would make the gate score NaN or fail later inside ``generate``."""
     a = gate.arrays
-    for k, v in a.items():
+    for key, v in a.items():
         if not np.all(np.isfinite(v)):
-            raise GateFileError(f"{directory}/gate.npz: array {k!r} holds NaN or infinite values.")
+            raise GateFileError(f"{directory}/gate.npz: array {key!r} holds NaN or infinite values.")
     if np.any(a["scaler_scale"] == 0):
         raise GateFileError(f"{directory}/gate.npz: array 'scaler_scale' holds zeros (a division by zero).")
-    d, k = a["scaler_mean"].shape[-1:] or (0,), a["pca_components"].shape[:1] or (0,)
-    expected = {"scaler_mean": (d[0],), "scaler_scale": (d[0],), "pca_mean": (d[0],),
-                "pca_components": (k[0], d[0]), "coef": (k[0],), "intercept": (1,)}
+    d = int(a["scaler_mean"].shape[-1]) if a["scaler_mean"].ndim else 0
+    k = int(a["pca_components"].shape[0]) if a["pca_components"].ndim else 0
+    expected = {"scaler_mean": (d,), "scaler_scale": (d,), "pca_mean": (d,),
+                "pca_components": (k, d), "coef": (k,), "intercept": (1,)}
     for name, shape in expected.items():
         if a[name].shape != shape:
             raise GateFileError(f"{directory}/gate.npz: array {name!r} has shape {a[name].shape}, expected {shape} "
@@ -237,7 +239,8 @@ def _check_gate(directory: Path, gate: PatchGate, model: torch.nn.Module | None)
                if not 0 <= layer < n]
         if bad:
             raise GateFileError(f"{directory}/gate.json: layers {bad} do not exist in this {n}-layer model.")
-        width = gate.spec.width(int(model.config.hidden_size))
-        if width != d[0]:
-            raise GateFileError(f"{directory}/gate.npz: the arrays expect {d[0]} features but the feature spec gives "
+        config: Any = model.config
+        width = gate.spec.width(int(config.hidden_size))
+        if width != d:
+            raise GateFileError(f"{directory}/gate.npz: the arrays expect {d} features but the feature spec gives "
                                 f"{width} on this model.")

@@ -23,6 +23,7 @@ MuSiQue split rule (from ``shared/data/musique/README.md``): a record is in
 from __future__ import annotations
 
 import gzip
+import zlib
 import hashlib
 import json
 import os
@@ -82,8 +83,13 @@ def _open_text(path: Path):
 
 
 def _read_text(path: Path) -> str:
-    with _open_text(path) as fh:
-        return fh.read()
+    try:
+        with _open_text(path) as fh:
+            return fh.read()
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path.name}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
+    except (OSError, EOFError, zlib.error) as err:
+        raise DatasetError(f"{path.name}: cannot be read ({err})") from None
 
 
 def _data_suffix(path: Path) -> str:
@@ -96,16 +102,25 @@ def _data_suffix(path: Path) -> str:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, QARecord]]:
     name = path.name
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{name} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            yield where, _parse_record(obj, where)
+    lineno = 0
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{name} line {lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DatasetError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+                except RecursionError:
+                    raise DatasetError(f"{where}: JSON nested too deeply to be a record") from None
+                yield where, _parse_record(obj, where)
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{name} line {lineno + 1}: not UTF-8 text ({err.reason} at byte {err.start} of the "
+                           "line); save the file as UTF-8") from None
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"{name} line {lineno + 1}: cannot be read ({err})") from None
 
 
 def _open_checked(path: str | os.PathLike[str]) -> Path:
@@ -132,6 +147,8 @@ def load_json(path: str | os.PathLike[str]) -> list[QARecord]:
         data = json.loads(_read_text(p))
     except json.JSONDecodeError as err:
         raise DatasetError(f"{p.name} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{p.name}: JSON nested too deeply to be a dataset") from None
     if isinstance(data, list):
         return _records_from_list(data, p.name, "")
     if isinstance(data, dict) and "data" in data:
@@ -157,6 +174,8 @@ def load_records(path: str | os.PathLike[str]) -> list[QARecord]:
         except json.JSONDecodeError as err:
             if err.msg == "Extra data":
                 return load_jsonl(p)
+        except RecursionError:
+            pass  # load_json names it
         return load_json(p)
     raise DatasetError(f"{p.name}: unknown dataset format {suffix or '(no extension)'!r}; use .jsonl or .json")
 

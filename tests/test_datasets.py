@@ -366,3 +366,17 @@ def test_gzipped_jsonl_loads(tmp_path: Path) -> None:
     with gzip.open(path, "wt", encoding="utf-8") as fh:
         fh.write(json.dumps(_good()) + "\n")
     assert [r.id for r in load_records(path)] == ["2hop__1_2"]
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("deep.jsonl", b"\n" + b"[" * 100_000 + b"\n", r"deep.jsonl line 2: JSON nested too deeply"),
+    ("latin1.jsonl", b'{"id": "a", "question": "Caf\xe9?"}\n', r"latin1.jsonl line 1: not UTF-8 text"),
+    ("deep.json", b"[" * 100_000, r"deep.json: JSON nested too deeply"),
+    ("latin1.json", b'[{"question": "Caf\xe9?"}]', r"latin1.json: not UTF-8 text"),
+    ("broken.jsonl.gz", b"\x1f\x8b\x08\x00 not really gzip", r"broken.jsonl.gz line 1: cannot be read"),
+], ids=["deep-line", "latin1-line", "deep-file", "latin1-file", "broken-gzip"])
+def test_undecodable_files_are_dataset_errors_naming_file_and_line(tmp_path: Path, name, content, match) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=match):
+        load_records(path)

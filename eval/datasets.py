@@ -23,10 +23,10 @@ MuSiQue split rule (from ``shared/data/musique/README.md``): a record is in
 from __future__ import annotations
 
 import gzip
-import zlib
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -52,6 +52,18 @@ from autopatch.resolve import Resolution, resolve
 from autopatch.strategies import Control, PatchJob, Target, plan_targets, run_targets
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
+def _check_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+    """Refuse inputs that ``model.generate`` would take silently but answer wrongly (or fail on obscurely)."""
+    if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
+        raise PatchError(f"input_ids must be (batch, tokens) with at least one token per row; got shape "
+                         f"{tuple(input_ids.shape)}.")
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > 1:
+        mask = attention_mask.bool()
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+            raise PatchError("The batch is right-padded (a row's attention mask ends in zeros), so generation would "
+                             "continue from padding; set tokenizer.padding_side = 'left' and tokenize again.")
+
+
 _OWN_CACHE_ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids", "cache_position")
 
 
@@ -331,10 +343,12 @@ class AutoPatcher:
         passthrough = {k: v for k, v in passthrough.items() if v is not None}
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config = copy.deepcopy(generation_config or self.model.generation_config)
+        _check_inputs(input_ids, kwargs.get("attention_mask"))
         unsupported = self._unsupported_mode(input_ids, config, kwargs, assistant_model)
         if not patching or unsupported:
+            rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             reports = [PatchReport(reason=unsupported or "patching disabled by the caller")
-                       for _ in range(0 if input_ids is None else input_ids.shape[0])]
+                       for _ in range(0 if rows is None else rows.shape[0])]
             out = self.model.generate(input_ids, logits_processor=logits_processor,
                                       stopping_criteria=stopping_criteria, streamer=streamer, **passthrough, **kwargs)
             return GenerateResult(out, reports, {})

@@ -186,3 +186,25 @@ def test_arbitrary_prompts_never_crash_the_planner(setup):
     out = patcher.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert out.shape[0] == len(prompts)
     assert all(r.reason for r in patcher.last_report)
+
+
+def test_right_padding_and_empty_inputs_are_clear_errors_and_embeds_run_unpatched():
+    from autopatch.errors import PatchError
+
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    patcher = AutoPatcher(model, tok, profile(), gate=AlwaysPatch())
+    tok.padding_side = "right"
+    try:
+        enc = tok([FMT.render(q) for q in QUESTIONS], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "left"
+    with pytest.raises(PatchError, match="right-padded"):
+        patcher.generate(**enc, max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(PatchError, match="at least one token"):
+        patcher.generate(input_ids=torch.zeros((1, 0), dtype=torch.long), max_new_tokens=2, pad_token_id=0)
+    one = tok([FMT.render(QUESTIONS[0])], return_tensors="pt")
+    embeds = model.get_input_embeddings()(one.input_ids)
+    out = patcher.generate(inputs_embeds=embeds, attention_mask=one.attention_mask, max_new_tokens=2, do_sample=False,
+                           pad_token_id=0)
+    assert out.shape == (1, 2) and len(patcher.last_report) == 1 and not patcher.last_report[0].patched
+    assert "inputs_embeds" in patcher.last_report[0].reason

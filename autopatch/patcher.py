@@ -52,6 +52,7 @@ from autopatch.resolve import Resolution, resolve
 from autopatch.strategies import Control, PatchJob, Target, plan_targets, run_targets
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
+
 def _check_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
     """Refuse inputs that ``model.generate`` would take silently but answer wrongly (or fail on obscurely)."""
     if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):

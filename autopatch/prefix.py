@@ -150,7 +150,8 @@ def clear_prefix_cache(model: torch.nn.Module | None = None) -> None:
             _store.pop(model, None)
 
 
-def _left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id tensors into a left-padded batch and its attention mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -174,16 +175,16 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
     if window is not None and max(len(r) for r in rows) >= window:
         length = 0  # a sliding-window cache would drop the prefix's oldest keys
     if length < MIN_PREFIX_TOKENS:
-        ids, mask = _left_pad(rows, pad_id)
+        ids, mask = left_pad(rows, pad_id)
         return PrefixLayout(ids, mask, 0)
     prefix = rows[0][:length]
     try:
         cache = copy.deepcopy(_prefix_cache(model, prefix))
         cache.batch_repeat_interleave(len(rows))
     except (AttributeError, TypeError, ValueError, NotImplementedError):  # a model whose cache cannot be reused so
-        ids, mask = _left_pad(rows, pad_id)
+        ids, mask = left_pad(rows, pad_id)
         return PrefixLayout(ids, mask, 0)
-    suffix_ids, suffix_mask = _left_pad([r[length:] for r in rows], pad_id)
+    suffix_ids, suffix_mask = left_pad([r[length:] for r in rows], pad_id)
     batch = len(rows)
     ids = torch.cat([prefix[None].expand(batch, -1), suffix_ids], dim=1)
     mask = torch.cat([torch.ones(batch, length, dtype=torch.long), suffix_mask], dim=1)

@@ -28,6 +28,7 @@ from autopatch.engine import PatchEdit, patch
 from autopatch.errors import ConfigError
 from autopatch.inspect import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
 from autopatch.locate import SLOT, Location
+from autopatch.prefix import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix
 from autopatch.prefix import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import target_prompt
@@ -77,17 +78,6 @@ def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str
         noise = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         return (noise * (vector.float().norm() / noise.norm())).to(vector.dtype)
     raise ConfigError(f"Control {control!r} is registered but control_vector has no rule for it; add one.")
-
-
-def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D id tensors into a left-padded batch and its attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 def _reroute(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, vector: torch.Tensor | None) -> Target:

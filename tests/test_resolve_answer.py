@@ -17,13 +17,11 @@ from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile, shipped_profile_dir
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.resolve import resolve
-from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+from tests.tiny_models import CHAT_TEMPLATE, byte_tokenizer, tiny_model_for_bytes
 
 torch.set_grad_enabled(False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUESTION = "What is the capital of the country where the Colosseum is located?"
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")

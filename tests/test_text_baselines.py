@@ -31,14 +31,12 @@ from eval.methods import METHODS, build_context
 from eval.metrics import extract_answer, score_continuation
 from eval.report import summarise
 from eval.twohop import generate_twohop
-from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+from tests.tiny_models import CHAT_TEMPLATE, byte_tokenizer, tiny_model_for_bytes
 
 torch.set_grad_enabled(False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUESTION = "What is the capital of the country where the Colosseum is located?"
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,11 @@ def tiny_model(arch: str, seed: int = 0, vocab_size: int = VOCAB, **config_overr
     return model
 
 
+# A Qwen-style chat template for byte_tokenizer(): real system/user/assistant turns, generation prompt last.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def byte_tokenizer():
     """A byte-level tokenizer (no merges) whose decode() reproduces the text exactly; vocab 259."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -37,6 +37,7 @@ from autopatch.gating import Gate
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
 from server.errors import ApiError, SafeJSONResponse, install_error_handlers, internal_error, invalid_request
+from server.guards import RequestGuard
 from server.prompting import build_prompt
 from server.schemas import AutopatchOptions, ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from server.worker import GenerationJob, GenerationResult, GenerationWorker
@@ -108,7 +109,8 @@ class _RequestLog:
 def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, profile: PatchProfile | str | None = None,
                gate: Gate | str | None = None, control: str | None = None, max_queue: int = 32,
                request_timeout_s: float = 120.0, max_tokens_cap: int = 1024, default_max_tokens: int = 256,
-               context_length: int | None = None, patching_default: bool = True) -> FastAPI:
+               context_length: int | None = None, patching_default: bool = True, api_key: str | None = None,
+               max_body_bytes: int = 4 * 2**20) -> FastAPI:
     """An app serving ``model`` as ``model_name``; ``profile``/``gate``/``control`` go to :class:`AutoPatcher`.
 
     ``max_queue`` requests may wait while one generates; more get 503.
@@ -116,6 +118,9 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
     ``max_tokens`` may not exceed ``max_tokens_cap`` nor the context left
     after the prompt; when absent it is ``min(default_max_tokens, that)``.
     ``patching_default`` applies when a request does not say ``autopatch.enabled``.
+    ``api_key``: when set, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (401 otherwise);
+    bodies over ``max_body_bytes`` get 413 (:mod:`server.guards`). The interactive ``/docs`` page is off: it
+    loads its assets from a CDN, which an offline machine cannot reach (``/openapi.json`` is served).
     """
     base = AutoPatcher(model, tokenizer, profile, gate, control=control)
     served = _Served(
@@ -132,9 +137,10 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
         await asyncio.to_thread(served.worker.close)
 
     app = FastAPI(title="autopatch", summary="OpenAI-compatible chat completions with two-hop patching",
-                  version="0.1.0", lifespan=lifespan)
+                  version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = served
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_middleware(_RequestLog)
 
     @app.get("/health")

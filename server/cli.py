@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 from autopatch.cli import _add_model_arg, subcommand
@@ -32,6 +33,10 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="the name clients pass as `model` (default: the --model value, or gemma-3-270m)")
     parser.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--no-patching", action="store_true", help="patch only requests that set autopatch.enabled")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health (when not given: the "
+                             "AUTOPATCH_API_KEY environment variable; no key when that is unset too)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--profile", default=None, help="a patch profile JSON file (default: resolved for the model)")
     parser.add_argument("--gate", default=None, help="a gate directory (default: the gate shipped for the model)")
@@ -48,9 +53,13 @@ def run_serve(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, tok = load_model(args.model)
     name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
+    api_key = args.api_key or os.environ.get("AUTOPATCH_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                       "(pass --api-key or set AUTOPATCH_API_KEY)", args.host)
     app = create_app(model, tok, model_name=name, profile=args.profile, gate=args.gate,
                      max_queue=args.max_queue, request_timeout_s=args.timeout, max_tokens_cap=args.max_tokens_cap,
-                     patching_default=not args.no_patching)
+                     patching_default=not args.no_patching, api_key=api_key, max_body_bytes=args.max_body_bytes)
     served = app.state.served
     resolution = served.base.resolution
     logger.info("loaded %s in %.1fs: strategy=%s (profile: %s) gate=%s (%s) context=%d prompt=%s", name,

@@ -42,15 +42,16 @@ class ApiError(Exception):
     """An error to send to the client as ``status`` with OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})  # e.g. Retry-After on 503
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return SafeJSONResponse(self.body(), status_code=self.status)
+        return SafeJSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
 
 
 def invalid_request(message: str, *, param: str | None = None, code: str | None = "invalid_value") -> ApiError:

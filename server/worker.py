@@ -194,7 +194,7 @@ class GenerationWorker:
             self._queue.put_nowait(job)
         except queue.Full:
             raise ApiError(503, f"The server is busy: {self.max_queue} requests are already waiting. Retry shortly.",
-                           type="unavailable_error", code="queue_full") from None
+                           type="unavailable_error", code="queue_full", headers={"Retry-After": "1"}) from None
 
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new jobs, fail the waiting ones with 503, and stop the thread after the current job."""

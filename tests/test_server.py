@@ -335,6 +335,7 @@ def test_full_queue_answers_503(gated):
         assert running.result().choices and waiting.result().choices
     assert refused.status_code == 503
     assert refused.json()["error"]["type"] == "unavailable_error"
+    assert refused.headers["retry-after"] == "1"
 
 
 def test_timeout_answers_504_and_the_worker_carries_on(gated):
@@ -370,3 +371,32 @@ def test_a_failing_generation_is_a_500_or_an_error_frame_and_the_worker_survives
     assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
     assert sse_events(streamed.text)[-1]["error"]["type"] == "server_error"
     assert ask(gated.client).choices[0].message.content is not None
+
+
+def test_an_api_key_guards_every_route_but_health_and_big_bodies_get_413(model_and_tok):
+    model, tok = model_and_tok
+    app = create_app(model, tok, model_name=MODEL, profile=PROFILE, api_key="s3cret", max_body_bytes=2000)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": TWO_HOP}], "max_tokens": 2}
+    with BackgroundServer(app) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        key = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body, headers=key).status_code == 200
+        big = {**body, "messages": [{"role": "user", "content": "x" * 5000}]}
+        too_large = httpx.post(srv.url + "/v1/chat/completions", json=big, headers=key)
+        assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
+
+        def chunks():
+            yield json.dumps(big).encode()
+
+        chunked = httpx.post(srv.url + "/v1/chat/completions", content=chunks(),
+                             headers={**key, "Content-Type": "application/json"})
+        assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+        assert httpx.get(srv.url + "/docs", headers=key).status_code == 404  # its assets need a CDN; off
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert client.chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()

@@ -363,3 +363,15 @@ def test_twohop_coverage_floor() -> None:
         except UnlocatableQuestion:
             pass
     assert hits / len(recs) >= 0.95
+
+
+def test_an_overlong_question_is_refused_at_once_with_the_reason():
+    import time
+
+    from autopatch.locate import MAX_QUESTION_CHARS, UnlocatableQuestion, locate
+
+    question = "What is the capital of the country where the " + "very " * 8000 + "Colosseum is located?"
+    started = time.perf_counter()
+    with pytest.raises(UnlocatableQuestion, match=f"over the {MAX_QUESTION_CHARS} the locator reads"):
+        locate(question)
+    assert time.perf_counter() - started < 0.5

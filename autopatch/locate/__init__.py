@@ -54,8 +54,18 @@ __all__ = [
 ]
 
 
+MAX_QUESTION_CHARS = 1000  # longer "questions" are left alone: no two-hop question is this long, and parse time grows
+
+
 def locate(question: str, decomposition: Sequence[Any] | None = None) -> Location:
-    """Decomposition first when given, else (or when it fails) the text parser."""
+    """Decomposition first when given, else (or when it fails) the text parser.
+
+    Questions over :data:`MAX_QUESTION_CHARS` characters are refused at once (``UnlocatableQuestion``), so a
+    huge prompt never holds the worker in the parser; the row is then answered unpatched, with the reason.
+    """
+    if len(question) > MAX_QUESTION_CHARS:
+        raise UnlocatableQuestion(question[:80] + "...", f"the question is {len(question)} characters, over the "
+                                  f"{MAX_QUESTION_CHARS} the locator reads; left unpatched")
     if decomposition:
         try:
             return locate_from_decomposition(question, decomposition)

@@ -62,6 +62,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-decomposition", action="store_true", help="let the locator use gold decompositions")
     parser.add_argument("--no-gold-scores", action="store_true", help="skip teacher-forced gold log-probabilities")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--repair", action="store_true",
+                        help="set damaged or edited result lines aside (into results*.jsonl.bak) and recompute them, "
+                             "instead of stopping at the first one")
     parser.add_argument("--num-processes", type=int, default=1, help="data-parallel local worker processes")
 
 
@@ -141,6 +144,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
                 "use_decomposition": args.use_decomposition, "methods": methods, "profile_file": args.profile,
                 "gate_file": args.gate}
     methods = check_run_dir(out, settings, add_methods=args.add_methods)  # before anything slow
+    if not args.repair:
+        from eval.runner import read_results
+
+        read_results(out)  # a damaged or edited line is named now, not after the model has loaded
     settings["methods"] = methods
     if args.num_processes > 1:
         return _spawn_workers(args)
@@ -189,7 +196,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     commands = [command]
     if rank == 0:
         commands = _write_config(out, config, command)
-    run_eval(ctx, records, methods, out, batch_size=args.batch_size, progress=not args.quiet)
+    run_eval(ctx, records, methods, out, batch_size=args.batch_size, progress=not args.quiet, repair=args.repair)
     if "oracle-layers" in methods:
         from autopatch.architectures import num_layers
 

@@ -28,7 +28,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eval.datasets import QARecord
-from eval.jsonl import iter_rows, repair_tail
+from eval.integrity import read_checked, seal, writer_lock
+from eval.integrity import repair as integrity_repair
+from eval.jsonl import repair_tail
 from eval.methods import METHODS, EvalContext, hop_questions
 from eval.metrics import score_continuation
 
@@ -38,12 +40,13 @@ def results_path(out_dir: Path, rank: int, world_size: int) -> Path:
 
 
 def read_results(out_dir: Path) -> list[dict]:
-    """Every complete line of every results file in ``out_dir`` (a torn last line is skipped)."""
-    return [row for path in sorted(Path(out_dir).glob("results*.jsonl")) for row in iter_rows(path)]
+    """Every result of every results file in ``out_dir`` (a torn last line is skipped; a damaged or edited line
+    raises :class:`~eval.integrity.ResultsFileError` naming it)."""
+    return [row for path in sorted(Path(out_dir).glob("results*.jsonl")) for row in read_checked(path)]
 
 
 def _done(path: Path) -> set[tuple[str, str]]:
-    return {(row["method"], row["id"]) for row in iter_rows(path)}
+    return {(row["method"], row["id"]) for row in read_checked(path)}
 
 
 def shard_info() -> tuple[int, int]:
@@ -68,15 +71,29 @@ def golds_for(method: str, record: QARecord) -> list[str]:
 
 def run_eval(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[str], out_dir: Path, *,
              batch_size: int = 16, rank: int | None = None, world_size: int | None = None,
-             progress: bool = True) -> Path:
-    """Generate every (method, record) line not yet written; return this process's results file."""
+             progress: bool = True, repair: bool = False) -> Path:
+    """Generate every (method, record) line not yet written; return this process's results file.
+
+    Lines are sealed with a checksum (:mod:`eval.integrity`); a damaged line stops the run with its line number
+    unless ``repair`` sets the damaged lines aside first. A second process writing the same file is refused.
+    """
     env_rank, env_world = shard_info()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_path(out_dir, rank, world_size)
-    repair_tail(path)
-    done = _done(path)
+    with writer_lock(path):
+        if repair:
+            dropped = integrity_repair(path)
+            if dropped:
+                print(f"repair: set aside {len(dropped)} damaged line(s) of {path} (lines {dropped[:10]}); the "
+                      f"original is {path.name}.bak", flush=True)
+        repair_tail(path)
+        return _generate(ctx, records, methods, path, _done(path), batch_size, rank, world_size, progress)
+
+
+def _generate(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[str], path: Path,
+              done: set[tuple[str, str]], batch_size: int, rank: int, world_size: int, progress: bool) -> Path:
     generating = [m for m in methods if METHODS[m].run is not None]
     mine = batches(records, batch_size)[rank::world_size]
     total = sum(len(b) for b in mine) * len(generating)
@@ -104,7 +121,7 @@ def run_eval(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[st
                         "gold_logprob": result.gold_logprob, "gold_rank": result.gold_rank,
                         "report": result.report,
                     }
-                    sink.write(json.dumps(row) + "\n")
+                    sink.write(json.dumps(seal(row)) + "\n")
                     done.add((name, record.id))
                 sink.flush()
                 os.fsync(sink.fileno())

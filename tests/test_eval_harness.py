@@ -190,3 +190,42 @@ def test_limit_must_be_positive(limit, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--dataset", "twohop", "--limit", limit, "--out", str(tmp_path / "z")])
     assert "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,problem", [
+    ("edit", "its content does not match its sha256"),
+    ("empty-object", "not a result"),
+    ("garbage", "not valid JSON"),
+])
+def test_a_damaged_results_line_stops_resume_and_repair_recomputes_it(tiny_dir, dataset, reference_run, tmp_path,
+                                                                        capsys, damage, problem):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines()
+    if damage == "edit":
+        row = json.loads(lines[3])
+        row["em"] = 1.0 - row["em"]
+        lines[3] = json.dumps(row)
+    else:
+        lines[3] = "{}" if damage == "empty-object" else "{not json"
+    results.write_text("\n".join(lines) + "\n")
+    assert _eval(tiny_dir, dataset, out) != 0
+    err = capsys.readouterr().err
+    assert f"results.jsonl line 4: {problem}" in err and "--repair" in err
+    assert _eval(tiny_dir, dataset, out, "--repair") == 0
+    assert (out / "results.jsonl.bak").exists()
+    assert _lines(out) == _lines(reference_run) or {k: v["continuation"] for k, v in _lines(out).items()} == {
+        k: v["continuation"] for k, v in _lines(reference_run).items()}
+
+
+def test_a_second_writer_of_the_same_run_is_refused(tiny_dir, dataset, tmp_path, capsys):
+    from eval.integrity import writer_lock
+
+    out = tmp_path / "locked"
+    with writer_lock(out / "results.jsonl"):
+        assert _eval(tiny_dir, dataset, out) != 0
+    assert "is being written by another process" in capsys.readouterr().err
+    assert _eval(tiny_dir, dataset, out) == 0  # free again once the first writer is done

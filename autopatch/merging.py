@@ -16,6 +16,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 
 class GatedStreamer:
@@ -34,6 +35,39 @@ class GatedStreamer:
     def end(self) -> None:
         if not self._patched():
             self.inner.end()
+
+
+class _CallerView:
+    """Shows a caller's callback the caller's own sequence on a patched row (see :func:`caller_views`)."""
+
+    def __init__(self, inner, caller_ids: torch.Tensor, width: int):
+        self.inner, self.caller_ids, self.width = inner, caller_ids, width
+
+    def view(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.caller_ids.to(input_ids.device), input_ids[:, self.width :]], dim=1)
+
+
+class _ProcessorView(_CallerView, LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        return self.inner(self.view(input_ids), scores)
+
+
+class _CriterionView(_CallerView, StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.inner(self.view(input_ids), scores, **kwargs)
+
+
+def caller_views(callbacks, caller_ids: torch.Tensor, width: int):
+    """``callbacks`` (a processor or criteria list, or ``None``) seeing the caller's sequence on patched rows.
+
+    A patched row is generated from another prompt; each callback sees ``caller_ids`` (the caller's padded
+    prompt of those rows) followed by the tokens generated so far, exactly what it would see in a plain call,
+    so length limits and prompt-aware processors behave as the caller wrote them.
+    """
+    if not callbacks:
+        return callbacks
+    view = _ProcessorView if isinstance(callbacks, LogitsProcessorList) else _CriterionView
+    return type(callbacks)([view(c, caller_ids, width) for c in callbacks])
 
 
 class TargetStreamer:

@@ -345,6 +345,10 @@ class AutoPatcher:
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config = copy.deepcopy(generation_config or self.model.generation_config)
         _check_inputs(input_ids, kwargs.get("attention_mask"))
+        if patching and streamer is not None and input_ids is not None and input_ids.shape[0] > 1:
+            raise PatchError("A streamer needs a batch of one prompt when patching (a patched row is answered from "
+                             "another prompt, so the rows' tokens cannot share one stream; transformers' TextStreamer "
+                             "takes one row too): stream each prompt separately, or pass patching=False.")
         unsupported = self._unsupported_mode(input_ids, config, kwargs, assistant_model)
         if not patching or unsupported:
             rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -402,7 +406,8 @@ class AutoPatcher:
         target_streamer = TargetStreamer(streamer) if streamer is not None else None
         target_out, target_width = run_targets(self.model, self.tokenizer, targets, logits_processor=logits_processor,
                                                stopping_criteria=stopping_criteria, streamer=target_streamer,
-                                               reuse_prefix=reuse, **passthrough, **target_kwargs)
+                                               reuse_prefix=reuse, caller_ids=input_ids[[t.row for t in targets]],
+                                               **passthrough, **target_kwargs)
         for target in targets:
             report = reports[target.row]
             report.target_prompt, report.bridge, report.bridge_tokens = target.prompt_text, target.bridge, target.bridge_tokens

@@ -28,6 +28,7 @@ from autopatch.engine import PatchEdit, patch
 from autopatch.errors import ConfigError
 from autopatch.inspect import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
 from autopatch.locate import SLOT, Location
+from autopatch.merging import caller_views
 from autopatch.prefix import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix
 from autopatch.prefix import prefix_layout
 from autopatch.profile import PatchProfile
@@ -224,17 +225,22 @@ def plan_targets(
 
 @torch.no_grad()
 def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: Sequence[Target], *,
-                reuse_prefix: bool = True, **generate_kwargs):
+                reuse_prefix: bool = True, caller_ids: torch.Tensor | None = None, **generate_kwargs):
     """Generate from every target in one batch, patching each prefill as planned; returns ``(output, width)``.
 
     The targets' shared prefix (the format's demonstrations) comes from :mod:`autopatch.prefix`'s cache
-    unless ``reuse_prefix=False``; new tokens start at ``output[:, width:]`` either way.
+    unless ``reuse_prefix=False``; new tokens start at ``output[:, width:]`` either way. With ``caller_ids``
+    (the callers' padded prompts, one row per target), ``logits_processor`` and ``stopping_criteria`` see
+    those prompts followed by the generated tokens instead of the target prompts.
     """
     edits = [(i, layer, pos, vec) for i, t in enumerate(targets) for layer, pos, vec in t.edits]
     lay = prefix_layout(model, [t.input_ids for t in targets], tok.pad_token_id, enabled=reuse_prefix,
                         protect=[pos if pos >= 0 else len(targets[i].input_ids) + pos for i, _, pos, _ in edits])
     device = next(model.parameters()).device
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+    if caller_ids is not None:
+        for name in ("logits_processor", "stopping_criteria"):
+            generate_kwargs[name] = caller_views(generate_kwargs.get(name), caller_ids, lay.width)
     engine_edits = [PatchEdit(layer, i, lay.engine_position(pos), vec) for i, layer, pos, vec in edits]
     with patch(model, engine_edits, attention_mask=lay.engine_mask):
         return (cast(Any, model).generate(input_ids=lay.input_ids.to(device), attention_mask=lay.attention_mask.to(device),

@@ -208,3 +208,47 @@ def test_right_padding_and_empty_inputs_are_clear_errors_and_embeds_run_unpatche
                            pad_token_id=0)
     assert out.shape == (1, 2) and len(patcher.last_report) == 1 and not patcher.last_report[0].patched
     assert "inputs_embeds" in patcher.last_report[0].reason
+
+
+def test_user_criteria_and_processors_see_the_callers_sequence_on_patched_rows(setup):
+    from transformers import LogitsProcessor, LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList
+
+    model, tok, enc = setup
+    width = enc.input_ids.shape[1]
+    seen = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.clone())
+            return scores
+
+    patcher = AutoPatcher(model, tok, profile(), gate=AlwaysPatch())
+    out = patcher.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                           stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=width + 2)]),
+                           logits_processor=LogitsProcessorList([Record()]))
+    reference = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                               stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=width + 2)]))
+    assert out.shape[1] == reference.shape[1] == width + 2  # the caller's limit holds on patched rows too
+    patched = [i for i, r in enumerate(patcher.last_report) if r.patched]
+    assert patched
+    target_calls = [ids for ids in seen if ids.shape[0] == len(patched)]
+    assert target_calls and all(torch.equal(ids[:, :width], enc.input_ids[patched]) for ids in target_calls)
+
+
+def test_a_streamer_with_a_batch_is_a_clear_error(setup):
+    from autopatch.errors import PatchError
+
+    model, tok, enc = setup
+
+    class Sink:
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
+
+    patcher = AutoPatcher(model, tok, profile(), gate=AlwaysPatch())
+    with pytest.raises(PatchError, match="streamer needs a batch of one prompt"):
+        patcher.generate(**enc, max_new_tokens=2, pad_token_id=0, streamer=Sink())
+    out = patcher.generate(**enc, max_new_tokens=2, pad_token_id=0, streamer=Sink(), patching=False)
+    assert out.shape[0] == enc.input_ids.shape[0]

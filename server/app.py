@@ -216,6 +216,11 @@ def _unknown_model(requested: str, served: str) -> ApiError:
 def _plan(served: _Served, body: ChatCompletionRequest) -> tuple[GenerationJob, asyncio.Queue]:
     if body.model is not None and body.model != served.name:
         raise _unknown_model(body.model, served.name)
+    unsupported = body.unsupported_field()
+    if unsupported is not None:
+        raise invalid_request(f"{unsupported!r} is not supported by this server (it would be ignored, and the answer "
+                              "would not be what the field asks for); remove it.", param=unsupported,
+                              code="unsupported_parameter")
     ignored = body.ignored_fields()
     if ignored:
         shown = ", ".join(repr(name[:40]) for name in ignored[:20])

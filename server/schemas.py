@@ -25,6 +25,7 @@ from autopatch.registry import STRATEGIES
 Role = Literal["system", "developer", "user", "assistant"]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # a stop string longer than this cannot be an end marker; it only costs the worker time
 
 
 def _check_text(value: str) -> str:
@@ -121,6 +122,8 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
         for s in [value] if isinstance(value, str) else value or []:
             _check_text(s)
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return value
 
     @field_validator("model")
@@ -151,6 +154,21 @@ class ChatCompletionRequest(BaseModel):
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def unsupported_field(self) -> str | None:
+        """The first field that asks for output this server cannot give (a client relying on it would silently
+        get free text), or ``None``. Sent as null, false, "none", "auto" or ``{"type": "text"}`` they are fine."""
+        extra = self.model_extra or {}
+        harmless = (None, False, 0, [], "none", "auto", {"type": "text"})
+        for name in UNSUPPORTED_FIELDS:
+            if name in extra and extra[name] not in harmless:
+                return name
+        return None
+
+
+# Fields that change what the client expects back; refused with 400 rather than ignored.
+UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+                      "response_format")
 
 
 # ---- responses (documented in the OpenAPI schema; built as plain dicts at run time) ----------------

@@ -400,3 +400,23 @@ def test_an_api_key_guards_every_route_but_health_and_big_bodies_get_413(model_a
         assert client.chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("field,value", [("logprobs", True), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                         ("tool_choice", "required"),
+                                         ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}})])
+def test_fields_that_change_the_answer_are_refused_not_ignored(served, field, value):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": TWO_HOP}], "max_tokens": 2, field: value}
+    resp = post(served, body)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == field and error["code"] == "unsupported_parameter"
+    harmless = {**body, field: {"logprobs": False, "tools": [], "tool_choice": "none",
+                                "response_format": {"type": "text"}}[field]}
+    assert post(served, harmless).status_code == 200
+
+
+def test_overlong_stop_strings_are_refused(served):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": TWO_HOP}], "max_tokens": 2, "stop": ["x" * 300]}
+    resp = post(served, body)
+    assert resp.status_code == 400 and "at most 256 characters" in resp.json()["error"]["message"]

@@ -159,7 +159,7 @@ class ChatCompletionRequest(BaseModel):
         """The first field that asks for output this server cannot give (a client relying on it would silently
         get free text), or ``None``. Sent as null, false, "none", "auto" or ``{"type": "text"}`` they are fine."""
         extra = self.model_extra or {}
-        harmless = (None, False, 0, [], "none", "auto", {"type": "text"})
+        harmless: tuple[Any, ...] = (None, False, 0, [], "none", "auto", {"type": "text"})
         for name in UNSUPPORTED_FIELDS:
             if name in extra and extra[name] not in harmless:
                 return name

@@ -33,23 +33,24 @@ import copy
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from autopatch.architectures import num_layers
-from autopatch.engine import CaptureResult, capture
+from autopatch.engine import capture
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
-from autopatch.locate import Location, UnlocatableQuestion, locate
+from autopatch.locate import UnlocatableQuestion, locate
 from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs
-from autopatch.prefix import PrefixLayout, prefix_layout
+from autopatch.prefill import Prefill, RowPlan
+from autopatch.prefix import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.resolve import Resolution, resolve
-from autopatch.strategies import Control, PatchJob, Target, plan_targets, run_targets
+from autopatch.strategies import Control, Target, plan_targets, run_targets
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
 
@@ -94,16 +95,6 @@ class PatchReport:
         return asdict(self)
 
 
-@dataclass
-class RowPlan:
-    """One row's question, its location and the token positions of the located parts."""
-
-    question: str | None
-    location: Location | None
-    positions: dict[str, int] = field(default_factory=dict)
-    why_not: str = ""
-
-
 class _DecideAfterPrefill(LogitsProcessor):
     """Runs the gate once, on the first step's scores, before any token is chosen."""
 
@@ -127,56 +118,6 @@ class _StopPatchedRows(StoppingCriteria):
         decisions = self.decider.decisions or []
         flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
         return cast(torch.BoolTensor, torch.tensor(flags, dtype=torch.bool, device=input_ids.device))
-
-
-@dataclass(frozen=True)
-class Prefill:
-    """One shared prefill: the unpadded rows, their plans, and the block outputs captured at the located positions.
-
-    ``states`` is filled while the model runs inside :meth:`AutoPatcher.prefill`.
-    """
-
-    rows: list[torch.Tensor]
-    plans: list[RowPlan]
-    positions: list[list[int]]  # per row, capture positions in POSITION_KINDS order (-1 where unused)
-    capture: CaptureResult
-    layout: PrefixLayout | None = None  # with reuse_prefix=True: run the forward on these ids (see ``generate``)
-
-    def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        """One forward pass over the prefill's batch (through the cached prefix when there is one), with the
-        position ids ``generate`` would use."""
-        if self.layout is not None:
-            return self.layout.forward(model, **kwargs)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-
-    def generate(self, model, input_ids: torch.Tensor, **kwargs):
-        """``model.generate`` for the prefill's batch, through the cached prefix when there is one.
-
-        The output has the caller's ``input_ids`` in front of the new tokens, as a plain call would.
-        """
-        if self.layout is None:
-            return model.generate(input_ids, **kwargs)
-        device = input_ids.device
-        kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
-        out = model.generate(input_ids=self.layout.input_ids.to(device), attention_mask=self.layout.attention_mask.to(device),
-                             **self.layout.generate_kwargs(model), **kwargs)
-        if isinstance(out, torch.Tensor):
-            return self.layout.caller_sequences(out, input_ids)
-        out.sequences = self.layout.caller_sequences(out.sequences, input_ids)
-        return out
-
-    @property
-    def states(self) -> dict[int, torch.Tensor]:
-        return self.capture.states
-
-    def job(self, row: int, source_position: str, source_layer: int) -> PatchJob:
-        """The patch job of a located row: its prompt, source index and captured vector."""
-        plan = self.plans[row]
-        if plan.location is None:
-            raise PatchError(f"Row {row} was not located ({plan.why_not}); it has no patch job.")
-        return PatchJob(row, plan.location, self.rows[row], plan.positions[source_position],
-                        self.states[source_layer][row, POSITION_KINDS.index(source_position)])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""One shared prefill: the batch's rows, where each question's parts are, and the states captured there.
+
+Example:
+    >>> with patcher.prefill(enc.input_ids, enc.attention_mask, [6], reuse_prefix=True) as pre:
+    ...     out = pre.generate(model, enc.input_ids, max_new_tokens=8)   # through the cached prefix
+    >>> job = pre.job(0, "span_end", 6)                                  # the patch job of row 0
+
+Built by :meth:`autopatch.patcher.AutoPatcher.prefill`, the one prefill path of
+``generate``, the sweep and the gate's features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from autopatch.engine import CaptureResult
+from autopatch.errors import PatchError
+from autopatch.gating import POSITION_KINDS
+from autopatch.locate import Location
+from autopatch.prefix import PrefixLayout
+from autopatch.strategies import PatchJob
+
+
+@dataclass
+class RowPlan:
+    """One row's question, its location and the token positions of the located parts."""
+
+    question: str | None
+    location: Location | None
+    positions: dict[str, int] = field(default_factory=dict)
+    why_not: str = ""
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One shared prefill: the unpadded rows, their plans, and the block outputs captured at the located positions.
+
+    ``states`` is filled while the model runs inside :meth:`AutoPatcher.prefill`.
+    """
+
+    rows: list[torch.Tensor]
+    plans: list[RowPlan]
+    positions: list[list[int]]  # per row, capture positions in POSITION_KINDS order (-1 where unused)
+    capture: CaptureResult
+    layout: PrefixLayout | None = None  # with reuse_prefix=True: run the forward on these ids (see ``generate``)
+
+    def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        """One forward pass over the prefill's batch (through the cached prefix when there is one), with the
+        position ids ``generate`` would use."""
+        if self.layout is not None:
+            return self.layout.forward(model, **kwargs)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    def generate(self, model, input_ids: torch.Tensor, **kwargs):
+        """``model.generate`` for the prefill's batch, through the cached prefix when there is one.
+
+        The output has the caller's ``input_ids`` in front of the new tokens, as a plain call would.
+        """
+        if self.layout is None:
+            return model.generate(input_ids, **kwargs)
+        device = input_ids.device
+        kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        out = model.generate(input_ids=self.layout.input_ids.to(device), attention_mask=self.layout.attention_mask.to(device),
+                             **self.layout.generate_kwargs(model), **kwargs)
+        if isinstance(out, torch.Tensor):
+            return self.layout.caller_sequences(out, input_ids)
+        out.sequences = self.layout.caller_sequences(out.sequences, input_ids)
+        return out
+
+    @property
+    def states(self) -> dict[int, torch.Tensor]:
+        return self.capture.states
+
+    def job(self, row: int, source_position: str, source_layer: int) -> PatchJob:
+        """The patch job of a located row: its prompt, source index and captured vector."""
+        plan = self.plans[row]
+        if plan.location is None:
+            raise PatchError(f"Row {row} was not located ({plan.why_not}); it has no patch job.")
+        return PatchJob(row, plan.location, self.rows[row], plan.positions[source_position],
+                        self.states[source_layer][row, POSITION_KINDS.index(source_position)])

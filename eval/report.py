@@ -354,7 +354,7 @@ def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute", 
     ax.set_xlabel("target layer ℓ*")
     ax.set_ylabel("source layer ℓ")
     where = f" from {position}" if position else ""
-    ax.set_title(f"{strategy}{where}: fix rate on vanilla-wrong questions")
+    ax.set_title(f"{strategy}{where}: fix rate on vanilla-wrong questions", fontsize=9)
     fig.colorbar(image)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

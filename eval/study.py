@@ -78,7 +78,8 @@ def _fmt_p(p: float | None) -> str:
 
 
 def _row(key: str, stats: dict) -> str:
-    return (f"| `{key}` | {stats['em']:.3f} | {stats['fixed']}/{stats['broken']} (p={_fmt_p(stats['p_vs_vanilla'])}) | "
+    shown = key.replace("|", "\\|")  # the key's separators would split the table's cells
+    return (f"| `{shown}` | {stats['em']:.3f} | {stats['fixed']}/{stats['broken']} (p={_fmt_p(stats['p_vs_vanilla'])}) | "
             f"{stats['gap_fixed']}/{stats['gap_n']} | {stats.get('gap_fixed_random', '–')} | "
             f"{stats.get('gap_fixed_text', '–')} | {stats.get('gap_fixed_decompose', '–')} | "
             f"{_fmt_p(stats.get('p_vs_decompose'))} |")

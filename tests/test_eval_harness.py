@@ -229,3 +229,21 @@ def test_a_second_writer_of_the_same_run_is_refused(tiny_dir, dataset, tmp_path,
         assert _eval(tiny_dir, dataset, out) != 0
     assert "is being written by another process" in capsys.readouterr().err
     assert _eval(tiny_dir, dataset, out) == 0  # free again once the first writer is done
+
+
+def test_rescore_applies_the_current_rule_and_reseals(tiny_dir, dataset, reference_run, tmp_path):
+    import shutil
+
+    from eval.rescore import main as rescore
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    results = out / "results.jsonl"
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    lines[0] = {k: v for k, v in lines[0].items() if k != "sha256"} | {"answer": "stale", "em": 0.5}
+    results.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    assert rescore([str(out)]) == 0
+    fresh = _lines(out)  # read_results checks every seal
+    first = (lines[0]["method"], lines[0]["id"])
+    assert fresh[first]["answer"] != "stale" and fresh[first]["em"] in (0.0, 1.0)
+    assert (out / "results.jsonl.bak").exists() and "python -m eval.rescore" in (out / "report.md").read_text()

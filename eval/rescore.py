@@ -55,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {rescore_file(path)} line(s) rescored")
     from eval.report import write_report
 
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    commands = config.get("commands", [])
-    write_report(out, "\n".join([*commands, f"python -m eval.rescore {args.run}"]))
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    command = f"python -m eval.rescore {args.run}"
+    commands = [*(c for c in config.get("commands", []) if c != command), command]
+    if config_path.exists():
+        config_path.write_text(json.dumps({**config, "commands": commands}, indent=2) + "\n")
+    write_report(out, "\n".join(commands))
     print(f"wrote {out}/summary.json and report.md")
     return 0
 

@@ -161,16 +161,16 @@ def decode_bridges_counted(
     out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=profile.max_bridge_tokens,
                              eos_token_id=_bridge_stop_ids(tok))
     parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
-    return [(parse(cast(str, tok.decode(out[i, width:], skip_special_tokens=True))), _generated(out[i, width:], tok))
-            for i in range(len(jobs))]
+    return [(parse(cast(str, tok.decode(out[i, width:], skip_special_tokens=True))),
+             len(generated_ids(out[i, width:], tok.pad_token_id))) for i in range(len(jobs))]
 
 
-def _generated(new_ids: torch.Tensor, tok: PreTrainedTokenizerBase) -> int:
-    """Tokens a row generated (``generate`` pads finished rows on the right)."""
+def generated_ids(new_ids: torch.Tensor, pad_id: int) -> list[int]:
+    """The tokens a row generated, without the padding ``generate`` appends to rows that finished early."""
     ids = new_ids.tolist()
-    while ids and ids[-1] == tok.pad_token_id:
+    while ids and ids[-1] == pad_id:
         ids.pop()
-    return len(ids)
+    return ids
 
 
 def verbalized_target(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, bridge: str,

@@ -120,11 +120,11 @@ def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int) -> 
 
 
 def _decode_new(tok, sequences: torch.Tensor, width: int) -> tuple[list[str], list[int]]:
+    from autopatch.strategies import generated_ids
+
     texts, counts = [], []
     for row in sequences[:, width:]:
-        ids = row.tolist()
-        while ids and ids[-1] == tok.pad_token_id:  # generate pads finished rows on the right
-            ids.pop()
+        ids = generated_ids(row, tok.pad_token_id)
         texts.append(tok.decode(ids, skip_special_tokens=True))
         counts.append(len(ids))
     return texts, counts

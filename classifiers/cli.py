@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autopatch.cli import _add_model_arg, subcommand
+
+if TYPE_CHECKING:
+    from autopatch.profile import PatchProfile
 
 DEFAULT_TRAIN = "twohop:train:600,musique:calib:200"
 DEFAULT_DEV = "twohop:dev:240"
@@ -27,8 +31,30 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="train a choosing gate over these strategies (comma-separated, e.g. "
                              "verbalize,reroute,decompose; each with the model's shipped profile for it) instead of "
                              "a yes/no gate for the model's profile")
+    parser.add_argument("--labels-from", default=None, metavar="SWEEPS",
+                        help="comma-separated sweep.jsonl files of the same model (eval.sweep, same questions) whose "
+                             "vanilla and candidate rows are reused as labels instead of generated again")
     parser.add_argument("--ship", action="store_true",
                         help="also replace this model's shipped gate in classifiers/shipped/ (tracked files: commit or revert)")
+
+
+def _seed_from_sweeps(args: argparse.Namespace, out: Path, profiles: dict[str | None, PatchProfile]) -> None:
+    """Copy finished sweep rows into each gate's label files (see :func:`classifiers.labels.seed_labels`)."""
+    from classifiers.labels import seed_labels
+    from classifiers.train import _source_name, parse_sources
+    from eval.jsonl import iter_rows
+    from eval.sweep import REFERENCE_KEYS, SweepConfig
+
+    rows = [row for path in args.labels_from.split(",") if path.strip() for row in iter_rows(Path(path.strip()))]
+    sources = [*parse_sources(args.train), *parse_sources(args.dev)]
+    for name, profile in profiles.items():
+        key = SweepConfig(profile.strategy, profile.source_position, profile.source_layer,
+                          profile.target_layer, profile.bridge_prompt, profile.scale).key
+        alias = profile.strategy if profile.strategy in REFERENCE_KEYS else None
+        for dataset, split, _ in sources:
+            label_file = (out / name if name else out) / f"labels_{_source_name(dataset, split)}.jsonl"
+            n = seed_labels(label_file, key, rows, alias=alias)
+            print(f"train-gate: {n} rows of {args.labels_from} reused for {key} in {label_file}", flush=True)
 
 
 @subcommand("train-gate", "train the patch gate on training questions and save it without pickle", _configure)
@@ -36,6 +62,7 @@ def run_train_gate(args: argparse.Namespace) -> int:
     import torch
 
     from autopatch import load_model, registry
+    from autopatch.errors import ConfigError
     from autopatch.profile import PatchProfile, strategy_profile
     from classifiers.train import cv_markdown, parse_sources, train_choice_gate, train_gate
 
@@ -43,16 +70,23 @@ def run_train_gate(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in (args.choose or "").split(",") if s.strip()]
     for name in strategies:
         registry.strategy(name)  # an unknown name is refused before the model loads
+    missing = [p for p in (args.labels_from or "").split(",") if p.strip() and not Path(p.strip()).is_file()]
+    if missing:
+        raise ConfigError(f"--labels-from: no sweep file at {', '.join(missing)}; run eval.sweep first or drop the option")
     torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     if strategies:
         base = PatchProfile.shipped_for(model) or PatchProfile.default_for(model)
         candidates = {name: strategy_profile(model, name, base)[0] for name in strategies}
+        if args.labels_from:
+            _seed_from_sweeps(args, Path(args.out), dict(candidates))
         choice = train_choice_gate(model, tok, candidates=candidates, train=args.train, dev=args.dev, out=Path(args.out),
                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, ship=args.ship)
         print(json.dumps(choice.meta, indent=2))
         print(f"wrote {args.out}/choice.json and one gate per strategy" + (" (and shipped it)" if args.ship else ""))
         return 0
+    if args.labels_from:
+        _seed_from_sweeps(args, Path(args.out), {None: PatchProfile.shipped_for(model) or PatchProfile.default_for(model)})
     gate = train_gate(model, tok, train=args.train, dev=args.dev, out=Path(args.out), batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, ship=args.ship)
     print(cv_markdown(gate))

@@ -20,9 +20,11 @@ patched and get no label.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Real
+from pathlib import Path
 
 from autopatch.errors import ConfigError
 
@@ -69,3 +71,22 @@ def gate_labels(table: dict[str, dict[str, dict]], config_key: str, metric: str 
     vanilla, patched = table.get("vanilla", {}), table.get(config_key, {})
     return {i: Label(_score(vanilla[i], metric, "vanilla", i), _score(patched[i], metric, config_key, i))
             for i in vanilla if i in patched}
+
+
+def seed_labels(label_file: Path, config_key: str, sweep_rows: Iterable[Mapping], *, alias: str | None = None) -> int:
+    """Write the ``vanilla`` and ``config_key`` rows of a finished sweep into a gate's label file; returns how many.
+
+    The gate's labelling sweep then skips those (question, configuration) pairs instead of generating them again.
+    ``alias`` is the sweep's name for the same computation when it differs (the study's text-only ``decompose``
+    reference row is the ``decompose`` strategy whatever its layers, since no state is patched). A label file that
+    already exists is left as it is, so seeding never overrides what was computed for the gate itself.
+    """
+    if label_file.exists():
+        return 0
+    wanted = {"vanilla": "vanilla", alias or config_key: config_key}
+    rows = [{**row, "config": wanted[row["config"]]} for row in sweep_rows if row.get("config") in wanted]
+    label_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = label_file.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(label_file)
+    return len(rows)

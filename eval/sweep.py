@@ -127,7 +127,24 @@ def study_grid(n_layers: int) -> list[SweepConfig]:
     return list(dict.fromkeys(grid))
 
 
-GRIDS = {"default": default_grid, "study": study_grid}
+def focus_grid(n_layers: int) -> list[SweepConfig]:
+    """The study grid cut to what the Qwen 0.5B study (docs/study_qwen05.md) left open, for larger models.
+
+    Kept: ``reroute`` from the subject end into ℓ* = 0 at every source layer and into every target from the
+    middle source; one span-end point as the reference for the mechanism that lost everywhere on the 0.5B; the
+    amplified patches; and the five span-prompt ``verbalize`` points (16 points, 37 rows per question with
+    ``--controls``, against 74 for ``study``).
+    """
+    study = study_grid(n_layers)
+    sources = sorted({c.source_layer for c in study if c.strategy == "reroute"})
+    mid = sources[1]
+    keep = [c for c in study if c.strategy == "verbalize" or c.scale != 1.0
+            or (c.source_position == "subject_end" and (c.target_layer == 0 or c.source_layer == mid))
+            or (c.source_position == "span_end" and c.source_layer == mid and c.target_layer == 0)]
+    return [c for c in keep if not (c.scale != 1.0 and c.source_position == "span_end")]
+
+
+GRIDS = {"default": default_grid, "study": study_grid, "focus": focus_grid}
 
 
 def _done_keys(path: Path) -> set[tuple[str, str]]:
@@ -315,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                              "hop diagnostics (the study compares against them; see eval/study.py)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
                         help="default: strategies x positions x layers (38 points on 18 layers); study: the reroute "
-                             "study, (ℓ, ℓ*) with ℓ* ≤ ℓ from the span end and the subject end, plus span verbalize")
+                             "study, (ℓ, ℓ*) with ℓ* ≤ ℓ from the span end and the subject end, plus span verbalize; "
+                             "focus: the study cut to what the 0.5B study left open (16 points)")
     parser.add_argument("--summarize", help="a sweep.jsonl to summarise instead of running")
     parser.add_argument("--write-profile", action="store_true",
                         help="with --summarize: save the chosen profiles into --out/profiles/")

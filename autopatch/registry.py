@@ -3,7 +3,7 @@
 Example:
     >>> from autopatch.registry import STRATEGIES, CONTROLS, strategy
     >>> tuple(STRATEGIES)                      # profile validation, CLI choices, server schema, eval methods
-    ('reroute', 'backpatch', 'verbalize', 'decompose')
+    ('reroute', 'backpatch', 'verbalize', 'isolate', 'decompose')
     >>> strategy("backpatch").target_before_source
     True
 
@@ -33,10 +33,18 @@ class StrategySpec:
     builder: str  # "module:function" building the targets of a batch of jobs
     target_before_source: bool = False  # the target layer must precede the source layer (back-patching)
     uses_state: bool = True  # False for text-only baselines (``decompose``): the hidden state is never patched
+    source: str | None = None  # "module:function" recomputing each job's state; None: the prefill's capture
 
     def build(self) -> Callable[..., Any]:
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return _resolve(self.builder)
+
+    def states(self) -> Callable[..., Any] | None:
+        return None if self.source is None else _resolve(self.source)
+
+
+def _resolve(path: str) -> Callable[..., Any]:
+    module, _, function = path.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,10 @@ register_strategy(StrategySpec(
 register_strategy(StrategySpec(
     "verbalize", "a Patchscope decodes the bridge into words, which fill the second-hop slot",
     "autopatch.strategies:build_verbalize"))
+register_strategy(StrategySpec(
+    "isolate", "Patchscopes §5, same prompt: the first hop's state computed with the second hop's words masked out "
+    "overwrites the same position at the target layer", "autopatch.strategies:build_backpatch",
+    source="autopatch.isolate:isolated_states"))
 register_strategy(StrategySpec(
     "decompose", "text only, no hidden state: the located first hop asked as a question, its short answer fills the "
     "second-hop slot (the baseline every patch method must beat)", "autopatch.strategies:build_decompose",

@@ -216,6 +216,9 @@ def plan_targets(
     control: Control | None = None,
 ) -> list[Target]:
     """Build the target prompt and patches of each job under ``profile.strategy``."""
+    recompute = registry.strategy(profile.strategy).states()
+    if recompute is not None:  # a strategy with its own source (``isolate``); controls then act on that state
+        jobs = [replace(job, vector=v) for job, v in zip(jobs, recompute(model, tok, profile, jobs))]
     if control is not None and registry.control(control).subject_text:
         jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
     vectors = [control_vector(j.vector * profile.scale if profile.scale != 1 else j.vector, control, j.location.question)

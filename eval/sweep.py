@@ -35,6 +35,7 @@ from typing import cast
 import torch
 
 from autopatch.architectures import num_layers
+from autopatch.errors import ConfigError
 from autopatch.gating import AlwaysPatch
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import BridgePrompt, PatchProfile, SourcePosition
@@ -132,8 +133,9 @@ def focus_grid(n_layers: int) -> list[SweepConfig]:
 
     Kept: ``reroute`` from the subject end into ℓ* = 0 at every source layer and into every target from the
     middle source; one span-end point as the reference for the mechanism that lost everywhere on the 0.5B; the
-    amplified patches; and the five span-prompt ``verbalize`` points (16 points, 37 rows per question with
-    ``--controls``, against 74 for ``study``).
+    amplified patches; the five span-prompt ``verbalize`` points; and five points of ``isolate``, the
+    same-prompt variant with the second hop masked out of the first hop's state (21 points, 47 rows per question
+    with ``--controls``, against 74 for ``study``).
     """
     study = study_grid(n_layers)
     sources = sorted({c.source_layer for c in study if c.strategy == "reroute"})
@@ -141,7 +143,10 @@ def focus_grid(n_layers: int) -> list[SweepConfig]:
     keep = [c for c in study if c.strategy == "verbalize" or c.scale != 1.0
             or (c.source_position == "subject_end" and (c.target_layer == 0 or c.source_layer == mid))
             or (c.source_position == "span_end" and c.source_layer == mid and c.target_layer == 0)]
-    return [c for c in keep if not (c.scale != 1.0 and c.source_position == "span_end")]
+    keep = [c for c in keep if not (c.scale != 1.0 and c.source_position == "span_end")]
+    high = sources[2]
+    keep += [SweepConfig("isolate", "span_end", s, t) for s, t in ((mid, mid), (high, high), (high, mid), (mid, 0))]
+    return keep + [SweepConfig("isolate", "subject_end", mid, mid)]
 
 
 GRIDS = {"default": default_grid, "study": study_grid, "focus": focus_grid}
@@ -333,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
                         help="default: strategies x positions x layers (38 points on 18 layers); study: the reroute "
                              "study, (ℓ, ℓ*) with ℓ* ≤ ℓ from the span end and the subject end, plus span verbalize; "
-                             "focus: the study cut to what the 0.5B study left open (16 points)")
+                             "focus: the study cut to what the 0.5B study left open, plus same-prompt isolate (21 points)")
+    parser.add_argument("--configs", default=None, metavar="KEYS",
+                        help="run these configurations instead of a grid (comma-separated keys as in sweep.jsonl, "
+                             "e.g. the ones chosen on a training sweep, to confirm them on dev)")
     parser.add_argument("--summarize", help="a sweep.jsonl to summarise instead of running")
     parser.add_argument("--write-profile", action="store_true",
                         help="with --summarize: save the chosen profiles into --out/profiles/")
@@ -343,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.split in ("test",):
         parser.error("the sweep chooses the profile: run it on a training split (twohop train, musique calib), never test")
+    chosen = [_parse_key(k.strip(), parser) for k in (args.configs or "").split(",") if k.strip()]
     if args.summarize:
         table = load_sweep(Path(args.summarize))
         text = summary_markdown(table, "python -m eval.sweep " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -371,11 +380,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     records = stratified_sample(load_dataset_by_name(args.dataset, split=args.split, hops=2), args.limit)
-    configs = GRIDS[args.grid](num_layers(model))
+    configs = chosen or GRIDS[args.grid](num_layers(model))
     print(f"sweep: {len(records)} questions x {len(configs)} configurations -> {args.out}/sweep.jsonl", flush=True)
     run_sweep(model, tok, records, configs, Path(args.out) / "sweep.jsonl", batch_size=args.batch_size,
               max_new_tokens=args.max_new_tokens, controls=args.controls)
     return 0
+
+
+def _parse_key(key: str, parser: argparse.ArgumentParser) -> SweepConfig:
+    from autopatch import registry
+
+    try:
+        config = SweepConfig.from_key(key)
+        registry.strategy(config.strategy)
+    except (ValueError, ConfigError) as err:
+        parser.error(f"--configs: {key!r} is not a configuration key (strategy|position|source|target|prompt[|scale]): "
+                     f"{err}")
+    return config
 
 
 def stratified_sample(records: Sequence[QARecord], limit: int | None) -> list[QARecord]:

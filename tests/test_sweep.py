@@ -80,3 +80,13 @@ def test_a_study_sweep_writes_controls_references_and_hops_and_the_study_reads_t
     assert stats["gap_n"] == len(gap_ids(table)) and "gap_fixed_random" in stats and "p_vs_decompose" in stats
     assert "Chosen on train, scored on dev" in study_markdown(table, table, "cmd")
     assert len(study_grid(24)) == 35 and all(c.target_layer <= c.source_layer for c in study_grid(24))
+
+
+def test_configs_option_refuses_a_bad_key_before_the_model_loads(capsys):
+    from eval.sweep import main
+
+    with pytest.raises(SystemExit):
+        main(["--configs", "reroute|span_end|x|0|identity"])
+    assert "--configs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--configs", "nosuch|span_end|1|0|identity"])

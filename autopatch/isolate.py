@@ -17,6 +17,7 @@ same prompt at the same position (``build_backpatch``), at any target layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import cast
 
 import torch
@@ -32,29 +33,32 @@ from autopatch.tokens import token_at_char, token_char_ends
 ISOLABLE_POSITIONS = ("span_end", "subject_end")
 
 
+def span_bounds(tok: PreTrainedTokenizerBase, job: PatchJob) -> tuple[int, int]:
+    """Token indices in ``job.prompt_ids`` where the question starts and where its first-hop span starts."""
+    text = cast(str, tok.decode(job.prompt_ids, skip_special_tokens=True))
+    at = text.rfind(job.location.question)
+    if at < 0:
+        raise ConfigError("isolate: the located question does not occur in the decoded prompt; use another strategy "
+                          "for this tokenizer.")
+    ends = token_char_ends(tok, job.prompt_ids)
+    question_start = token_at_char(ends, at)
+    return question_start, max(question_start, token_at_char(ends, at + job.location.span_start))
+
+
 def isolated_row(tok: PreTrainedTokenizerBase, job: PatchJob) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, position_ids)`` of ``job``'s prompt without the question's tokens before the first-hop span.
 
     When the span opens the question nothing is left out, and the state equals the ordinary one.
     """
-    ids = job.prompt_ids
-    text = cast(str, tok.decode(ids, skip_special_tokens=True))
-    at = text.rfind(job.location.question)
-    if at < 0:
-        raise ConfigError("isolate: the located question does not occur in the decoded prompt; use another strategy "
-                          "for this tokenizer.")
-    ends = token_char_ends(tok, ids)
-    question_start = token_at_char(ends, at)
-    span_start = max(question_start, token_at_char(ends, at + job.location.span_start))
-    keep = [*range(question_start), *range(span_start, job.source_index + 1)]
-    index = torch.tensor(keep, dtype=torch.long)
-    return ids[index], index
+    question_start, span_start = span_bounds(tok, job)
+    index = torch.tensor([*range(question_start), *range(span_start, job.source_index + 1)], dtype=torch.long)
+    return job.prompt_ids[index], index
 
 
 @torch.no_grad()
 def isolated_states(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profile: PatchProfile,
                     jobs: Sequence[PatchJob]) -> list[torch.Tensor]:
-    """Block ``profile.source_layer``'s output at each job's source position, the second hop masked out."""
+    """Block ``profile.source_layer``'s output at every kept token of each job's isolated row: ``(kept, hidden)``."""
     if profile.source_position not in ISOLABLE_POSITIONS:
         raise ConfigError(f"isolate needs a source position inside the first hop ({', '.join(ISOLABLE_POSITIONS)}), "
                           f"not {profile.source_position!r}.")
@@ -62,12 +66,32 @@ def isolated_states(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profil
         return []
     rows = [isolated_row(tok, job) for job in jobs]
     ids, mask = left_pad([r[0] for r in rows], tok.pad_token_id)
+    width = ids.shape[1]
     positions = torch.zeros_like(ids)
     for i, (_, pos) in enumerate(rows):
-        positions[i, ids.shape[1] - len(pos):] = pos
+        positions[i, width - len(pos):] = pos
     device = next(model.parameters()).device
-    with capture(model, layers=[profile.source_layer], positions=[-1], attention_mask=mask) as cap:
+    with capture(model, layers=[profile.source_layer], attention_mask=mask) as cap:
         model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
               logits_to_keep=1)
-    states = cap.states[profile.source_layer][:, 0]
-    return [states[i].to(job.vector.dtype) for i, job in enumerate(jobs)]
+    states = cap.states[profile.source_layer]
+    return [states[i, width - len(pos):].to(job.vector.dtype) for i, ((_, pos), job) in enumerate(zip(rows, jobs))]
+
+
+def isolate_jobs(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profile: PatchProfile,
+                 jobs: Sequence[PatchJob]) -> list[PatchJob]:
+    """Registered as the source of ``isolate``: each job's state replaced by its isolated state."""
+    return [replace(job, vector=states[-1]) for job, states in zip(jobs, isolated_states(model, tok, profile, jobs))]
+
+
+def isolate_span_jobs(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profile: PatchProfile,
+                      jobs: Sequence[PatchJob]) -> list[PatchJob]:
+    """Registered as the source of ``isolate-span``: every token of the first hop up to the source position,
+    isolated, patched at its own position (several positions of the span at once)."""
+    out = []
+    for job, states in zip(jobs, isolated_states(model, tok, profile, jobs)):
+        _, span_start = span_bounds(tok, job)
+        n = job.source_index + 1 - span_start  # the span's tokens are the last n of the isolated row
+        span = [(span_start + k, states[len(states) - n + k]) for k in range(n)]
+        out.append(replace(job, vector=span[-1][1], more=tuple(span[:-1])))
+    return out

@@ -3,7 +3,7 @@
 Example:
     >>> from autopatch.registry import STRATEGIES, CONTROLS, strategy
     >>> tuple(STRATEGIES)                      # profile validation, CLI choices, server schema, eval methods
-    ('reroute', 'backpatch', 'verbalize', 'isolate', 'decompose')
+    ('reroute', 'backpatch', 'verbalize', 'isolate', 'isolate-span', 'decompose')
     >>> strategy("backpatch").target_before_source
     True
 
@@ -113,7 +113,10 @@ register_strategy(StrategySpec(
 register_strategy(StrategySpec(
     "isolate", "Patchscopes §5, same prompt: the first hop's state computed with the second hop's words masked out "
     "overwrites the same position at the target layer", "autopatch.strategies:build_backpatch",
-    source="autopatch.isolate:isolated_states"))
+    source="autopatch.isolate:isolate_jobs"))
+register_strategy(StrategySpec(
+    "isolate-span", "isolate at every token of the first hop up to the source position (several positions at once)",
+    "autopatch.strategies:build_backpatch", source="autopatch.isolate:isolate_span_jobs"))
 register_strategy(StrategySpec(
     "decompose", "text only, no hidden state: the located first hop asked as a question, its short answer fills the "
     "second-hop slot (the baseline every patch method must beat)", "autopatch.strategies:build_decompose",

@@ -47,6 +47,7 @@ class PatchJob:
     source_index: int  # token index of the source position in prompt_ids
     vector: torch.Tensor  # (hidden,) block output at the profile's source layer
     placeholder: str | None = None  # words for the target prompt's slot instead of the profile's placeholder
+    more: tuple[tuple[int, torch.Tensor], ...] = ()  # further (index in prompt_ids, state) pairs patched beside it
 
 
 def _placeholder(profile: PatchProfile, job: PatchJob) -> str:
@@ -88,7 +89,8 @@ def _reroute(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob,
 
 
 def _backpatch(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, vector: torch.Tensor | None) -> Target:
-    edits = [] if vector is None else [(profile.target_layer, job.source_index, vector)]
+    edits = [] if vector is None else [(profile.target_layer, job.source_index, vector),
+                                       *((profile.target_layer, index, v) for index, v in job.more)]
     return Target(job.row, job.prompt_ids, edits, cast(str, tok.decode(job.prompt_ids, skip_special_tokens=True)))
 
 
@@ -207,6 +209,17 @@ def build_decompose(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob],
     return build_verbalize(model, tok, replace(profile, bridge_prompt="span"), text_jobs, [None] * len(jobs))
 
 
+def _scaled(vector: torch.Tensor, profile: PatchProfile) -> torch.Tensor:
+    return vector * profile.scale if profile.scale != 1 else vector
+
+
+def _controlled(job: PatchJob, profile: PatchProfile, control: Control | None) -> tuple[tuple[int, torch.Tensor], ...]:
+    """A multi-position job's further states under ``control`` (each random vector seeded by its position)."""
+    pairs = [(index, control_vector(_scaled(v, profile), control, f"{job.location.question}#{index}"))
+             for index, v in job.more]
+    return tuple((index, v) for index, v in pairs if v is not None)
+
+
 def plan_targets(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -217,12 +230,12 @@ def plan_targets(
 ) -> list[Target]:
     """Build the target prompt and patches of each job under ``profile.strategy``."""
     recompute = registry.strategy(profile.strategy).states()
-    if recompute is not None:  # a strategy with its own source (``isolate``); controls then act on that state
-        jobs = [replace(job, vector=v) for job, v in zip(jobs, recompute(model, tok, profile, jobs))]
+    if recompute is not None:  # a strategy with its own source (``isolate``); controls then act on those states
+        jobs = list(recompute(model, tok, profile, jobs))
     if control is not None and registry.control(control).subject_text:
         jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
-    vectors = [control_vector(j.vector * profile.scale if profile.scale != 1 else j.vector, control, j.location.question)
-               for j in jobs]
+    vectors = [control_vector(_scaled(j.vector, profile), control, j.location.question) for j in jobs]
+    jobs = [replace(j, more=_controlled(j, profile, control)) if j.more else j for j in jobs]
     return registry.strategy(profile.strategy).build()(model, tok, profile, jobs, vectors)
 
 

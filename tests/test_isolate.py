@@ -8,11 +8,12 @@ import torch
 from autopatch.engine import capture
 from autopatch.errors import ConfigError
 from autopatch.gating import AlwaysPatch
-from autopatch.isolate import isolated_row, isolated_states
+from autopatch.isolate import isolate_jobs, isolate_span_jobs, isolated_row, isolated_states, span_bounds
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat
 from autopatch.registry import STRATEGIES
+from autopatch.strategies import plan_targets
 from eval.methods import METHODS
 from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 
@@ -37,8 +38,9 @@ def _job(patcher: AutoPatcher, question: str):
 
 
 def test_isolate_is_one_registry_entry_and_an_eval_method():
-    assert STRATEGIES["isolate"].uses_state and STRATEGIES["isolate"].states() is isolated_states
-    assert METHODS["isolate"].kind == "patch"
+    assert STRATEGIES["isolate"].uses_state and STRATEGIES["isolate"].states() is isolate_jobs
+    assert STRATEGIES["isolate-span"].states() is isolate_span_jobs
+    assert METHODS["isolate"].kind == "patch" and METHODS["isolate-span"].kind == "patch"
 
 
 def test_the_isolated_row_drops_the_second_hop_and_keeps_every_position(tiny):
@@ -67,7 +69,7 @@ def test_the_isolated_state_is_the_masked_forward_of_the_whole_prompt(tiny):
     with capture(model, layers=[2], positions=[job.source_index]) as cap:
         model(input_ids=job.prompt_ids[None, :n], attention_mask=mask)
     masked = cap.states[2][0, 0]
-    (isolated,) = isolated_states(model, tok, PROFILE, [job])
+    isolated = isolated_states(model, tok, PROFILE, [job])[0][-1]
     ordinary = job.vector
     torch.testing.assert_close(isolated, masked, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(isolated, ordinary, atol=1e-4)
@@ -79,7 +81,7 @@ def test_a_question_whose_span_opens_it_keeps_the_ordinary_state(tiny):
                   "The country where the Colosseum is located has what capital?")
     if job.location.span_start != 0:
         pytest.skip("the locator did not put this span first")
-    (isolated,) = isolated_states(model, tok, PROFILE, [job])
+    isolated = isolated_states(model, tok, PROFILE, [job])[0][-1]
     torch.testing.assert_close(isolated, job.vector, rtol=1e-4, atol=1e-5)
 
 
@@ -97,3 +99,21 @@ def test_isolate_generates_with_its_controls_and_refuses_the_last_position(tiny)
     with pytest.raises(ConfigError, match="source position"):
         isolated_states(model, tok, PatchProfile(strategy="isolate", source_position="last", source_layer=2,
                                                  target_layer=1), [_job(patcher, QUESTION)[0]])
+
+
+def test_isolate_span_patches_every_first_hop_token_and_its_controls_act_on_each(tiny):
+    model, tok = tiny
+    profile = PatchProfile(strategy="isolate-span", source_position="span_end", source_layer=2, target_layer=1,
+                           prompt_format=PromptFormat(demonstrations=()))
+    job, _ = _job(AutoPatcher(model, tok, profile=profile, gate=AlwaysPatch()), QUESTION)
+    _, span_start = span_bounds(tok, job)
+    (target,) = plan_targets(model, tok, profile, [job])
+    assert [p for _, p, _ in target.edits] == [job.source_index, *range(span_start, job.source_index)]
+    assert tok.decode(job.prompt_ids[span_start:job.source_index + 1]).strip() == "the country where the Colosseum is located"
+    states = isolated_states(model, tok, profile, [job])[0]
+    torch.testing.assert_close(target.edits[0][2], states[-1])
+    (random,) = plan_targets(model, tok, profile, [job], control="random")
+    assert len(random.edits) == len(target.edits)
+    for (_, _, v), (_, _, r) in zip(target.edits, random.edits):
+        assert not torch.allclose(v, r) and torch.isclose(v.norm(), r.norm(), rtol=1e-4)
+    assert plan_targets(model, tok, profile, [job], control="nopatch")[0].edits == []

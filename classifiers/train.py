@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from autopatch.profile import PatchProfile
-from classifiers.choice import ChoiceGate
+from classifiers.choice import ChoiceGate, ChoiceRule, cross_validate_rule, tune_rule
 from classifiers.features import SCALARS, FeatureSpec, extract_features
 from classifiers.gate import PatchGate, make_pipeline
 from classifiers.labels import gate_labels
@@ -173,8 +173,15 @@ def train_gate(model, tok, *, train: str, dev: str, out: Path, layers: tuple[int
 
 def train_choice_gate(model, tok, *, candidates: dict[str, PatchProfile], train: str, dev: str, out: Path,
                       layers: tuple[int, ...] | None = None, batch_size: int = 32, max_new_tokens: int = 12,
-                      ship: bool = False) -> ChoiceGate:
-    """One gate per candidate profile ("this candidate fixes a vanilla error"), thresholds tuned on ``dev``."""
+                      ship: bool = False, grid: int = 10, min_gain: float = 1.0) -> ChoiceGate:
+    """One gate per candidate profile ("this candidate fixes a vanilla error"), and a rule tuned jointly on ``dev``.
+
+    Each member's own threshold is tuned on ``dev`` as for a single gate (kept in its ``gate.json``, and the
+    widest-margin rule of version-1 files); the :class:`~classifiers.choice.ChoiceRule` that decides is then tuned
+    on the same questions for the accuracy of the whole choice (:func:`~classifiers.choice.tune_rule`, ``grid`` and
+    ``min_gain`` go there). ``meta["dev"]`` records the chosen policy, its dev accuracy (optimistic: tuned there),
+    every trivial policy's, the widest-margin rule's, and a 5-fold cross-validated accuracy of the tuning itself.
+    """
     from sklearn.metrics import roc_auc_score
 
     out.mkdir(parents=True, exist_ok=True)
@@ -202,13 +209,9 @@ def train_choice_gate(model, tok, *, candidates: dict[str, PatchProfile], train:
     choice = ChoiceGate(members, {"train": train, "dev_sources": dev, "candidates": list(candidates)})
     shared = sorted(set.intersection(*(set(o) for o in dev_outcomes.values())))
     if shared:
-        picks = choice.choose(np.stack([dev_X[i] for i in shared]))
-        some = next(iter(dev_outcomes.values()))
-        joint = [dev_outcomes[p][i][1] if p else some[i][0] for i, p in zip(shared, picks)]
-        choice.meta["dev"] = {"n": len(shared), "choice_accuracy": float(np.mean(joint)),
-                              "vanilla_accuracy": float(np.mean([some[i][0] for i in shared])),
-                              "always": {n: float(np.mean([o[i][1] for i in shared])) for n, o in dev_outcomes.items()},
-                              "chosen": {n: sum(p == n for p in picks) for n in [*candidates, None]}}
+        choice.rule, choice.meta["dev"] = tune_choice_rule(choice, np.stack([dev_X[i] for i in shared]),
+                                                           {name: [o[i] for i in shared] for name, o in dev_outcomes.items()},
+                                                           grid=grid, min_gain=min_gain)
     choice.save(out)
     if ship:
         from autopatch.fingerprint import model_fingerprint
@@ -217,6 +220,71 @@ def train_choice_gate(model, tok, *, candidates: dict[str, PatchProfile], train:
 
         target = shipped_gate_dir(model_fingerprint(model)) or SHIPPED_DIR / ship_name(model)
         choice.save(target)
+    return choice
+
+
+def tune_choice_rule(choice: ChoiceGate, X_dev: np.ndarray, outcomes: dict[str, list[tuple[float, float]]], *,
+                     grid: int = 10, min_gain: float = 1.0) -> tuple[ChoiceRule, dict]:
+    """The jointly tuned rule for ``choice`` and the ``meta["dev"]`` record of how it compares on the dev questions.
+
+    ``outcomes[name][i]``: (vanilla correct, candidate ``name`` correct) on row ``i`` of ``X_dev``. The members'
+    widest-margin rule is one of the starting points, so the tuned rule is never below it on these questions.
+    """
+    scores = choice.scores(X_dev)
+    vanilla = [v for v, _ in next(iter(outcomes.values()))]
+    patched = {name: [p for _, p in rows] for name, rows in outcomes.items()}
+    widest = ChoiceRule.widest_margin(choice.members)
+    rule, report = tune_rule(scores, vanilla, patched, grid=grid, starts=[widest], min_gain=min_gain)
+    picks = rule.pick(scores)
+    record = {
+        "n": report["n"], "policy": report["policy"], "rule": report["rule"],
+        "choice_accuracy": report["accuracy"], "vanilla_accuracy": report["trivial"]["never patch"],
+        "always": {name: report["trivial"][f"always {name}"] for name in choice.members},
+        "trivial": report["trivial"], "widest_margin_accuracy": report["starts"][0]["accuracy"],
+        "chosen": {name: sum(p == name for p in picks) for name in [*choice.members, None]},
+        "grid": grid, "min_gain": min_gain,
+        "cv": cross_validate_rule(scores, vanilla, patched, starts=[widest], grid=grid, min_gain=min_gain),
+        "note": "choice_accuracy is optimistic: the rule was tuned on these questions (cv is tuned and scored on "
+                "different folds of them); the test run is the honest number",
+    }
+    return rule, record
+
+
+def retune_choice_gate(out: Path, *, grid: int = 10, min_gain: float = 1.0, model=None) -> ChoiceGate:
+    """Re-tune the rule of the choice gate saved in ``out`` from what its training cached there, and save it.
+
+    Reads ``out/choice.json``, the members, the dev features (``features_<source>.npz``) and each member's dev
+    labels (``<member>/labels_<source>.jsonl``) for the dev sources recorded in its meta; generates nothing and
+    needs no model (``model``, when given, is only checked against the gate's fingerprint).
+    """
+    from autopatch.errors import GateFileError
+    from eval.sweep import SweepConfig, load_sweep
+
+    choice = ChoiceGate.load(out, model=model)
+    dev = choice.meta.get("dev_sources")
+    if not isinstance(dev, str):
+        raise GateFileError(f"{out}/choice.json records no dev sources ('dev_sources' in its meta): retrain it.")
+    dev_X: dict[str, np.ndarray] = {}
+    outcomes: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in choice.members}
+    for dataset, split, _ in parse_sources(dev):
+        source = _source_name(dataset, split)
+        try:
+            with np.load(out / f"features_{source}.npz", allow_pickle=False) as data:
+                dev_X.update(zip((str(i) for i in data["ids"]), data["X"]))
+        except (OSError, ValueError, KeyError) as err:
+            raise GateFileError(f"Cannot read the cached dev features {out}/features_{source}.npz: {err}.") from err
+        for name, gate in choice.members.items():
+            p = gate.profile
+            key = SweepConfig(p.strategy, p.source_position, p.source_layer, p.target_layer, p.bridge_prompt, p.scale).key
+            labels = gate_labels(load_sweep(out / name / f"labels_{source}.jsonl"), key)
+            outcomes[name].update((i, (l.vanilla, l.patched)) for i, l in labels.items())
+    shared = sorted(set(dev_X).intersection(*(set(o) for o in outcomes.values())))
+    if not shared:
+        raise GateFileError(f"{out} holds no dev question with features and labels for every member: nothing to tune on.")
+    choice.rule, choice.meta["dev"] = tune_choice_rule(choice, np.stack([dev_X[i] for i in shared]),
+                                                       {name: [o[i] for i in shared] for name, o in outcomes.items()},
+                                                       grid=grid, min_gain=min_gain)
+    choice.save(out)
     return choice
 
 

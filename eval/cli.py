@@ -61,7 +61,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hops", action="store_true", help="skip the hop-1/hop-2 diagnostics (no gap subset)")
     parser.add_argument("--use-decomposition", action="store_true", help="let the locator use gold decompositions")
     parser.add_argument("--no-gold-scores", action="store_true", help="skip teacher-forced gold log-probabilities")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no per-batch progress lines")
     parser.add_argument("--repair", action="store_true",
                         help="set damaged or edited result lines aside (into results*.jsonl.bak) and recompute them, "
                              "instead of stopping at the first one")

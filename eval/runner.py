@@ -8,11 +8,26 @@ One line per (method, question) in ``results.jsonl`` (``results.rank{r}.jsonl``
 when sharded), holding every input needed to audit it: the final prompt, the
 continuation, the extracted answer, the golds, the scores and the patch report.
 
-Determinism: records are cut into fixed batches in dataset order *before*
-sharding or resuming, so every question is always generated inside the same
-batch (same padding) whatever the number of processes or interruptions. A
-batch with any missing line is re-run and only its missing lines are written,
-so a resumed run loses nothing and duplicates nothing.
+Batching: records are ordered by the tokenized length of their prompt
+(longest first, ties in dataset order; :func:`order_by_length`) and cut into
+batches, so each batch holds prompts of similar length and pads little. Lines
+are keyed by (method, id), so nothing downstream depends on that order.
+
+Order of work: batch by batch, every method of a batch before the next, so
+a run stopped early holds whole questions (every method) and its report
+(``python -m eval.rescore``) covers the questions done.
+
+Determinism: the order and the batches are fixed *before* sharding or
+resuming, so every question is always generated inside the same batch (same
+padding) whatever the number of processes or interruptions. A batch with any
+missing line is re-run and only its missing lines are written, so a resumed
+run loses nothing and duplicates nothing. (A run begun before length ordering,
+with batches in dataset order, resumes with length-ordered batches: its
+missing lines get other batch neighbours, which changes nothing but padding.)
+
+Progress: unless ``progress=False`` (``--quiet``), one line per batch on
+stderr: lines done / total, time elapsed, and a rough estimate of the time left
+at this session's average rate (methods differ in cost, so it is rough).
 
 Sharding: under ``accelerate launch`` (or with ``rank``/``world_size``) each
 process takes every ``world_size``-th batch; the report merges the files.
@@ -22,10 +37,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-from tqdm import tqdm
 
 from eval.datasets import QARecord
 from eval.integrity import read_checked, seal, writer_lock
@@ -60,6 +75,36 @@ def batches(records: Sequence[QARecord], batch_size: int) -> list[list[QARecord]
     return [list(records[i : i + batch_size]) for i in range(0, len(records), batch_size)]
 
 
+def order_by_length(ctx: EvalContext, records: Sequence[QARecord]) -> list[QARecord]:
+    """``records`` by the tokenized length of their prompt in the run's query format, longest first (ties: dataset
+    order), so that the batches cut from them pad little. Deterministic for a given tokenizer and format."""
+    lengths = [len(ctx.tok(ctx.fmt.render(r.question, ctx.tok)).input_ids) for r in records]
+    return [records[i] for i in sorted(range(len(records)), key=lambda i: (-lengths[i], i))]
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """One line per batch: lines done / total, elapsed, and the time left at this session's average rate."""
+
+    def __init__(self, total: int, done: int, label: str, enabled: bool):
+        self.total, self.done, self.label, self.enabled = total, done, label, enabled
+        self.generated, self.started = 0, time.perf_counter()
+
+    def update(self, method: str, n: int) -> None:
+        self.done += n
+        self.generated += n
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        left = (self.total - self.done) * elapsed / self.generated if self.generated else float("nan")
+        print(f"{self.label} {method}: {self.done}/{self.total} lines, {_clock(elapsed)} elapsed, "
+              f"ETA {_clock(left) if left == left else '?'} left", file=sys.stderr, flush=True)
+
+
 def golds_for(method: str, record: QARecord) -> list[str]:
     """The golds a method is scored against (hop 1 is scored against the bridge)."""
     if method == "hop1":
@@ -71,11 +116,12 @@ def golds_for(method: str, record: QARecord) -> list[str]:
 
 def run_eval(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[str], out_dir: Path, *,
              batch_size: int = 16, rank: int | None = None, world_size: int | None = None,
-             progress: bool = True, repair: bool = False) -> Path:
+             progress: bool = True, repair: bool = False, length_order: bool = True) -> Path:
     """Generate every (method, record) line not yet written; return this process's results file.
 
     Lines are sealed with a checksum (:mod:`eval.integrity`); a damaged line stops the run with its line number
     unless ``repair`` sets the damaged lines aside first. A second process writing the same file is refused.
+    ``length_order=False`` cuts the batches in dataset order instead of :func:`order_by_length`'s.
     """
     env_rank, env_world = shard_info()
     rank = env_rank if rank is None else rank
@@ -89,7 +135,8 @@ def run_eval(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[st
                 print(f"repair: set aside {len(dropped)} damaged line(s) of {path} (lines {dropped[:10]}); the "
                       f"original is {path.name}.bak", flush=True)
         repair_tail(path)
-        return _generate(ctx, records, methods, path, _done(path), batch_size, rank, world_size, progress)
+        ordered = order_by_length(ctx, records) if length_order else list(records)
+        return _generate(ctx, ordered, methods, path, _done(path), batch_size, rank, world_size, progress)
 
 
 def _generate(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[str], path: Path,
@@ -98,13 +145,13 @@ def _generate(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[s
     mine = batches(records, batch_size)[rank::world_size]
     total = sum(len(b) for b in mine) * len(generating)
     todo = sum(1 for b in mine for m in generating for r in b if (m, r.id) not in done)
-    bar = tqdm(total=total, initial=total - todo, desc=f"eval[{rank}]", unit="q", disable=not progress, smoothing=0.1)
+    bar = _Progress(total, total - todo, f"eval[{rank}]", progress)
     with path.open("a") as sink:
-        for name in generating:
-            method = METHODS[name]
-            if method.run is None:  # never: generating holds only methods with a run
-                continue
-            for batch in mine:
+        for batch in mine:  # batch by batch, every method of a batch before the next: a stopped run holds whole questions
+            for name in generating:
+                method = METHODS[name]
+                if method.run is None:  # never: generating holds only methods with a run
+                    continue
                 missing = [r for r in batch if (name, r.id) not in done]
                 if not missing:
                     continue
@@ -125,8 +172,7 @@ def _generate(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[s
                     done.add((name, record.id))
                 sink.flush()
                 os.fsync(sink.fileno())
-                bar.update(len(missing))
-    bar.close()
+                bar.update(name, len(missing))
     return path
 
 

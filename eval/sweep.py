@@ -133,9 +133,9 @@ def focus_grid(n_layers: int) -> list[SweepConfig]:
 
     Kept: ``reroute`` from the subject end into ℓ* = 0 at every source layer and into every target from the
     middle source; one span-end point as the reference for the mechanism that lost everywhere on the 0.5B; the
-    amplified patches; the five span-prompt ``verbalize`` points; five points of ``isolate``, the same-prompt
-    variant with the second hop masked out of the first hop's state, and two of ``isolate-span``, the same at
-    every token of the span (23 points, 51 rows per question with ``--controls``, against 74 for ``study``).
+    amplified patches; the five span-prompt ``verbalize`` points; three points of ``isolate``, the same-prompt
+    variant with the second hop masked out of the first hop's state, and one of ``isolate-span``, the same at
+    every token of the span (20 points, 45 rows per question with ``--controls``, against 74 for ``study``).
     """
     study = study_grid(n_layers)
     sources = sorted({c.source_layer for c in study if c.strategy == "reroute"})
@@ -145,9 +145,8 @@ def focus_grid(n_layers: int) -> list[SweepConfig]:
             or (c.source_position == "span_end" and c.source_layer == mid and c.target_layer == 0)]
     keep = [c for c in keep if not (c.scale != 1.0 and c.source_position == "span_end")]
     high = sources[2]
-    keep += [SweepConfig("isolate", "span_end", s, t) for s, t in ((mid, mid), (high, high), (high, mid), (mid, 0))]
-    keep += [SweepConfig("isolate", "subject_end", mid, mid)]
-    return keep + [SweepConfig("isolate-span", "span_end", s, s) for s in (mid, high)]
+    keep += [SweepConfig("isolate", "span_end", s, t) for s, t in ((mid, mid), (high, high), (mid, 0))]
+    return keep + [SweepConfig("isolate-span", "span_end", mid, mid)]
 
 
 GRIDS = {"default": default_grid, "study": study_grid, "focus": focus_grid}
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
                         help="default: strategies x positions x layers (38 points on 18 layers); study: the reroute "
                              "study, (ℓ, ℓ*) with ℓ* ≤ ℓ from the span end and the subject end, plus span verbalize; "
-                             "focus: the study cut to what the 0.5B study left open, plus same-prompt isolate (23 points)")
+                             "focus: the study cut to what the 0.5B study left open, plus same-prompt isolate (20 points)")
     parser.add_argument("--configs", default=None, metavar="KEYS",
                         help="run these configurations instead of a grid (comma-separated keys as in sweep.jsonl, "
                              "e.g. the ones chosen on a training sweep, to confirm them on dev)")

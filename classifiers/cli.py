@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autopatch.cli import _add_model_arg, subcommand
+from autopatch.errors import ConfigError
 
 if TYPE_CHECKING:
     from autopatch.profile import PatchProfile
@@ -34,6 +35,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels-from", default=None, metavar="SWEEPS",
                         help="comma-separated sweep.jsonl files of the same model (eval.sweep, same questions) whose "
                              "vanilla and candidate rows are reused as labels instead of generated again")
+    parser.add_argument("--retune", action="store_true",
+                        help="re-tune the decision rule of the choosing gate already saved in --out from its cached dev "
+                             "labels and features (no model, nothing generated)")
     parser.add_argument("--ship", action="store_true",
                         help="also replace this model's shipped gate in classifiers/shipped/ (tracked files: commit or revert)")
 
@@ -57,15 +61,34 @@ def _seed_from_sweeps(args: argparse.Namespace, out: Path, profiles: dict[str | 
             print(f"train-gate: {n} rows of {args.labels_from} reused for {key} in {label_file}", flush=True)
 
 
+def _retune(out: Path, *, ship: bool) -> int:
+    from classifiers import SHIPPED_DIR, shipped_gate_dir
+    from classifiers.train import retune_choice_gate
+
+    choice = retune_choice_gate(out)
+    print(json.dumps(choice.meta.get("dev"), indent=2))
+    print(f"re-tuned {out}/choice.json")
+    if ship:
+        fingerprint = str(choice.fingerprint)
+        target = shipped_gate_dir(fingerprint)
+        if target is None:
+            raise ConfigError(f"No gate is shipped for fingerprint {fingerprint} under {SHIPPED_DIR}; ship it from a "
+                              "training run (train-gate --choose ... --ship) instead.")
+        choice.save(target)
+        print(f"shipped it to {target}")
+    return 0
+
+
 @subcommand("train-gate", "train the patch gate on training questions and save it without pickle", _configure)
 def run_train_gate(args: argparse.Namespace) -> int:
     import torch
 
     from autopatch import load_model, registry
-    from autopatch.errors import ConfigError
     from autopatch.profile import PatchProfile, strategy_profile
     from classifiers.train import cv_markdown, parse_sources, train_choice_gate, train_gate
 
+    if args.retune:
+        return _retune(Path(args.out), ship=args.ship)
     parse_sources(args.train), parse_sources(args.dev)  # refuse a bad source before the model loads
     strategies = [s.strip() for s in (args.choose or "").split(",") if s.strip()]
     for name in strategies:

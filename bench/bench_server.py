@@ -1,17 +1,20 @@
-"""Throughput and latency of the HTTP server next to the same requests sent straight to ``AutoPatcher.generate``.
+"""Server throughput at several concurrencies, as ratios to the same requests sent one at a time to ``AutoPatcher.generate``.
 
 Example:
-    $ python bench/bench_server.py --requests 8 --concurrency 4 --max-tokens 8     # embedded Gemma (slow on CPU)
-    $ python bench/bench_server.py --tiny --requests 32 --concurrency 4            # tiny random model: a smoke run
+    $ python bench/bench_server.py --threads 1                       # embedded Gemma, 16 requests of 16 tokens
+    $ python bench/bench_server.py --tiny --requests 32 --threads 1  # tiny random model: mechanics only
 
 One process, one model. First every request runs sequentially through
-``AutoPatcher.generate`` (same prompt rendering, same gate and profile as the
-server, greedy decoding); then a real uvicorn server on 127.0.0.1 gets the same
-requests from ``--concurrency`` threads using the ``openai`` client. The server
-has one generation worker, so concurrency cannot add throughput: the
-throughput ratio (server / direct) is the server's overhead (HTTP, JSON,
-validation, queueing, streaming bridge); per-request latency under concurrency
-also includes waiting in the queue. Answers are compared as a sanity check.
+``AutoPatcher.generate`` (same prompt rendering, gate and profile as the
+server, greedy decoding, stopping at the format's stop strings with a
+stopping criterion as the server does): that is the one-at-a-time baseline. Then a real
+uvicorn server on 127.0.0.1 (micro-batching on: ``--max-batch-size``,
+``--batch-window-ms``) gets the same non-streamed requests from 1, 4 and 8
+client threads (``--concurrency``) through the ``openai`` client. For each
+concurrency it prints wall time, requests per second, the throughput ratio
+server / one-at-a-time (above 1.00: batching gains more than HTTP costs),
+p50/p99 latency, and how many answers equal the baseline's (the baseline's
+text cut at the format's stop strings, as the server cuts it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+def cut_at_stop(text: str, stops) -> str:
+    """``text`` up to the first stop string, as the server returns it."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def stop_at(tokenizer, width: int, stops):
+    """A stopping criterion that ends the row once its new text holds a stop string (what the server does per
+    row; transformers' ``stop_strings`` would do the same but scans Gemma's 262k-token vocabulary on every call)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
+
+    return StopAt()
+
+
 def _load(args):
     if args.tiny:
         from autopatch.profile import PatchProfile
@@ -40,27 +63,29 @@ def _load(args):
         from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 
         profile = PatchProfile(source_layer=2, target_layer=1, prompt_format=PromptFormat(demonstrations=()))
-        return tiny_model_for_bytes("llama"), byte_tokenizer(), "tiny-llama", profile, None
+        return tiny_model_for_bytes("llama"), byte_tokenizer(), "tiny-llama", profile
     from autopatch.loading import EMBEDDED_MODEL_NAME, load_model
-    from server.cli import default_gate
 
     model, tok = load_model(args.model)
-    gate = default_gate(model)
-    return model, tok, args.model or EMBEDDED_MODEL_NAME, getattr(gate, "profile", None), gate
+    return model, tok, args.model or EMBEDDED_MODEL_NAME, None  # None: the profile of the gate shipped for it
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default=None, help="local path or HF id (default: the embedded Gemma 3 270M)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead (mechanics only)")
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16, help="requests per run")
+    parser.add_argument("--concurrency", default="1,4,8", help="comma-separated client thread counts")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="the server's (1: batching off)")
+    parser.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
 
     import openai
     import torch
+    from transformers import StoppingCriteriaList
 
     from autopatch.patcher import AutoPatcher
     from server.app import create_app
@@ -70,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok, name, profile, gate = _load(args)
-    patcher = AutoPatcher(model, tok, profile, gate)
+    model, tok, name, profile = _load(args)
+    patcher = AutoPatcher(model, tok, profile)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
     device = next(model.parameters()).device
 
@@ -79,18 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         prompt = build_prompt([{"role": "user", "content": question}], tok, patcher.profile.prompt_format)
         ids = tok(prompt.text, add_special_tokens=prompt.add_special_tokens, return_tensors="pt").input_ids.to(device)
+        criteria = StoppingCriteriaList([stop_at(tok, ids.shape[1], prompt.stop)]) if prompt.stop else None
         out = patcher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False,
-                               pad_token_id=tok.pad_token_id, questions=[prompt.question])
+                               pad_token_id=tok.pad_token_id, questions=[prompt.question], stopping_criteria=criteria)
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return time.perf_counter() - start, text
+        return time.perf_counter() - start, cut_at_stop(text, prompt.stop)
 
     run_direct(questions[0])  # warm-up
     start = time.perf_counter()
     direct = [run_direct(q) for q in questions]
     direct_wall = time.perf_counter() - start
+    rows = [("AutoPatcher.generate, one at a time", 1, direct_wall, [t for t, _ in direct], args.requests)]
 
     app = create_app(model, tok, model_name=name, profile=patcher.profile, gate=patcher.gate,
-                     max_queue=max(32, args.requests), request_timeout_s=3600)
+                     max_queue=max(32, args.requests), request_timeout_s=3600, max_batch_size=args.max_batch_size,
+                     batch_window_s=args.batch_window_ms / 1000)
     with BackgroundServer(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
 
@@ -101,26 +129,24 @@ def main(argv: list[str] | None = None) -> int:
             return time.perf_counter() - start, resp.choices[0].message.content or ""
 
         run_server(questions[0])  # warm-up
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            served = list(pool.map(run_server, questions))
-        server_wall = time.perf_counter() - start
+        for level in levels:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=level) as pool:
+                served = list(pool.map(run_server, questions))
+            wall = time.perf_counter() - start
+            same = sum(a == b for (_, a), (_, b) in zip(direct, served))
+            rows.append((f"autopatch serve + openai client (batch <= {args.max_batch_size})", level, wall,
+                         [t for t, _ in served], same))
 
-    rows = [("AutoPatcher.generate (sequential)", 1, direct_wall, [t for t, _ in direct]),
-            ("autopatch serve + openai client", args.concurrency, server_wall, [t for t, _ in served])]
-    print(f"model {name}, {args.requests} requests, max_tokens {args.max_tokens}, greedy, "
-          f"torch threads {torch.get_num_threads()}\n")
-    print("| path | concurrency | wall s | req/s | p50 ms | p99 ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, conc, wall, lat in rows:
-        print(f"| {label} | {conc} | {wall:.2f} | {len(lat) / wall:.2f} | {percentile(lat, 50) * 1000:.0f} | "
-              f"{percentile(lat, 99) * 1000:.0f} |")
-    ratio = (args.requests / server_wall) / (args.requests / direct_wall)
-    print(f"\nthroughput ratio server/direct: {ratio:.2f} (1.00 = no overhead); "
-          f"service time per request: {server_wall / args.requests * 1000:.0f} ms vs {direct_wall / args.requests * 1000:.0f} ms")
-    mismatches = sum(a != b for (_, a), (_, b) in zip(direct, served))
-    print(f"answers identical to the direct path: {args.requests - mismatches}/{args.requests}")
-    return 0
+    print(f"model {name}, {args.requests} non-streamed requests, max_tokens {args.max_tokens}, greedy, "
+          f"torch threads {torch.get_num_threads()}, batch window {args.batch_window_ms:g} ms\n")
+    print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | p50 ms | p99 ms | answers identical |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, level, wall, latencies, same in rows:
+        print(f"| {label} | {level} | {wall:.2f} | {len(latencies) / wall:.2f} | {direct_wall / wall:.2f} | "
+              f"{percentile(latencies, 50) * 1000:.0f} | {percentile(latencies, 99) * 1000:.0f} | "
+              f"{same}/{args.requests} |")
+    return 0 if all(same == args.requests for *_, same in rows) else 1
 
 
 if __name__ == "__main__":

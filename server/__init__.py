@@ -8,9 +8,13 @@ Example:
     $ autopatch serve --port 8000                                    # the same, from the command line
 
 Modules: ``schemas`` (request/response models), ``errors`` (OpenAI's error
-shape), ``prompting`` (chat template or few-shot fallback), ``worker`` (the
-single generation thread), ``app`` (routes and streaming), ``runner`` (uvicorn
-in a background thread, for tests and benchmarks), ``cli`` (``autopatch serve``).
+shape), ``guards`` (API key, body limits), ``prompting`` (chat template or
+few-shot fallback), ``planning`` (validation and tokenization, off the event
+loop), ``jobs`` (what the worker runs and returns), ``worker`` (the single
+generation thread), ``batching`` (micro-batches of compatible requests),
+``cancel`` (deadlines checked inside the forward pass), ``app`` (routes and
+streaming), ``runner`` (uvicorn in a background thread, for tests, benchmarks
+and ``bench/soak.py``), ``cli`` (``autopatch serve``).
 See ``docs/server.md``.
 """
 

@@ -13,6 +13,7 @@ shipped one is refused, it patches every located two-hop question
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-queue", type=int, default=32, help="requests that may wait for the model; more get 503")
     parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds a request may take, queueing plus generation; then 504")
+                        help="seconds a request may take, preparation, queueing and generation; then 504")
     parser.add_argument("--served-model-name", default=None,
                         help="the name clients pass as `model` (default: the --model value, or gemma-3-270m)")
     parser.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
@@ -37,6 +38,18 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on every route but /health (when not given: the "
                              "AUTOPATCH_API_KEY environment variable; no key when that is unset too)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    parser.add_argument("--max-prompt-tokens", type=int, default=4096,
+                        help="longer prompts get 400 context_length_exceeded (0: only the model's context limits them)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="greedy non-streamed requests generated together at most (1: no batching)")
+    parser.add_argument("--batch-window-ms", type=float, default=10.0,
+                        help="how long the worker waits for more requests to batch with the first one")
+    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open between requests")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a client may pause while sending its request body; then 408")
+    parser.add_argument("--limit-concurrency", type=int, default=256,
+                        help="open connections at most; requests beyond get 503 (bounds idle and slow clients)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--profile", default=None, help="a patch profile JSON file (default: resolved for the model)")
     parser.add_argument("--gate", default=None, help="a gate directory (default: the gate shipped for the model)")
@@ -54,17 +67,39 @@ def run_serve(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
     api_key = args.api_key or os.environ.get("AUTOPATCH_API_KEY") or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        logger.warning("serving on %s without an API key: anyone who can reach this address can use the model "
-                       "(pass --api-key or set AUTOPATCH_API_KEY)", args.host)
+    warn_if_exposed(args.host, api_key)
     app = create_app(model, tok, model_name=name, profile=args.profile, gate=args.gate,
                      max_queue=args.max_queue, request_timeout_s=args.timeout, max_tokens_cap=args.max_tokens_cap,
-                     patching_default=not args.no_patching, api_key=api_key, max_body_bytes=args.max_body_bytes)
+                     patching_default=not args.no_patching, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                     max_prompt_tokens=args.max_prompt_tokens or None, max_batch_size=args.max_batch_size,
+                     batch_window_s=args.batch_window_ms / 1000, body_timeout_s=args.body_timeout)
     served = app.state.served
     resolution = served.base.resolution
     logger.info("loaded %s in %.1fs: strategy=%s (profile: %s) gate=%s (%s) context=%d prompt=%s", name,
                 time.perf_counter() - started, served.base.profile.strategy, resolution.profile_source,
                 type(served.base.gate).__name__, resolution.gate_source, served.context_length,
                 "chat-template" if getattr(tok, "chat_template", None) else "fewshot-qa")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is reachable only from this machine (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    """Log a warning when the server will be reachable from other machines (louder without an API key)."""
+    if is_loopback(host):
+        return
+    logger.warning("binding to %s, not loopback: other machines can reach this server. Put a TLS-terminating proxy "
+                   "in front of it; the server itself speaks plain HTTP.", host)
+    if not api_key:
+        logger.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                       "(pass --api-key or set AUTOPATCH_API_KEY)", host)

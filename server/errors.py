@@ -93,9 +93,23 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     message = str(first.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     if kind == "model_attributes_type" and param is None:
-        return invalid_request("The request body must be a JSON object.", code="invalid_type")
+        return _not_an_object(first.get("input"))
     code = "invalid_type" if kind.endswith("_type") or kind in {"model_type", "model_attributes_type"} else "invalid_value"
     return invalid_request(f"Invalid value for '{param}': {message}" if param else message, param=param, code=code)
+
+
+def _not_an_object(body: Any) -> ApiError:
+    """A body that is not a JSON object. Sent without ``Content-Type: application/json`` (``curl -d``), FastAPI
+    hands it over as bytes: malformed JSON is still ``json_invalid``, and an object gets told to set the header."""
+    if isinstance(body, (bytes, str)):
+        try:
+            value = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as err:
+            return invalid_request(f"The request body is not valid JSON ({str(err)[:200]}).", code="json_invalid")
+        if isinstance(value, dict):
+            return invalid_request("The request body is a JSON object but was not sent as JSON: send it with the "
+                                   "header 'Content-Type: application/json'.", code="invalid_type")
+    return invalid_request("The request body must be a JSON object.", code="invalid_type")
 
 
 def install_error_handlers(app: FastAPI) -> None:

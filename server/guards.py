@@ -9,10 +9,13 @@ refused request costs no parsing: ``401 invalid_api_key`` (the key is compared
 in constant time with :func:`hmac.compare_digest`) and ``413
 request_too_large`` (from ``Content-Length``, or counted while a chunked body
 arrives: the body is read here, at most the limit, and handed on whole).
+A body that stops arriving for ``body_timeout_s`` seconds gets ``408
+request_timeout``, so a half-sent request cannot hold a connection forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
@@ -28,10 +31,11 @@ def _error(status: int, message: str, code: str) -> tuple[dict, bytes]:
 
 class RequestGuard:
     """ASGI middleware: ``api_key`` (``None``: no key) on every path but :data:`OPEN_PATHS`; bodies over
-    ``max_body_bytes`` get 413."""
+    ``max_body_bytes`` get 413; a body that stalls for ``body_timeout_s`` seconds gets 408."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, body_timeout_s: float = 30.0):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -46,7 +50,12 @@ class RequestGuard:
             return await self._send(send, 413, self._too_large(), "request_too_large")
         chunks, size = [], 0
         while True:  # read the body here (at most the limit), so an oversized one never reaches the app
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                return await self._send(send, 408, f"The request body stalled: nothing arrived for "
+                                        f"{self.body_timeout_s:g} seconds (autopatch serve --body-timeout).",
+                                        "request_timeout")
             if message["type"] != "http.request":
                 return  # the client left before its body arrived
             chunks.append(message.get("body", b""))

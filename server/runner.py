@@ -22,14 +22,17 @@ from autopatch.errors import ServerError
 
 
 class BackgroundServer:
-    """uvicorn serving ``app`` on ``host`` (loopback by default) in a daemon thread."""
+    """uvicorn serving ``app`` on ``host`` (loopback by default) in a daemon thread.
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    ``uvicorn_options`` go to :class:`uvicorn.Config` (e.g. ``timeout_keep_alive=1``).
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", **uvicorn_options):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", **uvicorn_options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"uvicorn-{self.port}", daemon=True)

@@ -1,71 +1,52 @@
-"""The one generation thread: every request's ``AutoPatcher.generate`` runs here, one at a time.
+"""The one generation thread: every request's ``AutoPatcher.generate`` runs here, alone or in a micro-batch.
 
 Example:
-    >>> worker = GenerationWorker(model, tok, max_queue=32)
+    >>> worker = GenerationWorker(model, tok, max_queue=32, max_batch_size=8, batch_window_s=0.01)
     >>> worker.start()
     >>> worker.submit(job)            # raises ApiError(503) when max_queue jobs are already waiting
     >>> worker.close()
 
 Why one thread: autopatch's capture and patch hooks are registered on the
 model's modules, so two generations running at once would see each other's
-hooks. A single consumer of a bounded :class:`queue.Queue` makes that
-impossible and keeps the event loop free of model work. Results and streamed
-text go back through ``job.emit`` (thread-safe; the app passes a function that
-hands each event to the event loop).
+hooks. A single consumer of a bounded queue makes that impossible and keeps
+the event loop free of model work. Results and streamed text go back through
+``job.emit`` (thread-safe; the app passes a function that hands each event to
+the event loop).
 
-A job's ``cancelled`` event (set on timeout or client disconnect) makes the
-worker skip the job if it has not started, or stop generating at the next
-token if it has.
+Micro-batching: when the worker takes a greedy, non-streamed job, it waits up
+to ``batch_window_s`` for more jobs that can share its ``generate`` call
+(:func:`server.batching.compatible`) and runs up to ``max_batch_size`` of them
+as one left-padded batch (:func:`server.batching.run_batch`). Streamed and
+sampled jobs run alone. Jobs that cannot join stay queued, in order.
+
+A job's ``cancelled`` event (set on timeout or client disconnect) and its
+``deadline`` make the worker skip the job if it has not started, stop its row
+at the next token if it has, and abort a forward pass (prefill included) once
+every job in it is abandoned (:mod:`server.cancel`).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from autopatch.errors import ConfigError
-from autopatch.gating import Gate
 from autopatch.patcher import AutoPatcher
-from autopatch.profile import PatchProfile
+from server.batching import batchable, compatible, run_batch
+from server.cancel import Cancelled, cancellable
 from server.errors import ApiError, internal_error
+from server.jobs import Event, GenerationJob, GenerationResult, abandoned, expired, timeout_error
 
 logger = logging.getLogger("autopatch.server")
 
-Event = tuple[str, Any]  # ("delta", str) | ("done", GenerationResult) | ("error", ApiError)
-
-
-@dataclass
-class GenerationJob:
-    """Everything the worker needs for one request; built and validated on the event loop."""
-
-    prompt_ids: list[int]
-    question: str
-    max_new_tokens: int
-    profile: PatchProfile
-    gate: Gate
-    patching: bool
-    emit: Callable[[Event], None]
-    sampling: dict[str, Any] = field(default_factory=lambda: {"do_sample": False})
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    stream: bool = False
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    report: dict
+__all__ = ["AnswerStream", "Event", "GenerationJob", "GenerationResult", "GenerationWorker"]
 
 
 class AnswerStream:
@@ -155,14 +136,20 @@ def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
 
 
 class GenerationWorker:
-    """Runs :class:`GenerationJob` s one at a time on a single background thread."""
+    """Runs :class:`GenerationJob` s on a single background thread, compatible greedy ones in micro-batches."""
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, *, control=None, max_queue: int = 32):
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, *, control=None, max_queue: int = 32,
+                 max_batch_size: int = 8, batch_window_s: float = 0.01):
         if max_queue < 1:
             raise ConfigError("max_queue must be at least 1")
+        if max_batch_size < 1:
+            raise ConfigError("max_batch_size must be at least 1 (1 turns batching off)")
+        if batch_window_s < 0:
+            raise ConfigError("batch_window_s must be 0 or more seconds")
         self.model, self.tokenizer, self.control = model, tokenizer, control
-        self.max_queue = max_queue
-        self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue, self.max_batch_size, self.batch_window_s = max_queue, max_batch_size, batch_window_s
+        self._pending: deque[GenerationJob] = deque()
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="autopatch-generate", daemon=True)
         self._closed = False
         self._eos = _eos_ids(model, tokenizer)
@@ -172,7 +159,8 @@ class GenerationWorker:
 
     def start(self) -> None:
         """Start the thread; after :meth:`close`, start a fresh one (an app can be started again)."""
-        self._closed = False
+        with self._cond:
+            self._closed = False
         if not self._thread.is_alive():
             if self._thread.ident is not None:  # a thread object runs only once
                 self._thread = threading.Thread(target=self._loop, name="autopatch-generate", daemon=True)
@@ -184,81 +172,144 @@ class GenerationWorker:
 
     @property
     def depth(self) -> int:
-        """Jobs waiting (the one being generated is not counted)."""
-        return self._queue.qsize()
+        """Jobs waiting (those being generated are not counted)."""
+        return len(self._pending)
 
     def submit(self, job: GenerationJob) -> None:
-        if self._closed:
-            raise ApiError(503, "The server is shutting down.", type="unavailable_error", code="shutting_down")
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ApiError(503, f"The server is busy: {self.max_queue} requests are already waiting. Retry shortly.",
-                           type="unavailable_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        with self._cond:
+            if self._closed:
+                raise ApiError(503, "The server is shutting down.", type="unavailable_error", code="shutting_down")
+            if len(self._pending) >= self.max_queue:
+                self._pending = deque(j for j in self._pending if not j.cancelled.is_set())  # clients that left
+            if len(self._pending) >= self.max_queue:
+                raise ApiError(503, f"The server is busy: {self.max_queue} requests are already waiting. Retry "
+                                    "shortly.", type="unavailable_error", code="queue_full", headers={"Retry-After": "1"})
+            self._pending.append(job)
+            self._cond.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, fail the waiting ones with 503, and stop the thread after the current job."""
-        self._closed = True
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                _safe_emit(job, ("error", ApiError(503, "The server is shutting down.", type="unavailable_error",
-                                                   code="shutting_down")))
-        if self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                pass
+        """Refuse new jobs, fail the waiting ones with 503, and stop the thread after the current batch."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            _safe_emit(job, ("error", ApiError(503, "The server is shutting down.", type="unavailable_error",
+                                               code="shutting_down")))
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     # ---- the thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                if self._closed:
-                    return
-                continue  # a stale stop request: the worker was started again meanwhile
-            if job.cancelled.is_set():
-                continue
-            try:
-                result = self.run(job)
-            except ApiError as err:
-                _safe_emit(job, ("error", err))
-            except Exception:  # the thread must survive anything a request can trigger
-                logger.exception("generation failed")
-                _safe_emit(job, ("error", internal_error()))
-            else:
-                if result is not None:
-                    _safe_emit(job, ("done", result))
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
 
-    def run(self, job: GenerationJob) -> GenerationResult | None:
-        """Generate one answer (on the calling thread); ``None`` when the job was cancelled meanwhile."""
+    def _next_batch(self) -> list[GenerationJob] | None:
+        """The next job and the compatible ones that arrive within the batch window; ``None`` once closed."""
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            first = self._pending.popleft()
+            if self._skip(first):
+                return []
+            batch = [first]
+            if not batchable(first) or self.max_batch_size == 1:
+                return batch
+            end = time.monotonic() + self.batch_window_s
+            while True:
+                self._take_compatible(batch)
+                remaining = end - time.monotonic()
+                if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:
+                    return batch
+                self._cond.wait(remaining)
+
+    def _take_compatible(self, batch: list[GenerationJob]) -> None:
+        """Move waiting jobs that can join ``batch`` into it (up to the size limit); the others keep their order."""
+        kept: deque[GenerationJob] = deque()
+        while self._pending:
+            job = self._pending.popleft()
+            if len(batch) < self.max_batch_size and compatible(batch[0], job):
+                if not self._skip(job):
+                    batch.append(job)
+            else:
+                kept.append(job)
+        self._pending = kept
+
+    @staticmethod
+    def _skip(job: GenerationJob) -> bool:
+        """A job nobody waits for any more is dropped before it starts (with a 504 if only its deadline passed)."""
+        if job.cancelled.is_set():
+            return True
+        if expired(job):
+            _safe_emit(job, ("error", timeout_error()))
+            return True
+        return False
+
+    def _run(self, jobs: list[GenerationJob]) -> None:
+        """Run one batch and deliver its events; a failing batch of several is retried one job at a time."""
+        try:
+            if len(jobs) == 1 and jobs[0].stream:
+                events: list[Event | None] = [self.run(jobs[0])]
+            else:
+                events = run_batch(self.model, self.tokenizer, jobs, control=self.control, eos=self._eos)
+        except Cancelled:
+            events = [None if job.cancelled.is_set() else ("error", timeout_error()) for job in jobs]
+        except ApiError as err:
+            events = [("error", err)] * len(jobs)
+        except Exception:  # the thread must survive anything a request can trigger
+            if len(jobs) > 1:
+                logger.warning("a batch of %d requests failed; running them one at a time", len(jobs), exc_info=True)
+                for job in jobs:
+                    self._run([job])
+                return
+            logger.exception("generation failed")
+            events = [("error", internal_error())]
+        for job, event in zip(jobs, events):
+            if event is not None:
+                _safe_emit(job, event)
+
+    def run(self, job: GenerationJob) -> Event | None:
+        """Generate one streamed answer (on the calling thread); ``None`` when the job was cancelled meanwhile."""
         stream = AnswerStream(self.tokenizer, job.stop,
                               on_delta=(lambda text: _safe_emit(job, ("delta", text))) if job.stream else None)
-        halt = _Halt(lambda: stream.stopped or job.cancelled.is_set())
+        cut_short: list[bool] = []  # set when the deadline or a cancellation stopped generation
+
+        def should_stop() -> bool:
+            if abandoned(job):
+                cut_short.append(True)
+                return True
+            return stream.stopped
+
+        halt = _Halt(should_stop)
         patcher = AutoPatcher(self.model, self.tokenizer, job.profile, job.gate, control=self.control)
         ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
         if job.seed is not None:
             torch.manual_seed(job.seed)
-        result = patcher.generate_with_reports(ids, attention_mask=torch.ones_like(ids),
-                                               max_new_tokens=job.max_new_tokens,
-                                               pad_token_id=self.tokenizer.pad_token_id, streamer=stream,
-                                               stopping_criteria=StoppingCriteriaList([halt]), questions=[job.question],
-                                               patching=job.patching, **job.sampling)
+        with cancellable(self.model, lambda: abandoned(job)):
+            result = patcher.generate_with_reports(ids, attention_mask=torch.ones_like(ids),
+                                                   max_new_tokens=job.max_new_tokens,
+                                                   pad_token_id=self.tokenizer.pad_token_id, streamer=stream,
+                                                   stopping_criteria=StoppingCriteriaList([halt]),
+                                                   questions=[job.question], patching=job.patching, **job.sampling)
         if job.cancelled.is_set():
             return None
+        if cut_short:
+            return ("error", timeout_error())  # stopped by the deadline: the answer is cut short
         text = stream.finish()
         if stream.stopped or (stream.ids and stream.ids[-1] in self._eos):
             finish = "stop"
         else:
             finish = "length" if len(stream.ids) >= job.max_new_tokens else "stop"
         report = result.reports[0].to_dict() if result.reports else {}
-        return GenerationResult(text, finish, len(job.prompt_ids), len(stream.ids), report)
+        return ("done", GenerationResult(text, finish, len(job.prompt_ids), len(stream.ids), report))
 
 
 def _safe_emit(job: GenerationJob, event: Event) -> None:

@@ -1,0 +1,184 @@
+"""Micro-batching in the server: batched answers equal one-at-a-time answers, row by row.
+
+A gate that waits for permits (:class:`PermitGate`) holds the worker, so the
+test decides what is queued when a batch forms instead of relying on timing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from autopatch.gating import GateDecision
+from autopatch.patcher import AutoPatcher
+from server import create_app
+from server.batching import RowHalt, compatible, left_padded
+from server.jobs import GenerationJob
+from server.runner import BackgroundServer
+from tests.test_server import FMT, MODEL, PROFILE, TWO_HOP, ask
+from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+IPHONE = "Who founded the company that makes the iPhone?"
+FILM = "Who directed the film that won the award?"
+EIFFEL = "What is the capital of the country where the Eiffel Tower is located?"  # the request that gets cancelled
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs a tiny model (see conftest.one_torch_thread)."""
+
+
+class PermitGate:
+    """Patches every located row; while ``hold`` is set, each ``decide`` call waits for a permit."""
+
+    feature_layers: tuple[int, ...] = ()
+    threshold = 0.5
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.permits, self.entries = threading.Semaphore(0), threading.Semaphore(0)
+
+    def decide(self, inputs):
+        self.entries.release()
+        if self.hold and not self.permits.acquire(timeout=30):
+            raise RuntimeError("the test never released the permit gate")
+        return [GateDecision(True, 0.5, "permit gate") for _ in inputs]
+
+    def hold_from_now(self) -> None:
+        """From now on each ``decide`` waits for a permit; permits and entries of earlier calls are forgotten."""
+        self.hold = True
+        for semaphore in (self.permits, self.entries):
+            while semaphore.acquire(blocking=False):
+                pass
+
+    def let_go(self) -> None:
+        self.hold = False
+        self.permits.release(1000)
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; a guard against hanging, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def open_request(srv: BackgroundServer, body: dict) -> socket.socket:
+    """Send a chat request on a raw socket and leave the connection open (close it to disconnect)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((srv.host, srv.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def depth(srv: BackgroundServer) -> int:
+    return httpx.get(srv.url + "/health").json()["queue_depth"]
+
+
+class RecordingPatcher(AutoPatcher):
+    """Records each batched call: its questions and how many new tokens its output has."""
+
+    calls: list[tuple[list[str], int]] = []
+
+    def generate_with_reports(self, inputs=None, *args, **kwargs):
+        result = super().generate_with_reports(inputs, *args, **kwargs)
+        RecordingPatcher.calls.append((list(kwargs["questions"]), result.output.shape[1] - inputs.shape[1]))
+        return result
+
+
+def answer_of(client: openai.OpenAI, spec: dict) -> tuple:
+    resp = ask(client, spec["q"], max_tokens=spec["max_tokens"], stop=spec.get("stop"),
+               extra_body={"autopatch": {"enabled": spec["enabled"]}})
+    choice = resp.choices[0]
+    return choice.message.content, choice.finish_reason, resp.usage.completion_tokens, resp.autopatch["patched"]
+
+
+def test_sixteen_mixed_concurrent_requests_equal_one_at_a_time(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="autopatch.server")
+    monkeypatch.setattr("server.batching.AutoPatcher", RecordingPatcher)
+    RecordingPatcher.calls = []
+    model, tok = tiny_model_for_bytes("llama", seed=1), byte_tokenizer()
+    gate = PermitGate()
+    app = create_app(model, tok, model_name=MODEL, profile=PROFILE, gate=gate, max_queue=32, max_batch_size=8)
+    questions = [TWO_HOP, IPHONE, FILM, "What is 2+2?"]
+    specs = [{"q": questions[i % 4], "enabled": i % 3 != 2, "max_tokens": (1, 3, 8, 12, 5)[i % 5]} for i in range(15)]
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        gate.let_go()
+        long_answer = answer_of(client, {"q": TWO_HOP, "enabled": True, "max_tokens": 12})[0]
+        specs[0] = {"q": TWO_HOP, "enabled": True, "max_tokens": 12, "stop": [long_answer[3:5]]}
+        sequential = [answer_of(client, spec) for spec in specs]
+        assert sequential[0][1] == "stop" and len(sequential[0][0]) < len(long_answer)  # the stop string cut it
+        assert {s[3] for s in sequential} == {True, False}
+        RecordingPatcher.calls.clear()
+
+        gate.hold_from_now()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            blocker = pool.submit(answer_of, client, {"q": TWO_HOP, "enabled": True, "max_tokens": 2})
+            assert gate.entries.acquire(timeout=20)  # the blocker holds the worker
+            doomed = open_request(srv, {"model": MODEL, "messages": [{"role": "user", "content": EIFFEL}],
+                                        "max_tokens": 40, "autopatch": {"enabled": True}})
+            wait_for(lambda: depth(srv) == 1)  # queued first: it heads the next batch
+            futures = [pool.submit(answer_of, client, spec) for spec in specs]
+            wait_for(lambda: depth(srv) == 16)
+            gate.permits.release()  # the blocker's batch goes on; the next batch (with the doomed request) waits
+            assert gate.entries.acquire(timeout=20)
+            doomed.close()
+            wait_for(lambda: any("disconnected before its answer" in r.getMessage() for r in caplog.records))
+            gate.let_go()
+            concurrent = [f.result() for f in futures]
+            assert blocker.result()[0] is not None
+    assert concurrent == sequential
+    sizes = [len(questions) for questions, _ in RecordingPatcher.calls]
+    assert max(sizes) > 1 and max(sizes) <= 8 and sum(sizes) == 17  # the blocker, the doomed one and the 15
+    doomed_batch = [(qs, new) for qs, new in RecordingPatcher.calls if EIFFEL in qs]
+    assert len(doomed_batch) == 1 and len(doomed_batch[0][0]) > 1
+    assert doomed_batch[0][1] <= 12  # the cancelled row (max_tokens 40) stopped; the batch ran to its mates' limit
+
+
+def job(prompt: list[int], **kwargs) -> GenerationJob:
+    defaults = dict(question="q", max_new_tokens=4, profile=PROFILE, gate=None, patching=True, emit=lambda e: None)
+    return GenerationJob(prompt_ids=prompt, **{**defaults, **kwargs})  # type: ignore[arg-type]
+
+
+def test_only_greedy_unstreamed_jobs_with_the_same_settings_share_a_batch():
+    gate, other_gate = object(), object()
+    base = job([5, 6], gate=gate)
+    assert compatible(base, job([7], gate=gate, max_new_tokens=9, stop=["x"]))
+    assert not compatible(base, job([7], gate=other_gate))  # e.g. a per-request threshold copies the gate
+    assert not compatible(base, job([7], gate=gate, patching=False))
+    assert not compatible(base, job([7], gate=gate, stream=True))
+    assert not compatible(base, job([7], gate=gate, sampling={"do_sample": True, "temperature": 0.7}))
+    assert not compatible(base, job([7], gate=gate, profile=PROFILE.__class__(source_layer=3, target_layer=1,
+                                                                          prompt_format=FMT)))
+
+
+def test_row_halt_stops_rows_one_by_one_and_finds_patched_rows_by_prompt():
+    tok = byte_tokenizer()
+    jobs = [job([5, 6, 7], max_new_tokens=2), job([5, 6, 7], max_new_tokens=3), job([9, 8], stop=["b"]),
+            job([4], max_new_tokens=5)]
+    prompts, mask = left_padded(jobs, pad=0)
+    assert prompts.tolist() == [[5, 6, 7], [5, 6, 7], [0, 9, 8], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]]
+    halt = RowHalt(jobs, prompts, tok)
+    a, b = tok("a").input_ids[0], tok("b").input_ids[0]
+    step = torch.cat([prompts, torch.tensor([[a, a]] * 4)], dim=1)
+    assert halt(step, None).tolist() == [True, False, False, False]  # row 0 reached its 2 tokens
+    step = torch.cat([prompts, torch.tensor([[a, a, a], [a, a, a], [a, a, b], [a, a, a]])], dim=1)
+    assert halt(step, None).tolist() == [True, True, True, False]  # row 1: 3 tokens; row 2: its stop string
+    jobs[3].cancelled.set()
+    patched = torch.cat([prompts[[0, 1, 3]], torch.tensor([[a], [a], [a]])], dim=1)  # a caller view of 3 rows
+    assert halt.rows_of(patched) == [0, 1, 3]  # the same prompt twice: matched in order
+    assert halt(patched, None).tolist() == [False, False, True]  # the patched continuation restarts the count
+    assert halt.abandoned_rows == {3} and not halt.all_abandoned()

@@ -321,10 +321,11 @@ class AutoPatcher:
         criteria = StoppingCriteriaList([*(stopping_criteria or []), _StopPatchedRows(decider)])
         first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
         vanilla_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
-        # The cached prefix changes the ids that generate's callbacks see, so only plain calls reuse it.
-        reuse = (self.reuse_prefix and streamer is None and not logits_processor and not stopping_criteria
-                 and prefix_allowed_tokens_fn is None and not any(k in kwargs for k in _OWN_CACHE_ARGUMENTS)
-                 and kwargs.get("max_new_tokens") is not None)  # max_length would count the re-laid-out width
+        # Callbacks see the caller's own sequence through caller views on the cached path; a streamer needs a batch
+        # of one, whose layout is the caller's row itself. max_length would count the re-laid-out width.
+        reuse = (self.reuse_prefix and prefix_allowed_tokens_fn is None
+                 and not any(k in kwargs for k in _OWN_CACHE_ARGUMENTS) and kwargs.get("max_new_tokens") is not None
+                 and (streamer is None or (input_ids is not None and input_ids.shape[0] == 1)))
         with self.prefill(input_ids, attention_mask, layers, questions, decompositions, reuse_prefix=reuse) as pre:
             main = pre.generate(self.model, input_ids, logits_processor=processors, stopping_criteria=criteria,
                                 streamer=vanilla_streamer, **passthrough, **kwargs)

@@ -19,6 +19,7 @@ from autopatch.engine import CaptureResult
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS
 from autopatch.locate import Location
+from autopatch.merging import caller_views
 from autopatch.prefix import PrefixLayout
 from autopatch.strategies import PatchJob
 
@@ -57,12 +58,16 @@ class Prefill:
     def generate(self, model, input_ids: torch.Tensor, **kwargs):
         """``model.generate`` for the prefill's batch, through the cached prefix when there is one.
 
-        The output has the caller's ``input_ids`` in front of the new tokens, as a plain call would.
+        The output has the caller's ``input_ids`` in front of the new tokens, as a plain call would, and the
+        logits processors and stopping criteria see that same sequence at every step (through caller views).
         """
         if self.layout is None:
             return model.generate(input_ids, **kwargs)
         device = input_ids.device
         kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        for name in ("logits_processor", "stopping_criteria"):
+            if kwargs.get(name):
+                kwargs[name] = caller_views(kwargs[name], input_ids, self.layout.width)
         out = model.generate(input_ids=self.layout.input_ids.to(device), attention_mask=self.layout.attention_mask.to(device),
                              **self.layout.generate_kwargs(model), **kwargs)
         if isinstance(out, torch.Tensor):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -124,23 +122,40 @@ def test_a_sliding_window_shorter_than_the_prompt_disables_the_cache():
         model.config.sliding_window = None
 
 
-def test_callers_with_their_own_callbacks_get_the_plain_path():
-    from transformers import StoppingCriteria, StoppingCriteriaList
+def test_callers_callbacks_see_their_own_sequence_through_the_cached_prefix(tiny):
+    """User criteria and processors get the cached path too, and see exactly what a plain call shows them."""
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-    class Count(StoppingCriteria):
-        widths: list[int] = []
+    class TwoPastThePrompt(StoppingCriteria):
+        def __init__(self, width):
+            self.width, self.seen = width, []
 
         def __call__(self, input_ids, scores, **kwargs):
-            Count.widths.append(input_ids.shape[1])
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            self.seen.append(input_ids.clone())
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.width + 2, dtype=torch.bool)
 
-    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
-    profile = replace(PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT), strategy="reroute")
-    patcher = AutoPatcher(model, tok, profile, AlwaysPatch())
-    enc = tok([FMT.render(QUESTIONS[2])], return_tensors="pt")  # unlocatable: the caller's row runs on
-    patcher.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0,
-                     stopping_criteria=StoppingCriteriaList([Count()]))
-    assert Count.widths[0] == enc.input_ids.shape[1] + 1  # it saw the caller's own sequence
+    class BanFirstPromptToken(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            scores[torch.arange(len(scores)), input_ids[:, -1]] = -float("inf")  # no token twice in a row
+            return scores
+
+    model, tok = tiny
+    profile = PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT)
+    enc = tok([FMT.render(q) for q in QUESTIONS], return_tensors="pt", padding=True)
+    width = enc.input_ids.shape[1]
+    runs = []
+    for reuse in (False, True):
+        criterion = TwoPastThePrompt(width)
+        patcher = AutoPatcher(model, tok, profile, AlwaysPatch(), reuse_prefix=reuse)
+        out = patcher.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               stopping_criteria=StoppingCriteriaList([criterion]),
+                               logits_processor=LogitsProcessorList([BanFirstPromptToken()]))
+        runs.append((out, criterion.seen))
+    (plain, plain_seen), (cached, cached_seen) = runs
+    assert torch.equal(plain, cached) and plain.shape[1] == width + 2
+    assert len(plain_seen) == len(cached_seen) and all(torch.equal(a, b) for a, b in zip(plain_seen, cached_seen))
+    assert torch.equal(cached_seen[0][:, :width], enc.input_ids)  # the caller's prompt, not the layout
 
 
 def test_gate_features_are_the_same_through_the_cached_prefix():

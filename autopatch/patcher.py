@@ -50,6 +50,7 @@ from autopatch.prefix import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.resolve import Resolution, resolve
+from autopatch.stopping import StopOnText
 from autopatch.strategies import Control, Target, plan_targets, run_targets
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
@@ -376,9 +377,10 @@ class AutoPatcher:
         enc = self.encode(batch)
         generation_kwargs.setdefault("do_sample", False)
         generation_kwargs.setdefault("pad_token_id", tok.pad_token_id)
-        if fmt.stop_strings:
-            generation_kwargs.setdefault("stop_strings", list(fmt.stop_strings))
-            generation_kwargs.setdefault("tokenizer", tok)
+        if fmt.stop_strings and "stop_strings" not in generation_kwargs:
+            stop = StopOnText(tok, fmt.stop_strings, enc.input_ids.shape[1])
+            generation_kwargs["stopping_criteria"] = StoppingCriteriaList([*(generation_kwargs.get("stopping_criteria") or []),
+                                                                           stop])
         result = self.generate_with_reports(input_ids=enc.input_ids, attention_mask=enc.attention_mask, questions=batch,
                                             decompositions=decompositions, max_new_tokens=max_new_tokens,
                                             **generation_kwargs)

@@ -42,20 +42,6 @@ def cut_at_stop(text: str, stops) -> str:
     return text[:cut] if cut >= 0 else text
 
 
-def stop_at(tokenizer, width: int, stops):
-    """A stopping criterion that ends the row once its new text holds a stop string (what the server does per
-    row; transformers' ``stop_strings`` would do the same but scans Gemma's 262k-token vocabulary on every call)."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class StopAt(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
-
-    return StopAt()
-
-
 def _load(args):
     if args.tiny:
         from autopatch.profile import PatchProfile
@@ -88,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import StoppingCriteriaList
 
     from autopatch.patcher import AutoPatcher
+    from autopatch.stopping import StopOnText
     from server.app import create_app
     from server.prompting import build_prompt
     from server.runner import BackgroundServer
@@ -104,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         prompt = build_prompt([{"role": "user", "content": question}], tok, patcher.profile.prompt_format)
         ids = tok(prompt.text, add_special_tokens=prompt.add_special_tokens, return_tensors="pt").input_ids.to(device)
-        criteria = StoppingCriteriaList([stop_at(tok, ids.shape[1], prompt.stop)]) if prompt.stop else None
+        criteria = StoppingCriteriaList([StopOnText(tok, prompt.stop, ids.shape[1])]) if prompt.stop else None
         out = patcher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False,
                                pad_token_id=tok.pad_token_id, questions=[prompt.question], stopping_criteria=criteria)
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from autopatch.engine import capture
 from autopatch.errors import ConfigError
-from autopatch.prefix import left_pad
+from autopatch.prefix import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.strategies import PatchJob
 from autopatch.tokens import token_at_char, token_char_ends
@@ -58,24 +58,28 @@ def isolated_row(tok: PreTrainedTokenizerBase, job: PatchJob) -> tuple[torch.Ten
 @torch.no_grad()
 def isolated_states(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profile: PatchProfile,
                     jobs: Sequence[PatchJob]) -> list[torch.Tensor]:
-    """Block ``profile.source_layer``'s output at every kept token of each job's isolated row: ``(kept, hidden)``."""
+    """Block ``profile.source_layer``'s output at the kept tokens of each job's isolated row after its cached
+    prefix (every kept token of the first hop among them): ``(tokens, hidden)``, the source position last."""
     if profile.source_position not in ISOLABLE_POSITIONS:
         raise ConfigError(f"isolate needs a source position inside the first hop ({', '.join(ISOLABLE_POSITIONS)}), "
                           f"not {profile.source_position!r}.")
     if not jobs:
         return []
     rows = [isolated_row(tok, job) for job in jobs]
-    ids, mask = left_pad([r[0] for r in rows], tok.pad_token_id)
-    width = ids.shape[1]
-    positions = torch.zeros_like(ids)
+    starts = [span_bounds(tok, job)[0] for job in jobs]
+    # The rows share the prompt up to the question (system turn, demonstrations): start from its cached KV.
+    lay = prefix_layout(model, [ids for ids, _ in rows], tok.pad_token_id, protect=starts)
+    width, cached = lay.width, lay.prefix_len
+    positions = torch.zeros(len(rows), width - cached, dtype=torch.long)
     for i, (_, pos) in enumerate(rows):
-        positions[i, width - len(pos):] = pos
+        positions[i, width - len(pos):] = pos[cached:]
     device = next(model.parameters()).device
-    with capture(model, layers=[profile.source_layer], attention_mask=mask) as cap:
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-              logits_to_keep=1)
-    states = cap.states[profile.source_layer]
-    return [states[i, width - len(pos):].to(job.vector.dtype) for i, ((_, pos), job) in enumerate(zip(rows, jobs))]
+    with capture(model, layers=[profile.source_layer], attention_mask=lay.engine_mask) as cap:
+        model(input_ids=lay.input_ids[:, cached:].to(device), attention_mask=lay.attention_mask.to(device),
+              position_ids=positions.to(device), logits_to_keep=1, **lay.generate_kwargs(model))
+    states = cap.states[profile.source_layer]  # (batch, width - cached, hidden): the suffixes' tokens
+    return [states[i, width - cached - (len(pos) - cached):].to(job.vector.dtype)
+            for i, ((_, pos), job) in enumerate(zip(rows, jobs))]
 
 
 def isolate_jobs(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profile: PatchProfile,

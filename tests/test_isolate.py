@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from autopatch.errors import ConfigError
 from autopatch.gating import AlwaysPatch
 from autopatch.isolate import isolate_jobs, isolate_span_jobs, isolated_row, isolated_states, span_bounds
 from autopatch.patcher import AutoPatcher
+from autopatch.prefix import MIN_PREFIX_TOKENS, prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat
 from autopatch.registry import STRATEGIES
@@ -53,10 +56,18 @@ def test_the_isolated_row_drops_the_second_hop_and_keeps_every_position(tiny):
     assert tok.decode(job.prompt_ids[dropped]) == "What is the capital of "
 
 
-def test_the_isolated_state_is_the_masked_forward_of_the_whole_prompt(tiny):
-    """Leaving the second hop's tokens out at their positions is the same as masking them out of attention."""
+@pytest.mark.parametrize("demonstrations", [(), (("Which planet is red?", "Mars"), ("Who wrote Hamlet?", "Shakespeare"))])
+def test_the_isolated_state_is_the_masked_forward_of_the_whole_prompt(tiny, demonstrations):
+    """Leaving the second hop's tokens out at their positions is the same as masking them out of attention
+    (with demonstrations, the rows start from the cached prefix)."""
     model, tok = tiny
-    job, enc = _job(AutoPatcher(model, tok, profile=PROFILE, gate=AlwaysPatch()), QUESTION)
+    profile = replace(PROFILE, prompt_format=PromptFormat(demonstrations=demonstrations))
+    patcher = AutoPatcher(model, tok, profile=profile, gate=AlwaysPatch())
+    job, enc = _job(patcher, QUESTION)
+    other, _ = _job(patcher, "Who founded the company that makes the iPhone?")
+    if demonstrations:
+        assert prefix_layout(model, [isolated_row(tok, j)[0] for j in (job, other)], 0,
+                             protect=[span_bounds(tok, j)[0] for j in (job, other)]).prefix_len >= MIN_PREFIX_TOKENS
     _, kept = isolated_row(tok, job)
     n = job.source_index + 1
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))
@@ -69,7 +80,7 @@ def test_the_isolated_state_is_the_masked_forward_of_the_whole_prompt(tiny):
     with capture(model, layers=[2], positions=[job.source_index]) as cap:
         model(input_ids=job.prompt_ids[None, :n], attention_mask=mask)
     masked = cap.states[2][0, 0]
-    isolated = isolated_states(model, tok, PROFILE, [job])[0][-1]
+    isolated = isolated_states(model, tok, profile, [job, other])[0][-1]
     ordinary = job.vector
     torch.testing.assert_close(isolated, masked, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(isolated, ordinary, atol=1e-4)

@@ -109,13 +109,13 @@ def test_verbalize_span_patchscope_decodes_the_bridge_from_the_subject_state(gem
 def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(gemma):
     from autopatch.patcher import AutoPatcher
     from classifiers import default_gate_for
-    from classifiers.gate import PatchGate
+    from classifiers.choice import ChoiceGate
 
     model, tok = gemma
     gate = default_gate_for(model)
-    assert isinstance(gate, PatchGate)
+    assert isinstance(gate, ChoiceGate) and set(gate.members) == {"verbalize", "decompose"}
     patcher = AutoPatcher(model, tok)
-    assert patcher.gate is not None and isinstance(patcher.gate, PatchGate)
+    assert patcher.gate is not None and isinstance(patcher.gate, ChoiceGate)
     assert patcher.profile.strategy == "verbalize" and patcher.profile.note.startswith("sweep")
     assert (patcher.resolution.profile_source, patcher.resolution.gate_source) == ("shipped", "shipped")
     question = "What is the capital of the country where the Colosseum is located?"

@@ -191,11 +191,17 @@ def train_choice_gate(model, tok, *, candidates: dict[str, PatchProfile], train:
     members: dict[str, PatchGate] = {}
     dev_outcomes: dict[str, dict[str, tuple[float, float]]] = {}
     dev_X: dict[str, np.ndarray] = {}
+    left_out: list[str] = []
     for name, profile in candidates.items():
         X, labels, _ = collect(model, tok, profile, parse_sources(train), out / name, spec, batch_size, max_new_tokens,
                                feature_dir=out)
         y = np.array([l.target for l in labels])
         w = np.array([l.weight for l in labels])
+        if not 0 < y.sum() < len(y):  # nothing to learn: it never (or always) fixes a vanilla error on train
+            print(f"train-gate: {name} fixes {int(y.sum())} of {len(y)} training questions' vanilla errors; left out "
+                  "of the choice (a gate cannot learn when it helps)", flush=True)
+            left_out.append(name)
+            continue
         gate = PatchGate.fit(X, y, w, spec=spec, profile=profile, model=model,
                              meta={"train": train, "dev": dev, "n_train": int(len(y)), "train_helps": int(y.sum())})
         X_dev, dev_labels, dev_ids = collect(model, tok, profile, parse_sources(dev), out / name, spec, batch_size,
@@ -206,7 +212,13 @@ def train_choice_gate(model, tok, *, candidates: dict[str, PatchProfile], train:
         members[name] = gate
         dev_outcomes[name] = {i: (l.vanilla, l.patched) for i, l in zip(dev_ids, dev_labels)}
         dev_X.update(zip(dev_ids, X_dev))
-    choice = ChoiceGate(members, {"train": train, "dev_sources": dev, "candidates": list(candidates)})
+    if not members:
+        from autopatch.errors import ConfigError
+
+        raise ConfigError(f"No candidate of {', '.join(candidates)} ever fixes a vanilla error on {train} (or one always "
+                          "does): there is nothing to choose between; use more training questions or other candidates.")
+    choice = ChoiceGate(members, {"train": train, "dev_sources": dev, "candidates": list(members),
+                                  "left_out": left_out})
     shared = sorted(set.intersection(*(set(o) for o in dev_outcomes.values())))
     if shared:
         choice.rule, choice.meta["dev"] = tune_choice_rule(choice, np.stack([dev_X[i] for i in shared]),

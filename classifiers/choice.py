@@ -142,8 +142,10 @@ class ChoiceGate:
 
     @property
     def profile(self) -> PatchProfile:
-        """The first member's profile: what a patcher reports when no row is patched."""
-        return next(iter(self.members.values())).profile
+        """The rule's default member's profile (the first member's when there is none): what a patcher using
+        this gate reports as its profile; each patched row still uses its chosen member's."""
+        default = self.rule.default if self.rule is not None else None
+        return (self.members[default] if default in self.members else next(iter(self.members.values()))).profile
 
     @property
     def fingerprint(self) -> str:

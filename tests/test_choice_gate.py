@@ -218,6 +218,7 @@ def test_a_tuned_rule_round_trips_and_a_modified_rule_is_refused(model, tmp_path
     assert header["version"] == 2 and header["rule"] == {"default": "decompose", "thresholds": {"reroute": 0.9, "decompose": None}}
     loaded = ChoiceGate.load(tmp_path / "g", model=model)
     assert loaded.rule == gate.rule and loaded.meta == {"dev": {"n": 3}}
+    assert loaded.profile is loaded.members["decompose"].profile  # the default member's, not the first's
     X = np.random.default_rng(0).normal(size=(32, 3))
     assert loaded.choose(X) == gate.choose(X) and {"reroute", "decompose"} <= set(gate.choose(X))
     header["rule"]["thresholds"]["reroute"] = 0.1  # edited without its checksum

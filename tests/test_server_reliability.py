@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -54,15 +55,22 @@ def client_of(srv: BackgroundServer) -> openai.OpenAI:
 # ---- clients that leave ------------------------------------------------------------------------
 
 
-def test_a_client_that_disconnects_cancels_its_non_streamed_request(server_log):
+@contextmanager
+def _held_request(body: dict):
+    """A server whose gate holds the first request right after its prefill: ``(srv, gate, sock, steps)``."""
     model, tok = tiny_model_for_bytes("llama", seed=1), byte_tokenizer()
     gate = PermitGate()
     steps = counting_lm_head(model)
     with BackgroundServer(create_app(model, tok, model_name=MODEL, profile=PROFILE, gate=gate)) as srv:
         gate.hold_from_now()
         sock = open_request(srv, {"model": MODEL, "messages": [{"role": "user", "content": TWO_HOP}],
-                                  "max_tokens": 50, "autopatch": {"enabled": True}})
+                                  "max_tokens": 50, **body})
         assert gate.entries.acquire(timeout=20)  # generating: the gate runs right after the prefill
+        yield srv, gate, sock, steps
+
+
+def test_a_client_that_disconnects_cancels_its_non_streamed_request(server_log):
+    with _held_request({"autopatch": {"enabled": True}}) as (srv, gate, sock, steps):
         sock.close()
         wait_for(lambda: server_log("disconnected before its answer was ready"))
         wait_for(lambda: server_log("-> 499"))  # the request log has its line
@@ -74,14 +82,7 @@ def test_a_client_that_disconnects_cancels_its_non_streamed_request(server_log):
 
 
 def test_a_dropped_stream_leaves_a_request_log_line_and_stops(server_log):
-    model, tok = tiny_model_for_bytes("llama", seed=1), byte_tokenizer()
-    gate = PermitGate()
-    steps = counting_lm_head(model)
-    with BackgroundServer(create_app(model, tok, model_name=MODEL, profile=PROFILE, gate=gate)) as srv:
-        gate.hold_from_now()
-        sock = open_request(srv, {"model": MODEL, "messages": [{"role": "user", "content": TWO_HOP}],
-                                  "max_tokens": 50, "stream": True})
-        assert gate.entries.acquire(timeout=20)
+    with _held_request({"stream": True}) as (srv, gate, sock, steps):
         assert b"data: " in sock.recv(4096)  # the first frame (the role) is out
         sock.close()
         wait_for(lambda: server_log("dropped: the client disconnected"))

@@ -52,8 +52,7 @@ def _seed_from_sweeps(args: argparse.Namespace, out: Path, profiles: dict[str | 
     rows = [row for path in args.labels_from.split(",") if path.strip() for row in iter_rows(Path(path.strip()))]
     sources = [*parse_sources(args.train), *parse_sources(args.dev)]
     for name, profile in profiles.items():
-        key = SweepConfig(profile.strategy, profile.source_position, profile.source_layer,
-                          profile.target_layer, profile.bridge_prompt, profile.scale).key
+        key = SweepConfig.of(profile).key
         alias = profile.strategy if profile.strategy in REFERENCE_KEYS else None
         for dataset, split, _ in sources:
             label_file = (out / name if name else out) / f"labels_{_source_name(dataset, split)}.jsonl"

@@ -70,8 +70,7 @@ def collect(model, tok, profile, sources, out: Path, spec: FeatureSpec, batch_si
     from eval.datasets import load_dataset_by_name
     from eval.sweep import SweepConfig, load_sweep, run_sweep, stratified_sample
 
-    config = SweepConfig(profile.strategy, profile.source_position, profile.source_layer, profile.target_layer,
-                         profile.bridge_prompt, profile.scale)
+    config = SweepConfig.of(profile)
     out.mkdir(parents=True, exist_ok=True)
     X_parts, labels, ids = [], [], []
     for dataset, split, limit in sources:
@@ -286,8 +285,7 @@ def retune_choice_gate(out: Path, *, grid: int = 10, min_gain: float = 1.0, mode
         except (OSError, ValueError, KeyError) as err:
             raise GateFileError(f"Cannot read the cached dev features {out}/features_{source}.npz: {err}.") from err
         for name, gate in choice.members.items():
-            p = gate.profile
-            key = SweepConfig(p.strategy, p.source_position, p.source_layer, p.target_layer, p.bridge_prompt, p.scale).key
+            key = SweepConfig.of(gate.profile).key
             labels = gate_labels(load_sweep(out / name / f"labels_{source}.jsonl"), key)
             outcomes[name].update((i, (l.vanilla, l.patched)) for i, l in labels.items())
     shared = sorted(set(dev_X).intersection(*(set(o) for o in outcomes.values())))

@@ -66,6 +66,12 @@ class SweepConfig:
         strategy, position, source, target, bridge, *scale = key.split("|")
         return cls(strategy, position, int(source), int(target), bridge, float(scale[0]) if scale else 1.0)
 
+    @classmethod
+    def of(cls, profile: PatchProfile) -> SweepConfig:
+        """The grid point a profile stands for (its key names the profile's rows in a sweep)."""
+        return cls(profile.strategy, profile.source_position, profile.source_layer, profile.target_layer,
+                   profile.bridge_prompt, profile.scale)
+
     def profile(self, base: PatchProfile) -> PatchProfile:
         # PatchProfile checks both names when it is built
         return replace(base, strategy=self.strategy, source_position=cast(SourcePosition, self.source_position),

@@ -50,7 +50,10 @@ def isolated_row(tok: PreTrainedTokenizerBase, job: PatchJob) -> tuple[torch.Ten
 
     When the span opens the question nothing is left out, and the state equals the ordinary one.
     """
-    question_start, span_start = span_bounds(tok, job)
+    return _row(job, *span_bounds(tok, job))
+
+
+def _row(job: PatchJob, question_start: int, span_start: int) -> tuple[torch.Tensor, torch.Tensor]:
     index = torch.tensor([*range(question_start), *range(span_start, job.source_index + 1)], dtype=torch.long)
     return job.prompt_ids[index], index
 
@@ -58,17 +61,17 @@ def isolated_row(tok: PreTrainedTokenizerBase, job: PatchJob) -> tuple[torch.Ten
 @torch.no_grad()
 def isolated_states(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profile: PatchProfile,
                     jobs: Sequence[PatchJob]) -> list[torch.Tensor]:
-    """Block ``profile.source_layer``'s output at the kept tokens of each job's isolated row after its cached
-    prefix (every kept token of the first hop among them): ``(tokens, hidden)``, the source position last."""
+    """Block ``profile.source_layer``'s output at each job's first-hop tokens, from the span's first token to the
+    source position, computed without the second hop: ``(span tokens, hidden)``, the source position last."""
     if profile.source_position not in ISOLABLE_POSITIONS:
         raise ConfigError(f"isolate needs a source position inside the first hop ({', '.join(ISOLABLE_POSITIONS)}), "
                           f"not {profile.source_position!r}.")
     if not jobs:
         return []
-    rows = [isolated_row(tok, job) for job in jobs]
-    starts = [span_bounds(tok, job)[0] for job in jobs]
+    bounds = [span_bounds(tok, job) for job in jobs]
+    rows = [_row(job, *b) for job, b in zip(jobs, bounds)]
     # The rows share the prompt up to the question (system turn, demonstrations): start from its cached KV.
-    lay = prefix_layout(model, [ids for ids, _ in rows], tok.pad_token_id, protect=starts)
+    lay = prefix_layout(model, [ids for ids, _ in rows], tok.pad_token_id, protect=[q for q, _ in bounds])
     width, cached = lay.width, lay.prefix_len
     positions = torch.zeros(len(rows), width - cached, dtype=torch.long)
     for i, (_, pos) in enumerate(rows):
@@ -77,9 +80,9 @@ def isolated_states(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profil
     with capture(model, layers=[profile.source_layer], attention_mask=lay.engine_mask) as cap:
         model(input_ids=lay.input_ids[:, cached:].to(device), attention_mask=lay.attention_mask.to(device),
               position_ids=positions.to(device), logits_to_keep=1, **lay.generate_kwargs(model))
-    states = cap.states[profile.source_layer]  # (batch, width - cached, hidden): the suffixes' tokens
-    return [states[i, width - cached - (len(pos) - cached):].to(job.vector.dtype)
-            for i, ((_, pos), job) in enumerate(zip(rows, jobs))]
+    states = cap.states[profile.source_layer]  # (batch, width - cached, hidden): the rows end together, left-padded
+    return [states[i, states.shape[1] - (job.source_index + 1 - span_start):].to(job.vector.dtype)
+            for i, (job, (_, span_start)) in enumerate(zip(jobs, bounds))]
 
 
 def isolate_jobs(model: torch.nn.Module, tok: PreTrainedTokenizerBase, profile: PatchProfile,
@@ -94,8 +97,7 @@ def isolate_span_jobs(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prof
     isolated, patched at its own position (several positions of the span at once)."""
     out = []
     for job, states in zip(jobs, isolated_states(model, tok, profile, jobs)):
-        _, span_start = span_bounds(tok, job)
-        n = job.source_index + 1 - span_start  # the span's tokens are the last n of the isolated row
-        span = [(span_start + k, states[len(states) - n + k]) for k in range(n)]
+        span_start = job.source_index + 1 - len(states)
+        span = [(span_start + k, state) for k, state in enumerate(states)]
         out.append(replace(job, vector=span[-1][1], more=tuple(span[:-1])))
     return out

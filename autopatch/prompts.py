@@ -17,6 +17,7 @@ context.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
@@ -144,6 +145,67 @@ def chat_render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
         raise ProfileError("A chat prompt needs a user turn after the system turn.")
     rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
     return str(tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True))
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat request rendered for a model: the text, how, and the question the locator reads (its last user turn)."""
+
+    text: str
+    question: str
+    template: str  # "chat-template" or "fewshot-qa"
+    add_special_tokens: bool  # False when the chat template already wrote BOS
+    stop: tuple[str, ...] = ()  # where the template's answer ends (the next few-shot turn); EOS ends chat turns
+
+
+def _turns(messages: Sequence[Mapping[str, str]]) -> tuple[list[str], list[tuple[str, str]], str]:
+    """(system texts, earlier (question, answer) pairs, last user message)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ProfileError("The last message must have role 'user': it is the request answered.")
+    system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
+    pairs: list[tuple[str, str]] = []
+    pending: str | None = None
+    for m in messages[:-1]:
+        if m["role"] == "user":
+            if pending is not None:
+                pairs.append((pending, ""))
+            pending = m["content"]
+        elif m["role"] == "assistant":
+            pairs.append((pending or "", m["content"]))
+            pending = None
+    if pending is not None:
+        pairs.append((pending, ""))
+    return system, pairs, messages[-1]["content"]
+
+
+def render_chat(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase,
+                fmt: PromptFormat) -> ChatPrompt:
+    """A chat request (``{"role", "content"}`` turns ending with the user's) as the model sees it.
+
+    ``render_chat([{"role": "user", "content": "What is 2+2?"}], tok, fmt).text``. The one rendering of chat
+    requests: the server and the harness's chat-request datasets both call it.
+
+    With a chat template, the turns go through it unchanged. A base model (no template) gets ``fmt``'s few-shot
+    QA rendering of the last user message, so a single-turn chat gets exactly the prompt autopatch was calibrated
+    on; system (and developer) messages, joined by blank lines, open the prompt, and earlier turns become extra
+    Q/A pairs after the demonstrations (a user message with no reply gets an empty answer; an assistant message
+    with no user message before it, an empty question). Raises :class:`ProfileError` for a conversation that
+    does not end with a user turn, or one the template rejects.
+    """
+    system, pairs, last = _turns(messages)
+    question = last.strip()
+    if getattr(tokenizer, "chat_template", None):
+        chat = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+        try:
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # templates raise their own errors (e.g. "roles must alternate")
+            raise ProfileError(f"The model's chat template rejected these messages: {err}") from err
+        return ChatPrompt(str(text), question, "chat-template", add_special_tokens=False)
+    base = fmt if fmt.kind == "fewshot-qa" else PromptFormat()
+    rendered = replace(base, demonstrations=(*base.demonstrations, *pairs)).render(question)
+    preamble = "\n\n".join(s.strip() for s in system if s.strip())
+    return ChatPrompt(f"{preamble}\n\n{rendered}" if preamble else rendered, question, "fewshot-qa",
+                      add_special_tokens=True, stop=base.stop_strings)
 
 
 _SENTINEL = "\u2063autopatch-question\u2063"

@@ -32,14 +32,21 @@ def shipped_gate_dir(fingerprint: str, root: Path = SHIPPED_DIR) -> Path | None:
 
 def load_gate_dir(directory: str | os.PathLike[str], model: Any = None):
     """The gate saved in ``directory``: a :class:`~classifiers.choice.ChoiceGate` (``choice.json``) or a
-    :class:`~classifiers.gate.PatchGate` (``gate.json``)."""
+    :class:`~classifiers.gate.PatchGate` (``gate.json``), behind its :class:`~classifiers.screen.ScreenedGate`
+    screen when ``screen.json`` is there."""
+    from classifiers.screen import ScreenedGate, load_screen
+
+    gate: Any
     if (Path(directory) / "choice.json").is_file():
         from classifiers.choice import ChoiceGate
 
-        return ChoiceGate.load(Path(directory), model=model)
-    from classifiers.gate import PatchGate
+        gate = ChoiceGate.load(Path(directory), model=model)
+    else:
+        from classifiers.gate import PatchGate
 
-    return PatchGate.load(directory, model=model)
+        gate = PatchGate.load(directory, model=model)
+    screen = load_screen(directory, model=model)  # "is this a two-hop question?", when one was trained beside it
+    return gate if screen is None else ScreenedGate(screen, gate)
 
 
 def default_gate_for(model: Any):

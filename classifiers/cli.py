@@ -114,3 +114,43 @@ def run_train_gate(args: argparse.Namespace) -> int:
     print(cv_markdown(gate))
     print(f"wrote {args.out}/gate.json and gate.npz" + (" (and shipped it)" if args.ship else ""))
     return 0
+
+
+def _configure_screen(parser: argparse.ArgumentParser) -> None:
+    _add_model_arg(parser)
+    parser.add_argument("--out", required=True, help="directory for screen/, screen.json and screen.md")
+    parser.add_argument("--max-fpr", type=float, default=0.05,
+                        help="share of located calib requests that are not two-hop questions allowed through (held out)")
+    parser.add_argument("--layers", default=None, help="feature layers, comma-separated (default: n/2 and 2n/3)")
+    parser.add_argument("--components", type=int, default=64, help="PCA components of the logistic regression")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--ship", action="store_true",
+                        help="also put the screen beside this model's shipped gate in classifiers/shipped/")
+
+
+@subcommand("train-screen", "train the two-hop screen that keeps gates off other requests (classifiers.screen)",
+            _configure_screen)
+def run_train_screen(args: argparse.Namespace) -> int:
+    import torch
+
+    from autopatch import load_model
+    from autopatch.fingerprint import model_fingerprint
+    from classifiers import SHIPPED_DIR, shipped_gate_dir
+    from classifiers.screen import save_screen, screen_markdown, train_screen
+
+    if not 0.0 <= args.max_fpr < 1.0:
+        raise ConfigError(f"--max-fpr must be in [0, 1); got {args.max_fpr}")
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    torch.set_grad_enabled(False)
+    model, tok = load_model(args.model)
+    screen = train_screen(model, tok, out=Path(args.out), layers=layers, max_fpr=args.max_fpr, n_components=args.components,
+                          batch_size=args.batch_size)
+    print(screen_markdown(screen.meta["summary"]))
+    if args.ship:
+        target = shipped_gate_dir(model_fingerprint(model))
+        if target is None:
+            raise ConfigError(f"No gate is shipped for this model under {SHIPPED_DIR}; a screen ships beside a gate.")
+        save_screen(screen, target)
+        (target / "screen.md").write_text(screen_markdown(screen.meta["summary"]))
+        print(f"shipped it to {target}")
+    return 0

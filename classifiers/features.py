@@ -17,7 +17,9 @@ Everything here is computed from the one vanilla prefill that
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,17 +97,36 @@ def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchPr
     Returns ``(ids, X, located)``; rows of unlocated questions are zeros with ``located`` False.
     """
     patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch())  # the shipped gate is not needed (or loaded) here
-    ids: list[str] = []
+    questions = [r.question for r in records]
+    return ([r.id for r in records], *_prefill_features(patcher, questions, questions, spec, batch_size, patcher.encode))
+
+
+@torch.no_grad()
+def extract_prompt_features(model, tok, prompts: Sequence[str], questions: Sequence[str], spec: FeatureSpec, *,
+                            profile: PatchProfile | None = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`extract_features` for prompts already rendered (a chat request, say), with the question each holds."""
+    patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch())
+    chat = patcher.profile.prompt_format.kind == "chat"  # a chat template writes its own BOS
+
+    def encode(texts: Sequence[str]):
+        return tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=not chat).to(
+            next(model.parameters()).device)
+
+    return _prefill_features(patcher, prompts, questions, spec, batch_size, encode)
+
+
+def _prefill_features(patcher: AutoPatcher, texts: Sequence[str], questions: Sequence[str], spec: FeatureSpec,
+                      batch_size: int, encode: Callable[[Sequence[str]], Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Features and located flags, batch by batch; ``encode(texts)`` gives each batch's left-padded ids."""
     rows: list[np.ndarray] = []
     located: list[bool] = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        enc = patcher.encode([r.question for r in batch])
-        with patcher.prefill(enc.input_ids, enc.attention_mask, list(spec.layers), [r.question for r in batch],
-                             reuse_prefix=True) as pre:
+    model = patcher.model
+    for start in range(0, len(texts), batch_size):
+        enc = encode(texts[start : start + batch_size])
+        batch = list(questions[start : start + batch_size])
+        with patcher.prefill(enc.input_ids, enc.attention_mask, list(spec.layers), batch, reuse_prefix=True) as pre:
             logits = pre.forward(model, enc.input_ids, enc.attention_mask, logits_to_keep=1).logits[:, -1]
-        for i, (record, plan) in enumerate(zip(batch, pre.plans)):
-            ids.append(record.id)
+        for i, plan in enumerate(pre.plans):
             located.append(bool(plan.positions))
             rows.append(spec._vector({l: pre.states[l][i] for l in spec.layers}, logits[i]))
-    return ids, np.stack(rows), np.array(located)
+    return np.stack(rows), np.array(located)

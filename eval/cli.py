@@ -31,6 +31,7 @@ from pathlib import Path
 
 from autopatch.cli import _add_model_arg, _positive_int, subcommand
 from autopatch.errors import AutopatchError
+from eval.datasets import REAL_TRAFFIC
 from eval.methods import DEFAULT_METHODS, METHODS
 
 
@@ -40,11 +41,13 @@ class EvalConfigError(AutopatchError, ValueError):
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="twohop",
-                        help="twohop, musique (bundled MuSiQue-Ans dev), hf:<hub-id>, or a JSON/JSONL file in the MuSiQue schema")
+                        help="twohop, musique (bundled MuSiQue-Ans dev), harm (do-no-harm requests), handwritten "
+                             "(hand-written two-hop), hf:<hub-id>, or a JSON/JSONL file in the MuSiQue schema")
     parser.add_argument("--split", default=None,
                         help="twohop: train/dev/test; musique: calib/test; a file: all, or calib/test by meta.split "
                              "or the MuSiQue id rule (default: test for twohop and musique, all for a file)")
-    parser.add_argument("--hops", type=int, default=2, help="keep questions with this many hops (0 = all)")
+    parser.add_argument("--hops", type=int, default=None,
+                        help="keep questions with this many hops (0 = all; default: all for harm, else 2)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated; known: {', '.join(METHODS)}")
     parser.add_argument("--add-methods", action="store_true",
                         help="add --methods to an existing run directory whose other settings match")
@@ -88,9 +91,14 @@ def _resolved_split(dataset: str, split: str | None) -> str | None:
     """``None`` means every record; named datasets default to their test split."""
     if split == "all":
         return None
-    if split is None and dataset.strip().lower() in ("twohop", "musique"):
+    if split is None and dataset.strip().lower() in ("twohop", "musique", *REAL_TRAFFIC):
         return "test"
     return split
+
+
+def _resolved_hops(dataset: str, hops: int | None) -> int:
+    """The do-no-harm set is every kind of request (0: all); other datasets default to their 2-hop questions."""
+    return hops if hops is not None else (0 if dataset.strip().lower() == "harm" else 2)
 
 
 def check_run_dir(out: Path, settings: dict, *, add_methods: bool = False) -> list[str]:
@@ -136,7 +144,9 @@ def _write_config(out: Path, config: dict, command: str) -> list[str]:
 
 @subcommand("eval", "evaluate methods (baselines, patching, controls, oracles) on a dataset", _configure)
 def run_eval_command(args: argparse.Namespace) -> int:
-    methods = _methods(args.methods, with_hops=not args.no_hops)
+    args.hops = _resolved_hops(args.dataset, args.hops)
+    # hop diagnostics ask a 2-hop question's two hops: a set of other requests has none
+    methods = _methods(args.methods, with_hops=not args.no_hops and args.hops == 2)
     split = _resolved_split(args.dataset, args.split)
     out = Path(args.out)
     settings = {"dataset": args.dataset, "split": split or "all", "hops": args.hops, "limit": args.limit,

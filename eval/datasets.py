@@ -22,6 +22,7 @@ MuSiQue split rule (from ``shared/data/musique/README.md``): a record is in
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -258,15 +259,7 @@ def select_musique(
 
 
 def _with_meta(rec: QARecord, **extra: Any) -> QARecord:
-    return QARecord(
-        id=rec.id,
-        question=rec.question,
-        question_decomposition=rec.question_decomposition,
-        answer=rec.answer,
-        answer_aliases=rec.answer_aliases,
-        answerable=rec.answerable,
-        meta={**rec.meta, **extra},
-    )
+    return dataclasses.replace(rec, meta={**rec.meta, **extra})
 
 
 def _columns_to_rows(decomp: Any) -> Any:
@@ -362,6 +355,21 @@ def _file_split_rule(records: Sequence[QARecord]) -> str:
     return f"meta.split where present ({with_meta} records), else the MuSiQue id-hash rule"
 
 
+def _harm() -> list[QARecord]:
+    from eval.realtraffic import harm_records
+
+    return harm_records()
+
+
+def _handwritten() -> list[QARecord]:
+    from eval.realtraffic import handwritten_records
+
+    return handwritten_records()
+
+
+REAL_TRAFFIC = {"harm": _harm, "handwritten": _handwritten}  # eval.realtraffic: bundled, split calib/test
+
+
 def select_records(
     name_or_path: str | os.PathLike[str],
     split: str | None = None,
@@ -373,6 +381,8 @@ def select_records(
       splits train/dev/test, all 2-hop);
     * ``"musique"``: MuSiQue-Ans dev (bundled, or ``$AUTOPATCH_MUSIQUE_DIR``;
       splits calib/test by the id-hash rule);
+    * ``"harm"``: the do-no-harm set (chat requests and single-hop questions), ``"handwritten"``: two-hop
+      questions written by hand (:mod:`eval.realtraffic`; both split calib/test by the id-hash rule);
     * ``"hf:<hub-id>"``: MuSiQue from the Hugging Face hub, only when asked (needs network);
     * an existing file: :func:`load_records`, kept whole unless ``split`` is
       given (the record's ``meta["split"]`` when present, else the MuSiQue id
@@ -391,6 +401,9 @@ def select_records(
                                   "the bundled subject split" if split else None)
     if lowered == "musique":
         return select_musique(split=split, hops=hops)
+    if lowered in REAL_TRAFFIC:
+        _check_split(split, _MUSIQUE_SPLITS, lowered)
+        return _filter(REAL_TRAFFIC[lowered](), lowered, split, hops, split_rule="the MuSiQue id-hash rule")
     if lowered.startswith(HF_PREFIX):
         records = load_hf_musique(key[len(HF_PREFIX):])
         return _filter(records, key, split, hops, split_rule="the MuSiQue id-hash rule")
@@ -399,7 +412,8 @@ def select_records(
         return _filter(records, key, split, hops, split_rule=_file_split_rule(records))
     raise DatasetError(
         f"unknown dataset {key!r}: use 'twohop' (bundled two-hop questions), "
-        f"'musique' (MuSiQue-Ans dev, bundled), 'hf:<hub-id>' (MuSiQue from the Hugging Face hub) "
+        f"'musique' (MuSiQue-Ans dev, bundled), 'harm' (do-no-harm requests), 'handwritten' (hand-written two-hop), "
+        f"'hf:<hub-id>' (MuSiQue from the Hugging Face hub) "
         f"or a path to an existing .jsonl/.json file"
     )
 

@@ -96,6 +96,16 @@ def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate
 # ---- generation helpers ------------------------------------------------------------------
 
 
+def record_prompt(ctx: EvalContext, record: QARecord) -> str:
+    """The prompt the model answers for ``record``: its chat request as a chat endpoint renders it
+    (:func:`autopatch.prompts.render_chat`) when it carries ``messages``, else its question in the run's format."""
+    if record.messages is not None:
+        from autopatch.prompts import render_chat
+
+        return render_chat(record.messages, ctx.tok, ctx.fmt).text
+    return ctx.fmt.render(record.question, ctx.tok)
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -165,10 +175,12 @@ def gold_scores(ctx: EvalContext, prompts: Sequence[torch.Tensor], edits: Sequen
 
 
 def _with_gold_scores(ctx: EvalContext, results: list[MethodResult], prompts, edits, records) -> list[MethodResult]:
-    if not ctx.gold_scores:
+    scored = [i for i, r in enumerate(records) if r.answer.strip()]  # a request with no gold has nothing to score
+    if not ctx.gold_scores or not scored:
         return results
-    for result, (lp, rank) in zip(results, gold_scores(ctx, prompts, edits, [r.answer for r in records])):
-        result.gold_logprob, result.gold_rank = lp, rank
+    pairs = gold_scores(ctx, [prompts[i] for i in scored], [edits[i] for i in scored], [records[i].answer for i in scored])
+    for i, (lp, rank) in zip(scored, pairs):
+        results[i].gold_logprob, results[i].gold_rank = lp, rank
     return results
 
 
@@ -197,7 +209,7 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
         gate = ctx.gate if gated else AlwaysPatch()
         patcher = AutoPatcher(ctx.model, ctx.tok, profile_of(ctx), gate=gate, control=control,
                               reuse_prefix=ctx.reuse_prefix)
-        prompts = [ctx.fmt.render(r.question, ctx.tok) for r in records]
+        prompts = [record_prompt(ctx, r) for r in records]
         enc = ctx.tok(prompts, return_tensors="pt", padding=True).to(_device(ctx.model))
         started = time.perf_counter()
         result = patcher.generate_with_reports(
@@ -255,8 +267,8 @@ def _cot_fewshot(ctx: EvalContext, record: QARecord) -> str:
     return cot_fewshot_prompt(ctx.fmt, record.question, ctx.tok)
 
 
-register(Method("vanilla", "baseline", "the question in the query format, no patching",
-                _prompted(lambda ctx, r: ctx.fmt.render(r.question, ctx.tok))))
+register(Method("vanilla", "baseline", "the question in the query format (a chat request as sent), no patching",
+                _prompted(record_prompt)))
 register(Method("cot", "baseline", "zero-shot chain of thought (\"Let's think step by step.\"), cot budget",
                 _prompted(_cot, cot=True, scored=False), cot=True))
 register(Method("cot-fewshot", "baseline", "few-shot chain of thought whose demonstrations state the bridge first, cot budget",

@@ -71,6 +71,9 @@ class QARecord:
     answer_aliases: tuple[str, ...] = ()
     answerable: bool = True
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
+    # A chat request as a client sends it (``{"role", "content"}`` turns ending with the user's); ``question`` is then
+    # its last user turn. ``None``: the question alone, rendered in the run's query format.
+    messages: tuple[Mapping[str, str], ...] | None = field(default=None, hash=False)
 
     @property
     def hops(self) -> int:
@@ -94,6 +97,8 @@ class QARecord:
         }
         if self.meta:
             out["meta"] = dict(self.meta)
+        if self.messages is not None:
+            out["messages"] = [dict(m) for m in self.messages]
         return out
 
     @classmethod
@@ -147,14 +152,15 @@ def _parse_record(obj: Any, where: str) -> QARecord:
     question = _need_str(obj, "question", where, non_empty=True)
     answer = _need_str(obj, "answer", where)
 
-    if "question_decomposition" not in obj:
+    messages = _parse_messages(obj["messages"], where) if obj.get("messages") is not None else None
+    if "question_decomposition" not in obj and messages is None:
         raise DatasetError(f"{where}: missing required field 'question_decomposition'")
-    decomp = obj["question_decomposition"]
+    decomp = obj.get("question_decomposition", [])
     if not isinstance(decomp, list):
         raise DatasetError(
             f"{where}: field 'question_decomposition' must be a list, got {_type_name(decomp)}"
         )
-    if not decomp:
+    if not decomp and messages is None:  # a chat request (messages) need not be a composed question
         raise DatasetError(f"{where}: field 'question_decomposition' must be a non-empty list")
     steps = tuple(_parse_step(s, f"{where}: field 'question_decomposition'[{i}]") for i, s in enumerate(decomp))
 
@@ -189,4 +195,27 @@ def _parse_record(obj: Any, where: str) -> QARecord:
         answer_aliases=tuple(aliases),
         answerable=answerable,
         meta=dict(meta),
+        messages=messages,
     )
+
+
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+def _parse_messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
+    """Chat turns: a non-empty list of ``{"role", "content"}`` with text content, ending with a user turn."""
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"{where}: field 'messages' must be a non-empty list of turns, got {_type_name(value)}")
+    turns = []
+    for i, turn in enumerate(value):
+        at = f"{where}: field 'messages'[{i}]"
+        if not isinstance(turn, Mapping):
+            raise DatasetError(f"{at}: must be an object, got {_type_name(turn)}")
+        role = _need_str(turn, "role", at)
+        if role not in _ROLES:
+            raise DatasetError(f"{at}: field 'role' is {role!r}; use one of {', '.join(_ROLES)}")
+        turns.append({"role": role, "content": _need_str(turn, "content", at)})
+    if turns[-1]["role"] != "user":
+        raise DatasetError(f"{where}: field 'messages' must end with a 'user' turn (the request answered), "
+                           f"not {turns[-1]['role']!r}")
+    return tuple(turns)

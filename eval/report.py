@@ -71,8 +71,10 @@ def _stats(rows: dict[str, dict], vanilla: dict[str, dict] | None, ids: Sequence
     def mean(values: list) -> float | None:
         return sum(values) / len(values) if values else None
 
+    graded = [i for i in ids if rows[i].get("golds", True)]  # requests without a gold (chat, code...) have no EM
+    out["n_gold"] = len(graded)
     for m in METRICS:
-        values = [float(v) for v in present(m)]
+        values = [float(rows[i][m]) for i in graded if rows[i].get(m) is not None]
         out[m] = mean(values)
         out[f"{m}_ci"] = list(bootstrap_ci(values))
     out["mean_tokens"] = mean(present("n_tokens"))
@@ -82,9 +84,23 @@ def _stats(rows: dict[str, dict], vanilla: dict[str, dict] | None, ids: Sequence
     ranks = present("gold_rank")
     out["gold_rank_median"] = statistics.median(ranks) if ranks else None
     if vanilla is not None:
-        test = mcnemar([bool(vanilla[i]["em"]) for i in ids], [bool(rows[i]["em"]) for i in ids])
+        test = mcnemar([bool(vanilla[i]["em"]) for i in graded], [bool(rows[i]["em"]) for i in graded])
         out["vs_vanilla"] = {"fixed": test["b_fixed"], "broken": test["b_broken"], "p_value": test["p_value"]}
+        same = [i for i in ids if "continuation" in rows[i] and "continuation" in vanilla[i]]
+        if same:  # do no harm: the share answered exactly as the model alone answers
+            out["identical"] = sum(rows[i]["continuation"] == vanilla[i]["continuation"] for i in same) / len(same)
     return out
+
+
+def kinds_of(by_method: dict[str, dict[str, dict]], ids: Sequence[str]) -> dict[str, list[str]]:
+    """Ids by the dataset's own ``kind`` (code, chat, single-hop...), when its records carry one."""
+    rows = next(iter(by_method.values()), {})
+    out: dict[str, list[str]] = {}
+    for i in ids:
+        kind = rows.get(i, {}).get("kind")
+        if kind:
+            out.setdefault(str(kind), []).append(i)
+    return dict(sorted(out.items()))
 
 
 def gap_subset(by_method: dict[str, dict[str, dict]]) -> list[str] | None:
@@ -102,7 +118,9 @@ def summarise(out_dir: Path) -> dict:
     vanilla = by_method.get("vanilla")
     common = sorted(set.intersection(*(set(rows) for rows in by_method.values()))) if by_method else []
     gap = gap_subset(by_method)
-    summary: dict = {"n_questions": len(common), "gap_subset_size": None if gap is None else len(gap), "methods": {}}
+    kinds = kinds_of(by_method, common)
+    summary: dict = {"n_questions": len(common), "gap_subset_size": None if gap is None else len(gap),
+                     "kinds": {k: len(v) for k, v in kinds.items()}, "methods": {}}
     for name, rows in by_method.items():
         method = METHODS.get(name)
         kind = method.kind if method else "unknown"
@@ -110,6 +128,8 @@ def summarise(out_dir: Path) -> dict:
         entry = {"kind": kind, "description": method.description if method else "", "all": _stats(rows, paired, common)}
         if gap is not None and name not in ("hop1", "hop2"):
             entry["gap"] = _stats(rows, paired, [i for i in gap if i in rows])
+        for kind, ids in kinds.items():
+            entry[f"kind:{kind}"] = _stats(rows, paired, [i for i in ids if i in rows])
         summary["methods"][name] = entry
     summary["vs_decompose"] = _versus(by_method, "decompose", common)
     summary["warnings"] = _control_warnings(summary)
@@ -177,8 +197,8 @@ def _fmt(x, digits: int = 3) -> str:
 def _table(summary: dict, subset: str) -> list[str]:
     order = [m for m in METHODS if m in summary["methods"]] + [m for m in summary["methods"] if m not in METHODS]
     lines = ["| method | kind | n | EM [95% CI] | F1 | contains | fixed/broken vs vanilla (McNemar p) | "
-             "gold log-p | tokens | s/q | EM per 100 tokens | EM per s | patched |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gold log-p | tokens | s/q | EM per 100 tokens | EM per s | patched | identical to vanilla |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         entry = summary["methods"][name]
         stats = entry.get(subset)
@@ -193,7 +213,8 @@ def _table(summary: dict, subset: str) -> list[str]:
             f"{_fmt(stats['f1'])} | {_fmt(stats['contains'])} | {vs_text} | {_fmt(stats.get('gold_logprob'), 2)} | "
             f"{_fmt(stats.get('mean_tokens'), 1)} | {_fmt(stats.get('seconds_per_q'), 2)} | "
             f"{_fmt(_per(stats.get('em'), stats.get('mean_tokens'), 100), 2)} | "
-            f"{_fmt(_per(stats.get('em'), stats.get('seconds_per_q')), 2)} | {_fmt(stats.get('patched'), 2)} |")
+            f"{_fmt(_per(stats.get('em'), stats.get('seconds_per_q')), 2)} | {_fmt(stats.get('patched'), 2)} | "
+            f"{_fmt(stats.get('identical'), 3)} |")
     return lines
 
 
@@ -237,6 +258,26 @@ def _control_lines(summary: dict) -> list[str]:
             "not the target prompt, carries the effect."]
 
 
+def _kind_lines(summary: dict) -> list[str]:
+    """Per kind of request: how many, EM where a gold exists, and the share each method leaves as vanilla has it."""
+    kinds = summary.get("kinds") or {}
+    if not kinds:
+        return []
+    names = [m for m in summary["methods"] if m != "vanilla" and summary["methods"][m]["kind"] not in ("oracle", "diagnostic")]
+    head = "| kind | n | vanilla EM | " + " | ".join(f"{m}: identical / patched / EM" for m in names) + " |"
+    lines = ["## By kind of request", "",
+             "Identical: the method's output is byte for byte the model's own (vanilla's); EM only where the request has a "
+             "gold.", "", head, "|" + "---|" * (3 + len(names))]
+    for kind, n in kinds.items():
+        cells = []
+        for m in names:
+            st = summary["methods"][m].get(f"kind:{kind}") or {}
+            cells.append(f"{_fmt(st.get('identical'))} / {_fmt(st.get('patched'), 2)} / {_fmt(st.get('em'))}")
+        van = (summary["methods"].get("vanilla") or {}).get(f"kind:{kind}") or {}
+        lines.append(f"| {kind} | {n} | {_fmt(van.get('em'))} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def report_markdown(summary: dict, command: str) -> str:
     lines = [
         "# Evaluation report", "",
@@ -254,6 +295,7 @@ def report_markdown(summary: dict, command: str) -> str:
                   f"{summary['gap_subset_size']} questions where hop 1 and hop 2 are each answered alone (gold in the "
                   "answer line) but vanilla fails the two-hop question. Correction can only help here.", "",
                   *_table(summary, "gap"), ""]
+    lines += _kind_lines(summary)
     gate = summary.get("gate")
     if gate:
         auc = "n/a" if gate["roc_auc"] is None else f"{gate['roc_auc']:.3f}"

@@ -46,7 +46,7 @@ from eval.datasets import QARecord
 from eval.integrity import read_checked, seal, writer_lock
 from eval.integrity import repair as integrity_repair
 from eval.jsonl import repair_tail
-from eval.methods import METHODS, EvalContext, hop_questions
+from eval.methods import METHODS, EvalContext, hop_questions, record_prompt
 from eval.metrics import score_continuation
 
 
@@ -78,7 +78,7 @@ def batches(records: Sequence[QARecord], batch_size: int) -> list[list[QARecord]
 def order_by_length(ctx: EvalContext, records: Sequence[QARecord]) -> list[QARecord]:
     """``records`` by the tokenized length of their prompt in the run's query format, longest first (ties: dataset
     order), so that the batches cut from them pad little. Deterministic for a given tokenizer and format."""
-    lengths = [len(ctx.tok(ctx.fmt.render(r.question, ctx.tok)).input_ids) for r in records]
+    lengths = [len(ctx.tok(record_prompt(ctx, r)).input_ids) for r in records]
     return [records[i] for i in sorted(range(len(records)), key=lambda i: (-lengths[i], i))]
 
 
@@ -162,6 +162,7 @@ def _generate(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[s
                     golds = golds_for(name, record)
                     row = {
                         "method": name, "id": record.id, "question": record.question, "golds": golds,
+                        "kind": record.meta.get("kind"), "hops": record.hops,
                         "prompt": result.prompt, "continuation": result.continuation,
                         **score_continuation(result.continuation, golds, cot=method.cot),
                         "n_tokens": result.n_tokens, "seconds": result.seconds, "patched": result.patched,

@@ -27,59 +27,22 @@ answer is generated and patched.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from autopatch.prompts import PromptFormat
+from autopatch.errors import ProfileError
+from autopatch.prompts import ChatPrompt, PromptFormat, render_chat
 from server.errors import invalid_request
 
-
-@dataclass(frozen=True)
-class Prompt:
-    """The rendered prompt, how it was rendered, and the question the locator reads."""
-
-    text: str
-    question: str
-    template: str  # "chat-template" or "fewshot-qa"
-    add_special_tokens: bool  # False when the chat template already wrote BOS
-    stop: tuple[str, ...] = ()  # where the template's answer ends (the next few-shot turn); EOS ends chat turns
-
-
-def _turns(messages: Sequence[dict]) -> tuple[list[str], list[tuple[str, str]], str]:
-    """(system texts, earlier (question, answer) pairs, last user message)."""
-    if not messages or messages[-1]["role"] != "user":
-        raise invalid_request("The last message must have role 'user': it is the question this server answers.",
-                              param="messages")
-    system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
-    pairs: list[tuple[str, str]] = []
-    pending: str | None = None
-    for m in messages[:-1]:
-        if m["role"] == "user":
-            if pending is not None:
-                pairs.append((pending, ""))
-            pending = m["content"]
-        elif m["role"] == "assistant":
-            pairs.append((pending or "", m["content"]))
-            pending = None
-    if pending is not None:
-        pairs.append((pending, ""))
-    return system, pairs, messages[-1]["content"]
+Prompt = ChatPrompt  # the rendered prompt, how it was rendered, and the question the locator reads
 
 
 def build_prompt(messages: Sequence[dict], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> Prompt:
-    """Render ``messages`` (``{"role", "content"}`` dicts with text content) for ``tokenizer``'s model."""
-    system, pairs, last = _turns(messages)
-    question = last.strip()
-    if getattr(tokenizer, "chat_template", None):
-        chat = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
-        try:
-            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # templates raise their own errors (e.g. "roles must alternate")
-            raise invalid_request(f"The model's chat template rejected these messages: {err}", param="messages") from err
-        return Prompt(str(text), question, "chat-template", add_special_tokens=False)
-    base = fmt if fmt.kind == "fewshot-qa" else PromptFormat()
-    rendered = replace(base, demonstrations=(*base.demonstrations, *pairs)).render(question)
-    preamble = "\n\n".join(s.strip() for s in system if s.strip())
-    return Prompt(f"{preamble}\n\n{rendered}" if preamble else rendered, question, "fewshot-qa", add_special_tokens=True,
-                  stop=base.stop_strings)
+    """Render ``messages`` (``{"role", "content"}`` dicts with text content) for ``tokenizer``'s model.
+
+    :func:`autopatch.prompts.render_chat`, with its refusals as the OpenAI-shaped 400 of ``param="messages"``.
+    """
+    try:
+        return render_chat(messages, tokenizer, fmt)
+    except ProfileError as err:
+        raise invalid_request(str(err), param="messages") from err

@@ -1,0 +1,293 @@
+"""The screen: "is this a composable two-hop question?", asked before any gate patches a request.
+
+Example:
+    >>> from classifiers.screen import ScreenedGate, train_screen
+    >>> screen = train_screen(model, tok, out=Path("runs/screen"))       # calib/train questions and requests only
+    >>> gate = ScreenedGate(screen, shipped_choice_gate)                  # leaves what is not one alone
+    >>> AutoPatcher(model, tok, gate=gate).answer("Write a haiku about the sea")[0].report.reason
+    'screen: P(two-hop question)=0.031 < 0.412: left alone'
+
+A plugin in front of a model sees every kind of request. The locator reads
+noun phrases with relative clauses as first hops in instructions too ("Write a
+function that returns ..."), and the gates were trained on two-hop questions
+only, so nothing taught them what is not one. The screen is that lesson: a
+logistic regression (the :class:`~classifiers.gate.PatchGate` pipeline, saved
+the same pickle-free way) on the vanilla prefill's last-token states (the model's own
+reading of the whole request) at two middle layers, fitted on
+
+* positives: composable two-hop questions (the generator's train split and
+  MuSiQue-Ans 2-hop calib questions, written by people);
+* negatives: the do-no-harm set's calib half (instructions, code, chat,
+  multi-turn conversations, arithmetic, summaries, translation, questions with
+  relative clauses that one fact answers, MuSiQue single-hop questions) and
+  more MuSiQue single-hop questions from calib records: the first
+  sub-question, and the second with its bridge filled in.
+
+Each question is seen in both renderings a deployment meets (the query format
+of ``answer()``/the harness, and a single chat turn as the server renders it),
+so the screen learns the request, not the prompt layout. Its threshold is set
+on cross-validated calib scores: the lowest at which at most ``max_fpr`` of
+the located negatives pass (only located rows ever reach a gate). Every
+prompt trains it, located or not: the last token needs no location, and the
+unlocated requests are most of what teaches it what a request is. The
+hand-written two-hop set is never seen: it measures how the screen carries to
+question forms it was not fitted on.
+
+Saved as ``screen/`` (``gate.json`` + ``gate.npz``) beside a gate, with its
+checksum in ``screen.json``; :func:`classifiers.load_gate_dir` wraps the gate
+in a :class:`ScreenedGate` when one is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autopatch.errors import GateFileError
+from autopatch.gating import Gate, GateDecision, GateInput
+from classifiers.gate import PatchGate
+
+SCREEN_FORMAT_VERSION = 1
+
+
+@dataclass
+class ScreenedGate:
+    """``inner`` decides only the rows the screen passes (P(two-hop question) >= its threshold); the rest are left
+    alone, exactly as ``model.generate`` would answer them."""
+
+    screen: PatchGate
+    inner: Gate
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.screen.spec.layers, *self.inner.feature_layers}))
+
+    @property
+    def profile(self):
+        return getattr(self.inner, "profile", None)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.screen.fingerprint
+
+    def __getattr__(self, name: str) -> Any:  # members, rule, meta...: the inner gate's (called only when not found)
+        if name in ("screen", "inner"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def decide(self, inputs: Sequence[GateInput]) -> list[GateDecision]:
+        if not inputs:
+            return []
+        scores = self.screen.scores(np.stack([self.screen.spec.vector(i) for i in inputs]))
+        threshold = self.screen.threshold
+        passed = [i for i, s in enumerate(scores) if s >= threshold]
+        decisions = [GateDecision(False, float(s), f"screen: P(two-hop question)={s:.3f} < {threshold:.3f}: left alone")
+                     for s in scores]
+        for i, d in zip(passed, self.inner.decide([inputs[i] for i in passed])):
+            decisions[i] = replace(d, reason=f"screen: P(two-hop question)={scores[i]:.3f} >= {threshold:.3f}; "
+                                             f"{d.reason}")
+        return decisions
+
+    def save(self, directory: str | Path) -> Path:
+        """The inner gate (``choice.json`` or ``gate.json``), then ``screen/`` and ``screen.json``."""
+        directory = Path(directory)
+        save_inner = getattr(self.inner, "save", None)
+        if save_inner is None:
+            raise GateFileError("The inner gate cannot be saved (it has no save method).")
+        save_inner(directory)
+        save_screen(self.screen, directory)
+        return directory
+
+
+def save_screen(screen: PatchGate, directory: str | Path) -> Path:
+    """Write ``screen/`` and ``screen.json`` (the checksum of ``screen/gate.json``) into a gate directory."""
+    directory = Path(directory)
+    screen.save(directory / "screen")
+    digest = hashlib.sha256((directory / "screen" / "gate.json").read_bytes()).hexdigest()
+    header = {"format": "autopatch-screen", "version": SCREEN_FORMAT_VERSION, "screen_sha256": digest,
+              "threshold": screen.threshold, "meta": {k: v for k, v in screen.meta.items() if k in ("summary",)}}
+    (directory / "screen.json").write_text(json.dumps(header, indent=2) + "\n")
+    return directory
+
+
+def load_screen(directory: str | Path, *, model: Any = None) -> PatchGate | None:
+    """The screen saved beside a gate in ``directory`` (``None`` when there is none); refuses a tampered one."""
+    directory = Path(directory)
+    path = directory / "screen.json"
+    if not path.exists():
+        return None
+    if path.is_symlink() or (directory / "screen").is_symlink():
+        raise GateFileError(f"{path} or its screen/ folder is a symbolic link; gates are read from plain files only.")
+    try:
+        header = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
+        raise GateFileError(f"Cannot read the screen in {directory}: {err}.") from err
+    if not isinstance(header, dict) or header.get("format") != "autopatch-screen":
+        raise GateFileError(f"{path} is not an autopatch screen file.")
+    if header.get("version") != SCREEN_FORMAT_VERSION:
+        raise GateFileError(f"Screen format version {header.get('version')} is not supported (this autopatch reads "
+                            f"version {SCREEN_FORMAT_VERSION}); retrain it with `autopatch train-screen`.")
+    try:
+        blob = (directory / "screen" / "gate.json").read_bytes()
+    except OSError as err:
+        raise GateFileError(f"Cannot read the screen in {directory}: {err}.") from err
+    if hashlib.sha256(blob).hexdigest() != header.get("screen_sha256"):
+        raise GateFileError(f"{directory}/screen/gate.json does not match the checksum in screen.json: the screen was "
+                            "modified or corrupted. Retrain it or restore the original files.")
+    return PatchGate.load(directory / "screen", model=model)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training prompt: the rendered text, the question the locator reads, and whether it is a two-hop one."""
+
+    id: str
+    prompt: str
+    question: str
+    label: int  # 1: a composable two-hop question
+    source: str
+
+
+def screen_examples(model_tok: tuple[Any, Any], fmt, *, twohop_limit: int = 200, musique_limit: int = 300,
+                    single_hop_limit: int = 200) -> list[Example]:
+    """The screen's training prompts, from calib/train splits only (see the module docstring)."""
+    from autopatch.prompts import render_chat
+    from eval.datasets import load_musique, select_records
+    from eval.sweep import stratified_sample
+    from eval.twohop import generate_twohop
+
+    _, tok = model_tok
+
+    def both(rec_id: str, question: str, label: int, source: str) -> list[Example]:
+        texts = {fmt.render(question, tok), render_chat([{"role": "user", "content": question}], tok, fmt).text}
+        return [Example(f"{rec_id}@{k}", t, question, label, source) for k, t in enumerate(sorted(texts))]
+
+    out: list[Example] = []
+    for rec in stratified_sample(generate_twohop(split="train"), twohop_limit):
+        out += both(rec.id, rec.question, 1, "twohop:train")
+    musique = sorted(load_musique(split="calib", hops=2), key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())
+    for rec in musique[:musique_limit]:
+        out += both(rec.id, rec.question, 1, "musique:calib")
+    harm, _ = select_records("harm", split="calib")
+    used = {r.question.strip().lower() for r in harm}
+    for rec in harm:
+        if rec.messages is not None:
+            out.append(Example(rec.id, render_chat(rec.messages, tok, fmt).text, rec.question, 0, "harm:calib"))
+        else:
+            out += both(rec.id, rec.question, 0, "harm:calib")
+    singles = 0
+    for rec in musique:
+        first, second = rec.question_decomposition
+        for k, text in enumerate((first.question, second.question.replace("#1", first.answer))):
+            text = text.strip()
+            if ">>" in text or text.lower() in used or singles >= single_hop_limit:
+                continue
+            used.add(text.lower())
+            singles += 1
+            out += both(f"{rec.id}#{k + 1}", text, 0, "musique-single-hop:calib")
+    return out
+
+
+def screen_features(model, tok, examples: Sequence[Example], spec, *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, located)``: each example's features from its vanilla prefill, as the gate sees them at inference."""
+    from classifiers.features import extract_prompt_features
+
+    return extract_prompt_features(model, tok, [e.prompt for e in examples], [e.question for e in examples], spec,
+                                   batch_size=batch_size)
+
+
+def cv_scores(X: np.ndarray, y: np.ndarray, groups: Sequence[str], *, folds: int = 5, n_components: int = 32) -> np.ndarray:
+    """Held-out screen scores: each example scored by a screen fitted on the other folds (grouped by question, so
+    a question's two renderings are never split across a fold)."""
+    from classifiers.gate import make_pipeline
+
+    keys = sorted(set(groups))
+    fold_of = {g: int(hashlib.sha256(g.encode()).hexdigest(), 16) % folds for g in keys}
+    held = np.array([fold_of[g] for g in groups])
+    scores = np.zeros(len(y))
+    for f in range(folds):
+        train, test = held != f, held == f
+        pipe = make_pipeline("logreg", max(1, min(n_components, int(train.sum()) - 1, X.shape[1])))
+        pipe.fit(X[train], y[train])
+        scores[test] = pipe.predict_proba(X[test])[:, 1]
+    return scores
+
+
+def pick_threshold(scores: np.ndarray, y: np.ndarray, max_fpr: float) -> float:
+    """The lowest threshold at which at most ``max_fpr`` of the negatives score at or above it."""
+    negatives = np.sort(scores[y == 0])[::-1]
+    allowed = int(np.floor(max_fpr * len(negatives)))
+    if len(negatives) == 0:
+        return 0.5
+    # strictly above the (allowed+1)-th highest negative score, so at most `allowed` negatives pass
+    bar = negatives[min(allowed, len(negatives) - 1)]
+    return float(np.nextafter(bar, np.inf))
+
+
+def train_screen(model, tok, *, out: Path, layers: Sequence[int] | None = None, max_fpr: float = 0.05,
+                 n_components: int = 64, batch_size: int = 16, examples: Sequence[Example] | None = None) -> PatchGate:
+    """Fit the screen for ``model``, set its threshold on cross-validated calib scores, write ``out/screen.md``."""
+    from autopatch.architectures import num_layers
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from classifiers.features import FeatureSpec
+
+    base = AutoPatcher(model, tok, gate=AlwaysPatch()).profile
+    n = num_layers(model)
+    spec = FeatureSpec(layers=tuple(layers) if layers else (n // 2, (2 * n) // 3), positions=("last",))
+    examples = list(examples) if examples is not None else screen_examples((model, tok), base.prompt_format)
+    X, located = screen_features(model, tok, examples, spec, batch_size=batch_size)
+    y = np.array([e.label for e in examples])
+    held = cv_scores(X, y, [e.id.split("@")[0] for e in examples], n_components=n_components)
+    threshold = pick_threshold(held[located], y[located], max_fpr)  # only located rows ever reach a gate
+    per_source = {}
+    for source in sorted({e.source for e in examples}):
+        rows = [i for i, e in enumerate(examples) if e.source == source]
+        per_source[source] = {"prompts": len(rows), "located": int(located[rows].sum()),
+                              "passed": int(sum(held[i] >= threshold for i in rows if located[i]))}
+    yl, hl = y[located], held[located]
+    summary = {"examples": len(examples), "located": int(located.sum()), "positives": int(y.sum()),
+               "negatives": int(len(y) - y.sum()), "max_fpr": max_fpr, "threshold": threshold,
+               "cv_recall": float((hl[yl == 1] >= threshold).mean()) if yl.sum() else None,
+               "cv_fpr": float((hl[yl == 0] >= threshold).mean()) if (yl == 0).any() else None,
+               "cv_auc": _auc(yl, hl), "per_source": per_source, "spec": spec.to_dict(), "n_components": n_components}
+    screen = PatchGate.fit(X, y, None, spec=spec, profile=base, model=model, n_components=n_components,
+                           meta={"kind": "screen", "summary": summary})
+    screen.threshold = threshold
+    out.mkdir(parents=True, exist_ok=True)
+    save_screen(screen, out)
+    (out / "screen.md").write_text(screen_markdown(summary))
+    return screen
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
+    if not 0 < y.sum() < len(y):
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+def screen_markdown(summary: dict) -> str:
+    """What the screen was fitted on and how it did on held-out folds of calib."""
+    auc = summary["cv_auc"]
+    lines = ["# Two-hop screen", "",
+             f"Training prompts: {summary['examples']} ({summary['positives']} two-hop, {summary['negatives']} not; "
+             f"{summary['located']} located). Features: {summary['spec']}, PCA to {summary['n_components']}.", "",
+             f"Threshold {summary['threshold']:.4f}: the lowest at which at most {summary['max_fpr']:.0%} of the located "
+             f"negatives pass, on 5-fold cross-validated scores (folds grouped by question). Held out, on located "
+             f"prompts: recall {summary['cv_recall']:.3f} on two-hop questions, {summary['cv_fpr']:.3f} of other "
+             f"requests passed, ROC-AUC {'n/a' if auc is None else f'{auc:.3f}'}.", "",
+             "| source | prompts | located | passed the screen (held-out) |", "|---|---|---|---|"]
+    for source, row in summary["per_source"].items():
+        lines.append(f"| {source} | {row['prompts']} | {row['located']} | {row['passed']} |")
+    return "\n".join(lines) + "\n"

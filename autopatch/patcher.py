@@ -33,8 +33,8 @@ import copy
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, cast
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, cast, get_args
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -69,6 +69,9 @@ def _check_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor |
 
 _OWN_CACHE_ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids", "cache_position")
 
+Decomposer = Literal["grammar", "model", "both"]
+DECOMPOSERS: tuple[str, ...] = get_args(Decomposer)
+
 
 @dataclass
 class PatchReport:
@@ -89,6 +92,7 @@ class PatchReport:
     target_prompt: str | None = None
     bridge: str | None = None
     bridge_tokens: int = 0  # tokens generated to decode the bridge, on top of the answer's
+    proposal_tokens: int = 0  # tokens the model generated proposing a decomposition (decomposer "model"/"both")
     vanilla_first_token: str | None = None
     answer: str | None = None
 
@@ -148,10 +152,13 @@ class AutoPatcher:
     ``gate=None`` uses the gate shipped for this model when there is one (the
     embedded Gemma has one), else patches every located question; ``profile=None``
     uses the gate's profile, else the profile shipped for this model, else a default.
+    ``decomposer``: who reads each question's first hop: ``"grammar"`` (the locator's rules, no model call),
+    ``"model"`` (the model's own decomposition first, :mod:`autopatch.decomposer`) or ``"both"`` (the grammar,
+    and the model where the grammar reads nothing: one extra short generation for each such row).
     """
 
     def __init__(self, model, tokenizer, profile: PatchProfile | str | None = None, gate: Gate | str | None = None,
-                 *, control: Control | None = None, reuse_prefix: bool = True):
+                 *, control: Control | None = None, reuse_prefix: bool = True, decomposer: Decomposer = "grammar"):
         self.model = model
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
@@ -162,6 +169,9 @@ class AutoPatcher:
         self.gate: Gate = self.resolution.gate
         self.control = control
         self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix); False: plain batches
+        if decomposer not in DECOMPOSERS:
+            raise PatchError(f"Unknown decomposer {decomposer!r}; choose one of {', '.join(DECOMPOSERS)}.")
+        self.decomposer = decomposer  # who reads the question: the grammar, the model, or both (grammar first)
         self._local = threading.local()  # last_report / last_targets belong to the calling thread
 
     @property
@@ -215,8 +225,25 @@ class AutoPatcher:
         if len(questions) != batch or len(decompositions) != batch:
             raise PatchError(f"questions/decompositions need one entry per row ({batch}).")
         plans = [self.plan_row(rows[i], questions[i], decompositions[i]) for i in range(batch)]
+        if self.decomposer != "grammar":
+            plans = self._with_proposals(rows, plans, decompositions)
         positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]  # -1: unused placeholder
         return rows, plans, positions
+
+    def _with_proposals(self, rows: list[torch.Tensor], plans: list[RowPlan], given: list[Any]) -> list[RowPlan]:
+        """Plans re-made from the model's own decompositions (:mod:`autopatch.decomposer`): for every row with a
+        question (``"model"``), or only where the grammar located nothing (``"both"``); never over a caller's."""
+        from autopatch.decomposer import propose_decompositions_counted
+
+        need = [i for i, p in enumerate(plans) if p.question and given[i] is None
+                and (self.decomposer == "model" or p.location is None)]
+        proposals = propose_decompositions_counted(self.model, self.tokenizer, self.profile.prompt_format,
+                                                   [cast(str, plans[i].question) for i in need])
+        plans = list(plans)
+        for i, (steps, n) in zip(need, proposals):
+            plans[i] = replace(plans[i] if steps is None else self.plan_row(rows[i], plans[i].question, steps),
+                               proposal_tokens=n)
+        return plans
 
     @contextmanager
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
@@ -432,7 +459,8 @@ class AutoPatcher:
                 positions=plan.positions or None, located=bool(plan.location and plan.positions),
                 patched=decision.patch, gate_score=decision.score, reason=decision.reason,
                 strategy=p.strategy, source_layer=p.source_layer, target_layer=p.target_layer,
-                source_position=p.source_position, control=self.control, vanilla_first_token=first))
+                source_position=p.source_position, control=self.control, vanilla_first_token=first,
+                proposal_tokens=plan.proposal_tokens))
         return reports
 
     def _finish(self, out, reports: list[PatchReport], sequences: torch.Tensor, width: int):

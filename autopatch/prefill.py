@@ -32,6 +32,7 @@ class RowPlan:
     location: Location | None
     positions: dict[str, int] = field(default_factory=dict)
     why_not: str = ""
+    proposal_tokens: int = 0  # tokens the model generated to propose this row's decomposition (autopatch.decomposer)
 
 
 @dataclass(frozen=True)

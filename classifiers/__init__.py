@@ -45,7 +45,7 @@ def load_gate_dir(directory: str | os.PathLike[str], model: Any = None):
         from classifiers.gate import PatchGate
 
         gate = PatchGate.load(directory, model=model)
-    screen = load_screen(directory, model=model)  # "is this a two-hop question?", when one was trained beside it
+    screen = load_screen(Path(directory), model=model)  # "is this a two-hop question?", when one was trained beside it
     return gate if screen is None else ScreenedGate(screen, gate)
 
 

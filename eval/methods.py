@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the registry itself is imported by the CLI's parser, which 
     import torch
 
     from autopatch.gating import Gate
+    from autopatch.patcher import Decomposer
     from autopatch.profile import PatchProfile
     from autopatch.prompts import PromptFormat
     from autopatch.strategies import Control
@@ -201,14 +202,14 @@ def _prompted(build: Callable[[EvalContext, QARecord], str], *, cot: bool = Fals
 
 
 def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated: bool = False,
-                    control: Control | None = None):
+                    control: Control | None = None, decomposer: Decomposer = "grammar"):
     def run(ctx: EvalContext, records: Sequence[QARecord]) -> list[MethodResult]:
         from autopatch.gating import AlwaysPatch
         from autopatch.patcher import AutoPatcher
 
         gate = ctx.gate if gated else AlwaysPatch()
         patcher = AutoPatcher(ctx.model, ctx.tok, profile_of(ctx), gate=gate, control=control,
-                              reuse_prefix=ctx.reuse_prefix)
+                              reuse_prefix=ctx.reuse_prefix, decomposer=decomposer)
         prompts = [record_prompt(ctx, r) for r in records]
         enc = ctx.tok(prompts, return_tensors="pt", padding=True).to(_device(ctx.model))
         started = time.perf_counter()
@@ -223,7 +224,7 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
         for i, (prompt, text, n) in enumerate(zip(prompts, texts, counts)):
             report = result.reports[i]
             target = result.targets.get(i)
-            n += target.bridge_tokens if target else 0  # cost: the bridge decoding's tokens count too
+            n += (target.bridge_tokens if target else 0) + report.proposal_tokens  # cost: bridge and proposal tokens
             results.append(MethodResult(target.prompt_text if target else prompt, text, n, seconds,
                                         patched=report.patched, report=report.to_dict()))
             if target is not None:
@@ -300,6 +301,12 @@ for _strategy, _spec in STRATEGIES.items():
     register(Method(_strategy, "patch" if _spec.uses_state else "baseline",
                     f"always patch with the best swept {_strategy} configuration" if _spec.uses_state else _spec.description,
                     _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))  # type: ignore[misc]  # mypy cannot infer a lambda with a default
+register(Method("decompose-model", "baseline", "decompose with the model's own decomposition (self-ask style, "
+                "autopatch.decomposer), the grammar where the model proposes none; proposal tokens counted",
+                _patcher_method(lambda ctx: ctx.strategy_profiles["decompose"], decomposer="model")))
+register(Method("decompose-both", "baseline", "decompose with the grammar's location, the model's own decomposition "
+                "where the grammar reads none; proposal tokens counted",
+                _patcher_method(lambda ctx: ctx.strategy_profiles["decompose"], decomposer="both")))
 for _control in CONTROLS.values():
     register(Method(f"control-{_control.name}", "control", _control.description,
                     _patcher_method(lambda ctx: ctx.profile, control=_control.name)))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.methods import METHODS
-from eval.metrics import bootstrap_ci, mcnemar
+from eval.metrics import bootstrap_ci, contains, mcnemar
 from eval.runner import iter_methods_rows, read_results
 
 METRICS = ("em", "f1", "contains")
@@ -83,6 +83,12 @@ def _stats(rows: dict[str, dict], vanilla: dict[str, dict] | None, ids: Sequence
     out["gold_logprob"] = mean(present("gold_logprob"))
     ranks = present("gold_rank")
     out["gold_rank_median"] = statistics.median(ranks) if ranks else None
+    two_hop = [i for i in ids if rows[i].get("bridge_golds") and rows[i].get("report") is not None]
+    if two_hop:  # how well the method read the question: located, and the first hop answered with the gold bridge
+        reports = [rows[i]["report"] for i in two_hop]
+        out["located"] = sum(bool(r.get("located")) for r in reports) / len(two_hop)
+        out["bridge"] = sum(bool(r.get("bridge")) and bool(contains(r["bridge"], rows[i]["bridge_golds"]))
+                            for i, r in zip(two_hop, reports)) / len(two_hop)
     if vanilla is not None:
         test = mcnemar([bool(vanilla[i]["em"]) for i in graded], [bool(rows[i]["em"]) for i in graded])
         out["vs_vanilla"] = {"fixed": test["b_fixed"], "broken": test["b_broken"], "p_value": test["p_value"]}
@@ -128,8 +134,8 @@ def summarise(out_dir: Path) -> dict:
         entry = {"kind": kind, "description": method.description if method else "", "all": _stats(rows, paired, common)}
         if gap is not None and name not in ("hop1", "hop2"):
             entry["gap"] = _stats(rows, paired, [i for i in gap if i in rows])
-        for kind, ids in kinds.items():
-            entry[f"kind:{kind}"] = _stats(rows, paired, [i for i in ids if i in rows])
+        for request_kind, ids in kinds.items():
+            entry[f"kind:{request_kind}"] = _stats(rows, paired, [i for i in ids if i in rows])
         summary["methods"][name] = entry
     summary["vs_decompose"] = _versus(by_method, "decompose", common)
     summary["warnings"] = _control_warnings(summary)
@@ -278,6 +284,19 @@ def _kind_lines(summary: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _reading_lines(summary: dict) -> list[str]:
+    """Per patching method on two-hop questions with gold bridges: located, and the gold bridge found."""
+    rows = [(name, e["all"]) for name, e in summary["methods"].items() if e["all"].get("located") is not None]
+    if not rows:
+        return []
+    lines = ["## Reading the question", "",
+             "Located: the question's first hop was found (grammar, or a decomposition). Bridge: the first hop, asked, "
+             "was answered with the gold bridge (a gold bridge appears in the decoded bridge; patch methods that patch "
+             "a state without decoding it have none).", "", "| method | located | bridge |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(st['located'])} | {_fmt(st['bridge'])} |" for name, st in rows]
+    return [*lines, ""]
+
+
 def report_markdown(summary: dict, command: str) -> str:
     lines = [
         "# Evaluation report", "",
@@ -296,6 +315,7 @@ def report_markdown(summary: dict, command: str) -> str:
                   "answer line) but vanilla fails the two-hop question. Correction can only help here.", "",
                   *_table(summary, "gap"), ""]
     lines += _kind_lines(summary)
+    lines += _reading_lines(summary)
     gate = summary.get("gate")
     if gate:
         auc = "n/a" if gate["roc_auc"] is None else f"{gate['roc_auc']:.3f}"

@@ -163,6 +163,7 @@ def _generate(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[s
                     row = {
                         "method": name, "id": record.id, "question": record.question, "golds": golds,
                         "kind": record.meta.get("kind"), "hops": record.hops,
+                        "bridge_golds": [record.question_decomposition[0].answer] if record.hops == 2 else [],
                         "prompt": result.prompt, "continuation": result.continuation,
                         **score_continuation(result.continuation, golds, cot=method.cot),
                         "n_tokens": result.n_tokens, "seconds": result.seconds, "patched": result.patched,

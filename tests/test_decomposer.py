@@ -1,0 +1,87 @@
+"""The model's own decomposition (self-ask style): its prompt in the model's format, a strict parser, and the
+locator aligning a proposal with the question exactly as it aligns a gold decomposition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autopatch.decomposer import DECOMPOSE_EXAMPLES, decomposition_prompt, parse_decomposition, propose_decompositions
+from autopatch.locate import locate
+from autopatch.prompts import PromptFormat
+from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" What is the largest country in Africa?\nStep 2: What is the capital of #1?\n",
+     [{"question": "What is the largest country in Africa?"}, {"question": "What is the capital of #1?"}]),
+    (" none", None),
+    (" None.\nStep 2: What is #1?", None),
+    (" What is the largest country?", None),                           # no second step
+    (" What is the largest country?\nStep 2: What is its capital?", None),  # no #1
+    (" Who is #1?\nStep 2: Who is #1?", None),                          # #1 in the first step
+    (" What is it?\nStep 2: #1?", None),                                # nothing asked of #1
+    (" In which year did it sink?\nStep 2: Who won in #1?\nQuestion: more", [{"question": "In which year did it sink?"},
+                                                                            {"question": "Who won in #1?"}]),
+])
+def test_the_parser_takes_two_steps_with_1_in_the_second_and_nothing_else(text, expected):
+    assert parse_decomposition(text) == expected
+
+
+def test_a_proposal_aligns_with_the_question_like_a_gold_decomposition():
+    steps = parse_decomposition(" What is the largest country in South America?\nStep 2: What is the capital of #1?")
+    loc = locate("What is the capital of the largest country in South America?", steps)
+    assert loc.method == "decomposition" and loc.span == "the largest country in South America"
+    assert loc.fill("Brazil") == "What is the capital of Brazil?"
+
+
+def test_the_prompt_ends_where_the_first_step_is_written_in_either_format():
+    tok = byte_tokenizer()
+    base = decomposition_prompt(PromptFormat(), tok, "Who is the spouse of the Green performer?")
+    assert base.endswith("Question: Who is the spouse of the Green performer?\nStep 1:")
+    assert all(q in base for q, _, _ in DECOMPOSE_EXAMPLES) and "Step 1: none" in base
+
+
+def test_proposals_come_from_one_batched_generation_and_are_parsed_or_none():
+    model, tok = tiny_model_for_bytes("llama", seed=4), byte_tokenizer()
+    questions = ["What is the capital of the largest country in Africa?", "Write a poem."]
+    proposals = propose_decompositions(model, tok, PromptFormat(), questions, max_new_tokens=6)
+    assert len(proposals) == 2 and all(p is None or (len(p) == 2 and "#1" in p[1]["question"]) for p in proposals)
+    assert propose_decompositions(model, tok, PromptFormat(), []) == []
+
+
+def test_the_patcher_asks_the_model_only_where_the_grammar_reads_nothing(monkeypatch):
+    import autopatch.decomposer as decomposer
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import PatchProfile
+
+    asked: list[str] = []
+
+    def fake(model, tok, fmt, questions, **kwargs):
+        asked.extend(questions)
+        steps = [{"question": "What is the tallest mountain in Africa?"}, {"question": "In which country is #1?"}]
+        return [(steps, 7) for _ in questions]
+
+    monkeypatch.setattr(decomposer, "propose_decompositions_counted", fake)
+    model, tok = tiny_model_for_bytes("llama", seed=4), byte_tokenizer()
+    fmt = PromptFormat(demonstrations=())
+    questions = ["What is the capital of the country where the Colosseum is located?",  # the grammar reads it
+                 "In which country is the tallest mountain in Africa?"]                # the grammar does not
+    profile = PatchProfile(strategy="decompose", source_layer=1, target_layer=1, prompt_format=fmt)
+    grammar = AutoPatcher(model, tok, profile, gate=AlwaysPatch())
+    enc = grammar.encode(questions)
+    plain = grammar.generate_with_reports(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0, questions=questions)
+    assert [r.located for r in plain.reports] == [True, False] and not asked
+    both = AutoPatcher(model, tok, profile, gate=AlwaysPatch(), decomposer="both")
+    result = both.generate_with_reports(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0, questions=questions)
+    assert asked == [questions[1]]
+    assert [r.located for r in result.reports] == [True, True]
+    assert result.reports[1].location["span"] == "the tallest mountain in Africa"
+    assert [r.proposal_tokens for r in result.reports] == [0, 7]
+    assert result.reports[0].to_dict() | {"answer": None} == plain.reports[0].to_dict() | {"answer": None}
+    with pytest.raises(Exception, match="Unknown decomposer"):
+        AutoPatcher(model, tok, profile, decomposer="oracle")

@@ -306,8 +306,13 @@ class AutoPatcher:
                               synced_gpus: bool | None = None, assistant_model=None, streamer=None, *,
                               questions: Sequence[str | None] | None = None,
                               decompositions: Sequence[Any] | None = None, patching: bool = True,
-                              **kwargs) -> GenerateResult:
-        """:meth:`generate`, returning its output with this call's reports and targets (thread-safe)."""
+                              unpatched: Sequence[Sequence[int]] | None = None, **kwargs) -> GenerateResult:
+        """:meth:`generate`, returning its output with this call's reports and targets (thread-safe).
+
+        ``unpatched``: each row's new tokens as greedy ``model.generate`` gives them on these very rows and budget,
+        when the caller already has them (the harness runs vanilla first). Then only the prefill runs, for the
+        gate, and rows left alone get these tokens instead of being generated again; tensor output only.
+        """
         passthrough = dict(generation_config=generation_config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
                            synced_gpus=synced_gpus, assistant_model=assistant_model)
         passthrough = {k: v for k, v in passthrough.items() if v is not None}
@@ -355,8 +360,13 @@ class AutoPatcher:
                  and not any(k in kwargs for k in _OWN_CACHE_ARGUMENTS) and kwargs.get("max_new_tokens") is not None
                  and (streamer is None or (input_ids is not None and input_ids.shape[0] == 1)))
         with self.prefill(input_ids, attention_mask, layers, questions, decompositions, reuse_prefix=reuse) as pre:
-            main = pre.generate(self.model, input_ids, logits_processor=processors, stopping_criteria=criteria,
-                                streamer=vanilla_streamer, **passthrough, **kwargs)
+            if unpatched is None:
+                main = pre.generate(self.model, input_ids, logits_processor=processors, stopping_criteria=criteria,
+                                    streamer=vanilla_streamer, **passthrough, **kwargs)
+            else:  # the caller has the unpatched continuations: the prefill only, for the gate
+                logits = pre.forward(self.model, input_ids, attention_mask, logits_to_keep=1).logits[:, -1].float()
+                decider.decisions = decide(logits)
+                main = self._given_continuations(input_ids, unpatched, streamer, kwargs)
         plans = pre.plans
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
         sequences = main if isinstance(main, torch.Tensor) else main.sequences
@@ -417,6 +427,18 @@ class AutoPatcher:
                        result.reports[i]) for i, q in enumerate(batch)]
 
     # ---- helpers --------------------------------------------------------------------------
+
+    def _given_continuations(self, input_ids: torch.Tensor, unpatched: Sequence[Sequence[int]], streamer,
+                             kwargs: dict) -> torch.Tensor:
+        """The caller's prompts followed by the given continuations, right-padded as ``generate`` pads them."""
+        if len(unpatched) != input_ids.shape[0] or streamer is not None or kwargs.get("return_dict_in_generate"):
+            raise PatchError("unpatched= needs one continuation per row, no streamer and tensor output.")
+        width = max((len(c) for c in unpatched), default=0)
+        pad = self.tokenizer.pad_token_id
+        new = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        for i, tokens in enumerate(unpatched):
+            new[i, : len(tokens)] = torch.as_tensor(list(tokens), dtype=input_ids.dtype)
+        return torch.cat([input_ids, new], dim=1)
 
     def _unsupported_mode(self, input_ids, config: GenerationConfig, kwargs: dict, assistant_model) -> str:
         if input_ids is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from autopatch.registry import CONTROLS, STRATEGIES, Registry
 from eval.datasets import QARecord
@@ -64,6 +64,10 @@ class EvalContext:
     use_decomposition: bool = False
     gold_scores: bool = True
     reuse_prefix: bool = True  # the prompts' shared prefix from autopatch.prefix's cache (same tokens, less compute)
+    # record id -> vanilla's new tokens in this run: the patching methods answer the rows they leave alone with them
+    # instead of generating them again (the same tokens: the same rows, prompts and budget in the same batch)
+    vanilla_tokens: dict[str, list[int]] = field(default_factory=dict)
+    vanilla_seconds: dict[str, float] = field(default_factory=dict)  # charged to those rows, as a deployment pays it
 
     @property
     def fmt(self) -> PromptFormat:
@@ -111,7 +115,8 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int) -> tuple[list[str], list[int], float]:
+def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int,
+                      keep: list[list[int]] | None = None) -> tuple[list[str], list[int], float]:
     import torch
 
     from autopatch.prefix import prefix_layout
@@ -126,11 +131,13 @@ def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int) -> 
                                  **lay.generate_kwargs(ctx.model), max_new_tokens=budget, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
     seconds = (time.perf_counter() - started) / len(prompts)
-    texts, counts = _decode_new(tok, out, lay.width)
+    texts, counts = _decode_new(tok, out, lay.width, keep)
     return texts, counts, seconds
 
 
-def _decode_new(tok, sequences: torch.Tensor, width: int) -> tuple[list[str], list[int]]:
+def _decode_new(tok, sequences: torch.Tensor, width: int, keep: list[list[int]] | None = None,
+                ) -> tuple[list[str], list[int]]:
+    """Each row's new text and token count; ``keep`` receives the new token ids too."""
     from autopatch.strategies import generated_ids
 
     texts, counts = [], []
@@ -138,6 +145,8 @@ def _decode_new(tok, sequences: torch.Tensor, width: int) -> tuple[list[str], li
         ids = generated_ids(row, tok.pad_token_id)
         texts.append(tok.decode(ids, skip_special_tokens=True))
         counts.append(len(ids))
+        if keep is not None:
+            keep.append(ids)
     return texts, counts
 
 
@@ -188,10 +197,16 @@ def _with_gold_scores(ctx: EvalContext, results: list[MethodResult], prompts, ed
 # ---- methods -----------------------------------------------------------------------------
 
 
-def _prompted(build: Callable[[EvalContext, QARecord], str], *, cot: bool = False, scored: bool = True):
+def _prompted(build: Callable[[EvalContext, QARecord], str], *, cot: bool = False, scored: bool = True,
+              shared: bool = False):
     def run(ctx: EvalContext, records: Sequence[QARecord]) -> list[MethodResult]:
         prompts = [build(ctx, r) for r in records]
-        texts, counts, seconds = _generate_prompts(ctx, prompts, ctx.cot_budget if cot else ctx.budget)
+        tokens: list[list[int]] = []
+        texts, counts, seconds = _generate_prompts(ctx, prompts, ctx.cot_budget if cot else ctx.budget,
+                                                   tokens if shared else None)
+        if shared:
+            ctx.vanilla_tokens.update({r.id: t for r, t in zip(records, tokens)})
+            ctx.vanilla_seconds.update({r.id: seconds for r in records})
         results = [MethodResult(p, t, n, seconds) for p, t, n in zip(prompts, texts, counts)]
         if not scored:
             return results
@@ -213,11 +228,17 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
         prompts = [record_prompt(ctx, r) for r in records]
         enc = ctx.tok(prompts, return_tensors="pt", padding=True).to(_device(ctx.model))
         started = time.perf_counter()
+        given = [ctx.vanilla_tokens.get(r.id) for r in records]
+        shared = None if any(t is None for t in given) else cast("list[list[int]]", given)
         result = patcher.generate_with_reports(
             **enc, max_new_tokens=ctx.budget, do_sample=False, pad_token_id=ctx.tok.pad_token_id,
             questions=[r.question for r in records],
-            decompositions=[r.question_decomposition for r in records] if ctx.use_decomposition else None)
+            decompositions=[r.question_decomposition for r in records] if ctx.use_decomposition else None,
+            unpatched=shared)
         seconds = (time.perf_counter() - started) / len(records)
+        if shared is not None:  # the rows left alone were vanilla's work: charge its time to them
+            seconds += sum(ctx.vanilla_seconds[r.id] for r, rep in zip(records, result.reports) if not rep.patched
+                           ) / len(records)
         texts, counts = _decode_new(ctx.tok, result.output, enc.input_ids.shape[1])
         results = []
         final_prompts, final_edits = [], []
@@ -269,7 +290,7 @@ def _cot_fewshot(ctx: EvalContext, record: QARecord) -> str:
 
 
 register(Method("vanilla", "baseline", "the question in the query format (a chat request as sent), no patching",
-                _prompted(record_prompt)))
+                _prompted(record_prompt, shared=True)))
 register(Method("cot", "baseline", "zero-shot chain of thought (\"Let's think step by step.\"), cot budget",
                 _prompted(_cot, cot=True, scored=False), cot=True))
 register(Method("cot-fewshot", "baseline", "few-shot chain of thought whose demonstrations state the bridge first, cot budget",

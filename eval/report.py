@@ -76,7 +76,7 @@ def _stats(rows: dict[str, dict], vanilla: dict[str, dict] | None, ids: Sequence
     for m in METRICS:
         values = [float(rows[i][m]) for i in graded if rows[i].get(m) is not None]
         out[m] = mean(values)
-        out[f"{m}_ci"] = list(bootstrap_ci(values))
+        out[f"{m}_ci"] = list(bootstrap_ci(values)) if values else [None, None]
     out["mean_tokens"] = mean(present("n_tokens"))
     out["seconds_per_q"] = mean(present("seconds"))
     out["patched"] = sum(1 for i in ids if rows[i].get("patched")) / len(ids)

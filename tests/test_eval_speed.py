@@ -64,3 +64,38 @@ def test_one_progress_line_per_batch_with_counts_and_time_left(ctx, records, tmp
     assert lines[-1].startswith("eval[0] hop1: 20/20 lines, ") and lines[-1].endswith("ETA 0:00:00 left")
     run_eval(ctx, records, ["vanilla", "hop1"], tmp_path / "run", batch_size=4, progress=True)  # nothing left to do
     assert "eval[0]" not in capsys.readouterr().err
+
+
+def test_patching_methods_reuse_vanilla_s_tokens_for_the_rows_they_leave_alone(records, tmp_path, monkeypatch):
+    """Vanilla's generation is shared with every patching method of the run: the same lines as generating those
+    rows again (a method run without vanilla first generates them itself)."""
+    from autopatch.gating import GateDecision
+    from autopatch.patcher import AutoPatcher
+
+    class EveryOther:  # leaves every other located row alone
+        feature_layers = ()
+
+        def decide(self, inputs):
+            return [GateDecision(i % 2 == 0, None, "test") for i in range(len(inputs))]
+
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    methods = ["vanilla", "autopatch", "decompose"]
+    shared = build_context(model, tok, budget=3, gate=EveryOther())
+    run_eval(shared, records, methods, tmp_path / "shared", batch_size=4, progress=False)
+    assert len(shared.vanilla_tokens) == len(records)
+    calls = []
+    original = AutoPatcher.generate_with_reports
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("unpatched") is not None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoPatcher, "generate_with_reports", spy)
+    alone = build_context(model, tok, budget=3, gate=EveryOther())
+    for name in methods[1:]:  # no vanilla in this run: every row is generated
+        run_eval(alone, records, [name], tmp_path / "alone", batch_size=4, progress=False)
+    run_eval(alone, records, ["vanilla"], tmp_path / "alone", batch_size=4, progress=False)
+    assert calls and not any(calls)
+    left_alone = [r for r in read_results(tmp_path / "shared") if r["method"] == "autopatch" and not r["patched"]]
+    assert left_alone  # the comparison covers rows answered from vanilla's tokens
+    assert _lines(tmp_path / "shared") == _lines(tmp_path / "alone")

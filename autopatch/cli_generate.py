@@ -25,6 +25,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="use the shipped profile of this strategy for the model (its best swept configuration)")
     parser.add_argument("--profile", help="a patch profile JSON file (default: the shipped one for the model)")
     parser.add_argument("--gate", help="a gate directory (default: the gate shipped for the model)")
+    parser.add_argument("--decomposer", choices=("grammar", "model", "both"), default="grammar",
+                        help="who reads the question's first hop: the locator's grammar (default), the model's own "
+                             "decomposition, or both (the model where the grammar reads nothing)")
 
 
 @subcommand("generate", "answer a question with autopatch; --explain prints what it did and why", _configure)
@@ -34,14 +37,14 @@ def run_generate(args: argparse.Namespace) -> int:
     from autopatch.profile import strategy_profile
 
     model, tok = load_model(args.model)
-    patcher = AutoPatcher(model, tok, args.profile, args.gate)
+    patcher = AutoPatcher(model, tok, args.profile, args.gate, decomposer=args.decomposer)
     if args.strategy and args.profile is None:
         profile, swept = strategy_profile(model, args.strategy, patcher.profile)
         if not swept:
             logging.getLogger("autopatch").warning(
                 "no swept %s profile is shipped for this model; using layers %d -> %d", args.strategy,
                 profile.source_layer, profile.target_layer)
-        patcher = AutoPatcher(model, tok, profile, patcher.gate)
+        patcher = AutoPatcher(model, tok, profile, patcher.gate, decomposer=args.decomposer)
     (answer,) = patcher.answer(args.question, max_new_tokens=args.max_new_tokens, patching=not args.no_patch)
     print(answer.text)
     if args.explain:

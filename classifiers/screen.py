@@ -201,8 +201,11 @@ def screen_features(model, tok, examples: Sequence[Example], spec, *, batch_size
     """``(X, located)``: each example's features from its vanilla prefill, as the gate sees them at inference."""
     from classifiers.features import extract_prompt_features
 
-    return extract_prompt_features(model, tok, [e.prompt for e in examples], [e.question for e in examples], spec,
-                                   batch_size=batch_size)
+    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt)  # one rendering per batch: long shared prefix
+    X, located = extract_prompt_features(model, tok, [examples[i].prompt for i in order],
+                                         [examples[i].question for i in order], spec, batch_size=batch_size)
+    back = np.argsort(order)
+    return X[back], located[back]
 
 
 def cv_scores(X: np.ndarray, y: np.ndarray, groups: Sequence[str], *, folds: int = 5, n_components: int = 32) -> np.ndarray:

@@ -27,16 +27,21 @@ def _load(run: Path) -> tuple[str, dict]:
         raise SystemExit(f"{run}: not a finished `autopatch eval` run ({err}); run it, or rescore it "
                          f"(python -m eval.rescore {run}).") from None
     name = config.get("model") or "gemma-3-270m"
-    return f"{name} (n={summary.get('n_questions')})", summary
+    dataset = config.get("dataset", "twohop")
+    where = "" if dataset == "twohop" and config.get("split") in (None, "test") else f", {dataset} {config.get('split', '')}".rstrip()
+    return f"{name}{where} (n={summary.get('n_questions')})", summary
 
 
 def _cell(stats: dict | None) -> str:
     if not stats:
         return "–"
+    same = f", {stats['identical']:.1%} identical" if stats.get("identical") is not None else ""
+    if stats.get("em") is None:  # a run of requests without golds: only how much stayed the model's own
+        return same.removeprefix(", ") or "–"
     lo, hi = stats.get("em_ci", [float("nan")] * 2)
     vs = stats.get("vs_vanilla")
     versus = f", {vs['fixed']}/{vs['broken']}" if vs else ""
-    return f"{stats['em']:.3f} [{lo:.2f}, {hi:.2f}]{versus}, {stats.get('mean_tokens', float('nan')):.1f} tok"
+    return f"{stats['em']:.3f} [{lo:.2f}, {hi:.2f}]{versus}, {stats.get('mean_tokens', float('nan')):.1f} tok{same}"
 
 
 def compare_markdown(runs: list[Path]) -> str:
@@ -52,7 +57,9 @@ def compare_markdown(runs: list[Path]) -> str:
         label = f"*{method}* (oracle)" if kinds[method] == "oracle" else method
         cells = [_cell(summary["methods"].get(method, {}).get("all")) for _, summary in loaded]
         lines.append(f"| {label} | {kinds[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCells: EM [95% CI], fixed/broken against that run's vanilla, mean generated tokens.\n"
+    return "\n".join(lines) + ("\n\nCells: EM [95% CI] (on the questions with a gold), fixed/broken against that run's "
+                               "vanilla, mean generated tokens, and where a run has it the share of outputs identical "
+                               "to vanilla's.\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,3 +51,32 @@ def run_generate(args: argparse.Namespace) -> int:
         print(json.dumps({"profile": patcher.profile.to_dict(), "resolution": patcher.resolution.to_dict(),
                           "report": answer.report.to_dict()}, indent=2))
     return 0
+
+
+def _configure_explain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", help="a two-hop question the locator reads")
+    _add_model_arg(parser)
+    parser.add_argument("--bridge", default=None,
+                        help="the first hop's answer to track (default: the one decompose finds with this model)")
+    parser.add_argument("--out", default=None, help="write explain.json, explain.md and explain.png here")
+
+
+@subcommand("explain", "what every layer's state decodes to at the located subject, span end and last token "
+            "(Patchscopes and the logit lens), as a table, a heat map and JSON", _configure_explain)
+def run_explain(args: argparse.Namespace) -> int:
+    from autopatch import load_model
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import strategy_profile
+
+    model, tok = load_model(args.model)
+    patcher = AutoPatcher(model, tok)
+    bridge = args.bridge
+    if bridge is None:  # what the text decomposition finds: the reading the hidden state is compared with
+        decompose = AutoPatcher(model, tok, strategy_profile(model, "decompose", patcher.profile)[0], gate=AlwaysPatch())
+        bridge = decompose.answer(args.question)[0].report.bridge
+    view = patcher.explain(args.question, bridge=bridge or None)
+    print(view.table())
+    if args.out:
+        print(f"wrote {view.save(args.out)}/explain.json, explain.md and explain.png")
+    return 0

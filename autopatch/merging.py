@@ -13,7 +13,7 @@ one ordinary stream.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
@@ -125,3 +125,12 @@ def _merge_steps(main_steps, target_steps, target_index: dict[int, int], length:
             step[row] = target_steps[s][j].to(step.device) if s < len(target_steps) else filler
         steps.append(step)
     return tuple(steps)
+
+
+def with_continuations(input_ids: torch.Tensor, continuations: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """The prompts followed by given new tokens, right-padded with ``pad_id`` as ``generate`` pads finished rows."""
+    width = max((len(c) for c in continuations), default=0)
+    new = torch.full((input_ids.shape[0], width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    for i, tokens in enumerate(continuations):
+        new[i, : len(tokens)] = torch.as_tensor(list(tokens), dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], dim=1)

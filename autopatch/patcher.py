@@ -44,7 +44,7 @@ from autopatch.engine import capture
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
 from autopatch.locate import UnlocatableQuestion, locate
-from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs
+from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs, with_continuations
 from autopatch.prefill import Prefill, RowPlan
 from autopatch.prefix import prefix_layout
 from autopatch.profile import PatchProfile
@@ -366,7 +366,9 @@ class AutoPatcher:
             else:  # the caller has the unpatched continuations: the prefill only, for the gate
                 logits = pre.forward(self.model, input_ids, attention_mask, logits_to_keep=1).logits[:, -1].float()
                 decider.decisions = decide(logits)
-                main = self._given_continuations(input_ids, unpatched, streamer, kwargs)
+                if len(unpatched) != batch or streamer is not None or kwargs.get("return_dict_in_generate"):
+                    raise PatchError("unpatched= needs one continuation per row, no streamer and tensor output.")
+                main = with_continuations(input_ids, unpatched, self.tokenizer.pad_token_id)
         plans = pre.plans
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
         sequences = main if isinstance(main, torch.Tensor) else main.sequences
@@ -426,19 +428,15 @@ class AutoPatcher:
         return [Answer(q, fmt.clean_answer(tok.decode(sequences[i, width:], skip_special_tokens=True)),
                        result.reports[i]) for i, q in enumerate(batch)]
 
-    # ---- helpers --------------------------------------------------------------------------
+    def explain(self, question: str, *, bridge: str | None = None, layers: Sequence[int] | None = None):
+        """What every layer's state at the located positions decodes to (:func:`autopatch.explain.explain`), in
+        this patcher's prompt format and with its profile's placeholder."""
+        from autopatch.explain import explain
 
-    def _given_continuations(self, input_ids: torch.Tensor, unpatched: Sequence[Sequence[int]], streamer,
-                             kwargs: dict) -> torch.Tensor:
-        """The caller's prompts followed by the given continuations, right-padded as ``generate`` pads them."""
-        if len(unpatched) != input_ids.shape[0] or streamer is not None or kwargs.get("return_dict_in_generate"):
-            raise PatchError("unpatched= needs one continuation per row, no streamer and tensor output.")
-        width = max((len(c) for c in unpatched), default=0)
-        pad = self.tokenizer.pad_token_id
-        new = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
-        for i, tokens in enumerate(unpatched):
-            new[i, : len(tokens)] = torch.as_tensor(list(tokens), dtype=input_ids.dtype)
-        return torch.cat([input_ids, new], dim=1)
+        return explain(self.model, self.tokenizer, question, fmt=self.profile.prompt_format, bridge=bridge,
+                       layers=None if layers is None else list(layers), placeholder=self.profile.placeholder)
+
+    # ---- helpers --------------------------------------------------------------------------
 
     def _unsupported_mode(self, input_ids, config: GenerationConfig, kwargs: dict, assistant_model) -> str:
         if input_ids is None:

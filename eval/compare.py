@@ -28,7 +28,8 @@ def _load(run: Path) -> tuple[str, dict]:
                          f"(python -m eval.rescore {run}).") from None
     name = config.get("model") or "gemma-3-270m"
     dataset = config.get("dataset", "twohop")
-    where = "" if dataset == "twohop" and config.get("split") in (None, "test") else f", {dataset} {config.get('split', '')}".rstrip()
+    plain = dataset == "twohop" and config.get("split") in (None, "test")
+    where = "" if plain else f", {dataset} {config.get('split', '')}".rstrip()
     return f"{name}{where} (n={summary.get('n_questions')})", summary
 
 

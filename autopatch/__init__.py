@@ -4,13 +4,13 @@ Example:
     >>> import autopatch
     >>> model, tok = autopatch.load_model()          # embedded Gemma 3 270M
     >>> from autopatch import capture, patch, PatchEdit
-    >>> from autopatch.inspect import decode_state
+    >>> from autopatch.patchscope import decode_state
 
     >>> patcher = autopatch.AutoPatcher(model, tok)  # drop-in generate() with the shipped profile and gate
 
 The public API is re-exported here; submodules hold one concern each:
 ``loading`` (models), ``architectures`` (where the layers are), ``engine``
-(capture/patch context managers), ``inspect`` (token-identity Patchscope),
+(capture/patch context managers), ``patchscope`` (token-identity Patchscope), ``explain`` (the per-layer view),
 ``locate`` (first-hop spans), ``prompts``, ``profile`` (patch profiles),
 ``strategies`` (reroute/backpatch/verbalize), ``gating`` (the gate protocol),
 ``patcher`` (``AutoPatcher``), ``errors`` (everything raised on purpose).

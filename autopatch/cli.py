@@ -19,6 +19,16 @@ from collections.abc import Callable
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say its default, and never "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def subcommand(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
     """Register ``fn(args) -> exit code`` as ``autopatch <name>``."""
 
@@ -82,7 +92,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from autopatch import capture, load_model, num_layers
-    from autopatch.inspect import IDENTITY_PROMPT, decode_state
+    from autopatch.patchscope import IDENTITY_PROMPT, decode_state
 
     started = time.perf_counter()
     model, tok = load_model(args.model)
@@ -109,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure, fn) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsFormatter)
         configure(p)
         _add_threads_arg(p)
         p.set_defaults(run=fn)

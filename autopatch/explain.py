@@ -34,8 +34,8 @@ from transformers import PreTrainedTokenizerBase
 
 from autopatch.architectures import final_norm, num_layers, unembedding
 from autopatch.engine import PatchEdit, capture, patch
-from autopatch.inspect import IDENTITY_PROMPT, patched_prompt
 from autopatch.locate import SLOT, locate
+from autopatch.patchscope import IDENTITY_PROMPT, patched_prompt
 from autopatch.prompts import PromptFormat, target_prompt
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 

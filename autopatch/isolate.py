@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from autopatch.engine import capture
 from autopatch.errors import ConfigError
-from autopatch.prefix import prefix_layout
+from autopatch.prefix_cache import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.strategies import PatchJob
 from autopatch.tokens import token_at_char, token_char_ends

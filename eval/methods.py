@@ -63,7 +63,7 @@ class EvalContext:
     cot_budget: int = 48
     use_decomposition: bool = False
     gold_scores: bool = True
-    reuse_prefix: bool = True  # the prompts' shared prefix from autopatch.prefix's cache (same tokens, less compute)
+    reuse_prefix: bool = True  # the prompts' shared prefix from autopatch.prefix_cache's cache (same tokens, less compute)
     # record id -> vanilla's new tokens in this run: the patching methods answer the rows they leave alone with them
     # instead of generating them again (the same tokens: the same rows, prompts and budget in the same batch)
     vanilla_tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -119,7 +119,7 @@ def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int,
                       keep: list[list[int]] | None = None) -> tuple[list[str], list[int], float]:
     import torch
 
-    from autopatch.prefix import prefix_layout
+    from autopatch.prefix_cache import prefix_layout
 
     tok = ctx.tok
     started = time.perf_counter()
@@ -278,13 +278,13 @@ register = METHODS.add
 
 
 def _cot(ctx: EvalContext, record: QARecord) -> str:
-    from autopatch.prompts import cot_prompt
+    from eval.cot import cot_prompt
 
     return cot_prompt(ctx.fmt, record.question, ctx.tok)
 
 
 def _cot_fewshot(ctx: EvalContext, record: QARecord) -> str:
-    from autopatch.prompts import cot_fewshot_prompt
+    from eval.cot import cot_fewshot_prompt
 
     return cot_fewshot_prompt(ctx.fmt, record.question, ctx.tok)
 
@@ -301,7 +301,7 @@ def _cot_two_stage(ctx: EvalContext, records: Sequence[QARecord]) -> list[Method
     The stored continuation is the reasoning, the trigger and the stage-2 answer, so the CoT extraction rule
     reads the answer after the trigger; tokens and seconds are both stages together.
     """
-    from autopatch.prompts import KOJIMA_ANSWER_TRIGGER, kojima_answer_prompt, kojima_prompts
+    from eval.cot import KOJIMA_ANSWER_TRIGGER, kojima_answer_prompt, kojima_prompts
 
     stage1 = [kojima_prompts(ctx.fmt, r.question, ctx.tok) for r in records]
     reasoning, n1, s1 = _generate_prompts(ctx, stage1, ctx.cot_budget)

@@ -231,7 +231,7 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
 
 def _hop_rows(model, tok, base: PatchProfile, records: Sequence[QARecord], emit, max_new_tokens: int) -> None:
     """Hop 1 alone and hop 2 with the gold bridge, asked in the profile's format (the gap-subset diagnostics)."""
-    from autopatch.prefix import prefix_layout
+    from autopatch.prefix_cache import prefix_layout
     from eval.methods import hop_questions
 
     if not records:

@@ -20,7 +20,7 @@ measured at that size) and the first block's hook runs right after it.
 
 Hooks act only on the thread that opened the context (the engine's hooks do the
 same), and are removed in ``finally``. Nothing is cached half-way: the shared
-prefix cache (:mod:`autopatch.prefix`) stores an entry only after its forward
+prefix cache (:mod:`autopatch.prefix_cache`) stores an entry only after its forward
 pass has finished, and the engine's capture and patch hooks are removed in
 ``finally`` too.
 """

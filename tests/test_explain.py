@@ -10,8 +10,8 @@ import torch
 
 from autopatch.engine import PatchEdit, capture, patch
 from autopatch.explain import READINGS, explain
-from autopatch.inspect import IDENTITY_PROMPT, patched_prompt
 from autopatch.locate import UnlocatableQuestion
+from autopatch.patchscope import IDENTITY_PROMPT, patched_prompt
 from autopatch.prompts import PromptFormat
 from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 

@@ -7,7 +7,7 @@ import torch
 
 from autopatch.architectures import decoder_layers, final_norm, num_layers, unembedding
 from autopatch.engine import PatchEdit, capture, patch
-from autopatch.inspect import decode_state, describe_state
+from autopatch.patchscope import decode_state, describe_state
 
 pytestmark = pytest.mark.gemma
 torch.set_grad_enabled(False)

@@ -247,7 +247,7 @@ def test_feature_spec_and_labels_raise_config_errors() -> None:
 
 def test_identity_prompt_without_placeholder_is_a_patch_error() -> None:
     from autopatch.errors import PatchError
-    from autopatch.inspect import patched_prompt
+    from autopatch.patchscope import patched_prompt
     from tests.tiny_models import byte_tokenizer
 
     tok = byte_tokenizer()

@@ -12,7 +12,7 @@ from autopatch.errors import ConfigError
 from autopatch.gating import AlwaysPatch
 from autopatch.isolate import isolate_jobs, isolate_span_jobs, isolated_row, isolated_states, span_bounds
 from autopatch.patcher import AutoPatcher
-from autopatch.prefix import MIN_PREFIX_TOKENS, prefix_layout
+from autopatch.prefix_cache import MIN_PREFIX_TOKENS, prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat
 from autopatch.registry import STRATEGIES

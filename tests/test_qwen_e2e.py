@@ -74,7 +74,7 @@ def test_the_cached_prefix_gives_the_uncached_tokens_on_a_chat_model(qwen):
     """The chat format's system and demonstration turns are cached once; the answers do not change."""
     from autopatch.gating import AlwaysPatch
     from autopatch.patcher import AutoPatcher
-    from autopatch.prefix import prefix_layout
+    from autopatch.prefix_cache import prefix_layout
     from eval.twohop import generate_twohop
 
     model, tok = qwen

@@ -190,7 +190,8 @@ def test_resolution_serialises(tiny, providers):
 
 
 def test_chat_format_uses_real_demonstration_turns_and_asks_for_a_short_answer(tiny_chat):
-    from autopatch.prompts import CHAT_INSTRUCTION, cot_fewshot_prompt
+    from autopatch.prompts import CHAT_INSTRUCTION
+    from eval.cot import cot_fewshot_prompt
 
     _, tok = tiny_chat
     fmt = PromptFormat(kind="chat")

@@ -15,18 +15,17 @@ import torch
 from autopatch.gating import AlwaysPatch
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile
-from autopatch.prompts import (
+from autopatch.prompts import CHAT_INSTRUCTION, PromptFormat
+from autopatch.registry import CONTROLS, STRATEGIES
+from eval.cot import (
     CHAT_COT_INSTRUCTION,
-    CHAT_INSTRUCTION,
     COT_TRIGGER,
     KOJIMA_ANSWER_TRIGGER,
-    PromptFormat,
     cot_fewshot_prompt,
     cot_prompt,
     kojima_answer_prompt,
     kojima_prompts,
 )
-from autopatch.registry import CONTROLS, STRATEGIES
 from eval.methods import METHODS, build_context
 from eval.metrics import extract_answer, score_continuation
 from eval.report import summarise

@@ -2,7 +2,7 @@
 
 Example:
     >>> from autopatch.engine import capture
-    >>> from autopatch.inspect import decode_state, describe_state
+    >>> from autopatch.patchscope import decode_state, describe_state
     >>> enc = tok("The Colosseum is located in the country of", return_tensors="pt")
     >>> with capture(model, layers=[8], positions=[-1]) as cap:
     ...     model(**enc)

@@ -7,7 +7,7 @@ import torch
 
 from autopatch.gating import AlwaysPatch
 from autopatch.patcher import AutoPatcher
-from autopatch.prefix import MIN_PREFIX_TOKENS, _prefix_cache, clear_prefix_cache, prefix_layout, shared_prefix_len
+from autopatch.prefix_cache import MIN_PREFIX_TOKENS, _prefix_cache, clear_prefix_cache, prefix_layout, shared_prefix_len
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat
 from autopatch.strategies import Target, left_pad, run_targets

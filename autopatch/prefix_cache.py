@@ -1,7 +1,7 @@
 """Shared-prefix KV caching: the prompts of one format share their start, so compute it once.
 
 Example:
-    >>> from autopatch.prefix import prefix_layout
+    >>> from autopatch.prefix_cache import prefix_layout
     >>> lay = prefix_layout(model, rows, tok.pad_token_id)        # rows: unpadded 1-D id tensors
     >>> out = model.generate(input_ids=lay.input_ids, attention_mask=lay.attention_mask, **lay.generate_kwargs(model))
     >>> new_tokens = out[:, lay.width:]

@@ -20,7 +20,7 @@ from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS
 from autopatch.locate import Location
 from autopatch.merging import caller_views
-from autopatch.prefix_cache import PrefixLayout
+from autopatch.prefix_cache import PrefixLayout, position_ids
 from autopatch.strategies import PatchJob
 
 
@@ -53,8 +53,7 @@ class Prefill:
         position ids ``generate`` would use."""
         if self.layout is not None:
             return self.layout.forward(model, **kwargs)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), **kwargs)
 
     def generate(self, model, input_ids: torch.Tensor, **kwargs):
         """``model.generate`` for the prefill's batch, through the cached prefix when there is one.

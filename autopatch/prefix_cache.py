@@ -79,7 +79,7 @@ class PrefixLayout:
         """One forward pass over the suffixes (the prefix comes from the cache), with the positions ``generate``
         would give them; e.g. ``lay.forward(model, logits_to_keep=1).logits``."""
         device = next(model.parameters()).device
-        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, self.prefix_len :]
+        positions = position_ids(self.attention_mask)[:, self.prefix_len :]
         return model(input_ids=self.input_ids[:, self.prefix_len :].to(device),
                      attention_mask=self.attention_mask.to(device), position_ids=positions.to(device),
                      **self.generate_kwargs(model), **kwargs)
@@ -148,6 +148,11 @@ def clear_prefix_cache(model: torch.nn.Module | None = None) -> None:
             _store.clear()
         else:
             _store.pop(model, None)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position ids ``generate`` gives a left-padded batch: count the row's own tokens, padding at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,19 +160,18 @@ def gold_scores(ctx: EvalContext, prompts: Sequence[torch.Tensor], edits: Sequen
     import torch
 
     from autopatch.engine import PatchEdit, patch
-    from autopatch.strategies import left_pad
+    from autopatch.prefix_cache import left_pad, position_ids
 
     tok = ctx.tok
     gold_ids = [tok(" " + g.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0][:k] for g in golds]
     rows = [torch.cat([p.cpu(), g]) for p, g in zip(prompts, gold_ids)]
     ids, mask = left_pad(rows, tok.pad_token_id)
     flat = [PatchEdit(layer, i, pos, vec) for i, e in enumerate(edits) for layer, pos, vec in e]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     device = _device(ctx.model)
     keep = max(len(g) for g in gold_ids) + 1  # gold tokens sit at the end of each left-padded row
     with torch.no_grad(), patch(ctx.model, flat, attention_mask=mask):
         logits = ctx.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=position_ids.to(device), logits_to_keep=keep).logits.float()
+                           position_ids=position_ids(mask).to(device), logits_to_keep=keep).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     scores = []
     for i, g in enumerate(gold_ids):

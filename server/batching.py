@@ -34,6 +34,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from autopatch.patcher import AutoPatcher
+from autopatch.prefix_cache import left_pad
 from server.cancel import cancellable
 from server.jobs import Event, GenerationJob, GenerationResult, abandoned, timeout_error
 
@@ -101,15 +102,8 @@ class RowHalt(StoppingCriteria):
 
 
 def left_padded(jobs: Sequence[GenerationJob], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The jobs' prompts as one left-padded ``(input_ids, attention_mask)`` pair."""
-    width = max(len(job.prompt_ids) for job in jobs)
-    ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(jobs), width), dtype=torch.long)
-    for i, job in enumerate(jobs):
-        n = len(job.prompt_ids)
-        ids[i, width - n :] = torch.tensor(job.prompt_ids, dtype=torch.long)
-        mask[i, width - n :] = 1
-    return ids, mask
+    """The jobs' prompts as one left-padded ``(input_ids, attention_mask)`` pair (:func:`autopatch.prefix_cache.left_pad`)."""
+    return left_pad([torch.tensor(job.prompt_ids, dtype=torch.long) for job in jobs], pad)
 
 
 def answer_ids(new: list[int], pad: int, eos: set[int]) -> list[int]:
@@ -127,11 +121,15 @@ def result_of(job: GenerationJob, ids: list[int], tokenizer: PreTrainedTokenizer
     """The answer text (cut before the first stop string), its finish reason and token counts."""
     text = cast(str, tokenizer.decode(ids, skip_special_tokens=True))
     cut = min((i for i in (text.find(s) for s in job.stop if s) if i >= 0), default=-1)
-    if cut >= 0 or (ids and ids[-1] in eos):
-        finish = "stop"
-    else:
-        finish = "length" if len(ids) >= job.max_new_tokens else "stop"
+    finish = finish_reason(ids, stopped=cut >= 0, eos=eos, max_new_tokens=job.max_new_tokens)
     return GenerationResult(text[:cut] if cut >= 0 else text, finish, len(job.prompt_ids), len(ids), report)
+
+
+def finish_reason(ids: Sequence[int], *, stopped: bool, eos: set[int], max_new_tokens: int) -> str:
+    """OpenAI's ``finish_reason``: "stop" at a stop string or EOS, "length" when the token budget ran out."""
+    if stopped or (ids and ids[-1] in eos):
+        return "stop"
+    return "length" if len(ids) >= max_new_tokens else "stop"
 
 
 def run_batch(model, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[GenerationJob], *, control=None,

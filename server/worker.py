@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 
 from autopatch.errors import ConfigError
 from autopatch.patcher import AutoPatcher
-from server.batching import batchable, compatible, run_batch
+from server.batching import batchable, compatible, finish_reason, run_batch
 from server.cancel import Cancelled, cancellable
 from server.errors import ApiError, internal_error
 from server.jobs import Event, GenerationJob, GenerationResult, abandoned, expired, timeout_error
@@ -304,10 +304,7 @@ class GenerationWorker:
         if cut_short:
             return ("error", timeout_error())  # stopped by the deadline: the answer is cut short
         text = stream.finish()
-        if stream.stopped or (stream.ids and stream.ids[-1] in self._eos):
-            finish = "stop"
-        else:
-            finish = "length" if len(stream.ids) >= job.max_new_tokens else "stop"
+        finish = finish_reason(stream.ids, stopped=stream.stopped, eos=self._eos, max_new_tokens=job.max_new_tokens)
         report = result.reports[0].to_dict() if result.reports else {}
         return ("done", GenerationResult(text, finish, len(job.prompt_ids), len(stream.ids), report))
 

@@ -14,42 +14,11 @@ implement the same :class:`Gate` protocol.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import torch
-
-from autopatch.locate import Location
-from autopatch.profile import PatchProfile
-
-POSITION_KINDS: tuple[str, ...] = ("span_end", "subject_end", "last")
-
-
-@dataclass(frozen=True)
-class GateInput:
-    """What a gate may look at for one row, all from the single vanilla prefill."""
-
-    question: str | None
-    location: Location | None
-    states: dict[int, torch.Tensor]  # layer -> (3, hidden): rows follow POSITION_KINDS
-    first_token_logits: torch.Tensor  # (vocab,)
-
-    def state(self, layer: int, kind: str) -> torch.Tensor:
-        """The captured state at ``layer`` for position ``kind`` ("span_end", "subject_end" or "last")."""
-        return self.states[layer][POSITION_KINDS.index(kind)]
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    """Whether to patch one row, with the gate's score and a human-readable reason.
-
-    ``profile``: how to patch this row, for gates that choose among strategies (``None``: the patcher's profile).
-    """
-
-    patch: bool
-    score: float | None
-    reason: str
-    profile: PatchProfile | None = None
+from autopatch.datatypes import POSITION_KINDS as POSITION_KINDS  # re-exported: the types live in autopatch.datatypes
+from autopatch.datatypes import GateDecision as GateDecision
+from autopatch.datatypes import GateInput as GateInput
 
 
 @runtime_checkable

@@ -33,13 +33,16 @@ import copy
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal, cast, get_args
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from autopatch.architectures import num_layers
+from autopatch.datatypes import Answer as Answer  # re-exported: the types live in autopatch.datatypes
+from autopatch.datatypes import GenerateResult as GenerateResult
+from autopatch.datatypes import PatchReport as PatchReport
 from autopatch.engine import capture
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
@@ -73,33 +76,6 @@ Decomposer = Literal["grammar", "model", "both"]
 DECOMPOSERS: tuple[str, ...] = get_args(Decomposer)
 
 
-@dataclass
-class PatchReport:
-    """What autopatch did with one row, and why."""
-
-    question: str | None = None
-    location: dict | None = None
-    positions: dict[str, int] | None = None  # token indices in the caller's unpadded prompt
-    located: bool = False
-    patched: bool = False
-    gate_score: float | None = None
-    reason: str = ""
-    strategy: str | None = None
-    source_layer: int | None = None
-    target_layer: int | None = None
-    source_position: str | None = None
-    control: str | None = None
-    target_prompt: str | None = None
-    bridge: str | None = None
-    bridge_tokens: int = 0  # tokens generated to decode the bridge, on top of the answer's
-    proposal_tokens: int = 0  # tokens the model generated proposing a decomposition (decomposer "model"/"both")
-    vanilla_first_token: str | None = None
-    answer: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class _DecideAfterPrefill(LogitsProcessor):
     """Runs the gate once, on the first step's scores, before any token is chosen."""
 
@@ -123,27 +99,6 @@ class _StopPatchedRows(StoppingCriteria):
         decisions = self.decider.decisions or []
         flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
         return cast(torch.BoolTensor, torch.tensor(flags, dtype=torch.bool, device=input_ids.device))
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One question's answer from :meth:`AutoPatcher.answer`: the text and what autopatch did."""
-
-    question: str
-    text: str
-    report: PatchReport
-
-    def to_dict(self) -> dict:
-        return {"question": self.question, "text": self.text, "report": self.report.to_dict()}
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    """What one :meth:`AutoPatcher.generate_with_reports` call returns: ``generate``'s output and per-row details."""
-
-    output: Any  # exactly what model.generate would return (tensor or dict output)
-    reports: list[PatchReport]
-    targets: dict[int, Target]  # row -> the patched prompt and its edits (for audits)
 
 
 class AutoPatcher:

@@ -11,28 +11,17 @@ Built by :meth:`autopatch.patcher.AutoPatcher.prefill`, the one prefill path of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from autopatch.datatypes import PatchJob as PatchJob  # re-exported: the types live in autopatch.datatypes
+from autopatch.datatypes import RowPlan as RowPlan
 from autopatch.engine import CaptureResult
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS
-from autopatch.locate import Location
 from autopatch.merging import caller_views
 from autopatch.prefix_cache import PrefixLayout, position_ids
-from autopatch.strategies import PatchJob
-
-
-@dataclass
-class RowPlan:
-    """One row's question, its location and the token positions of the located parts."""
-
-    question: str | None
-    location: Location | None
-    positions: dict[str, int] = field(default_factory=dict)
-    why_not: str = ""
-    proposal_tokens: int = 0  # tokens the model generated to propose this row's decomposition (autopatch.decomposer)
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,12 @@ def resolve(model: Any, tokenizer: Any, *, profile: PatchProfile | str | os.Path
             _WARNED.add((id(model), note))
             logger.warning("autopatch: %s", note)
     return Resolution(chosen_profile, profile_source, chosen_gate, gate_source, tuple(notes))
+
+
+def model_profile(model: Any, tokenizer: Any) -> PatchProfile:
+    """The profile this model gets with no gate of its own to bring one: the shipped one, else the default.
+
+    ``model_profile(model, tok).source_layer``. What ``AutoPatcher(model, tok, gate=AlwaysPatch()).profile`` gives,
+    without building a patcher (or loading a gate) for it.
+    """
+    return resolve(model, tokenizer, gate=AlwaysPatch()).profile

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from autopatch import registry
+from autopatch.datatypes import PatchJob as PatchJob  # re-exported: the types live in autopatch.datatypes
+from autopatch.datatypes import Target as Target
 from autopatch.engine import PatchEdit, patch
 from autopatch.errors import ConfigError
 from autopatch.locate import SLOT, Location
@@ -37,33 +39,8 @@ from autopatch.prompts import target_prompt
 Control = str  # a name registered in autopatch.registry.CONTROLS
 
 
-@dataclass(frozen=True)
-class PatchJob:
-    """One row to correct: where its bridge state came from, and the state itself."""
-
-    row: int
-    location: Location
-    prompt_ids: torch.Tensor  # (seq,) the caller's unpadded prompt
-    source_index: int  # token index of the source position in prompt_ids
-    vector: torch.Tensor  # (hidden,) block output at the profile's source layer
-    placeholder: str | None = None  # words for the target prompt's slot instead of the profile's placeholder
-    more: tuple[tuple[int, torch.Tensor], ...] = ()  # further (index in prompt_ids, state) pairs patched beside it
-
-
 def _placeholder(profile: PatchProfile, job: PatchJob) -> str:
     return job.placeholder if job.placeholder is not None else profile.placeholder
-
-
-@dataclass
-class Target:
-    """Token ids to generate from, the patches for their prefill, and what to report."""
-
-    row: int
-    input_ids: torch.Tensor  # (seq,)
-    edits: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (layer, position, vector)
-    prompt_text: str = ""
-    bridge: str | None = None
-    bridge_tokens: int = 0  # tokens generated to decode the bridge (counted in the method's cost)
 
 
 def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str) -> torch.Tensor | None:

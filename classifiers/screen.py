@@ -240,11 +240,10 @@ def train_screen(model, tok, *, out: Path, layers: Sequence[int] | None = None, 
                  n_components: int = 64, batch_size: int = 16, examples: Sequence[Example] | None = None) -> PatchGate:
     """Fit the screen for ``model``, set its threshold on cross-validated calib scores, write ``out/screen.md``."""
     from autopatch.architectures import num_layers
-    from autopatch.gating import AlwaysPatch
-    from autopatch.patcher import AutoPatcher
+    from autopatch.resolve import model_profile
     from classifiers.features import FeatureSpec
 
-    base = AutoPatcher(model, tok, gate=AlwaysPatch()).profile
+    base = model_profile(model, tok)
     n = num_layers(model)
     spec = FeatureSpec(layers=tuple(layers) if layers else (n // 2, (2 * n) // 3), positions=("last",))
     examples = list(examples) if examples is not None else screen_examples((model, tok), base.prompt_format)

@@ -89,11 +89,10 @@ class Method:
 def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate | None = None, budget: int = 16,
                   cot_budget: int = 48, use_decomposition: bool = False, gold_scores: bool = True) -> EvalContext:
     """The run context: the model's shipped profile and the best shipped profile of each strategy."""
-    from autopatch.gating import AlwaysPatch
-    from autopatch.patcher import AutoPatcher
     from autopatch.profile import strategy_profile
+    from autopatch.resolve import model_profile
 
-    base = profile or AutoPatcher(model, tok, gate=AlwaysPatch()).profile
+    base = profile or model_profile(model, tok)
     per_strategy = {s: strategy_profile(model, s, base, use_shipped=profile is None)[0] for s in STRATEGIES}
     return EvalContext(model, tok, base, per_strategy, gate, budget, cot_budget, use_decomposition, gold_scores)
 

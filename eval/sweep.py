@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             model, tok = load_model(args.model)
             from autopatch.fingerprint import model_fingerprint
             from autopatch.profile import PROFILES_DIR, ship_name, shipped_profile_dir
+            from autopatch.resolve import model_profile
 
-            base = AutoPatcher(model, tok, gate=AlwaysPatch()).profile
+            base = model_profile(model, tok)
             fingerprint = model_fingerprint(model)
             targets = [Path(args.out) / "profiles"]
             if args.ship:

@@ -116,21 +116,16 @@ def _device(model) -> torch.device:
 
 def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int,
                       keep: list[list[int]] | None = None) -> tuple[list[str], list[int], float]:
-    import torch
-
-    from autopatch.prefix_cache import prefix_layout
+    from autopatch.strategies import Target, run_targets
 
     tok = ctx.tok
     started = time.perf_counter()
-    rows = [tok(p, return_tensors="pt").input_ids[0] for p in prompts]
-    lay = prefix_layout(ctx.model, rows, tok.pad_token_id, enabled=ctx.reuse_prefix)  # the format's shared start, once
-    device = _device(ctx.model)
-    with torch.no_grad():
-        out = ctx.model.generate(input_ids=lay.input_ids.to(device), attention_mask=lay.attention_mask.to(device),
-                                 **lay.generate_kwargs(ctx.model), max_new_tokens=budget, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+    targets = [Target(i, tok(p, return_tensors="pt").input_ids[0]) for i, p in enumerate(prompts)]
+    # the one layout-and-generate (autopatch.strategies.run_targets): the format's shared start from the prefix cache
+    out, width = run_targets(ctx.model, tok, targets, reuse_prefix=ctx.reuse_prefix, max_new_tokens=budget,
+                             do_sample=False)
     seconds = (time.perf_counter() - started) / len(prompts)
-    texts, counts = _decode_new(tok, out, lay.width, keep)
+    texts, counts = _decode_new(tok, out, width, keep)
     return texts, counts, seconds
 
 

@@ -231,20 +231,18 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
 
 def _hop_rows(model, tok, base: PatchProfile, records: Sequence[QARecord], emit, max_new_tokens: int) -> None:
     """Hop 1 alone and hop 2 with the gold bridge, asked in the profile's format (the gap-subset diagnostics)."""
-    from autopatch.prefix_cache import prefix_layout
+    from autopatch.strategies import Target, run_targets
     from eval.methods import hop_questions
 
     if not records:
         return
     hops = [hop_questions(r) for r in records]
     for name, question_at, golds_at in (("hop1", 0, 1), ("hop2", 2, 3)):
-        rows = [tok(base.prompt_format.render(cast(str, h[question_at]), tok), return_tensors="pt").input_ids[0]
-                for h in hops]
-        lay = prefix_layout(model, rows, tok.pad_token_id)
-        out = model.generate(input_ids=lay.input_ids, attention_mask=lay.attention_mask, **lay.generate_kwargs(model),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        targets = [Target(i, tok(base.prompt_format.render(cast(str, h[question_at]), tok), return_tensors="pt").input_ids[0])
+                   for i, h in enumerate(hops)]
+        out, width = run_targets(model, tok, targets, max_new_tokens=max_new_tokens, do_sample=False)
         for i, rec in enumerate(records):
-            emit(rec, name, tok.decode(out[i, lay.width:], skip_special_tokens=True), golds=hops[i][golds_at])
+            emit(rec, name, tok.decode(out[i, width:], skip_special_tokens=True), golds=hops[i][golds_at])
 
 
 def load_sweep(path: Path) -> dict[str, dict[str, dict]]:

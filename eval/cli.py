@@ -237,21 +237,23 @@ def _wait_for_ranks(out: Path, world: int, timeout_s: float = 24 * 3600) -> None
 
 
 def _spawn_workers(args: argparse.Namespace) -> int:
-    """Run ``--num-processes`` local workers on disjoint shards, then merge and report here."""
+    """``--num-processes N``: this same command under ``accelerate launch`` with N processes (the one mechanism:
+    each process reads its rank from the launcher's environment, :func:`eval.runner.shard_info`), then the
+    report here. Rank 0 of the launched run waits for the others and merges their files."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for marker in out.glob("done.rank*"):
         marker.unlink()
     per_worker = max(1, args.threads // args.num_processes)  # no oversubscription
     argv = [*_argv_from(args), "--threads", str(per_worker)]
-    procs = []
-    for rank in range(args.num_processes):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.num_processes), AUTOPATCH_WORKER="1")
-        env["OMP_NUM_THREADS"] = str(per_worker)
-        procs.append(subprocess.Popen([sys.executable, "-m", "autopatch", *argv], env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise EvalConfigError(f"Worker exit codes {codes}; re-run the same command to resume.")
+    env = dict(os.environ, OMP_NUM_THREADS=str(per_worker), AUTOPATCH_WORKER="1")
+    # torchrun's launcher (accelerate's "multi_gpu" mode) starts the processes; on a machine without GPUs they run on
+    # the CPU, and nothing here opens a process group: the shards are fixed by rank before anything runs.
+    code = subprocess.call([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                            str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no",
+                            "--dynamo_backend", "no", "-m", "autopatch", *argv], env=env)
+    if code:
+        raise EvalConfigError(f"The launched processes exited with {code}; re-run the same command to resume.")
     from eval.report import report_markdown, write_report
 
     _merge_sweeps(out)

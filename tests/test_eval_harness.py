@@ -247,3 +247,25 @@ def test_rescore_applies_the_current_rule_and_reseals(tiny_dir, dataset, referen
     first = (lines[0]["method"], lines[0]["id"])
     assert fresh[first]["answer"] != "stale" and fresh[first]["em"] in (0.0, 1.0)
     assert (out / "results.jsonl.bak").exists() and "python -m eval.rescore" in (out / "report.md").read_text()
+
+
+def test_accelerate_launch_with_two_processes_equals_one_process(tiny_dir, dataset, reference_run, tmp_path):
+    """`accelerate launch -m autopatch eval` shards the run by the launcher's ranks (two CPU processes here): one
+    run directory, no line twice, the single process's lines."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "launched"
+    argv = ["eval", "--dataset", str(dataset), "--split", "all", "--model", str(tiny_dir), "--out", str(out),
+            "--methods", METHODS, "--batch-size", "4", "--budget", "3", "--cot-budget", "4", "--quiet", "--threads", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "autopatch", *argv]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("results*.jsonl")) == ["results.rank0.jsonl", "results.rank1.jsonl"]
+    rows = read_results(out)
+    keys = [(r["method"], r["id"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert {k: r["continuation"] for k, r in _lines(out).items()} == \
+        {k: r["continuation"] for k, r in _lines(reference_run).items()}
+    assert json.loads((out / "summary.json").read_text())["n_questions"] == 6  # rank 0 merged and reported

@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from autopatch.architectures import final_norm, num_layers, unembedding
 from autopatch.engine import PatchEdit, capture, patch
-from autopatch.locate import SLOT, locate
+from autopatch.locate import locate
 from autopatch.patchscope import IDENTITY_PROMPT, patched_prompt
 from autopatch.prompts import PromptFormat, target_prompt
 from autopatch.tokens import last_token_of_char_span, token_char_ends
@@ -166,9 +166,7 @@ def explain(model, tok: PreTrainedTokenizerBase, question: str, *, fmt: PromptFo
     rows = [(layer, v) for vectors in (subject, span_end, last) for layer, v in zip(layers, vectors)]
     id_logits = _patched_last_logits(model, identity.input_ids[0], identity.position, rows)
     n = len(layers)
-    span_question = f"What is {question[location.span_start:location.subject_start]}{SLOT}" \
-                    f"{question[location.subject_end:location.span_end]}?"
-    span_target = target_prompt(fmt, tok, span_question, placeholder=placeholder)
+    span_target = target_prompt(fmt, tok, location.first_hop(), placeholder=placeholder)
     span_logits = _patched_last_logits(model, span_target.input_ids, span_target.placeholder_index,
                                        list(zip(layers, subject)))
     lens_logits = unembedding(model)(final_norm(model)(torch.stack(last)[:, None]))[:, 0]

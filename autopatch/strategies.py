@@ -28,7 +28,6 @@ from autopatch.datatypes import PatchJob as PatchJob  # re-exported: the types l
 from autopatch.datatypes import Target as Target
 from autopatch.engine import PatchEdit, patch
 from autopatch.errors import ConfigError
-from autopatch.locate import SLOT, Location
 from autopatch.merging import caller_views
 from autopatch.patchscope import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
 from autopatch.prefix_cache import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix_cache
@@ -81,12 +80,6 @@ def _bridge_from_answer(text: str) -> str:
     return text.split("\n", 1)[0].strip().strip("\"'.,")
 
 
-def _span_question(location: Location) -> str:
-    """The first-hop span asked as a question, with the slot where its subject was."""
-    q = location.question
-    return f"What is {q[location.span_start:location.subject_start]}{SLOT}{q[location.subject_end:location.span_end]}?"
-
-
 def _bridge_stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
     """EOS plus the single-token separators that end a decoded bridge (newline, ";"): no wasted decode steps."""
     stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -108,7 +101,7 @@ def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile,
             prompts.append((identity.input_ids[0], identity.position))
         return prompts
     for job in jobs:
-        t = target_prompt(profile.prompt_format, tok, _span_question(job.location), placeholder=_placeholder(profile, job))
+        t = target_prompt(profile.prompt_format, tok, job.location.first_hop(), placeholder=_placeholder(profile, job))
         prompts.append((t.input_ids, t.placeholder_index))
     return prompts
 

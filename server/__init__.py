@@ -13,8 +13,10 @@ few-shot fallback), ``planning`` (validation and tokenization, off the event
 loop), ``jobs`` (what the worker runs and returns), ``worker`` (the single
 generation thread), ``batching`` (micro-batches of compatible requests),
 ``cancel`` (deadlines checked inside the forward pass), ``app`` (routes and
-streaming), ``runner`` (uvicorn in a background thread, for tests, benchmarks
-and ``bench/soak.py``), ``cli`` (``autopatch serve``).
+streaming), ``upstream`` (``serve --upstream``: the text decomposition in
+front of any OpenAI-compatible server, no model here), ``runner`` (uvicorn in
+a background thread, for tests, benchmarks and ``bench/soak.py``), ``cli``
+(``autopatch serve``).
 See ``docs/server.md``.
 """
 

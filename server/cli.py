@@ -53,6 +53,12 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--profile", default=None, help="a patch profile JSON file (default: resolved for the model)")
     parser.add_argument("--gate", default=None, help="a gate directory (default: the gate shipped for the model)")
+    parser.add_argument("--upstream", default=None, metavar="URL",
+                        help="serve no model: decompose two-hop questions through this OpenAI-compatible server "
+                             "(vLLM, llama.cpp, another autopatch serve...) and pass everything else through")
+    parser.add_argument("--upstream-api-key-env", default="UPSTREAM_API_KEY", metavar="VAR",
+                        help="environment variable holding the upstream's API key (never logged or echoed)")
+    parser.add_argument("--upstream-model", default=None, help="the model name to send to the upstream")
 
 
 @subcommand("serve", "serve a model with autopatch over an OpenAI-compatible HTTP API", _configure_serve)
@@ -63,6 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.upstream:
+        return _serve_upstream(args)
     started = time.perf_counter()
     model, tok = load_model(args.model)
     name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
@@ -79,6 +87,23 @@ def run_serve(args: argparse.Namespace) -> int:
                 time.perf_counter() - started, served.base.profile.strategy, resolution.profile_source,
                 type(served.base.gate).__name__, resolution.gate_source, served.context_length,
                 "chat-template" if getattr(tok, "chat_template", None) else "fewshot-qa")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency)
+    return 0
+
+
+def _serve_upstream(args: argparse.Namespace) -> int:
+    """``--upstream``: the decomposition in front of another server (server.upstream); no model is loaded here."""
+    import uvicorn
+
+    from server.upstream import create_proxy_app
+
+    api_key = args.api_key or os.environ.get("AUTOPATCH_API_KEY") or None
+    warn_if_exposed(args.host, api_key)
+    app = create_proxy_app(args.upstream, api_key=api_key, upstream_api_key=os.environ.get(args.upstream_api_key_env),
+                           upstream_model=args.upstream_model, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes)
+    logger.info("decomposing through %s (hidden-state strategies are refused: the upstream exposes only text)",
+                app.state.upstream.url)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency)
     return 0

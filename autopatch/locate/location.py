@@ -75,6 +75,12 @@ class Location:
         """The second-hop question with the slot replaced by ``bridge``."""
         return self.second_hop.replace(SLOT, bridge, 1)
 
+    def first_hop(self, subject: str = SLOT) -> str:
+        """The first-hop span asked as a question, ``subject`` where its subject was: "What is the country where
+        ___ is located?" (the slot, for a patch) or, with ``loc.subject``, the question in words (``decompose``)."""
+        q = self.question
+        return f"What is {q[self.span_start:self.subject_start]}{subject}{q[self.subject_end:self.span_end]}?"
+
 
 def _check_question(question: Any) -> None:
     if not isinstance(question, str):

@@ -1,0 +1,277 @@
+"""Decomposition in front of any OpenAI-compatible server: ``autopatch serve --upstream URL``.
+
+Example:
+    >>> from server.upstream import UpstreamDecomposer, create_proxy_app
+    >>> client = UpstreamDecomposer("http://localhost:8001", api_key=os.environ.get("UPSTREAM_KEY"))
+    >>> client.answer([{"role": "user", "content": "What is the capital of the country where the Colosseum is?"}])
+    ('Rome', {'patched': True, 'strategy': 'decompose', 'bridge': 'Italy', ...})
+    >>> app = create_proxy_app("http://localhost:8001")     # the same, as a chat endpoint (FastAPI)
+    $ autopatch serve --upstream http://localhost:8001/v1 --port 8000
+
+Why it exists: people serve models with vLLM, SGLang, TGI or llama.cpp's server,
+and none of them runs Python forward hooks. The route that pays on every
+embedded model, ``decompose``, is plain text: locate the first hop, ask it,
+fill the bridge into the second hop, ask that. So it runs here, in front of any
+chat endpoint, with the very prompts the local ``decompose`` strategy uses (the
+short-answer instruction and demonstrations as chat turns: a chat model behind
+it sees what the local one sees). Requests the locator cannot read are passed
+through unchanged, streamed or not, and their answers come back untouched.
+
+What it cannot do: hidden-state strategies (refused with a 400 that says why),
+and the two-hop screen, which reads the model's own prefill; so every located
+question is decomposed. Failures of the upstream are the client's 502 (refused
+connection, 5xx, malformed JSON, a stream cut short) or 504 (no answer within
+``timeout_s``), in OpenAI's error shape; the upstream's API key is sent only
+upstream and never appears in a response or an error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from autopatch.locate import Location, UnlocatableQuestion, locate
+from autopatch.prompts import PromptFormat
+from server.errors import ApiError, invalid_request
+from server.schemas import ChatCompletionRequest  # at module level: FastAPI reads the route's annotation from here
+
+BRIDGE_TOKENS = 6  # the local decompose's bridge budget (PatchProfile.max_bridge_tokens)
+BRIDGE_STOPS = ["\n", ";"]
+
+
+class UpstreamError(ApiError):
+    """The upstream failed; ``status`` is 502 (bad answer) or 504 (no answer in time)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(status, message, type="upstream_error", code=code)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the proxy does with one request: pass it through, or decompose it at ``location``."""
+
+    question: str
+    location: Location | None
+    why_not: str = ""
+
+
+def plan(messages: Sequence[dict[str, Any]]) -> Plan:
+    """Locate the last user turn (the locator alone: no model is read here)."""
+    question = _text(messages[-1].get("content")) if messages and messages[-1].get("role") == "user" else ""
+    if not question.strip():
+        return Plan(question, None, "no final user turn")
+    try:
+        return Plan(question, locate(question.strip()))
+    except UnlocatableQuestion as err:
+        return Plan(question, None, f"unlocatable: {err.why}")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def bridge_from_answer(text: str) -> str:
+    return text.split("\n", 1)[0].strip().strip("\"'.,")
+
+
+class UpstreamDecomposer:
+    """The text decomposition through an OpenAI-compatible chat endpoint (see the module docstring).
+
+    ``base_url`` is the server's root or its ``/v1``; ``api_key`` goes only to the upstream.
+    """
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None,
+                 timeout_s: float = 60.0, fmt: PromptFormat | None = None, transport: httpx.BaseTransport | None = None):
+        root = base_url.rstrip("/")
+        self.url = (root if root.endswith("/v1") else root + "/v1") + "/chat/completions"
+        self.model = model
+        self.timeout_s = timeout_s
+        self.fmt = fmt or PromptFormat(kind="chat")
+        self._secret = api_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+                                 transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    # ---- one upstream call ----------------------------------------------------------------------
+
+    def _body(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "model": body.get("model") or self.model} if (body.get("model") or self.model) else dict(body)
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One non-streamed chat completion from the upstream, checked to be one."""
+        response = self._send(body)
+        try:
+            data = response.json()
+        except ValueError:
+            raise UpstreamError(502, "The upstream answered with malformed JSON.", "upstream_bad_response") from None
+        if response.status_code >= 400:
+            raise _relayed(response.status_code, data, self._secret)
+        try:
+            str(data["choices"][0]["message"]["content"] or "")
+        except (KeyError, IndexError, TypeError):
+            raise UpstreamError(502, "The upstream's answer is not a chat completion (no choices[0].message).",
+                                "upstream_bad_response") from None
+        return data
+
+    def _send(self, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return self.http.post(self.url, json=self._body(body))
+        except httpx.TimeoutException:
+            raise UpstreamError(504, f"The upstream did not answer within {self.timeout_s:g} s.", "upstream_timeout") from None
+        except httpx.HTTPError as err:
+            raise UpstreamError(502, f"Cannot reach the upstream ({type(err).__name__}).", "upstream_unreachable") from None
+
+    def stream(self, body: dict[str, Any]) -> Iterator[bytes]:
+        """The upstream's SSE stream, relayed line by line; a stream cut short ends with an error event."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            with self.http.stream("POST", self.url, json=self._body({**body, "stream": True})) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        raise _relayed(response.status_code, response.json(), self._secret)
+                    except ValueError:
+                        raise UpstreamError(502, "The upstream answered with malformed JSON.",
+                                            "upstream_bad_response") from None
+                finished = False
+                for line in response.iter_lines():
+                    if time.monotonic() > deadline:
+                        raise UpstreamError(504, f"The upstream's stream ran past {self.timeout_s:g} s.",
+                                            "upstream_timeout")
+                    if line.strip() == "data: [DONE]":
+                        finished = True
+                    yield (line + "\n").encode()
+                if not finished:
+                    raise UpstreamError(502, "The upstream's stream ended before [DONE].", "upstream_stream_cut")
+        except httpx.TimeoutException:
+            raise UpstreamError(504, f"The upstream did not answer within {self.timeout_s:g} s.", "upstream_timeout") from None
+        except httpx.HTTPError as err:
+            raise UpstreamError(502, f"The upstream's stream failed ({type(err).__name__}).", "upstream_stream_cut") from None
+
+    # ---- the decomposition ----------------------------------------------------------------------
+
+    def first_hop(self, location: Location, extra: dict[str, Any]) -> str:
+        """The bridge: the first hop asked in the short-answer format, its answer's first line."""
+        body = {**extra, "messages": self.fmt.chat_messages(location.first_hop(location.subject)), "max_tokens": BRIDGE_TOKENS,
+                "stop": BRIDGE_STOPS, "stream": False, "temperature": 0}
+        return bridge_from_answer(str(self.complete(body)["choices"][0]["message"]["content"] or ""))
+
+    def second_hop_body(self, body: dict[str, Any], location: Location, bridge: str) -> dict[str, Any]:
+        """The request to send for the answer: the second hop with the bridge in its slot, as the local
+        ``decompose`` asks it (the span itself when no bridge came back)."""
+        return {**body, "messages": self.fmt.chat_messages(location.fill(bridge or location.span))}
+
+    def answer(self, messages: Sequence[dict[str, Any]], *, max_tokens: int = 16) -> tuple[str, dict[str, Any]]:
+        """The answer text and a report, for a client using this object directly (greedy)."""
+        body = {"messages": list(messages), "max_tokens": max_tokens, "temperature": 0}
+        data, report = self.handle(body)
+        return str(data["choices"][0]["message"]["content"] or ""), report
+
+    def handle(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A non-streamed request: the upstream's completion (passed through, or of the decomposed question)."""
+        p = plan(body["messages"])
+        if p.location is None:
+            return self.complete(body), {"patched": False, "reason": p.why_not}
+        extra = {k: v for k, v in body.items() if k in ("model",)}
+        bridge = self.first_hop(p.location, extra)
+        data = self.complete(self.second_hop_body(body, p.location, bridge))
+        return data, {"patched": True, "strategy": "decompose", "bridge": bridge, "span": p.location.span,
+                      "reason": "located; decomposed through the upstream"}
+
+
+def _relayed(status: int, data: Any, secret: str | None) -> ApiError:
+    """An upstream 4xx is the client's error: its message, under the status the upstream gave; a 5xx is a 502.
+    The upstream's key is cut out of whatever message it sent."""
+    message = data.get("error", {}).get("message") if isinstance(data, dict) and isinstance(data.get("error"), dict) else None
+    if message is not None and secret:
+        message = str(message).replace(secret, "[upstream key]")
+    if status >= 500:
+        return UpstreamError(502, f"The upstream failed with HTTP {status}" + (f": {message}" if message else "."),
+                             "upstream_error")
+    return ApiError(status, str(message or f"The upstream refused the request (HTTP {status})."),
+                    type="invalid_request_error", code="upstream_refused")
+
+
+# ---- the app --------------------------------------------------------------------------------------
+
+
+def create_proxy_app(upstream_url: str, *, api_key: str | None = None, upstream_api_key: str | None = None,
+                     upstream_model: str | None = None, timeout_s: float = 60.0, max_body_bytes: int = 4 * 2**20,
+                     fmt: PromptFormat | None = None, transport: httpx.BaseTransport | None = None):
+    """A FastAPI chat endpoint that decomposes through ``upstream_url`` (see the module docstring).
+
+    ``fmt``: how the hops are asked (default: the chat format with the short-answer instruction and demonstrations,
+    as the embedded instruct models' ``decompose`` profiles ask them).
+    """
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from server.errors import install_error_handlers
+    from server.guards import RequestGuard
+
+    client = UpstreamDecomposer(upstream_url, api_key=upstream_api_key, model=upstream_model, timeout_s=timeout_s,
+                                fmt=fmt, transport=transport)
+    app = FastAPI(title="autopatch (decomposition in front of an OpenAI-compatible server)")
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.state.upstream = client
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatCompletionRequest):
+        options = request.autopatch
+        if options is not None and options.strategy not in (None, "decompose"):
+            raise invalid_request(f"Strategy {options.strategy!r} patches the model's hidden states, which a remote "
+                                  "upstream does not expose; in front of an upstream only 'decompose' (text) runs. "
+                                  "Serve the model locally (autopatch serve --model ...) for hidden-state strategies.",
+                                  param="autopatch.strategy")
+        body = request.model_dump(exclude_none=True, exclude={"autopatch"})
+        body["messages"] = [{"role": m["role"], "content": _text(m.get("content"))} for m in body["messages"]]
+        enabled = options is None or options.enabled is not False
+        p = plan(body["messages"]) if enabled else Plan("", None, "patching disabled by the request")
+        if not request.stream:
+            if p.location is None:
+                data = await run_in_threadpool(client.complete, body)
+                return JSONResponse(data)
+            data, report = await run_in_threadpool(client.handle, body)
+            return JSONResponse({**data, "autopatch": report})
+        if p.location is not None:  # the first hop is asked first; the answer is the upstream's own stream
+            bridge = await run_in_threadpool(client.first_hop, p.location, {k: v for k, v in body.items() if k == "model"})
+            body = client.second_hop_body(body, p.location, bridge)
+        lines = client.stream(body)
+        first = await run_in_threadpool(next, lines, None)  # a failure before the first byte is still a 502/504
+        return StreamingResponse(_relay(first, lines), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models():
+        name = upstream_model or "upstream"
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "autopatch-proxy"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "upstream": client.url.rsplit("/v1", 1)[0]}
+
+    return app
+
+
+def _relay(first: bytes | None, lines: Iterator[bytes]) -> Iterator[bytes]:
+    """The upstream's stream; once the headers are sent an upstream failure can only be an error event."""
+    try:
+        if first is not None:
+            yield first
+        yield from lines
+    except ApiError as err:
+        yield f"data: {json.dumps(err.body())}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+

@@ -112,3 +112,36 @@ def test_the_server_answers_a_chat_request_through_the_models_own_template(qwen)
     assert report["location"]["span"] == "the country where the Colosseum is located"
     content = resp["choices"][0]["message"]["content"]
     assert 0 < len(content.split()) <= 4, content  # a short answer, not a sentence
+
+
+def test_decomposition_through_an_upstream_server_equals_the_local_decompose(qwen):
+    """`autopatch serve --upstream` in front of a real server of the same model (patching off): the same answers
+    as the local decompose strategy, question by question."""
+    import httpx
+
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import strategy_profile
+    from autopatch.resolve import model_profile
+    from server import create_app
+    from server.runner import BackgroundServer
+    from server.upstream import create_proxy_app
+
+    model, tok = qwen
+    profile = strategy_profile(model, "decompose", model_profile(model, tok))[0]
+    local = AutoPatcher(model, tok, profile, gate=AlwaysPatch())
+    questions = ["What is the capital of the country where the Colosseum is located?",
+                 "Who founded the company that makes the iPhone?",
+                 "What language is spoken in the country whose capital is Lima?"]
+    expected = [a.text for a in local.answer(questions, max_new_tokens=8)]
+    upstream_app = create_app(model, tok, model_name=NAME, profile=profile, patching_default=False)
+    with BackgroundServer(upstream_app) as upstream, \
+            BackgroundServer(create_proxy_app(upstream.url, fmt=profile.prompt_format)) as proxy:
+        got = []
+        for q in questions:
+            response = httpx.post(proxy.url + "/v1/chat/completions", timeout=300,
+                                  json={"messages": [{"role": "user", "content": q}], "max_tokens": 8, "temperature": 0})
+            assert response.status_code == 200, response.text
+            assert response.json()["autopatch"]["patched"]
+            got.append(response.json()["choices"][0]["message"]["content"].strip())
+    assert got == expected

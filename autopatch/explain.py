@@ -25,6 +25,7 @@ the bridge's first token, which is what the heat map shows.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -115,8 +116,10 @@ class Explanation:
         what = f"P(bridge '{self.bridge}')" if use_bridge else "P(top token)"
         ax.set_title(f"{self.question[:70]}\ncell: top token; colour: {what}", fontsize=8)
         fig.colorbar(image)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with warnings.catch_warnings():  # tokens of other scripts may lack a glyph in the default font
+            warnings.simplefilter("ignore", UserWarning)
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
         plt.close(fig)
 
 

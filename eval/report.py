@@ -125,6 +125,8 @@ def summarise(out_dir: Path) -> dict:
     common = sorted(set.intersection(*(set(rows) for rows in by_method.values()))) if by_method else []
     gap = gap_subset(by_method)
     kinds = kinds_of(by_method, common)
+    auto = by_method.get("autopatch", {})
+    located = [i for i in common if ((auto.get(i) or {}).get("report") or {}).get("located")]  # where the gate decides
     summary: dict = {"n_questions": len(common), "gap_subset_size": None if gap is None else len(gap),
                      "kinds": {k: len(v) for k, v in kinds.items()}, "methods": {}}
     for name, rows in by_method.items():
@@ -134,6 +136,8 @@ def summarise(out_dir: Path) -> dict:
         entry = {"kind": kind, "description": method.description if method else "", "all": _stats(rows, paired, common)}
         if gap is not None and name not in ("hop1", "hop2"):
             entry["gap"] = _stats(rows, paired, [i for i in gap if i in rows])
+        if auto and kinds:  # a set of requests of several kinds: how the ones the locator reads fared
+            entry["located"] = _stats(rows, paired, [i for i in located if i in rows])
         for request_kind, ids in kinds.items():
             entry[f"kind:{request_kind}"] = _stats(rows, paired, [i for i in ids if i in rows])
         summary["methods"][name] = entry

@@ -157,7 +157,7 @@ def _versus(by_method: dict[str, dict[str, dict]], reference: str, ids: Sequence
         method = METHODS.get(name)
         if method is None or method.kind != "patch":
             continue
-        paired = [i for i in ids if i in rows and i in ref]
+        paired = [i for i in ids if i in rows and i in ref and rows[i].get("golds", True)]  # EM needs a gold
         if not paired:
             continue
         test = mcnemar([bool(ref[i]["em"]) for i in paired], [bool(rows[i]["em"]) for i in paired])
@@ -218,8 +218,10 @@ def _table(summary: dict, subset: str) -> list[str]:
         vs = stats.get("vs_vanilla")
         vs_text = f"{vs['fixed']}/{vs['broken']} (p={vs['p_value']:.3g})" if vs else "–"
         em_ci = stats.get("em_ci", [None, None])
+        graded = stats.get("n_gold", stats["n"])
+        n = f"{stats['n']} ({graded} with a gold)" if graded != stats["n"] else str(stats["n"])
         lines.append(
-            f"| {label} | {entry['kind']} | {stats['n']} | {_fmt(stats['em'])} [{_fmt(em_ci[0])}, {_fmt(em_ci[1])}] | "
+            f"| {label} | {entry['kind']} | {n} | {_fmt(stats['em'])} [{_fmt(em_ci[0])}, {_fmt(em_ci[1])}] | "
             f"{_fmt(stats['f1'])} | {_fmt(stats['contains'])} | {vs_text} | {_fmt(stats.get('gold_logprob'), 2)} | "
             f"{_fmt(stats.get('mean_tokens'), 1)} | {_fmt(stats.get('seconds_per_q'), 2)} | "
             f"{_fmt(_per(stats.get('em'), stats.get('mean_tokens'), 100), 2)} | "

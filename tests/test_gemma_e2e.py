@@ -111,11 +111,14 @@ def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(
     from classifiers import default_gate_for
     from classifiers.choice import ChoiceGate
 
+    from classifiers.screen import ScreenedGate
+
     model, tok = gemma
-    gate = default_gate_for(model)
-    assert isinstance(gate, ChoiceGate) and set(gate.members) == {"verbalize", "decompose"}
+    gate = default_gate_for(model)  # the choosing gate, behind the two-hop screen shipped beside it
+    assert isinstance(gate, ScreenedGate) and isinstance(gate.inner, ChoiceGate)
+    assert set(gate.inner.members) == {"verbalize", "decompose"} and gate.members is gate.inner.members
     patcher = AutoPatcher(model, tok)
-    assert patcher.gate is not None and isinstance(patcher.gate, ChoiceGate)
+    assert patcher.gate is not None and isinstance(patcher.gate, ScreenedGate)
     assert patcher.profile.strategy == "verbalize" and patcher.profile.note.startswith("sweep")
     assert (patcher.resolution.profile_source, patcher.resolution.gate_source) == ("shipped", "shipped")
     question = "What is the capital of the country where the Colosseum is located?"
@@ -123,6 +126,9 @@ def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(
     patcher.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     report = patcher.last_report[0]
     assert report.located and report.gate_score is not None and 0.0 <= report.gate_score <= 1.0
+    assert report.reason.startswith("screen: P(two-hop question)=") and ">=" in report.reason.split(";")[0]
+    (request,) = patcher.answer("Write a Python function that returns the n-th Fibonacci number.")
+    assert request.report.located and not request.report.patched and "< " in request.report.reason  # left alone
 
 
 @pytest.mark.gemma

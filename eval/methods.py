@@ -315,6 +315,9 @@ for _strategy, _spec in STRATEGIES.items():
     register(Method(_strategy, "patch" if _spec.uses_state else "baseline",
                     f"always patch with the best swept {_strategy} configuration" if _spec.uses_state else _spec.description,
                     _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))  # type: ignore[misc]  # mypy cannot infer a lambda with a default
+register(Method("autopatch-model", "patch", "autopatch (the shipped screen and gate) with the model's own decomposition "
+                "first (decomposer='model'); proposal tokens counted",
+                _patcher_method(lambda ctx: ctx.profile, gated=True, decomposer="model")))
 register(Method("decompose-model", "baseline", "decompose with the model's own decomposition (self-ask style, "
                 "autopatch.decomposer), the grammar where the model proposes none; proposal tokens counted",
                 _patcher_method(lambda ctx: ctx.strategy_profiles["decompose"], decomposer="model")))

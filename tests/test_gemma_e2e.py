@@ -110,7 +110,6 @@ def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(
     from autopatch.patcher import AutoPatcher
     from classifiers import default_gate_for
     from classifiers.choice import ChoiceGate
-
     from classifiers.screen import ScreenedGate
 
     model, tok = gemma

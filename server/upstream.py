@@ -30,18 +30,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import httpx
 
 from autopatch.locate import Location, UnlocatableQuestion, locate
+from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat
+from autopatch.strategies import _bridge_from_answer  # the local decompose's reading of the bridge
 from server.errors import ApiError, invalid_request
 from server.schemas import ChatCompletionRequest  # at module level: FastAPI reads the route's annotation from here
 
-BRIDGE_TOKENS = 6  # the local decompose's bridge budget (PatchProfile.max_bridge_tokens)
-BRIDGE_STOPS = ["\n", ";"]
+BRIDGE_TOKENS = next(f.default for f in fields(PatchProfile) if f.name == "max_bridge_tokens")  # the local budget
+BRIDGE_STOPS = ["\n", ";"]  # where the local decompose's bridge decoding stops (strategies._bridge_stop_ids)
 
 
 class UpstreamError(ApiError):
@@ -75,10 +77,6 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content if isinstance(content, str) else ""
-
-
-def bridge_from_answer(text: str) -> str:
-    return text.split("\n", 1)[0].strip().strip("\"'.,")
 
 
 class UpstreamDecomposer:
@@ -164,7 +162,7 @@ class UpstreamDecomposer:
         """The bridge: the first hop asked in the short-answer format, its answer's first line."""
         body = {**extra, "messages": self.fmt.chat_messages(location.first_hop(location.subject)), "max_tokens": BRIDGE_TOKENS,
                 "stop": BRIDGE_STOPS, "stream": False, "temperature": 0}
-        return bridge_from_answer(str(self.complete(body)["choices"][0]["message"]["content"] or ""))
+        return _bridge_from_answer(str(self.complete(body)["choices"][0]["message"]["content"] or ""))
 
     def second_hop_body(self, body: dict[str, Any], location: Location, bridge: str) -> dict[str, Any]:
         """The request to send for the answer: the second hop with the bridge in its slot, as the local

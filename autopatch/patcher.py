@@ -288,6 +288,9 @@ class AutoPatcher:
             return GenerateResult(out, reports, {})
 
         batch, width = input_ids.shape
+        if unpatched is not None and (len(unpatched) != batch or streamer is not None
+                                      or kwargs.get("return_dict_in_generate")):
+            raise PatchError("unpatched= needs one continuation per row, no streamer and tensor output.")
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = self._infer_mask(input_ids)
@@ -321,8 +324,6 @@ class AutoPatcher:
             else:  # the caller has the unpatched continuations: the prefill only, for the gate
                 logits = pre.forward(self.model, input_ids, attention_mask, logits_to_keep=1).logits[:, -1].float()
                 decider.decisions = decide(logits)
-                if len(unpatched) != batch or streamer is not None or kwargs.get("return_dict_in_generate"):
-                    raise PatchError("unpatched= needs one continuation per row, no streamer and tensor output.")
                 main = with_continuations(input_ids, unpatched, self.tokenizer.pad_token_id)
         plans = pre.plans
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]

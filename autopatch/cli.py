@@ -43,6 +43,14 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="an embedded model (gemma-3-270m, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct), "
                              "a local path or an HF id (default: gemma-3-270m)")
+    add_quantize_arg(parser)
+
+
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    """``--quantize MODE``: checked when the model loads, so a refusal names the modes that work on this machine."""
+    parser.add_argument("--quantize", default=None, metavar="MODE",
+                        help="int8 (int8 weights, float32 activations; CPU), int8-dynamic, or none (float32); "
+                             "see docs/quantization.md (default: float32)")
 
 
 def physical_cores() -> int:
@@ -95,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from autopatch.patchscope import IDENTITY_PROMPT, decode_state
 
     started = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, quantize=args.quantize)
     print(f"loaded {model.config.model_type} ({num_layers(model)} layers) in {time.perf_counter() - started:.1f}s")
     layers = [int(x) for x in args.layers.split(",")]
     texts = args.text or ["I visited Paris", "The Colosseum is located in the country of"]

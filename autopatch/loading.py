@@ -174,12 +174,24 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode; ``None`` loads the embedded Gemma 3 270M.
 
     ``device="auto"`` spreads the model with accelerate (``device_map="auto"``).
     ``dtype`` defaults to float32 on CPU and the checkpoint's dtype elsewhere.
+    ``quantize`` is a mode of :data:`autopatch.quantize.QUANT_MODES` (``"int8"``: int8 weights, float32
+    activations; ``None`` or ``"none"``: float32); CPU only. An unknown mode, or one this machine cannot run,
+    is refused before anything loads, naming the modes that work.
     """
+    from autopatch.quantize import check_mode, quantize_model
+
+    mode = check_mode(quantize)
+    if not mode.is_float and ((device is not None and str(device) != "cpu") or (dtype not in (None, "float32", torch.float32))):
+        from autopatch.errors import ConfigError
+
+        raise ConfigError(f"quantize={mode.name!r} runs on the CPU in float32 activations; drop device=/dtype= "
+                          f"(got device={device!r}, dtype={dtype!r}) or quantize.")
     source, local_only = resolve_model_source(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -201,4 +213,5 @@ def load_model(
         model = model.to(device)  # type: ignore[arg-type]  # transformers' functools.wraps on PreTrainedModel.to drops self
     model.eval()
     architecture_spec(model)  # fail now, with the paths tried, rather than at the first patch
+    quantize_model(model, mode)
     return model, prepare_tokenizer(tokenizer)

@@ -96,7 +96,7 @@ def run_train_gate(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"--labels-from: no sweep file at {', '.join(missing)}; run eval.sweep first or drop the option")
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, quantize=args.quantize)
     if strategies:
         base = PatchProfile.shipped_for(model) or PatchProfile.default_for(model)
         candidates = {name: strategy_profile(model, name, base)[0] for name in strategies}
@@ -142,7 +142,7 @@ def run_train_screen(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-fpr must be in [0, 1); got {args.max_fpr}")
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, quantize=args.quantize)
     screen = train_screen(model, tok, out=Path(args.out), layers=layers, max_fpr=args.max_fpr, n_components=args.components,
                           batch_size=args.batch_size)
     print(screen_markdown(screen.meta["summary"]))

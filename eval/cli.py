@@ -183,7 +183,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     torch.set_grad_enabled(False)
     explicit_methods = args.methods != ",".join(DEFAULT_METHODS)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, quantize=args.quantize)
     from autopatch.resolve import resolve
 
     resolution = resolve(model, tok, profile=args.profile, gate=args.gate)

@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--limit", type=int, default=160)
     parser.add_argument("--model", default=None)
+    add_quantize_arg(parser)
     parser.add_argument("--out", default="runs/sweep_train")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=6)
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_profile:
             from autopatch import load_model
 
-            model, tok = load_model(args.model)
+            model, tok = load_model(args.model, quantize=args.quantize)
             from autopatch.fingerprint import model_fingerprint
             from autopatch.profile import PROFILES_DIR, ship_name, shipped_profile_dir
             from autopatch.resolve import model_profile
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     from autopatch import load_model
 
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, quantize=args.quantize)
     records = stratified_sample(load_dataset_by_name(args.dataset, split=args.split, hops=2), args.limit)
     configs = chosen or GRIDS[args.grid](num_layers(model))
     print(f"sweep: {len(records)} questions x {len(configs)} configurations -> {args.out}/sweep.jsonl", flush=True)

@@ -184,7 +184,7 @@ def load_model(
     activations; ``None`` or ``"none"``: float32); CPU only. An unknown mode, or one this machine cannot run,
     is refused before anything loads, naming the modes that work.
     """
-    from autopatch.quantize import check_mode, quantize_model
+    from autopatch.quantize import check_mode, quantize_model, source_cache_key
 
     mode = check_mode(quantize)
     if not mode.is_float and ((device is not None and str(device) != "cpu") or (dtype not in (None, "float32", torch.float32))):
@@ -213,5 +213,5 @@ def load_model(
         model = model.to(device)  # type: ignore[arg-type]  # transformers' functools.wraps on PreTrainedModel.to drops self
     model.eval()
     architecture_spec(model)  # fail now, with the paths tried, rather than at the first patch
-    quantize_model(model, mode)
+    quantize_model(model, mode, cache_key=source_cache_key(source) if local_only else None)
     return model, prepare_tokenizer(tokenizer)

@@ -32,67 +32,120 @@ refused at once with the list of modes that work here.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from autopatch.errors import ConfigError
+from autopatch.kernels import packable
 
-__all__ = ["QUANT_MODES", "Int8Linear", "QuantMode", "available_modes", "check_mode", "quantize_model"]
+logger = logging.getLogger("autopatch")
+
+__all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt8Linear", "available_modes",
+           "check_mode", "model_quantization", "quantize_model", "source_cache_key"]
 
 
 class Int8Linear(nn.Module):
-    """``y = x W^T + b`` with ``W`` stored as int8 per output channel and ``x`` quantized per token.
+    """A Linear whose weight is int8 per output channel (scale = absmax / 127); subclasses choose the kernel.
 
     Example:
-        >>> q = Int8Linear.from_linear(nn.Linear(64, 32))
+        >>> q = WeightOnlyInt8Linear.from_linear(nn.Linear(64, 32))
         >>> q(torch.randn(2, 5, 64)).shape
         torch.Size([2, 5, 32])
 
-    The weight lives in buffers (``qweight`` int8 ``[out, in]``, ``wscale`` float32 ``[out]``), so the module
-    round-trips through ``state_dict`` and safetensors without pickling.
+    The weight lives in buffers (``qweight`` int8 in the kernel's layout, ``wscale`` float32 ``[out]``), so a
+    layer round-trips through ``state_dict`` and safetensors without pickling.
     """
+
+    qweight: torch.Tensor
+    wscale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("qweight", torch.zeros(self.stored_shape(in_features, out_features), dtype=torch.int8))
         self.register_buffer("wscale", torch.ones(out_features, dtype=torch.float32))
-        self.bias: nn.Parameter | None = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @staticmethod
+    def stored_shape(in_features: int, out_features: int) -> tuple[int, ...]:
+        return (out_features, in_features)
+
+    @staticmethod
+    def layout(qweight: torch.Tensor) -> torch.Tensor:
+        """int8 ``[out, in]`` -> the layout this kernel reads."""
+        return qweight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """Quantize ``linear``'s weight symmetrically per output channel (scale = absmax / 127)."""
-        weight = linear.weight.detach().float()
+        """Quantize ``linear``'s weight symmetrically per output channel."""
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        qweight, wscale = quantize_per_channel(weight)
-        q.qweight.copy_(qweight)
+        qweight, wscale = quantize_per_channel(linear.weight.detach().float())
+        q.qweight.copy_(cls.layout(qweight))
         q.wscale.copy_(wscale)
         if linear.bias is not None and q.bias is not None:
-            q.bias.data.copy_(linear.bias.detach().float())
+            q.bias.copy_(linear.bias.detach().float())
         return q
 
-    activations: str = "float"  # "float": weight-only (the C kernel); "int8": per-token int8 (torch._int_mm)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        if self.activations == "int8":
-            xq, xscale = quantize_per_token(rows)
-            out = _int8_matmul(xq, self.qweight).float().mul_(xscale).mul_(self.wscale)
-            if self.bias is not None:
-                out.add_(self.bias)
-        else:
-            out = weight_only_matmul(rows, self.qweight, self.wscale, self.bias)
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 ``[out, in]`` weight."""
+        return self.qweight
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight this layer multiplies by (for checks and for the logit lens on a weight)."""
-        return self.qweight.float() * self.wscale[:, None]
+        """The float weight this layer multiplies by."""
+        return self.int8_weight().float() * self.wscale[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class WeightOnlyInt8Linear(Int8Linear):
+    """int8 weights, float32 activations: :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels."""
+
+    @staticmethod
+    def stored_shape(in_features: int, out_features: int) -> tuple[int, ...]:
+        from autopatch.kernels import CHUNK, PANEL
+
+        return (-(-out_features // PANEL), in_features // CHUNK, PANEL, CHUNK)
+
+    @staticmethod
+    def layout(qweight: torch.Tensor) -> torch.Tensor:
+        from autopatch.kernels import pack
+
+        return pack(qweight)
+
+    def int8_weight(self) -> torch.Tensor:
+        from autopatch.kernels import unpack
+
+        return unpack(self.qweight, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from autopatch.kernels import w8_matmul
+
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        out = w8_matmul(rows, self.qweight, self.wscale, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class DynamicInt8Linear(Int8Linear):
+    """int8 weights and int8 activations, one scale per token: ``torch._int_mm`` (int32 accumulation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        xq, xscale = quantize_per_token(rows)
+        out = _int8_matmul(xq, self.qweight).float().mul_(xscale).mul_(self.wscale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,36 +166,28 @@ def _int8_matmul(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, qweight.t())
 
 
-def weight_only_matmul(rows: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
-    """float32 ``[m, k]`` by the int8 weight ``[n, k]``: the activations are never quantized."""
-    from autopatch.kernels import w8_matmul
-
-    return w8_matmul(rows, qweight, wscale, None if bias is None else bias.detach())
-
-
 @dataclass(frozen=True)
 class QuantMode:
     """One quantization mode: which Linear layers become int8, and how their activations are multiplied."""
 
     name: str
     description: str
-    activations: str = "float"  # "float": weight-only int8 (the C kernel); "int8": per-token int8 (torch._int_mm)
+    layer: type[Int8Linear] | None  # what each swapped Linear becomes; None: nothing is swapped
     quantize_head: bool = True  # the LM head too (on small models, most of the bytes a decode step reads)
 
     @property
     def is_float(self) -> bool:
-        return self.name == "none"
+        return self.layer is None
 
 
 QUANT_MODES: dict[str, QuantMode] = {
     m.name: m
     for m in (
-        QuantMode("none", "float32 weights and activations (the reference)"),
+        QuantMode("none", "float32 weights and activations (the reference)", None),
         QuantMode("int8", "int8 weights per output channel, float32 activations (autopatch's C kernel), "
-                          "in every decoder block and the LM head"),
+                          "in every decoder block and the LM head", WeightOnlyInt8Linear),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
-                                  "faster prefill, lower accuracy", activations="int8"),
+                                  "faster prefill, lower accuracy", DynamicInt8Linear),
     )
 }
 
@@ -171,7 +216,7 @@ def _kernel_error() -> str | None:
 def _why_not(mode: QuantMode) -> str | None:
     if mode.is_float:
         return None
-    return _int_mm_error() if mode.activations == "int8" else _kernel_error()
+    return _int_mm_error() if mode.layer is DynamicInt8Linear else _kernel_error()
 
 
 def available_modes() -> list[str]:
@@ -202,33 +247,124 @@ def quantizable_linears(model: nn.Module, mode: QuantMode) -> list[str]:
     block_ids = {id(m) for m in layers.modules()} if layers is not None else set()
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or (mode.layer is WeightOnlyInt8Linear and not packable(module.in_features)):
             continue
         if id(module) in block_ids or (mode.quantize_head and module is head):
             names.append(name)
     return names
 
 
-def quantize_model(model: nn.Module, mode: str | QuantMode) -> int:
-    """Swap ``model``'s Linear layers for :class:`Int8Linear` per ``mode``, in place; returns how many.
+def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | None = None) -> int:
+    """Swap ``model``'s Linear layers for int8 layers per ``mode``, in place; returns how many.
 
-    The input embeddings are never touched (a tied LM head is untied first, so the embeddings keep float32).
+    The input embeddings are never touched (a tied LM head is untied: the head becomes int8, the embeddings
+    keep float32). With ``cache_key`` (a string naming these exact weights, see :func:`source_cache_key`), the
+    int8 weights are read from, or written to, ``$AUTOPATCH_QUANTIZED_CACHE``, else ``cache_dir()/quantized/``,
+    as safetensors with a SHA-256
+    manifest: a later load skips the quantization, and a file that fails its checksum is rebuilt, never used.
     """
     spec = mode if isinstance(mode, QuantMode) else check_mode(mode)
-    if spec.is_float:
+    if spec.layer is None:
         return 0
     names = quantizable_linears(model, spec)
+    cached = _read_cache(cache_key, spec, names) if cache_key else None
+    swapped: dict[str, Int8Linear] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        quantized = Int8Linear.from_linear(getattr(parent, child))
-        quantized.activations = spec.activations
-        setattr(parent, child, quantized)
-    if names:
+        linear = getattr(parent, child)
+        if cached is not None:
+            layer = spec.layer(linear.in_features, linear.out_features, bias=linear.bias is not None)
+            layer.load_state_dict({k[len(name) + 1:]: v for k, v in cached.items() if k.startswith(name + ".")})
+        else:
+            layer = spec.layer.from_linear(linear)
+        setattr(parent, child, layer)
+        swapped[name] = layer
+    if cache_key and cached is None and swapped:
+        _write_cache(cache_key, spec, swapped)
+    if swapped:
         config = getattr(model, "config", None)
         if config is not None:
             config.autopatch_quantize = spec.name
-    return len(names)
+    return len(swapped)
+
+
+CACHE_FORMAT = 1  # bump when Int8Linear's buffers or the kernel's layout change
+
+
+def source_cache_key(source: str | Path) -> str | None:
+    """A key for the weights in the local directory ``source``: its path and each weight file's size and mtime.
+
+    ``None`` when ``source`` is not a local directory (nothing to key a cache on).
+    """
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:24]
+
+
+def _cache_paths(cache_key: str, spec: QuantMode) -> tuple[Path, Path]:
+    from autopatch.loading import cache_dir
+
+    root = Path(os.environ["AUTOPATCH_QUANTIZED_CACHE"]) if os.environ.get("AUTOPATCH_QUANTIZED_CACHE") else \
+        cache_dir() / "quantized"
+    folder = root / f"{cache_key}-{spec.name}-v{CACHE_FORMAT}"
+    return folder / "weights.safetensors", folder / "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_cache(cache_key: str, spec: QuantMode, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The cached int8 state, or ``None`` (absent, or refused: a damaged file is removed and rebuilt)."""
+    from safetensors.torch import load_file
+
+    weights, manifest = _cache_paths(cache_key, spec)
+    if not (weights.exists() and manifest.exists()):
+        return None
+    try:
+        meta = json.loads(manifest.read_text())
+        ok = (meta.get("format") == CACHE_FORMAT and meta.get("mode") == spec.name and meta.get("layers") == names
+              and meta.get("sha256") == _sha256(weights))
+        state = load_file(str(weights)) if ok else None
+    except (OSError, ValueError) as err:
+        logger.warning("autopatch: the quantized cache %s is unreadable (%s); quantizing again", weights.parent, err)
+        state = None
+    if state is None:
+        logger.warning("autopatch: the quantized cache %s failed its check; quantizing again", weights.parent)
+        shutil.rmtree(weights.parent, ignore_errors=True)
+    return state
+
+
+def _write_cache(cache_key: str, spec: QuantMode, swapped: dict[str, Int8Linear]) -> None:
+    """Write the int8 state atomically (a staging folder renamed into place); a failure only costs the cache."""
+    from safetensors.torch import save_file
+
+    weights, manifest = _cache_paths(cache_key, spec)
+    state = {f"{name}.{k}": v.contiguous() for name, layer in swapped.items() for k, v in layer.state_dict().items()}
+    try:
+        weights.parent.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{weights.parent.name}-", dir=weights.parent.parent))
+        try:
+            save_file(state, str(staging / weights.name))
+            (staging / manifest.name).write_text(json.dumps({
+                "format": CACHE_FORMAT, "mode": spec.name, "layers": list(swapped),
+                "sha256": _sha256(staging / weights.name)}, indent=1) + "\n")
+            os.rename(staging, weights.parent)
+        except OSError:
+            if not weights.exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as err:
+        logger.warning("autopatch: could not cache the quantized weights in %s (%s)", weights.parent, err)
 
 
 def model_quantization(model: nn.Module) -> str:

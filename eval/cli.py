@@ -83,8 +83,8 @@ def _methods(spec: str, with_hops: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-SETTINGS = ("dataset", "split", "hops", "limit", "model", "batch_size", "budget", "cot_budget", "use_decomposition",
-            "methods", "profile_file", "gate_file")
+SETTINGS = ("dataset", "split", "hops", "limit", "model", "quantize", "batch_size", "budget", "cot_budget",
+            "use_decomposition", "methods", "profile_file", "gate_file")
 
 
 def _resolved_split(dataset: str, split: str | None) -> str | None:
@@ -150,7 +150,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     split = _resolved_split(args.dataset, args.split)
     out = Path(args.out)
     settings = {"dataset": args.dataset, "split": split or "all", "hops": args.hops, "limit": args.limit,
-                "model": args.model, "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
+                "model": args.model, "quantize": args.quantize if args.quantize not in (None, "none") else None,
+                "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
                 "use_decomposition": args.use_decomposition, "methods": methods, "profile_file": args.profile,
                 "gate_file": args.gate}
     methods = check_run_dir(out, settings, add_methods=args.add_methods)  # before anything slow

@@ -35,6 +35,7 @@ from typing import cast
 import torch
 
 from autopatch.architectures import num_layers
+from autopatch.cli import add_quantize_arg
 from autopatch.errors import ConfigError
 from autopatch.gating import AlwaysPatch
 from autopatch.patcher import AutoPatcher

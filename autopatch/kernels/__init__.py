@@ -1,10 +1,13 @@
 """Native kernels autopatch builds on first use: :func:`w8_matmul` (weight-only int8 matmul).
 
 Example:
-    >>> from autopatch.kernels import w8_matmul, kernel_error
+    >>> from autopatch.kernels import kernel_error, pack, unpack, w8_matmul
     >>> kernel_error() is None          # a C compiler and AVX2+FMA (or AVX-512) are here
     True
-    >>> y = w8_matmul(x, qweight, wscale, bias)   # x float32 [m, k], qweight int8 [n, k] -> float32 [m, n]
+    >>> packed = pack(qweight)          # int8 [n, k] -> the kernel's panels [ceil(n/4), k/16, 4, 16]
+    >>> y = w8_matmul(x, packed, wscale, bias)    # x float32 [m, k] -> float32 [m, n]
+    >>> torch.equal(unpack(packed, n), qweight)
+    True
 
 Why a C file: the int8 kernels torch and torchao offer on the CPU either dequantize the whole weight per call
 (``aten._weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``: 4-12x slower than float32 here) or quantize
@@ -79,7 +82,35 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.autopatch_w8_matmul.restype = None
     lib.autopatch_w8_matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
+    lib.autopatch_w8_dequant.restype = None
+    lib.autopatch_w8_dequant.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     return lib, None
+
+
+CHUNK = 16  # columns per chunk of a panel row (CH in w8.c)
+PANEL = 4  # weight rows per panel
+
+
+def packable(in_features: int) -> bool:
+    """Whether a Linear with this many inputs fits the kernel's layout (a multiple of 16 columns)."""
+    return in_features % CHUNK == 0
+
+
+def pack(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 ``[n, k]`` -> ``[ceil(n/4), k/16, 4, 16]``: each panel of 4 rows as one contiguous stream."""
+    n, k = qweight.shape
+    if not packable(k):
+        raise ValueError(f"pack: {k} columns is not a multiple of {CHUNK}")
+    rows = -(-n // PANEL) * PANEL
+    padded = torch.zeros(rows, k, dtype=torch.int8)
+    padded[:n] = qweight
+    return padded.view(rows // PANEL, PANEL, k // CHUNK, CHUNK).transpose(1, 2).contiguous()
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack`: the int8 ``[n, k]`` weight."""
+    panels, chunks, _, _ = packed.shape
+    return packed.transpose(1, 2).reshape(panels * PANEL, chunks * CHUNK)[:n].contiguous()
 
 
 def kernel_error() -> str | None:
@@ -87,11 +118,11 @@ def kernel_error() -> str | None:
     lib, why = _build()
     if lib is None:
         return why
-    x = torch.tensor([[1.0, -2.0, 0.5] * 6], dtype=torch.float32)
-    w = torch.arange(-45, 45, dtype=torch.int8).reshape(5, 18)
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.25] * 8] * 5, dtype=torch.float32)
+    w = (torch.arange(5 * 32) % 255 - 127).to(torch.int8).reshape(5, 32)
     scale = torch.full((5,), 0.5)
     want = (x @ w.float().t()) * scale
-    got = w8_matmul(x, w, scale, None)
+    got = w8_matmul(x, pack(w), scale, None)
     if not torch.allclose(got, want, atol=1e-4):
         return f"the built int8 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
     return None
@@ -100,25 +131,50 @@ def kernel_error() -> str | None:
 _THREADS = [0]
 
 
-def w8_matmul(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ (qweight * wscale[:, None]).T + bias``: float32 ``[m, k]`` by int8 ``[n, k]``, on the CPU."""
+def w8_matmul(x: torch.Tensor, packed: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (W * wscale[:, None]).T + bias`` for float32 ``x [m, k]`` and ``packed = pack(W)``, on the CPU."""
     lib, why = _build()
     if lib is None:
         raise RuntimeError(why)
     m, k = x.shape
-    n = qweight.shape[0]
-    if (x.dtype, qweight.dtype, wscale.dtype) != (torch.float32, torch.int8, torch.float32) or qweight.shape[1] != k \
-            or wscale.shape != (n,) or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,))):
-        raise ValueError(f"w8_matmul: expected float32 [m, k], int8 [n, k], float32 [n] (and bias [n]); got "
-                         f"{x.dtype} {tuple(x.shape)}, {qweight.dtype} {tuple(qweight.shape)}, {tuple(wscale.shape)}")
-    tensors = [t for t in (x, qweight, wscale, bias) if t is not None]
+    n = wscale.shape[0]
+    if (x.dtype, packed.dtype, wscale.dtype) != (torch.float32, torch.int8, torch.float32) or wscale.dim() != 1 \
+            or tuple(packed.shape) != (-(-n // PANEL), k // CHUNK, PANEL, CHUNK) or not packable(k) \
+            or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,))):
+        raise ValueError(f"w8_matmul: expected float32 [m, k] with k a multiple of {CHUNK}, pack(W) for an int8 [n, k] W, "
+                         f"float32 [n] scales (and bias [n]); got {x.dtype} {tuple(x.shape)}, {packed.dtype} "
+                         f"{tuple(packed.shape)}, {wscale.dtype} {tuple(wscale.shape)}")
+    tensors = [t for t in (x, packed, wscale, bias) if t is not None]
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError("w8_matmul needs contiguous CPU tensors")
     threads = torch.get_num_threads()
     if _THREADS[0] != threads:
         lib.autopatch_set_threads(threads)
         _THREADS[0] = threads
+    if m > GEMM_ROWS:
+        return _dequantized_gemm(lib, x, packed, wscale, bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
-    lib.autopatch_w8_matmul(m, n, k, x.data_ptr(), qweight.data_ptr(), wscale.data_ptr(),
+    lib.autopatch_w8_matmul(m, n, k, x.data_ptr(), packed.data_ptr(), wscale.data_ptr(),
                             None if bias is None else bias.data_ptr(), y.data_ptr())
+    return y
+
+
+GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply
+GEMM_SLICE = 1024  # weight rows dequantized at a time: a bounded float32 buffer (4 KiB per input column)
+
+
+def _dequantized_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, wscale: torch.Tensor,
+                      bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``x @ W.T`` for many rows: the matmul is compute-bound there, so the float GEMM's blocking wins, and
+    reading the int8 weight once per slice costs little beside it."""
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    buffer = torch.empty(min(n + (-n) % PANEL, GEMM_SLICE), k, dtype=torch.float32)
+    for n0 in range(0, n, GEMM_SLICE):
+        rows = min(GEMM_SLICE, n + (-n) % PANEL - n0)
+        lib.autopatch_w8_dequant(n, k, packed.data_ptr(), wscale.data_ptr(), n0, rows, buffer.data_ptr())
+        width = min(rows, n - n0)
+        torch.matmul(x, buffer[:width].t(), out=y[:, n0 : n0 + width])
+    if bias is not None:
+        y.add_(bias)
     return y

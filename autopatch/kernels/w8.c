@@ -1,15 +1,23 @@
 /* Weight-only int8 matmul for autopatch's "int8" mode: y = x W^T * scale (+ bias), x float32, W int8.
  *
  * The activations stay float32 (quantizing them cost accuracy, see docs/quantization.md); only the weights,
- * which a decode step streams from memory, are int8. A register block of 4 rows of x by 4 rows of W converts
- * each loaded weight vector once and uses it for 4 rows of x. Each y[m, n] is one dot product summed in a
- * fixed order whatever M is, so a row's output does not depend on the other rows of its batch.
- * Built once per machine by autopatch.quantize with the host's vector width (-march=native).
+ * which a decode step streams from memory, are int8. W comes packed in panels (autopatch.kernels.pack):
+ * panel p holds rows 4p..4p+3, as chunks of 16 columns [K/16][4][16], so a thread reads its panels as one
+ * sequential stream (the hardware prefetcher follows it) and each loaded weight vector, converted to float
+ * once, serves up to 4 rows of x. Each y[m, n] is one dot product summed in a fixed order, so below
+ * autopatch.kernels.GEMM_ROWS rows a row's output does not depend on the other rows of its batch; above it
+ * (a prefill), autopatch_w8_dequant feeds torch's float GEMM instead.
+ * Built once per machine by autopatch.kernels with the host's vector width (-march=native).
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <omp.h>
 #include <immintrin.h>
+
+#define CH 16 /* columns per chunk of a panel row; K is a multiple of CH */
+#ifndef PREFETCH
+#define PREFETCH 2048 /* bytes ahead in the panel stream: DRAM latency outlasts the hardware prefetcher's lead */
+#endif
 
 void autopatch_set_threads(int n) { omp_set_num_threads(n); }
 
@@ -36,62 +44,66 @@ static inline float vsum(vf v) {
 #error "autopatch's int8 kernel needs AVX2 with FMA, or AVX-512"
 #endif
 
-/* out[r][c] = sum_k x[r, k] * w[c, k] for r < MB, c < 4 (the full-width main case). */
+/* out[r][c] = sum_k x[r, k] * panel[c, k] for r < MB, c < 4. */
 #define BLOCK(MB)                                                                                   \
-    static inline void block##MB(int K, const float *x, const int8_t *w, float out[4][4]) {         \
+    static inline void block##MB(int K, const float *x, const int8_t *panel, float out[4][4]) {     \
         vf acc[MB][4];                                                                              \
         for (int r = 0; r < MB; r++) for (int c = 0; c < 4; c++) acc[r][c] = vzero();               \
-        const int Kv = K - K % VW;                                                                  \
-        for (int k = 0; k < Kv; k += VW) {                                                          \
-            vf w0 = vload_w(w + k), w1 = vload_w(w + K + k), w2 = vload_w(w + 2 * (size_t)K + k),  \
-               w3 = vload_w(w + 3 * (size_t)K + k);                                                 \
-            _Pragma("GCC unroll 4") for (int r = 0; r < MB; r++) {                                  \
-                vf xv = vload_x(x + (size_t)r * K + k);                                             \
-                acc[r][0] = vfma(xv, w0, acc[r][0]); acc[r][1] = vfma(xv, w1, acc[r][1]);          \
-                acc[r][2] = vfma(xv, w2, acc[r][2]); acc[r][3] = vfma(xv, w3, acc[r][3]);          \
+        for (int k = 0; k < K; k += CH, panel += 4 * CH) {                                          \
+            _mm_prefetch((const char *)panel + PREFETCH, _MM_HINT_T0);                              \
+            _Pragma("GCC unroll 2") for (int h = 0; h < CH; h += VW) {                              \
+                vf w0 = vload_w(panel + h), w1 = vload_w(panel + CH + h),                           \
+                   w2 = vload_w(panel + 2 * CH + h), w3 = vload_w(panel + 3 * CH + h);              \
+                _Pragma("GCC unroll 4") for (int r = 0; r < MB; r++) {                              \
+                    vf xv = vload_x(x + (size_t)r * K + k + h);                                     \
+                    acc[r][0] = vfma(xv, w0, acc[r][0]); acc[r][1] = vfma(xv, w1, acc[r][1]);      \
+                    acc[r][2] = vfma(xv, w2, acc[r][2]); acc[r][3] = vfma(xv, w3, acc[r][3]);      \
+                }                                                                                   \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < MB; r++)                                                                \
-            for (int c = 0; c < 4; c++) {                                                           \
-                float s = vsum(acc[r][c]);                                                          \
-                for (int k = Kv; k < K; k++) s += x[(size_t)r * K + k] * (float)w[(size_t)c * K + k]; \
-                out[r][c] = s;                                                                      \
-            }                                                                                       \
+        for (int r = 0; r < MB; r++) for (int c = 0; c < 4; c++) out[r][c] = vsum(acc[r][c]);      \
     }
 BLOCK(1)
 BLOCK(2)
 BLOCK(3)
 BLOCK(4)
 
-static float dot(int K, const float *x, const int8_t *w) {
-    float s = 0.f;
-    for (int k = 0; k < K; k++) s += x[k] * (float)w[k];
-    return s;
-}
-
-void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *w, const float *scale,
+/* x [M, K] float32, packed [ceil(N/4), K/CH, 4, CH] int8, scale [N], bias [N] or NULL, y [M, N]. */
+void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *packed, const float *scale,
                          const float *bias, float *y) {
-    const int nfull = N / 4;
+    const int panels = (N + 3) / 4;
     #pragma omp parallel for schedule(static)
-    for (int nbk = 0; nbk < nfull; nbk++) {
-        const int n0 = nbk * 4;
-        const int8_t *wb = w + (size_t)n0 * K;
+    for (int p = 0; p < panels; p++) {
+        const int n0 = p * 4, nb = N - n0 < 4 ? N - n0 : 4;
+        const int8_t *panel = packed + (size_t)p * 4 * K;
         for (int m0 = 0; m0 < M; m0 += 4) {
             const int mb = M - m0 < 4 ? M - m0 : 4;
             const float *xb = x + (size_t)m0 * K;
             float out[4][4];
             switch (mb) {
-                case 4: block4(K, xb, wb, out); break;
-                case 3: block3(K, xb, wb, out); break;
-                case 2: block2(K, xb, wb, out); break;
-                default: block1(K, xb, wb, out); break;
+                case 4: block4(K, xb, panel, out); break;
+                case 3: block3(K, xb, panel, out); break;
+                case 2: block2(K, xb, panel, out); break;
+                default: block1(K, xb, panel, out); break;
             }
             for (int r = 0; r < mb; r++)
-                for (int c = 0; c < 4; c++)
+                for (int c = 0; c < nb; c++)
                     y[(size_t)(m0 + r) * N + n0 + c] = out[r][c] * scale[n0 + c] + (bias ? bias[n0 + c] : 0.f);
         }
     }
-    for (int n = nfull * 4; n < N; n++) /* the last N % 4 outputs */
-        for (int m = 0; m < M; m++)
-            y[(size_t)m * N + n] = dot(K, x + (size_t)m * K, w + (size_t)n * K) * scale[n] + (bias ? bias[n] : 0.f);
+}
+
+/* out[r, k] = W[n0 + r, k] * scale[n0 + r] for r < rows: float32 rows of the weight, for a float GEMM when M
+ * is large enough that the matmul, not the weight's bytes, is the cost (prefill). n0 is a multiple of 4. */
+void autopatch_w8_dequant(int N, int K, const int8_t *packed, const float *scale, int n0, int rows, float *out) {
+    #pragma omp parallel for schedule(static)
+    for (int p = n0 / 4; p < (n0 + rows) / 4; p++) {
+        const int8_t *panel = packed + (size_t)p * 4 * K;
+        float s[4];
+        for (int c = 0; c < 4; c++) s[c] = p * 4 + c < N ? scale[p * 4 + c] : 0.f;
+        float *dst = out + (size_t)(p * 4 - n0) * K;
+        for (int k = 0; k < K; k += CH, panel += 4 * CH)
+            for (int c = 0; c < 4; c++)
+                for (int j = 0; j < CH; j++) dst[(size_t)c * K + k + j] = (float)panel[c * CH + j] * s[c];
+    }
 }

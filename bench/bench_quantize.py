@@ -1,0 +1,131 @@
+"""Quantization modes side by side, in one run: load time, peak memory, prefill and decode speed, as ratios.
+
+Example:
+    $ python bench/bench_quantize.py --model qwen2.5-coder-1.5b-instruct            # none vs int8 vs int8-dynamic
+    $ python bench/bench_quantize.py --model gemma-3-270m --modes none,int8 --repeats 3
+
+Each mode runs in a fresh child process (so peak RSS and load time are that mode's own), twice: the first load
+with an empty quantized-weights cache, then a later load that reads it. Then, at batch size 1 on the
+bench's two-hop questions in the profile's prompt format, greedy with EOS disabled:
+
+* ``prefill s``: ``model.generate`` of one token (the prompt's forward pass plus one LM-head step);
+* ``decode tok/s``: the extra tokens of a ``--new-tokens`` generation over that one-token generation;
+* ``bs=8 s``: ``AutoPatcher.answer`` (the shipped profile, screen and gate) on all 8 questions at once.
+
+Each timing is the median of ``--repeats``; ratios are against ``none`` in the same run, on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+
+def _child(model_name: str | None, mode: str, new_tokens: int, repeats: int, timed: bool) -> dict:
+    """One mode in this process: load (timed), and unless ``timed`` is False, the speed figures."""
+    import resource
+
+    import torch
+
+    torch.set_grad_enabled(False)
+    import autopatch
+    from bench.questions import QUESTIONS
+
+    started = time.perf_counter()
+    model, tok = autopatch.load_model(model_name, quantize=mode)
+    result: dict = {"load_s": time.perf_counter() - started}
+    if timed:
+        patcher = autopatch.AutoPatcher(model, tok)
+        fmt = patcher.profile.prompt_format
+        singles = [tok([fmt.render(q, tok)], return_tensors="pt") for q in QUESTIONS]
+        gen = dict(do_sample=False, pad_token_id=tok.pad_token_id)
+
+        def run(n: int) -> float:
+            t = time.perf_counter()
+            for enc in singles:
+                model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **gen)
+            return (time.perf_counter() - t) / len(singles)
+
+        run(2)  # warm-up
+        prefill = statistics.median(run(1) for _ in range(repeats))
+        full = statistics.median(run(new_tokens) for _ in range(repeats))
+        batched = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            patcher.answer(QUESTIONS, max_new_tokens=16)
+            batched.append(time.perf_counter() - t)
+        result.update(prefill_s=prefill, decode_tps=(new_tokens - 1) / (full - prefill),
+                      answer8_s=statistics.median(batched))
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return result
+
+
+def _spawn(args: argparse.Namespace, mode: str, timed: bool, cache: str) -> dict:
+    env = dict(os.environ, AUTOPATCH_QUANTIZED_CACHE=cache)  # an empty quantized cache for this run only
+    code = ("import json,sys; sys.path.insert(0, %r); from bench.bench_quantize import _child; "
+            "print('RESULT ' + json.dumps(_child(%r, %r, %d, %d, %r)))"
+            % (str(Path(__file__).resolve().parent.parent), args.model, mode, args.new_tokens, args.repeats, timed))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"mode {mode} failed:\n{out.stderr[-2000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--modes", default="none,int8,int8-dynamic")
+    parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    import torch
+
+    modes = [m for m in args.modes.split(",") if m]
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="autopatch-quantized-") as cache:
+        for mode in modes:
+            first = _spawn(args, mode, timed=False, cache=cache)
+            later = _spawn(args, mode, timed=True, cache=cache)
+            rows[mode] = {**later, "first_load_s": first["load_s"], "peak_rss_gb": max(first["peak_rss_gb"],
+                                                                                       later["peak_rss_gb"])}
+    base = rows.get("none")
+    print(f"model: {args.model or 'gemma-3-270m'}, threads: {torch.get_num_threads()}, new tokens: {args.new_tokens}, "
+          f"repeats: {args.repeats}, CPU: {_cpu()}\n")
+    print("| mode | first load s | later load s | peak RSS GB | prefill s (bs=1) | decode tok/s (bs=1) | "
+          "answer() 8 questions s |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, r in rows.items():
+        def ratio(key: str, higher_is_better: bool = False, r: dict = r) -> str:
+            if base is None or mode == "none":
+                return ""
+            x = r[key] / base[key] if higher_is_better else base[key] / r[key]
+            return f" ({x:.2f}x)"
+        print(f"| {mode} | {r['first_load_s']:.1f} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+              f"{r['prefill_s']:.3f}{ratio('prefill_s')} | {r['decode_tps']:.2f}{ratio('decode_tps', True)} | "
+              f"{r['answer8_s']:.2f}{ratio('answer8_s')} |")
+    print("\n(x) = speed relative to none: above 1 is faster.")
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return f"{os.cpu_count()} cores, {isa}" + (" with VNNI" if "vnni" in flags else "")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

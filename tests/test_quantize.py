@@ -1,0 +1,250 @@
+"""Quantized inference (autopatch.quantize, autopatch.kernels): the kernel's arithmetic, the modes' refusals,
+and every strategy and hook on quantized tiny models.
+
+Tolerances, stated once: the int8 kernel and a float matmul by the same dequantized weight agree to 1e-4
+(float32 summation order only); a quantized model's patched outputs equal those of the float model that carries
+the same dequantized weights (greedy tokens identical, logits within 1e-3); against the original float weights,
+int8 rounding moves logits by at most a few hundredths on these random models, and that is not asserted as equal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autopatch.errors import ConfigError
+from autopatch.kernels import kernel_error, pack, unpack, w8_matmul
+from autopatch.quantize import (
+    QUANT_MODES,
+    DynamicInt8Linear,
+    Int8Linear,
+    WeightOnlyInt8Linear,
+    available_modes,
+    check_mode,
+    model_quantization,
+    quantize_model,
+)
+from tests.tiny_models import TINY_ARCHITECTURES, byte_tokenizer, tiny_model, tiny_model_for_bytes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_the_kernel_builds_here():
+    assert kernel_error() is None  # CI's machine has gcc and AVX2; a failure here names what is missing
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4, 16), (3, 5, 32), (9, 37, 64), (4, 8, 48), (70, 1030, 32)])  # 70 rows: the GEMM path
+def test_kernel_equals_a_float_matmul_by_the_dequantized_weight(m, n, k):
+    g = torch.Generator().manual_seed(m * 100 + n)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) / 50
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    want = x @ (q.float() * scale[:, None]).t() + bias
+    assert torch.allclose(w8_matmul(x, pack(q), scale, bias), want, atol=1e-4)
+
+
+def test_a_rows_output_does_not_depend_on_its_batch():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (12, 64), generator=g, dtype=torch.int8)
+    scale = torch.rand(12, generator=g)
+    x = torch.randn(7, 64, generator=g)
+    batched = w8_matmul(x, pack(q), scale, None)
+    for i in range(7):
+        assert torch.equal(w8_matmul(x[i : i + 1].contiguous(), pack(q), scale, None)[0], batched[i])
+
+
+def test_pack_round_trips_and_pads_to_whole_panels():
+    q = torch.arange(5 * 32).remainder(255).sub(127).to(torch.int8).reshape(5, 32)
+    packed = pack(q)
+    assert packed.shape == (2, 2, 4, 16)
+    assert torch.equal(unpack(packed, 5), q)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack(torch.zeros(4, 20, dtype=torch.int8))
+
+
+def test_kernel_refuses_mismatched_shapes_instead_of_reading_past_them():
+    q = pack(torch.zeros(8, 32, dtype=torch.int8))
+    with pytest.raises(ValueError, match="expected float32"):
+        w8_matmul(torch.randn(2, 48), q, torch.ones(8), None)
+    with pytest.raises(ValueError, match="expected float32"):
+        w8_matmul(torch.randn(2, 32).double(), q, torch.ones(8), None)
+
+
+@pytest.mark.parametrize("layer", [WeightOnlyInt8Linear, DynamicInt8Linear])
+def test_int8_layers_keep_shape_and_approximate_the_float_layer(layer):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    quantized = layer.from_linear(linear)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        out, ref = quantized(x), linear(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 0.05
+    assert torch.allclose(quantized.dequantized_weight(), linear.weight, atol=linear.weight.abs().max().item() / 127)
+
+
+def test_int8_layers_round_trip_through_safetensors_without_pickle(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(1)
+    layer = WeightOnlyInt8Linear.from_linear(nn.Linear(32, 10))
+    save_file(layer.state_dict(), str(tmp_path / "layer.safetensors"))
+    fresh = WeightOnlyInt8Linear(32, 10)
+    fresh.load_state_dict(load_file(str(tmp_path / "layer.safetensors")))
+    x = torch.randn(3, 32)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_unknown_mode_is_refused_naming_the_modes_that_work():
+    with pytest.raises(ConfigError, match=r"Unknown quantization mode 'int3'.*none, int8"):
+        check_mode("int3")
+    assert check_mode(None) is QUANT_MODES["none"]
+
+
+def test_a_mode_this_machine_cannot_run_is_refused_with_the_reason(monkeypatch):
+    import autopatch.quantize as quantize
+
+    monkeypatch.setattr(quantize, "_kernel_error", lambda: "no C compiler found")
+    with pytest.raises(ConfigError, match=r"'int8' cannot run here: no C compiler found.*work on this machine: none"):
+        check_mode("int8")
+    assert "int8" not in available_modes()
+
+
+def test_load_model_refuses_a_bad_mode_before_loading_anything(monkeypatch):
+    import autopatch.loading as loading
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("the model was looked up before the mode was checked")
+
+    monkeypatch.setattr(loading, "resolve_model_source", boom)
+    with pytest.raises(ConfigError, match="Unknown quantization mode"):
+        loading.load_model("anything", quantize="fp4")
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        loading.load_model("anything", quantize="int8", device="cuda")
+
+
+def _dequantized_twin(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """``model`` with each Linear that ``quantized`` swapped replaced by a float Linear of the int8 weight."""
+    for name, module in quantized.named_modules():
+        if isinstance(module, Int8Linear):
+            float_linear = model.get_submodule(name)
+            float_linear.weight = nn.Parameter(module.dequantized_weight().clone(), requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_quantized_tiny_models_keep_embeddings_and_match_their_dequantized_twin(arch):
+    from autopatch.fingerprint import model_fingerprint
+
+    quantized, reference = tiny_model(arch), tiny_model(arch)
+    before = model_fingerprint(quantized)
+    swapped = quantize_model(quantized, "int8")
+    assert swapped > 0 and model_quantization(quantized) == "int8"
+    assert model_fingerprint(quantized) == before  # the shipped profile, gate and screen still resolve
+    twin = _dequantized_twin(reference, quantized)
+    ids = torch.randint(3, 90, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(quantized(ids).logits, twin(ids).logits, atol=1e-3)
+
+
+def _strategies_and_controls() -> list[tuple[str, str | None]]:
+    from autopatch.registry import CONTROLS, STRATEGIES
+
+    return [(name, None) for name in STRATEGIES] + [("reroute", name) for name in CONTROLS]
+
+
+@pytest.mark.parametrize("strategy,control", _strategies_and_controls())
+def test_every_strategy_and_control_patches_a_quantized_model_as_the_float_twin(strategy, control):
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import PatchProfile
+    from autopatch.prompts import PromptFormat
+    from autopatch.registry import strategy as strategy_spec
+
+    tok = byte_tokenizer()
+    quantized, reference = tiny_model_for_bytes("llama"), tiny_model_for_bytes("llama")
+    quantize_model(quantized, "int8")
+    twin = _dequantized_twin(reference, quantized)
+    target = 1 if strategy_spec(strategy).target_before_source else 2
+    profile = PatchProfile(strategy=strategy, source_layer=2, target_layer=target,
+                           prompt_format=PromptFormat(demonstrations=()))
+    questions = ["What is the capital of the country where the Colosseum is located?",
+                 "Who founded the company that makes the iPhone?"]
+    outputs = []
+    for model in (quantized, twin):
+        patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch(), control=control)
+        with torch.no_grad():
+            answers = patcher.answer(questions, max_new_tokens=5)
+        outputs.append([(a.text, a.report.patched, a.report.strategy) for a in answers])
+    assert outputs[0] == outputs[1]
+    assert all(patched for _, patched, _ in outputs[0])
+
+
+def test_capture_and_patch_on_a_quantized_model_leave_no_hooks():
+    from autopatch.architectures import decoder_layers
+    from autopatch.engine import PatchEdit, capture, patch
+
+    model = tiny_model("qwen2")
+    quantize_model(model, "int8")
+    ids = torch.randint(3, 90, (1, 6))
+    with torch.no_grad(), capture(model, layers=[1], positions=[-1]) as cap:
+        model(ids)
+    h = cap.states[1][0, 0]
+    with torch.no_grad(), patch(model, [PatchEdit(layer=2, row=0, position=-1, vector=h)]):
+        patched = model(ids).logits
+    with torch.no_grad():
+        plain = model(ids).logits
+    assert not torch.equal(patched, plain)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in decoder_layers(model).modules())
+
+
+def test_quantized_weights_are_cached_checksummed_and_rebuilt_when_damaged(monkeypatch, tmp_path):
+    import autopatch.quantize as quantize
+
+    monkeypatch.setenv("AUTOPATCH_CACHE", str(tmp_path))
+    ids = torch.randint(3, 90, (1, 7))
+    first = tiny_model("qwen2")
+    assert quantize_model(first, "int8", cache_key="tiny-qwen2") > 0
+    weights, manifest = quantize._cache_paths("tiny-qwen2", QUANT_MODES["int8"])
+    assert weights.exists() and manifest.exists()
+
+    calls = []
+    original = WeightOnlyInt8Linear.from_linear.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(WeightOnlyInt8Linear, "from_linear",
+                        classmethod(lambda cls, linear: calls.append(1) or original(cls, linear)))
+    second = tiny_model("qwen2")
+    quantize_model(second, "int8", cache_key="tiny-qwen2")
+    assert calls == []  # read from the cache, not quantized again
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside the tensors
+    weights.write_bytes(bytes(data))
+    third = tiny_model("qwen2")
+    quantize_model(third, "int8", cache_key="tiny-qwen2")
+    assert calls  # the damaged file was refused and the weights quantized again
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, third(ids).logits)
+
+
+def test_cache_key_changes_when_the_weights_file_changes(tmp_path):
+    from autopatch.quantize import source_cache_key
+
+    (tmp_path / "model.safetensors").write_bytes(b"one")
+    before = source_cache_key(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"other")
+    assert source_cache_key(tmp_path) != before
+    assert source_cache_key(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "serve", "explain", "train-gate", "train-screen"])
+def test_every_model_loading_subcommand_takes_quantize(command):
+    from autopatch.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # type: ignore[union-attr]
+    options = {o for action in sub.choices[command]._actions for o in action.option_strings}
+    assert "--quantize" in options

@@ -71,9 +71,10 @@ def _child(model_name: str | None, mode: str, new_tokens: int, repeats: int, tim
 
 def _spawn(args: argparse.Namespace, mode: str, timed: bool, cache: str) -> dict:
     env = dict(os.environ, AUTOPATCH_QUANTIZED_CACHE=cache)  # an empty quantized cache for this run only
-    code = ("import json,sys; sys.path.insert(0, %r); from bench.bench_quantize import _child; "
-            "print('RESULT ' + json.dumps(_child(%r, %r, %d, %d, %r)))"
-            % (str(Path(__file__).resolve().parent.parent), args.model, mode, args.new_tokens, args.repeats, timed))
+    root = str(Path(__file__).resolve().parent.parent)
+    call = f"_child({args.model!r}, {mode!r}, {args.new_tokens}, {args.repeats}, {timed!r})"
+    code = f"import json,sys; sys.path.insert(0, {root!r}); from bench.bench_quantize import _child; " \
+           f"print('RESULT ' + json.dumps({call}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
           "answer() 8 questions s |")
     print("|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
-        def ratio(key: str, higher_is_better: bool = False, r: dict = r) -> str:
+        def ratio(key: str, higher_is_better: bool = False, r: dict = r, mode: str = mode) -> str:
             if base is None or mode == "none":
                 return ""
             x = r[key] / base[key] if higher_is_better else base[key] / r[key]

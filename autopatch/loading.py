@@ -181,12 +181,13 @@ def load_model(
     ``device="auto"`` spreads the model with accelerate (``device_map="auto"``).
     ``dtype`` defaults to float32 on CPU and the checkpoint's dtype elsewhere.
     ``quantize`` is a mode of :data:`autopatch.quantize.QUANT_MODES` (``"int8"``: int8 weights, float32
-    activations; ``None`` or ``"none"``: float32); CPU only. An unknown mode, or one this machine cannot run,
-    is refused before anything loads, naming the modes that work.
+    activations; ``"none"``: float32); CPU only. ``None`` takes the model's measured CPU default
+    (:func:`autopatch.quantize.default_mode`). An unknown mode, or one this machine cannot run, is refused
+    before anything loads, naming the modes that work.
     """
-    from autopatch.quantize import check_mode, quantize_model, source_cache_key
+    from autopatch.quantize import check_mode, default_mode, quantize_model, source_cache_key
 
-    mode = check_mode(quantize)
+    mode = check_mode(quantize if quantize is not None else default_mode(name_or_path, device, dtype))
     if not mode.is_float and ((device is not None and str(device) != "cpu") or (dtype not in (None, "float32", torch.float32))):
         from autopatch.errors import ConfigError
 

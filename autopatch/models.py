@@ -55,6 +55,9 @@ class EmbeddedModel:
     gguf_name: str
     chunks: ChunkedGGUF | None = None  # None: the package itself assembles the file (Gemma)
     extra: str | None = None  # the pip extra that installs the chunks
+    # The quantization mode load_model uses on the CPU when none is asked for: set only where the two-hop test
+    # measured no loss (docs/quantization.md); None keeps float32.
+    cpu_quantize: str | None = None
 
     def install_hint(self) -> str:
         return f'pip install -e ".[{self.extra}]"' if self.extra else "pip install -e ."

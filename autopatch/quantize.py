@@ -50,7 +50,7 @@ from autopatch.kernels import packable
 logger = logging.getLogger("autopatch")
 
 __all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt8Linear", "available_modes",
-           "check_mode", "model_quantization", "quantize_model", "source_cache_key"]
+           "check_mode", "default_mode", "model_quantization", "quantize_model", "source_cache_key"]
 
 
 class Int8Linear(nn.Module):
@@ -235,6 +235,21 @@ def check_mode(mode: str | None) -> QuantMode:
         raise ConfigError(f"Quantization mode {spec.name!r} cannot run here: {why_not}. Modes that work on this "
                           f"machine: {', '.join(available_modes())}.")
     return spec
+
+
+def default_mode(name_or_path: object = None, device: object = None, dtype: object = None) -> str:
+    """The mode ``load_model`` uses when ``quantize`` is not given: the embedded model's measured CPU default
+    (:attr:`autopatch.models.EmbeddedModel.cpu_quantize`) on the CPU in float32 where this machine can run it,
+    else ``"none"``. Any other model stays float32 unless asked: its accuracy under int8 was never measured.
+    """
+    from autopatch.models import DEFAULT_MODEL, embedded_model
+
+    spec = embedded_model(str(name_or_path) if name_or_path is not None else DEFAULT_MODEL)
+    on_cpu = device is None or str(device) == "cpu"
+    if spec is None or spec.cpu_quantize is None or not on_cpu or dtype not in (None, "float32", torch.float32):
+        return "none"
+    mode = QUANT_MODES.get(spec.cpu_quantize)
+    return spec.cpu_quantize if mode is not None and _why_not(mode) is None else "none"
 
 
 def quantizable_linears(model: nn.Module, mode: QuantMode) -> list[str]:

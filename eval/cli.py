@@ -87,6 +87,14 @@ SETTINGS = ("dataset", "split", "hops", "limit", "model", "quantize", "batch_siz
             "use_decomposition", "methods", "profile_file", "gate_file")
 
 
+def _resolved_quantize(model: str | None, quantize: str | None) -> str | None:
+    """The mode the run will use (``None`` for float32, as runs recorded before quantization existed)."""
+    from autopatch.quantize import default_mode
+
+    mode = quantize if quantize is not None else default_mode(model)
+    return None if mode == "none" else mode
+
+
 def _resolved_split(dataset: str, split: str | None) -> str | None:
     """``None`` means every record; named datasets default to their test split."""
     if split == "all":
@@ -150,7 +158,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     split = _resolved_split(args.dataset, args.split)
     out = Path(args.out)
     settings = {"dataset": args.dataset, "split": split or "all", "hops": args.hops, "limit": args.limit,
-                "model": args.model, "quantize": args.quantize if args.quantize not in (None, "none") else None,
+                "model": args.model, "quantize": _resolved_quantize(args.model, args.quantize),
                 "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
                 "use_decomposition": args.use_decomposition, "methods": methods, "profile_file": args.profile,
                 "gate_file": args.gate}

@@ -248,3 +248,20 @@ def test_every_model_loading_subcommand_takes_quantize(command):
     sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # type: ignore[union-attr]
     options = {o for action in sub.choices[command]._actions for o in action.option_strings}
     assert "--quantize" in options
+
+
+def test_the_default_mode_is_the_embedded_models_measured_one_on_the_cpu_only(monkeypatch):
+    from dataclasses import replace
+
+    import autopatch.models as models
+    import autopatch.quantize as quantize
+    from autopatch.quantize import default_mode
+
+    name = "qwen2.5-coder-1.5b-instruct"
+    monkeypatch.setitem(models.EMBEDDED_MODELS, name, replace(models.EMBEDDED_MODELS[name], cpu_quantize="int8"))
+    assert default_mode(name) == "int8"
+    assert default_mode(name, device="cuda") == "none"
+    assert default_mode(name, dtype=torch.bfloat16) == "none"
+    assert default_mode("/some/local/model") == "none"  # never measured: float32 unless asked
+    monkeypatch.setattr(quantize, "_kernel_error", lambda: "no C compiler found")
+    assert default_mode(name) == "none"  # a default that cannot run here falls back; only an explicit ask is refused

@@ -1,0 +1,114 @@
+"""The int8 matmul kernels this machine offers, against float32, on one decoder Linear's shape, in one run.
+
+Example:
+    $ python bench/bench_kernels.py                         # Qwen2.5-1.5B's MLP up-projection, 1536 -> 8960
+    $ python bench/bench_kernels.py --k 896 --n 4864 --threads 1
+
+Milliseconds per call (median of ``--repeats``) at several row counts ``m`` (1 = one decode step at batch 1,
+8 = batch 8, 64 and 512 = prefills), and each kernel's speed as a ratio to ``F.linear`` in float32 (above 1 is
+faster). This is why autopatch ships its own weight-only kernel (docs/quantization.md): torch's weight-only
+int8 and int4 kernels on the CPU are slower than float32, and the fast ones quantize the activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+
+def _ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def kernels(weight: torch.Tensor) -> dict:
+    """name -> fn(x) for each kernel that runs here."""
+    from autopatch.kernels import pack, w8_matmul
+    from autopatch.quantize import quantize_per_channel, quantize_per_token
+
+    n, k = weight.shape
+    q, scale = quantize_per_channel(weight)
+    packed = q.t()
+    out = {"float32 F.linear": lambda x: F.linear(x, weight),
+           "autopatch int8 (weight-only)": (lambda p: lambda x: w8_matmul(x, p, scale, None))(pack(q))}
+
+    def dynamic(x):
+        xq, xs = quantize_per_token(x)
+        return torch._int_mm(xq, packed).float() * xs * scale
+
+    out["torch._int_mm, per-token int8 activations"] = dynamic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            linear = torch.nn.Linear(k, n, bias=False)
+            linear.weight.data = weight
+            fbgemm = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                      dtype=torch.qint8)
+            out["torch quantize_dynamic (fbgemm, per-tensor activations)"] = fbgemm
+        except (ImportError, RuntimeError):
+            pass
+    try:
+        torch.ops.aten._weight_int8pack_mm(torch.zeros(1, k), q, scale)
+        out["aten._weight_int8pack_mm (weight-only)"] = lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    except RuntimeError:
+        pass
+    try:
+        group = 32
+        grouped = weight.view(n, k // group, group)
+        low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+        step = ((high - low) / 15).clamp(min=1e-8)
+        q4 = ((grouped - low) / step).round().clamp(0, 15).to(torch.int32).view(n, k)
+        zeros = (low + 8 * step).view(n, k // group)
+        scales_zeros = torch.stack([step.view(n, k // group), zeros], -1).transpose(0, 1).contiguous()
+        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 8)
+        out["aten._weight_int4pack_mm_for_cpu (weight-only, group 32)"] = (
+            lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, group, scales_zeros))
+    except (RuntimeError, AttributeError):
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--k", type=int, default=1536, help="input features")
+    parser.add_argument("--n", type=int, default=8960, help="output features")
+    parser.add_argument("--rows", default="1,8,64,512")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    weight = torch.randn(args.n, args.k, generator=torch.Generator().manual_seed(0)) * 0.02
+    rows = [int(r) for r in args.rows.split(",")]
+    table = kernels(weight)
+    inputs = {m: torch.randn(m, args.k) for m in rows}
+    timings = {name: {m: _ms(lambda fn=fn, m=m: fn(inputs[m]), args.repeats) for m in rows} for name, fn in table.items()}
+    base = timings["float32 F.linear"]
+    print(f"Linear {args.k} -> {args.n}, threads: {torch.get_num_threads()}, torch {torch.__version__}\n")
+    print("| kernel | " + " | ".join(f"m={m} ms (vs float32)" for m in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for name, by_rows in timings.items():
+        cells = " | ".join(f"{by_rows[m]:.2f} ({base[m] / by_rows[m]:.2f}x)" for m in rows)
+        print(f"| {name} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,14 +11,18 @@ Example:
 Why this design (measured in docs/quantization.md):
 
 * Decoding is bound by memory traffic, so the weights must be int8 *and* the matmul must read them as int8.
-  Weight-only int8 and int4 kernels on the CPU (``aten._weight_int8pack_mm``,
-  ``aten._weight_int4pack_mm_for_cpu``, torchao's weight-only configs in eager) dequantize on the fly and
-  ran 4-12x slower than float32 here, so the int8 modes quantize the activations too (W8A8).
-* Activations are quantized **per token** (one scale per row, symmetric int8), weights per output channel.
-  torch's ``quantize_dynamic`` takes one scale for the whole activation tensor: one token with a massive
-  activation (the attention sink at the first position of Qwen-style models) then sets the scale of every
-  other token in the prefill, and a row's answer depends on what else is in its batch. Per-token scales and
-  int32 accumulation keep each row independent of the batch it is in.
+  torch's weight-only int8 and int4 CPU kernels (``aten._weight_int8pack_mm``,
+  ``aten._weight_int4pack_mm_for_cpu``) ran slower than float32 here; its fast int8 kernels quantize the
+  activations too, and that is what costs accuracy (``bench/quant_variants.py``: rounding only the weights left
+  the 1.5B's answers as they were; rounding only the activations changed one in six).
+* So ``int8`` keeps the activations float32 and gives the weights one scale per 32 weights of a row (the width
+  of the GGUF Q4_K blocks the embedded weights were dequantized from), multiplied by autopatch's own kernel
+  (:mod:`autopatch.kernels`).
+* ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
+  channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
+  ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with a massive activation,
+  the attention sink at the first position of Qwen-style models, sets the scale of every other token, and a
+  row's answer depends on the rest of its batch.)
 * Only ``nn.Linear`` layers inside the decoder blocks (and, by mode, the LM head) change; block outputs,
   the residual stream, norms and embeddings stay float32, so :func:`autopatch.engine.capture`,
   :func:`~autopatch.engine.patch`, the Patchscopes and every strategy see the tensors they always saw, and
@@ -109,30 +113,49 @@ class Int8Linear(nn.Module):
 
 
 class WeightOnlyInt8Linear(Int8Linear):
-    """int8 weights, float32 activations: :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels."""
+    """int8 weights with one float32 scale per 32 weights of a row, float32 activations:
+    :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels (``qweight``, ``gscale``)."""
 
-    @staticmethod
-    def stored_shape(in_features: int, out_features: int) -> tuple[int, ...]:
-        from autopatch.kernels import CHUNK, PANEL
+    gscale: torch.Tensor
 
-        return (-(-out_features // PANEL), in_features // CHUNK, PANEL, CHUNK)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        from autopatch.kernels import CHUNK, GROUP, PANEL
 
-    @staticmethod
-    def layout(qweight: torch.Tensor) -> torch.Tensor:
-        from autopatch.kernels import pack
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        panels = -(-out_features // PANEL)
+        self.register_buffer("qweight", torch.zeros(panels, in_features // CHUNK, PANEL, CHUNK, dtype=torch.int8))
+        self.register_buffer("gscale", torch.zeros(panels, in_features // GROUP, PANEL, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
-        return pack(qweight)
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> WeightOnlyInt8Linear:
+        from autopatch.kernels import pack, pack_scales, quantize_groups
+
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q, scales = quantize_groups(linear.weight)
+        layer.qweight.copy_(pack(q))
+        layer.gscale.copy_(pack_scales(scales))
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer
 
     def int8_weight(self) -> torch.Tensor:
         from autopatch.kernels import unpack
 
         return unpack(self.qweight, self.out_features)
 
+    def dequantized_weight(self) -> torch.Tensor:
+        from autopatch.kernels import GROUP, unpack_scales
+
+        scales = unpack_scales(self.gscale, self.out_features)
+        return self.int8_weight().float() * scales.repeat_interleave(GROUP, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from autopatch.kernels import w8_matmul
 
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = w8_matmul(rows, self.qweight, self.wscale, self.bias)
+        out = w8_matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -184,8 +207,8 @@ QUANT_MODES: dict[str, QuantMode] = {
     m.name: m
     for m in (
         QuantMode("none", "float32 weights and activations (the reference)", None),
-        QuantMode("int8", "int8 weights per output channel, float32 activations (autopatch's C kernel), "
-                          "in every decoder block and the LM head", WeightOnlyInt8Linear),
+        QuantMode("int8", "int8 weights with a scale per 32 weights of a row, float32 activations (autopatch's C "
+                          "kernel), in every decoder block and the LM head", WeightOnlyInt8Linear),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", DynamicInt8Linear),
     )
@@ -304,7 +327,7 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
     return len(swapped)
 
 
-CACHE_FORMAT = 1  # bump when Int8Linear's buffers or the kernel's layout change
+CACHE_FORMAT = 2  # bump when Int8Linear's buffers or the kernel's layout change
 
 
 def source_cache_key(source: str | Path) -> str | None:

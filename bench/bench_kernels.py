@@ -37,14 +37,15 @@ def _ms(fn, repeats: int) -> float:
 
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
-    from autopatch.kernels import pack, w8_matmul
+    from autopatch.kernels import pack, pack_scales, quantize_groups, w8_matmul
     from autopatch.quantize import quantize_per_channel, quantize_per_token
 
     n, k = weight.shape
     q, scale = quantize_per_channel(weight)
     packed = q.t()
     out = {"float32 F.linear": lambda x: F.linear(x, weight),
-           "autopatch int8 (weight-only)": (lambda p: lambda x: w8_matmul(x, p, scale, None))(pack(q))}
+           "autopatch int8 (weight-only, a scale per 32)": (
+               lambda p, s: lambda x: w8_matmul(x, p, s, None))(*(lambda g: (pack(g[0]), pack_scales(g[1])))(quantize_groups(weight)))}
 
     def dynamic(x):
         xq, xs = quantize_per_token(x)

@@ -4,9 +4,10 @@ Example:
     >>> from autopatch.kernels import kernel_error, pack, unpack, w8_matmul
     >>> kernel_error() is None          # a C compiler and AVX2+FMA (or AVX-512) are here
     True
-    >>> packed = pack(qweight)          # int8 [n, k] -> the kernel's panels [ceil(n/4), k/16, 4, 16]
-    >>> y = w8_matmul(x, packed, wscale, bias)    # x float32 [m, k] -> float32 [m, n]
-    >>> torch.equal(unpack(packed, n), qweight)
+    >>> q, scales = quantize_groups(weight)      # int8 [n, k], one float32 scale per 32 weights of a row
+    >>> packed, pscales = pack(q), pack_scales(scales)
+    >>> y = w8_matmul(x, packed, pscales, bias)  # x float32 [m, k] -> float32 [m, n]
+    >>> torch.equal(unpack(packed, n), q)
     True
 
 Why a C file: the int8 kernels torch and torchao offer on the CPU either dequantize the whole weight per call
@@ -83,17 +84,44 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.autopatch_w8_matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
     lib.autopatch_w8_dequant.restype = None
-    lib.autopatch_w8_dequant.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+    lib.autopatch_w8_dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     return lib, None
 
 
 CHUNK = 16  # columns per chunk of a panel row (CH in w8.c)
+GROUP = 32  # columns per scale (GROUP in w8.c): the width of a GGUF Q4_K block
 PANEL = 4  # weight rows per panel
 
 
 def packable(in_features: int) -> bool:
-    """Whether a Linear with this many inputs fits the kernel's layout (a multiple of 16 columns)."""
-    return in_features % CHUNK == 0
+    """Whether a Linear with this many inputs fits the kernel's layout (a multiple of 32 columns)."""
+    return in_features % GROUP == 0
+
+
+def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 [n, k], float32 [n, k/32])``: symmetric, one scale (absmax / 127) per 32 weights of a row."""
+    n, k = weight.shape
+    if not packable(k):
+        raise ValueError(f"quantize_groups: {k} columns is not a multiple of {GROUP}")
+    groups = weight.detach().float().reshape(n, k // GROUP, GROUP)
+    scales = groups.abs().amax(dim=2).clamp(min=1e-12) / 127.0
+    q = torch.round(groups / scales[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(n, k), scales
+
+
+def pack_scales(scales: torch.Tensor) -> torch.Tensor:
+    """float32 ``[n, k/32]`` -> ``[ceil(n/4), k/32, 4]`` (padding rows scale 0), the panels' scales."""
+    n, groups = scales.shape
+    rows = -(-n // PANEL) * PANEL
+    padded = torch.zeros(rows, groups, dtype=torch.float32)
+    padded[:n] = scales
+    return padded.view(rows // PANEL, PANEL, groups).transpose(1, 2).contiguous()
+
+
+def unpack_scales(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_scales`."""
+    panels, groups, _ = packed.shape
+    return packed.transpose(1, 2).reshape(panels * PANEL, groups)[:n].contiguous()
 
 
 def pack(qweight: torch.Tensor) -> torch.Tensor:
@@ -118,11 +146,11 @@ def kernel_error() -> str | None:
     lib, why = _build()
     if lib is None:
         return why
-    x = torch.tensor([[1.0, -2.0, 0.5, 0.25] * 8] * 5, dtype=torch.float32)
-    w = (torch.arange(5 * 32) % 255 - 127).to(torch.int8).reshape(5, 32)
-    scale = torch.full((5,), 0.5)
-    want = (x @ w.float().t()) * scale
-    got = w8_matmul(x, pack(w), scale, None)
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.25] * 16] * 5, dtype=torch.float32)
+    w = (torch.arange(5 * 64) % 255 - 127).to(torch.int8).reshape(5, 64)
+    scales = torch.tensor([[0.5, 0.25]] * 5)
+    want = x @ (w.float() * scales.repeat_interleave(GROUP, dim=1)).t()
+    got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5)
     if not torch.allclose(got, want, atol=1e-4):
         return f"the built int8 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
     return None
@@ -131,20 +159,23 @@ def kernel_error() -> str | None:
 _THREADS = [0]
 
 
-def w8_matmul(x: torch.Tensor, packed: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ (W * wscale[:, None]).T + bias`` for float32 ``x [m, k]`` and ``packed = pack(W)``, on the CPU."""
+def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
+              n: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack(q)``, ``scales = pack_scales(s)`` and
+    ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU."""
     lib, why = _build()
     if lib is None:
         raise RuntimeError(why)
     m, k = x.shape
-    n = wscale.shape[0]
-    if (x.dtype, packed.dtype, wscale.dtype) != (torch.float32, torch.int8, torch.float32) or wscale.dim() != 1 \
-            or tuple(packed.shape) != (-(-n // PANEL), k // CHUNK, PANEL, CHUNK) or not packable(k) \
+    n = packed.shape[0] * PANEL if n is None else n
+    if (x.dtype, packed.dtype, scales.dtype) != (torch.float32, torch.int8, torch.float32) or not packable(k) \
+            or tuple(packed.shape) != (-(-n // PANEL), k // CHUNK, PANEL, CHUNK) \
+            or tuple(scales.shape) != (packed.shape[0], k // GROUP, PANEL) \
             or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,))):
-        raise ValueError(f"w8_matmul: expected float32 [m, k] with k a multiple of {CHUNK}, pack(W) for an int8 [n, k] W, "
-                         f"float32 [n] scales (and bias [n]); got {x.dtype} {tuple(x.shape)}, {packed.dtype} "
-                         f"{tuple(packed.shape)}, {wscale.dtype} {tuple(wscale.shape)}")
-    tensors = [t for t in (x, packed, wscale, bias) if t is not None]
+        raise ValueError(f"w8_matmul: expected float32 [m, k] with k a multiple of {GROUP}, pack(q) and pack_scales(s) "
+                         f"for {n} rows (and bias [n]); got {x.dtype} {tuple(x.shape)}, {packed.dtype} "
+                         f"{tuple(packed.shape)}, {scales.dtype} {tuple(scales.shape)}")
+    tensors = [t for t in (x, packed, scales, bias) if t is not None]
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError("w8_matmul needs contiguous CPU tensors")
     threads = torch.get_num_threads()
@@ -152,9 +183,9 @@ def w8_matmul(x: torch.Tensor, packed: torch.Tensor, wscale: torch.Tensor, bias:
         lib.autopatch_set_threads(threads)
         _THREADS[0] = threads
     if m > GEMM_ROWS:
-        return _dequantized_gemm(lib, x, packed, wscale, bias, n)
+        return _dequantized_gemm(lib, x, packed, scales, bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
-    lib.autopatch_w8_matmul(m, n, k, x.data_ptr(), packed.data_ptr(), wscale.data_ptr(),
+    lib.autopatch_w8_matmul(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
                             None if bias is None else bias.data_ptr(), y.data_ptr())
     return y
 
@@ -163,7 +194,7 @@ GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in sli
 GEMM_SLICE = 1024  # weight rows dequantized at a time: a bounded float32 buffer (4 KiB per input column)
 
 
-def _dequantized_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, wscale: torch.Tensor,
+def _dequantized_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """``x @ W.T`` for many rows: the matmul is compute-bound there, so the float GEMM's blocking wins, and
     reading the int8 weight once per slice costs little beside it."""
@@ -172,7 +203,7 @@ def _dequantized_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, w
     buffer = torch.empty(min(n + (-n) % PANEL, GEMM_SLICE), k, dtype=torch.float32)
     for n0 in range(0, n, GEMM_SLICE):
         rows = min(GEMM_SLICE, n + (-n) % PANEL - n0)
-        lib.autopatch_w8_dequant(n, k, packed.data_ptr(), wscale.data_ptr(), n0, rows, buffer.data_ptr())
+        lib.autopatch_w8_dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
         width = min(rows, n - n0)
         torch.matmul(x, buffer[:width].t(), out=y[:, n0 : n0 + width])
     if bias is not None:

@@ -1,10 +1,12 @@
 /* Weight-only int8 matmul for autopatch's "int8" mode: y = x W^T * scale (+ bias), x float32, W int8.
  *
  * The activations stay float32 (quantizing them cost accuracy, see docs/quantization.md); only the weights,
- * which a decode step streams from memory, are int8. W comes packed in panels (autopatch.kernels.pack):
- * panel p holds rows 4p..4p+3, as chunks of 16 columns [K/16][4][16], so a thread reads its panels as one
- * sequential stream (the hardware prefetcher follows it) and each loaded weight vector, converted to float
- * once, serves up to 4 rows of x. Each y[m, n] is one dot product summed in a fixed order, so below
+ * which a decode step streams from memory, are int8, with one float32 scale per 32 weights of a row (a
+ * group: the GGUF Q4_K block the embedded weights came from has the same width, so little is lost). W comes
+ * packed in panels (autopatch.kernels.pack): panel p holds rows 4p..4p+3, as chunks of 16 columns
+ * [K/16][4][16], and its scales as [K/32][4], so a thread reads its panels as sequential streams (the
+ * hardware prefetcher follows them) and each loaded weight vector, converted and scaled once, serves up to
+ * 4 rows of x. Each y[m, n] is one dot product summed in a fixed order, so below
  * autopatch.kernels.GEMM_ROWS rows a row's output does not depend on the other rows of its batch; above it
  * (a prefill), autopatch_w8_dequant feeds torch's float GEMM instead.
  * Built once per machine by autopatch.kernels with the host's vector width (-march=native).
@@ -14,7 +16,8 @@
 #include <omp.h>
 #include <immintrin.h>
 
-#define CH 16 /* columns per chunk of a panel row; K is a multiple of CH */
+#define CH 16 /* columns per chunk of a panel row */
+#define GROUP 32 /* columns per scale; K is a multiple of GROUP */
 #ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead in the panel stream: DRAM latency outlasts the hardware prefetcher's lead */
 #endif
@@ -28,6 +31,8 @@ static inline vf vload_w(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvt
 static inline vf vload_x(const float *p) { return _mm512_loadu_ps(p); }
 static inline vf vzero(void) { return _mm512_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vset(float s) { return _mm512_set1_ps(s); }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VW 8
@@ -36,6 +41,8 @@ static inline vf vload_w(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvt
 static inline vf vload_x(const float *p) { return _mm256_loadu_ps(p); }
 static inline vf vzero(void) { return _mm256_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vset(float s) { return _mm256_set1_ps(s); }
 static inline float vsum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
@@ -44,16 +51,19 @@ static inline float vsum(vf v) {
 #error "autopatch's int8 kernel needs AVX2 with FMA, or AVX-512"
 #endif
 
-/* out[r][c] = sum_k x[r, k] * panel[c, k] for r < MB, c < 4. */
+/* out[r][c] = sum_k x[r, k] * panel[c, k] * scale[c, k / GROUP] for r < MB, c < 4. */
 #define BLOCK(MB)                                                                                   \
-    static inline void block##MB(int K, const float *x, const int8_t *panel, float out[4][4]) {     \
+    static inline void block##MB(int K, const float *x, const int8_t *panel, const float *scales,   \
+                                 float out[4][4]) {                                                 \
         vf acc[MB][4];                                                                              \
         for (int r = 0; r < MB; r++) for (int c = 0; c < 4; c++) acc[r][c] = vzero();               \
         for (int k = 0; k < K; k += CH, panel += 4 * CH) {                                          \
             _mm_prefetch((const char *)panel + PREFETCH, _MM_HINT_T0);                              \
+            const float *sg = scales + (k / GROUP) * 4;                                             \
+            const vf s0 = vset(sg[0]), s1 = vset(sg[1]), s2 = vset(sg[2]), s3 = vset(sg[3]);        \
             _Pragma("GCC unroll 2") for (int h = 0; h < CH; h += VW) {                              \
-                vf w0 = vload_w(panel + h), w1 = vload_w(panel + CH + h),                           \
-                   w2 = vload_w(panel + 2 * CH + h), w3 = vload_w(panel + 3 * CH + h);              \
+                vf w0 = vmul(vload_w(panel + h), s0), w1 = vmul(vload_w(panel + CH + h), s1),       \
+                   w2 = vmul(vload_w(panel + 2 * CH + h), s2), w3 = vmul(vload_w(panel + 3 * CH + h), s3); \
                 _Pragma("GCC unroll 4") for (int r = 0; r < MB; r++) {                              \
                     vf xv = vload_x(x + (size_t)r * K + k + h);                                     \
                     acc[r][0] = vfma(xv, w0, acc[r][0]); acc[r][1] = vfma(xv, w1, acc[r][1]);      \
@@ -68,42 +78,45 @@ BLOCK(2)
 BLOCK(3)
 BLOCK(4)
 
-/* x [M, K] float32, packed [ceil(N/4), K/CH, 4, CH] int8, scale [N], bias [N] or NULL, y [M, N]. */
-void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *packed, const float *scale,
+/* x [M, K] float32, packed [ceil(N/4), K/CH, 4, CH] int8, scales [ceil(N/4), K/GROUP, 4] float32,
+ * bias [N] or NULL, y [M, N]. */
+void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *packed, const float *scales,
                          const float *bias, float *y) {
     const int panels = (N + 3) / 4;
     #pragma omp parallel for schedule(static)
     for (int p = 0; p < panels; p++) {
         const int n0 = p * 4, nb = N - n0 < 4 ? N - n0 : 4;
         const int8_t *panel = packed + (size_t)p * 4 * K;
+        const float *ps = scales + (size_t)p * 4 * (K / GROUP);
         for (int m0 = 0; m0 < M; m0 += 4) {
             const int mb = M - m0 < 4 ? M - m0 : 4;
             const float *xb = x + (size_t)m0 * K;
             float out[4][4];
             switch (mb) {
-                case 4: block4(K, xb, panel, out); break;
-                case 3: block3(K, xb, panel, out); break;
-                case 2: block2(K, xb, panel, out); break;
-                default: block1(K, xb, panel, out); break;
+                case 4: block4(K, xb, panel, ps, out); break;
+                case 3: block3(K, xb, panel, ps, out); break;
+                case 2: block2(K, xb, panel, ps, out); break;
+                default: block1(K, xb, panel, ps, out); break;
             }
             for (int r = 0; r < mb; r++)
                 for (int c = 0; c < nb; c++)
-                    y[(size_t)(m0 + r) * N + n0 + c] = out[r][c] * scale[n0 + c] + (bias ? bias[n0 + c] : 0.f);
+                    y[(size_t)(m0 + r) * N + n0 + c] = out[r][c] + (bias ? bias[n0 + c] : 0.f);
         }
     }
 }
 
-/* out[r, k] = W[n0 + r, k] * scale[n0 + r] for r < rows: float32 rows of the weight, for a float GEMM when M
- * is large enough that the matmul, not the weight's bytes, is the cost (prefill). n0 is a multiple of 4. */
-void autopatch_w8_dequant(int N, int K, const int8_t *packed, const float *scale, int n0, int rows, float *out) {
+/* out[r, k] = W[n0 + r, k] (scaled) for r < rows: float32 rows of the weight, for a float GEMM when M is large
+ * enough that the matmul, not the weight's bytes, is the cost (prefill). n0 and rows are multiples of 4. */
+void autopatch_w8_dequant(int K, const int8_t *packed, const float *scales, int n0, int rows, float *out) {
     #pragma omp parallel for schedule(static)
     for (int p = n0 / 4; p < (n0 + rows) / 4; p++) {
         const int8_t *panel = packed + (size_t)p * 4 * K;
-        float s[4];
-        for (int c = 0; c < 4; c++) s[c] = p * 4 + c < N ? scale[p * 4 + c] : 0.f;
+        const float *ps = scales + (size_t)p * 4 * (K / GROUP);
         float *dst = out + (size_t)(p * 4 - n0) * K;
         for (int k = 0; k < K; k += CH, panel += 4 * CH)
-            for (int c = 0; c < 4; c++)
-                for (int j = 0; j < CH; j++) dst[(size_t)c * K + k + j] = (float)panel[c * CH + j] * s[c];
+            for (int c = 0; c < 4; c++) {
+                const float s = ps[(k / GROUP) * 4 + c];
+                for (int j = 0; j < CH; j++) dst[(size_t)c * K + k + j] = (float)panel[c * CH + j] * s;
+            }
     }
 }

@@ -13,6 +13,11 @@ bench's two-hop questions in the profile's prompt format, greedy with EOS disabl
 * ``bs=8 s``: ``AutoPatcher.answer`` (the shipped profile, screen and gate) on all 8 questions at once.
 
 Each timing is the median of ``--repeats``; ratios are against ``none`` in the same run, on the same machine.
+
+``--llama-cpp`` adds llama.cpp (``pip install llama-cpp-python``, which builds from source) on the very GGUF
+file autopatch unpacks, as the CPU anchor: the same rendered prompts, greedy, its own prefill and decode timed
+the same way (``Llama.eval`` of the prompt, then one ``eval`` per sampled token); its "load" is opening the
+GGUF file (memory-mapped, nothing to unpack).
 """
 
 from __future__ import annotations
@@ -64,16 +69,53 @@ def _child(model_name: str | None, mode: str, new_tokens: int, repeats: int, tim
             patcher.answer(QUESTIONS, max_new_tokens=16)
             batched.append(time.perf_counter() - t)
         result.update(prefill_s=prefill, decode_tps=(new_tokens - 1) / (full - prefill),
-                      answer8_s=statistics.median(batched))
+                      answer8_s=statistics.median(batched), prompts=[fmt.render(q, tok) for q in QUESTIONS])
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return result
+
+
+def _llama_child(model_name: str | None, new_tokens: int, repeats: int, threads: int, prompts_file: str) -> dict:
+    """llama.cpp on the embedded model's own GGUF file, timed like :func:`_child`, on the prompts it rendered."""
+    import resource
+
+    import llama_cpp
+
+    from autopatch.loading import _assemble_gguf
+    from autopatch.models import DEFAULT_MODEL, embedded_model
+
+    spec = embedded_model(model_name or DEFAULT_MODEL)
+    if spec is None:
+        raise SystemExit("--llama-cpp needs an embedded model (it runs the GGUF file autopatch ships)")
+    gguf = _assemble_gguf(spec, lambda _msg: None)
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - started
+    texts = json.loads(Path(prompts_file).read_text())
+    prompts = [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts]
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        for tokens in prompts:
+            llm.reset()
+            llm.eval(tokens)
+            for _ in range(n - 1):
+                llm.eval([llm.sample(temp=0.0)])
+        return (time.perf_counter() - t) / len(prompts)
+
+    run(2)
+    prefill = statistics.median(run(1) for _ in range(repeats))
+    full = statistics.median(run(new_tokens) for _ in range(repeats))
+    return {"load_s": load_s, "first_load_s": load_s, "prefill_s": prefill,
+            "decode_tps": (new_tokens - 1) / (full - prefill), "answer8_s": float("nan"),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
 def _spawn(args: argparse.Namespace, mode: str, timed: bool, cache: str) -> dict:
     env = dict(os.environ, AUTOPATCH_QUANTIZED_CACHE=cache)  # an empty quantized cache for this run only
     root = str(Path(__file__).resolve().parent.parent)
-    call = f"_child({args.model!r}, {mode!r}, {args.new_tokens}, {args.repeats}, {timed!r})"
-    code = f"import json,sys; sys.path.insert(0, {root!r}); from bench.bench_quantize import _child; " \
+    call = f"_child({args.model!r}, {mode!r}, {args.new_tokens}, {args.repeats}, {timed!r})" if mode != "llama.cpp" \
+        else f"_llama_child({args.model!r}, {args.new_tokens}, {args.repeats}, {args.threads}, {cache + '/prompts.json'!r})"
+    code = f"import json,sys; sys.path.insert(0, {root!r}); from bench.bench_quantize import _child, _llama_child; " \
            f"print('RESULT ' + json.dumps({call}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -88,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="none,int8,int8-dynamic")
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp on the same GGUF file (the CPU anchor)")
     args = parser.parse_args(argv)
     import torch
 
+    args.threads = torch.get_num_threads()
     modes = [m for m in args.modes.split(",") if m]
     rows = {}
     with tempfile.TemporaryDirectory(prefix="autopatch-quantized-") as cache:
@@ -99,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             later = _spawn(args, mode, timed=True, cache=cache)
             rows[mode] = {**later, "first_load_s": first["load_s"], "peak_rss_gb": max(first["peak_rss_gb"],
                                                                                        later["peak_rss_gb"])}
+        if args.llama_cpp:
+            (Path(cache) / "prompts.json").write_text(json.dumps(next(iter(rows.values()))["prompts"]))
+            rows["llama.cpp"] = _spawn(args, "llama.cpp", timed=True, cache=cache)
     base = rows.get("none")
     print(f"model: {args.model or 'gemma-3-270m'}, threads: {torch.get_num_threads()}, new tokens: {args.new_tokens}, "
           f"repeats: {args.repeats}, CPU: {_cpu()}\n")
@@ -113,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             return f" ({x:.2f}x)"
         print(f"| {mode} | {r['first_load_s']:.1f} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} | "
               f"{r['prefill_s']:.3f}{ratio('prefill_s')} | {r['decode_tps']:.2f}{ratio('decode_tps', True)} | "
-              f"{r['answer8_s']:.2f}{ratio('answer8_s')} |")
+              + (f"{r['answer8_s']:.2f}{ratio('answer8_s')} |" if r["answer8_s"] == r["answer8_s"] else "– |"))
     print("\n(x) = speed relative to none: above 1 is faster.")
     return 0
 

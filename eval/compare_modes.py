@@ -27,10 +27,13 @@ PAIRED_SETTINGS = ("dataset", "split", "hops", "limit", "model", "budget", "cot_
 
 
 def _run(path: Path) -> tuple[dict, dict[tuple[str, str], dict]]:
+    from autopatch.models import DEFAULT_MODEL
+
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SystemExit(f"{path}: not an `autopatch eval` run ({err})") from None
+    config["model"] = config.get("model") or DEFAULT_MODEL  # runs of the default model recorded no name
     return config, {(row["method"], row["id"]): row for row in read_results(path)}
 
 

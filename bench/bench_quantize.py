@@ -93,24 +93,28 @@ def _llama_child(model_name: str | None, new_tokens: int, repeats: int, threads:
     texts = json.loads(Path(prompts_file).read_text())
     prompts = [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts]
 
-    def run(n: int) -> float:
-        t = time.perf_counter()
+    banned = {llm.token_eos(): -1e9}  # a fixed length, as EOS disabled does for the torch modes
+
+    def run(n: int) -> tuple[float, int]:
+        """Seconds per prompt, and how many tokens were generated in all (llama.cpp may still stop early)."""
+        t, made = time.perf_counter(), 0
         for tokens in prompts:
-            llm.reset()
-            llm.eval(tokens)
-            for _ in range(n - 1):
-                llm.eval([llm.sample(temp=0.0)])
-        return (time.perf_counter() - t) / len(prompts)
+            llm.reset()  # no reuse of the previous prompt's cache: each prefill is timed whole
+            out = llm.create_completion(tokens, max_tokens=n, temperature=0.0, logit_bias=banned)
+            made += out["usage"]["completion_tokens"]
+        return (time.perf_counter() - t) / len(prompts), made
 
     run(2)
-    prefill = statistics.median(run(1) for _ in range(repeats))
-    full = statistics.median(run(new_tokens) for _ in range(repeats))
+    prefill = statistics.median(run(1)[0] for _ in range(repeats))
+    fulls = [run(new_tokens) for _ in range(repeats)]
+    full = statistics.median(f[0] for f in fulls)
+    extra = (fulls[0][1] - len(prompts)) / len(prompts)  # tokens after the first, per prompt
     return {"load_s": load_s, "first_load_s": load_s, "prefill_s": prefill,
-            "decode_tps": (new_tokens - 1) / (full - prefill), "answer8_s": float("nan"),
+            "decode_tps": extra / (full - prefill), "answer8_s": float("nan"),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
-def _spawn(args: argparse.Namespace, mode: str, timed: bool, cache: str) -> dict:
+def _spawn(args: argparse.Namespace, mode: str, timed: bool, cache: str) -> dict | None:
     env = dict(os.environ, AUTOPATCH_QUANTIZED_CACHE=cache)  # an empty quantized cache for this run only
     root = str(Path(__file__).resolve().parent.parent)
     call = f"_child({args.model!r}, {mode!r}, {args.new_tokens}, {args.repeats}, {timed!r})" if mode != "llama.cpp" \
@@ -119,8 +123,10 @@ def _spawn(args: argparse.Namespace, mode: str, timed: bool, cache: str) -> dict
            f"print('RESULT ' + json.dumps({call}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"mode {mode} failed:\n{out.stderr[-2000:]}")
+    if line is None:  # a crash is a row of the table, not the end of the run
+        why = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        print(f"mode {mode} failed (exit code {out.returncode}): {why[0][:300]}", file=sys.stderr)
+        return None
     return json.loads(line[len("RESULT "):])
 
 
@@ -138,14 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     rows = {}
     with tempfile.TemporaryDirectory(prefix="autopatch-quantized-") as cache:
+        failed: dict[str, str] = {}
         for mode in modes:
             first = _spawn(args, mode, timed=False, cache=cache)
-            later = _spawn(args, mode, timed=True, cache=cache)
+            later = _spawn(args, mode, timed=True, cache=cache) if first else None
+            if first is None or later is None:
+                failed[mode] = "crashed (see stderr)"
+                continue
             rows[mode] = {**later, "first_load_s": first["load_s"], "peak_rss_gb": max(first["peak_rss_gb"],
                                                                                        later["peak_rss_gb"])}
-        if args.llama_cpp:
+        if args.llama_cpp and rows:
             (Path(cache) / "prompts.json").write_text(json.dumps(next(iter(rows.values()))["prompts"]))
-            rows["llama.cpp"] = _spawn(args, "llama.cpp", timed=True, cache=cache)
+            llama = _spawn(args, "llama.cpp", timed=True, cache=cache)
+            if llama is None:
+                failed["llama.cpp"] = "crashed (see stderr)"
+            else:
+                rows["llama.cpp"] = llama
     base = rows.get("none")
     print(f"model: {args.model or 'gemma-3-270m'}, threads: {torch.get_num_threads()}, new tokens: {args.new_tokens}, "
           f"repeats: {args.repeats}, CPU: {_cpu()}\n")
@@ -161,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | {r['first_load_s']:.1f} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} | "
               f"{r['prefill_s']:.3f}{ratio('prefill_s')} | {r['decode_tps']:.2f}{ratio('decode_tps', True)} | "
               + (f"{r['answer8_s']:.2f}{ratio('answer8_s')} |" if r["answer8_s"] == r["answer8_s"] else "– |"))
+    for mode, why in failed.items():
+        print(f"| {mode} | {why} | | | | | |")
     print("\n(x) = speed relative to none: above 1 is faster.")
     return 0
 

@@ -103,10 +103,14 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = weight.shape
     if not packable(k):
         raise ValueError(f"quantize_groups: {k} columns is not a multiple of {GROUP}")
-    groups = weight.detach().float().reshape(n, k // GROUP, GROUP)
-    scales = groups.abs().amax(dim=2).clamp(min=1e-12) / 127.0
-    q = torch.round(groups / scales[:, :, None]).clamp_(-127, 127).to(torch.int8)
-    return q.reshape(n, k), scales
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // GROUP, dtype=torch.float32)
+    for start in range(0, n, 4096):  # in slices, so a large LM head needs no float32 temporaries of its size
+        groups = weight[start : start + 4096].detach().float().reshape(-1, k // GROUP, GROUP)
+        part = groups.abs().amax(dim=2).clamp_(min=1e-12).div_(127.0)
+        scales[start : start + 4096] = part
+        q[start : start + 4096] = torch.round(groups / part[:, :, None]).clamp_(-127, 127).to(torch.int8).reshape(-1, k)
+    return q, scales
 
 
 def pack_scales(scales: torch.Tensor) -> torch.Tensor:

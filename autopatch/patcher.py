@@ -49,7 +49,7 @@ from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
 from autopatch.locate import UnlocatableQuestion, locate
 from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs, with_continuations
 from autopatch.prefill import Prefill, RowPlan
-from autopatch.prefix_cache import prefix_layout
+from autopatch.prefix_cache import prefix_layout, register_prefix
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.resolve import Resolution, resolve
@@ -124,6 +124,8 @@ class AutoPatcher:
         self.gate: Gate = self.resolution.gate
         self.control = control
         self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix_cache); False: plain batches
+        if reuse_prefix:
+            register_prefix(self.model, self._format_prefix())
         if decomposer not in DECOMPOSERS:
             raise PatchError(f"Unknown decomposer {decomposer!r}; choose one of {', '.join(DECOMPOSERS)}.")
         self.decomposer = decomposer  # who reads the question: the grammar, the model, or both (grammar first)
@@ -221,6 +223,13 @@ class AutoPatcher:
         shifted = [[lay.engine_position(p) if p >= 0 else p for p in row] for row in positions]
         with capture(self.model, layers, shifted, attention_mask=lay.engine_mask) as cap:
             yield Prefill(rows, plans, positions, cap, lay)
+
+    def _format_prefix(self) -> list[int]:
+        """The tokens every prompt of the profile's format starts with (the demonstrations, a chat system turn),
+        less the last (it can merge with a question's first word)."""
+        first, second = (self.encode([q]).input_ids[0].tolist() for q in ("Who wrote Hamlet?", "7 + 5 ="))
+        shared = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+        return first[: max(0, shared - 1)]
 
     def encode(self, questions: Sequence[str]):
         """The questions rendered in the profile's format and tokenized as one left-padded batch, on the model's device."""

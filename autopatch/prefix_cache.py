@@ -44,6 +44,8 @@ MAX_PREFIXES_PER_MODEL = 8
 
 _lock = threading.Lock()
 _store: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+# Prefixes known to start many prompts (a patcher's prompt format), computed the first time a row starts with one.
+_known: weakref.WeakKeyDictionary[torch.nn.Module, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,28 @@ def clear_prefix_cache(model: torch.nn.Module | None = None) -> None:
     with _lock:
         if model is None:
             _store.clear()
+            _known.clear()
         else:
             _store.pop(model, None)
+            _known.pop(model, None)
+
+
+def register_prefix(model: torch.nn.Module, prefix: Sequence[int]) -> None:
+    """Declare that many of ``model``'s prompts start with ``prefix`` (a prompt format's fixed start), so a
+    single row that starts with it reuses its cache; it is computed the first time one does."""
+    if len(prefix) >= MIN_PREFIX_TOKENS:
+        with _lock:
+            _known.setdefault(model, set()).add(tuple(int(t) for t in prefix))
+
+
+def _reusable_len(model: torch.nn.Module, row: torch.Tensor, limit: int) -> int:
+    """The longest cached or registered prefix of at most ``limit`` tokens that ``row`` starts with (0: none).
+    A single row's own start is only worth caching when it will be seen again: a prefix computed for one row
+    alone is a second forward pass, not a saving."""
+    with _lock:
+        keys = [k for k in (*(_store.get(model) or {}), *(_known.get(model) or ())) if len(k) <= limit]
+    head = tuple(int(t) for t in row[: max((len(k) for k in keys), default=0)])
+    return max((len(k) for k in keys if head[: len(k)] == k), default=0)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -171,11 +193,17 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
     """Lay ``rows`` out for one ``generate`` call, reusing the KV cache of the prefix they all share.
 
     ``protect``: non-negative row positions that a capture or patch will touch; the cached prefix stops before
-    the earliest. The last token of every row always stays in the suffix (its logits start the answer).
+    the earliest. The last token of every row always stays in the suffix (its logits start the answer). A batch
+    of one row uses only a prefix already cached or registered (:func:`register_prefix`), where the cache pays.
     """
     rows = [r.cpu() for r in rows]
-    length = shared_prefix_len(rows) if enabled and len(rows) > 0 else 0
-    length = min([length, min(len(r) for r in rows) - 1, *(p for p in protect if p >= 0)]) if rows else 0
+    limit = min([min(len(r) for r in rows) - 1, *(p for p in protect if p >= 0)]) if rows else 0
+    if not enabled or not rows:
+        length = 0
+    elif len(rows) > 1:  # several rows share their prefix's computation
+        length = min(shared_prefix_len(rows), limit)
+    else:  # one row only gains from a prefix seen before
+        length = _reusable_len(model, rows[0], limit)
     window = _sliding_window(model)
     if window is not None and max(len(r) for r in rows) >= window:
         length = 0  # a sliding-window cache would drop the prefix's oldest keys

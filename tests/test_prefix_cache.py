@@ -174,3 +174,25 @@ def test_gate_features_are_the_same_through_the_cached_prefix():
     torch.testing.assert_close(plain_logits, cached_logits, atol=1e-4, rtol=1e-4)
     for layer in (0, 2):
         torch.testing.assert_close(plain_states[layer], cached_states[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_a_single_row_uses_only_a_prefix_seen_before():
+    from autopatch.prefix_cache import register_prefix
+
+    model, tok = tiny_model_for_bytes("llama", seed=7), byte_tokenizer()
+    clear_prefix_cache(model)
+    row = _rows(tok, [FMT.render(QUESTIONS[0])])
+    assert prefix_layout(model, row, tok.pad_token_id).prefix_len == 0  # its own start alone: a second forward
+    AutoPatcher(model, tok, PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT))  # registers FMT's start
+    reused = prefix_layout(model, row, tok.pad_token_id)
+    assert reused.prefix_len >= MIN_PREFIX_TOKENS
+    assert row[0][: reused.prefix_len].tolist() == reused.input_ids[0, : reused.prefix_len].tolist()
+    other = _rows(tok, ["Some text in another format entirely, long enough to matter."])
+    assert prefix_layout(model, other, tok.pad_token_id).prefix_len == 0
+    register_prefix(model, [1, 2, 3])  # shorter than MIN_PREFIX_TOKENS: not worth a cache
+    ids, mask = left_pad(row, tok.pad_token_id)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    cached = model.generate(input_ids=reused.input_ids, attention_mask=reused.attention_mask,
+                            **reused.generate_kwargs(model), **kwargs)[:, reused.width:]
+    assert torch.equal(plain, cached)

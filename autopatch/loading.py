@@ -185,10 +185,10 @@ def load_model(
     (:func:`autopatch.quantize.default_mode`). An unknown mode, or one this machine cannot run, is refused
     before anything loads, naming the modes that work.
     """
-    from autopatch.quantize import check_mode, default_mode, quantize_model, source_cache_key
+    from autopatch.quantize import check_mode, default_mode, quantize_model, runs_on_cpu_float32, source_cache_key
 
     mode = check_mode(quantize if quantize is not None else default_mode(name_or_path, device, dtype))
-    if not mode.is_float and ((device is not None and str(device) != "cpu") or (dtype not in (None, "float32", torch.float32))):
+    if not mode.is_float and not runs_on_cpu_float32(device, dtype):
         from autopatch.errors import ConfigError
 
         raise ConfigError(f"quantize={mode.name!r} runs on the CPU in float32 activations; drop device=/dtype= "

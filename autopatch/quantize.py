@@ -20,9 +20,8 @@ Why this design (measured in docs/quantization.md):
   (:mod:`autopatch.kernels`).
 * ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
   channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
-  ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with a massive activation,
-  the attention sink at the first position of Qwen-style models, sets the scale of every other token, and a
-  row's answer depends on the rest of its batch.)
+  ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with an outlying
+  activation sets the scale of every other token, and a row's answer depends on the rest of its batch.)
 * Only ``nn.Linear`` layers inside the decoder blocks (and, by mode, the LM head) change; block outputs,
   the residual stream, norms and embeddings stay float32, so :func:`autopatch.engine.capture`,
   :func:`~autopatch.engine.patch`, the Patchscopes and every strategy see the tensors they always saw, and
@@ -48,65 +47,50 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autopatch import kernels
 from autopatch.errors import ConfigError
-from autopatch.kernels import packable
 
 logger = logging.getLogger("autopatch")
 
 __all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt8Linear", "available_modes",
-           "check_mode", "default_mode", "model_quantization", "quantize_model", "source_cache_key"]
+           "check_mode", "default_mode", "model_quantization", "quantize_model", "runs_on_cpu_float32",
+           "source_cache_key"]
 
 
 class Int8Linear(nn.Module):
-    """A Linear whose weight is int8 per output channel (scale = absmax / 127); subclasses choose the kernel.
+    """A Linear whose weight is stored as int8; each subclass owns its weight layout and its kernel.
 
     Example:
         >>> q = WeightOnlyInt8Linear.from_linear(nn.Linear(64, 32))
         >>> q(torch.randn(2, 5, 64)).shape
         torch.Size([2, 5, 32])
 
-    The weight lives in buffers (``qweight`` int8 in the kernel's layout, ``wscale`` float32 ``[out]``), so a
-    layer round-trips through ``state_dict`` and safetensors without pickling.
+    Everything lives in buffers, so a layer round-trips through ``state_dict`` and safetensors without pickling.
     """
 
-    qweight: torch.Tensor
-    wscale: torch.Tensor
     bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(self.stored_shape(in_features, out_features), dtype=torch.int8))
-        self.register_buffer("wscale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-
-    @staticmethod
-    def stored_shape(in_features: int, out_features: int) -> tuple[int, ...]:
-        return (out_features, in_features)
-
-    @staticmethod
-    def layout(qweight: torch.Tensor) -> torch.Tensor:
-        """int8 ``[out, in]`` -> the layout this kernel reads."""
-        return qweight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """Quantize ``linear``'s weight symmetrically per output channel."""
-        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        qweight, wscale = quantize_per_channel(linear.weight.detach().float())
-        q.qweight.copy_(cls.layout(qweight))
-        q.wscale.copy_(wscale)
-        if linear.bias is not None and q.bias is not None:
-            q.bias.copy_(linear.bias.detach().float())
-        return q
+        """``linear``'s weight rounded to int8 (and its bias copied)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer._store(linear.weight.detach().float())
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer
 
-    def int8_weight(self) -> torch.Tensor:
-        """The int8 ``[out, in]`` weight."""
-        return self.qweight
+    def _store(self, weight: torch.Tensor) -> None:
+        """Quantize the float32 ``[out, in]`` weight into this layer's buffers."""
+        raise NotImplementedError
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight this layer multiplies by."""
-        return self.int8_weight().float() * self.wscale[:, None]
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -116,51 +100,51 @@ class WeightOnlyInt8Linear(Int8Linear):
     """int8 weights with one float32 scale per 32 weights of a row, float32 activations:
     :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels (``qweight``, ``gscale``)."""
 
+    qweight: torch.Tensor
     gscale: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        from autopatch.kernels import CHUNK, GROUP, PANEL
+        super().__init__(in_features, out_features, bias)
+        panels = kernels.panels(out_features)
+        self.register_buffer("qweight", torch.zeros(panels, in_features // kernels.CHUNK, kernels.PANEL, kernels.CHUNK,
+                                                    dtype=torch.int8))
+        self.register_buffer("gscale", torch.zeros(panels, in_features // kernels.GROUP, kernels.PANEL))
 
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        panels = -(-out_features // PANEL)
-        self.register_buffer("qweight", torch.zeros(panels, in_features // CHUNK, PANEL, CHUNK, dtype=torch.int8))
-        self.register_buffer("gscale", torch.zeros(panels, in_features // GROUP, PANEL, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> WeightOnlyInt8Linear:
-        from autopatch.kernels import pack, pack_scales, quantize_groups
-
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        q, scales = quantize_groups(linear.weight)
-        layer.qweight.copy_(pack(q))
-        layer.gscale.copy_(pack_scales(scales))
-        if linear.bias is not None and layer.bias is not None:
-            layer.bias.copy_(linear.bias.detach().float())
-        return layer
-
-    def int8_weight(self) -> torch.Tensor:
-        from autopatch.kernels import unpack
-
-        return unpack(self.qweight, self.out_features)
+    def _store(self, weight: torch.Tensor) -> None:
+        q, scales = kernels.quantize_groups(weight)
+        self.qweight.copy_(kernels.pack(q))
+        self.gscale.copy_(kernels.pack_scales(scales))
 
     def dequantized_weight(self) -> torch.Tensor:
-        from autopatch.kernels import GROUP, unpack_scales
-
-        scales = unpack_scales(self.gscale, self.out_features)
-        return self.int8_weight().float() * scales.repeat_interleave(GROUP, dim=1)
+        q = kernels.unpack(self.qweight, self.out_features)
+        scales = kernels.unpack_scales(self.gscale, self.out_features)
+        return q.float() * scales.repeat_interleave(kernels.GROUP, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from autopatch.kernels import w8_matmul
-
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = w8_matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
+        out = kernels.w8_matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class DynamicInt8Linear(Int8Linear):
-    """int8 weights and int8 activations, one scale per token: ``torch._int_mm`` (int32 accumulation)."""
+    """int8 weights per output channel and int8 activations, one scale per token: ``torch._int_mm`` (int32
+    accumulation). Buffers: ``qweight`` int8 ``[out, in]``, ``wscale`` float32 ``[out]``."""
+
+    qweight: torch.Tensor
+    wscale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("wscale", torch.ones(out_features, dtype=torch.float32))
+
+    def _store(self, weight: torch.Tensor) -> None:
+        q, scale = quantize_per_channel(weight)
+        self.qweight.copy_(q)
+        self.wscale.copy_(scale)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.wscale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
@@ -231,9 +215,7 @@ def _int_mm_error() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _kernel_error() -> str | None:
-    from autopatch.kernels import kernel_error
-
-    return kernel_error()
+    return kernels.kernel_error()
 
 
 def _why_not(mode: QuantMode) -> str | None:
@@ -260,6 +242,11 @@ def check_mode(mode: str | None) -> QuantMode:
     return spec
 
 
+def runs_on_cpu_float32(device: object = None, dtype: object = None) -> bool:
+    """Whether ``load_model``'s ``device`` and ``dtype`` leave the model where the int8 modes run: the CPU, float32."""
+    return (device is None or str(device) == "cpu") and dtype in (None, "float32", torch.float32)
+
+
 def default_mode(name_or_path: object = None, device: object = None, dtype: object = None) -> str:
     """The mode ``load_model`` uses when ``quantize`` is not given: the embedded model's measured CPU default
     (:attr:`autopatch.models.EmbeddedModel.cpu_quantize`) on the CPU in float32 where this machine can run it,
@@ -268,8 +255,7 @@ def default_mode(name_or_path: object = None, device: object = None, dtype: obje
     from autopatch.models import DEFAULT_MODEL, embedded_model
 
     spec = embedded_model(str(name_or_path) if name_or_path is not None else DEFAULT_MODEL)
-    on_cpu = device is None or str(device) == "cpu"
-    if spec is None or spec.cpu_quantize is None or not on_cpu or dtype not in (None, "float32", torch.float32):
+    if spec is None or spec.cpu_quantize is None or not runs_on_cpu_float32(device, dtype):
         return "none"
     mode = QUANT_MODES.get(spec.cpu_quantize)
     return spec.cpu_quantize if mode is not None and _why_not(mode) is None else "none"
@@ -285,7 +271,7 @@ def quantizable_linears(model: nn.Module, mode: QuantMode) -> list[str]:
     block_ids = {id(m) for m in layers.modules()} if layers is not None else set()
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or (mode.layer is WeightOnlyInt8Linear and not packable(module.in_features)):
+        if not isinstance(module, nn.Linear) or (mode.layer is WeightOnlyInt8Linear and not kernels.packable(module.in_features)):
             continue
         if id(module) in block_ids or (mode.quantize_head and module is head):
             names.append(name)
@@ -298,8 +284,8 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
     The input embeddings are never touched (a tied LM head is untied: the head becomes int8, the embeddings
     keep float32). With ``cache_key`` (a string naming these exact weights, see :func:`source_cache_key`), the
     int8 weights are read from, or written to, ``$AUTOPATCH_QUANTIZED_CACHE``, else ``cache_dir()/quantized/``,
-    as safetensors with a SHA-256
-    manifest: a later load skips the quantization, and a file that fails its checksum is rebuilt, never used.
+    as safetensors with a SHA-256 manifest: a later load skips the quantization, and a file that fails its
+    checksum is rebuilt, never used.
     """
     spec = mode if isinstance(mode, QuantMode) else check_mode(mode)
     if spec.layer is None:
@@ -372,11 +358,11 @@ def _read_cache(cache_key: str, spec: QuantMode, names: list[str]) -> dict[str, 
         ok = (meta.get("format") == CACHE_FORMAT and meta.get("mode") == spec.name and meta.get("layers") == names
               and meta.get("sha256") == _sha256(weights))
         state = load_file(str(weights)) if ok else None
+        why = "failed its check"
     except (OSError, ValueError) as err:
-        logger.warning("autopatch: the quantized cache %s is unreadable (%s); quantizing again", weights.parent, err)
-        state = None
+        state, why = None, f"is unreadable ({err})"
     if state is None:
-        logger.warning("autopatch: the quantized cache %s failed its check; quantizing again", weights.parent)
+        logger.warning("autopatch: the quantized cache %s %s; quantizing again", weights.parent, why)
         shutil.rmtree(weights.parent, ignore_errors=True)
     return state
 

@@ -11,9 +11,9 @@ Example:
     True
 
 Why a C file: the int8 kernels torch and torchao offer on the CPU either dequantize the whole weight per call
-(``aten._weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``: 4-12x slower than float32 here) or quantize
+(``aten._weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``: 4-10x slower than float32 here) or quantize
 the activations too (``quantized::linear_dynamic``, ``torch._int_mm``: fast, but it costs accuracy), see
-docs/quantization.md. ``w8.c`` is ~100 lines of AVX2/AVX-512 intrinsics, compiled once per machine with the
+docs/quantization.md. ``w8.c`` is about 120 lines of AVX2/AVX-512 intrinsics, compiled once per machine with the
 host's C compiler (``$CC``, else ``cc``/``gcc``) into :func:`autopatch.loading.cache_dir` ``/kernels/``, named by
 the hash of its source, flags and CPU, and loaded with :mod:`ctypes` (which releases the GIL during a call).
 """
@@ -93,6 +93,11 @@ GROUP = 32  # columns per scale (GROUP in w8.c): the width of a GGUF Q4_K block
 PANEL = 4  # weight rows per panel
 
 
+def panels(rows: int) -> int:
+    """How many panels of 4 weight rows hold ``rows`` rows (the last one padded with zero rows)."""
+    return -(-rows // PANEL)
+
+
 def packable(in_features: int) -> bool:
     """Whether a Linear with this many inputs fits the kernel's layout (a multiple of 32 columns)."""
     return in_features % GROUP == 0
@@ -116,10 +121,9 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack_scales(scales: torch.Tensor) -> torch.Tensor:
     """float32 ``[n, k/32]`` -> ``[ceil(n/4), k/32, 4]`` (padding rows scale 0), the panels' scales."""
     n, groups = scales.shape
-    rows = -(-n // PANEL) * PANEL
-    padded = torch.zeros(rows, groups, dtype=torch.float32)
+    padded = torch.zeros(panels(n) * PANEL, groups, dtype=torch.float32)
     padded[:n] = scales
-    return padded.view(rows // PANEL, PANEL, groups).transpose(1, 2).contiguous()
+    return padded.view(panels(n), PANEL, groups).transpose(1, 2).contiguous()
 
 
 def unpack_scales(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -131,12 +135,11 @@ def unpack_scales(packed: torch.Tensor, n: int) -> torch.Tensor:
 def pack(qweight: torch.Tensor) -> torch.Tensor:
     """int8 ``[n, k]`` -> ``[ceil(n/4), k/16, 4, 16]``: each panel of 4 rows as one contiguous stream."""
     n, k = qweight.shape
-    if not packable(k):
+    if k % CHUNK:  # the panel layout needs whole chunks; the scales (pack_scales) need whole groups
         raise ValueError(f"pack: {k} columns is not a multiple of {CHUNK}")
-    rows = -(-n // PANEL) * PANEL
-    padded = torch.zeros(rows, k, dtype=torch.int8)
+    padded = torch.zeros(panels(n) * PANEL, k, dtype=torch.int8)
     padded[:n] = qweight
-    return padded.view(rows // PANEL, PANEL, k // CHUNK, CHUNK).transpose(1, 2).contiguous()
+    return padded.view(panels(n), PANEL, k // CHUNK, CHUNK).transpose(1, 2).contiguous()
 
 
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -173,7 +176,7 @@ def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias:
     m, k = x.shape
     n = packed.shape[0] * PANEL if n is None else n
     if (x.dtype, packed.dtype, scales.dtype) != (torch.float32, torch.int8, torch.float32) or not packable(k) \
-            or tuple(packed.shape) != (-(-n // PANEL), k // CHUNK, PANEL, CHUNK) \
+            or tuple(packed.shape) != (panels(n), k // CHUNK, PANEL, CHUNK) \
             or tuple(scales.shape) != (packed.shape[0], k // GROUP, PANEL) \
             or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,))):
         raise ValueError(f"w8_matmul: expected float32 [m, k] with k a multiple of {GROUP}, pack(q) and pack_scales(s) "
@@ -204,9 +207,10 @@ def _dequantized_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, s
     reading the int8 weight once per slice costs little beside it."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    buffer = torch.empty(min(n + (-n) % PANEL, GEMM_SLICE), k, dtype=torch.float32)
+    padded = panels(n) * PANEL
+    buffer = torch.empty(min(padded, GEMM_SLICE), k, dtype=torch.float32)
     for n0 in range(0, n, GEMM_SLICE):
-        rows = min(GEMM_SLICE, n + (-n) % PANEL - n0)
+        rows = min(GEMM_SLICE, padded - n0)
         lib.autopatch_w8_dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
         width = min(rows, n - n0)
         torch.matmul(x, buffer[:width].t(), out=y[:, n0 : n0 + width])

@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int8', 'int8-dynamic', 'none']
+    ['int4', 'int8', 'int8-dynamic', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -18,6 +18,10 @@ Why this design (measured in docs/quantization.md):
 * So ``int8`` keeps the activations float32 and gives the weights one scale per 32 weights of a row (the width
   of the GGUF Q4_K blocks the embedded weights were dequantized from), multiplied by autopatch's own kernel
   (:mod:`autopatch.kernels`).
+* ``int4`` holds a weight at 4 bits (``a * q + b``, float32 ``a, b`` per 32 weights of a row) where that is at
+  least as faithful as int8, which is exactly where the weight already was 4-bit (the GGUF Q4_K tensors the
+  embedded models ship), and in int8 elsewhere (their Q5/Q6/Q8 tensors); a float model the user trained
+  mostly stays int8. It halves the bytes a decode step reads from the Q4_K tensors, losing nothing.
 * ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
   channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
   ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with an outlying
@@ -52,8 +56,8 @@ from autopatch.errors import ConfigError
 
 logger = logging.getLogger("autopatch")
 
-__all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt8Linear", "available_modes",
-           "check_mode", "default_mode", "model_quantization", "quantize_model", "runs_on_cpu_float32",
+__all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt4Linear",
+           "WeightOnlyInt8Linear", "available_modes", "check_mode", "default_mode", "model_quantization", "quantize_model", "runs_on_cpu_float32",
            "source_cache_key"]
 
 
@@ -84,6 +88,16 @@ class Int8Linear(nn.Module):
             layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    @classmethod
+    def accepts(cls, linear: nn.Linear) -> bool:
+        """Whether this layout can hold ``linear`` at all (the packed kernels need whole groups of 32 inputs)."""
+        return True
+
+    @classmethod
+    def holds(cls, weight: torch.Tensor) -> bool:
+        """Whether this layer keeps ``weight`` faithfully enough to be chosen for it (see :class:`QuantMode`)."""
+        return True
+
     def _store(self, weight: torch.Tensor) -> None:
         """Quantize the float32 ``[out, in]`` weight into this layer's buffers."""
         raise NotImplementedError
@@ -110,6 +124,10 @@ class WeightOnlyInt8Linear(Int8Linear):
                                                     dtype=torch.int8))
         self.register_buffer("gscale", torch.zeros(panels, in_features // kernels.GROUP, kernels.PANEL))
 
+    @classmethod
+    def accepts(cls, linear: nn.Linear) -> bool:
+        return kernels.packable(linear.in_features)
+
     def _store(self, weight: torch.Tensor) -> None:
         q, scales = kernels.quantize_groups(weight)
         self.qweight.copy_(kernels.pack(q))
@@ -124,6 +142,77 @@ class WeightOnlyInt8Linear(Int8Linear):
         rows = x.reshape(-1, self.in_features).float().contiguous()
         out = kernels.w8_matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class WeightOnlyInt4Linear(Int8Linear):
+    """4-bit weights ``a * q + b`` (q in 0..15, float32 ``a, b`` per 32 weights of a row), float32 activations:
+    :func:`autopatch.kernels.w4_matmul` on packed panels (``qweight``, ``gscale``).
+
+    It holds (:meth:`holds`) a weight that is already on a 4-bit grid, such as one dequantized from a GGUF
+    Q4_K block, exactly (to float32 rounding); any other weight it would round, so
+    :meth:`holds` accepts it only where its error is no larger than the int8 layer's on the same weight.
+    """
+
+    qweight: torch.Tensor
+    gscale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        panels, groups = kernels.panels(out_features), in_features // kernels.GROUP
+        self.register_buffer("qweight", torch.zeros(panels, groups, kernels.PANEL, kernels.GROUP // 2,
+                                                    dtype=torch.uint8))
+        self.register_buffer("gscale", torch.zeros(panels, groups, 2, kernels.PANEL))
+
+    @classmethod
+    def accepts(cls, linear: nn.Linear) -> bool:
+        return kernels.packable(linear.in_features)
+
+    @classmethod
+    def holds(cls, weight: torch.Tensor) -> bool:
+        rows = weight[:: max(1, weight.shape[0] // HOLDS_SAMPLE)]  # a GGUF tensor has one type throughout
+        return _int4_error(rows) <= _int8_error(rows)
+
+    def _store(self, weight: torch.Tensor) -> None:
+        q, a, b = kernels.quantize_affine4(weight)
+        self.qweight.copy_(kernels.pack4(q))
+        self.gscale.copy_(kernels.pack4_scales(a, b))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = kernels.unpack4(self.qweight, self.out_features).float()
+        a, b = kernels.unpack4_scales(self.gscale, self.out_features)
+        return torch.addcmul(b.repeat_interleave(kernels.GROUP, dim=1), q, a.repeat_interleave(kernels.GROUP, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        out = kernels.w4_matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+HOLDS_SAMPLE = 512  # rows of a weight that decide whether it is held at 4 bits
+
+
+def _squared_error(weight: torch.Tensor, rebuilt) -> float:
+    """sum((rebuilt(rows) - rows)^2) over ``weight``, in slices of rows (no full-size float temporaries)."""
+    total = 0.0
+    for start in range(0, weight.shape[0], 4096):
+        rows = weight[start : start + 4096].detach().float()
+        total += float((rebuilt(rows) - rows).pow_(2).sum())
+    return total
+
+
+def _int8_error(weight: torch.Tensor) -> float:
+    def rebuilt(rows: torch.Tensor) -> torch.Tensor:
+        q, scales = kernels.quantize_groups(rows)
+        return q.float() * scales.repeat_interleave(kernels.GROUP, dim=1)
+    return _squared_error(weight, rebuilt)
+
+
+def _int4_error(weight: torch.Tensor) -> float:
+    def rebuilt(rows: torch.Tensor) -> torch.Tensor:
+        q, a, b = kernels.quantize_affine4(rows)
+        a, b = (t.repeat_interleave(kernels.GROUP, dim=1) for t in (a, b))
+        return torch.addcmul(b, q.float(), a)
+    return _squared_error(weight, rebuilt)
 
 
 class DynamicInt8Linear(Int8Linear):
@@ -175,26 +264,39 @@ def _int8_matmul(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QuantMode:
-    """One quantization mode: which Linear layers become int8, and how their activations are multiplied."""
+    """One quantization mode: which Linear layers become quantized, and into what.
+
+    ``layers`` are tried in order for each Linear: it becomes the first that accepts it and holds its weight
+    (:meth:`Int8Linear.holds`); the last one is the fallback and always holds. Empty: nothing is swapped.
+    """
 
     name: str
     description: str
-    layer: type[Int8Linear] | None  # what each swapped Linear becomes; None: nothing is swapped
+    layers: tuple[type[Int8Linear], ...]
     quantize_head: bool = True  # the LM head too (on small models, most of the bytes a decode step reads)
 
     @property
     def is_float(self) -> bool:
-        return self.layer is None
+        return not self.layers
+
+    def layer_for(self, linear: nn.Linear) -> type[Int8Linear]:
+        """The layer class ``linear`` becomes."""
+        fitting = [layer for layer in self.layers if layer.accepts(linear)]
+        weight = linear.weight.detach()
+        return next((layer for layer in fitting[:-1] if layer.holds(weight)), fitting[-1])
 
 
 QUANT_MODES: dict[str, QuantMode] = {
     m.name: m
     for m in (
-        QuantMode("none", "float32 weights and activations (the reference)", None),
+        QuantMode("none", "float32 weights and activations (the reference)", ()),
         QuantMode("int8", "int8 weights with a scale per 32 weights of a row, float32 activations (autopatch's C "
-                          "kernel), in every decoder block and the LM head", WeightOnlyInt8Linear),
+                          "kernel), in every decoder block and the LM head", (WeightOnlyInt8Linear,)),
+        QuantMode("int4", "4-bit weights (a scale and offset per 32) wherever they hold the weight at least "
+                          "as closely as int8 would (a GGUF Q4_K tensor: exactly), int8 elsewhere; float32 "
+                          "activations", (WeightOnlyInt4Linear, WeightOnlyInt8Linear)),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
-                                  "faster prefill, lower accuracy", DynamicInt8Linear),
+                                  "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )
 }
 
@@ -221,7 +323,7 @@ def _kernel_error() -> str | None:
 def _why_not(mode: QuantMode) -> str | None:
     if mode.is_float:
         return None
-    return _int_mm_error() if mode.layer is DynamicInt8Linear else _kernel_error()
+    return _int_mm_error() if DynamicInt8Linear in mode.layers else _kernel_error()
 
 
 def available_modes() -> list[str]:
@@ -271,7 +373,7 @@ def quantizable_linears(model: nn.Module, mode: QuantMode) -> list[str]:
     block_ids = {id(m) for m in layers.modules()} if layers is not None else set()
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or (mode.layer is WeightOnlyInt8Linear and not kernels.packable(module.in_features)):
+        if not isinstance(module, nn.Linear) or not any(layer.accepts(module) for layer in mode.layers):
             continue
         if id(module) in block_ids or (mode.quantize_head and module is head):
             names.append(name)
@@ -288,20 +390,22 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
     checksum is rebuilt, never used.
     """
     spec = mode if isinstance(mode, QuantMode) else check_mode(mode)
-    if spec.layer is None:
+    if spec.is_float:
         return 0
     names = quantizable_linears(model, spec)
     cached = _read_cache(cache_key, spec, names) if cache_key else None
+    kinds = {layer.__name__: layer for layer in spec.layers}
     swapped: dict[str, Int8Linear] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
         if cached is not None:
-            layer = spec.layer(linear.in_features, linear.out_features, bias=linear.bias is not None)
-            layer.load_state_dict({k[len(name) + 1:]: v for k, v in cached.items() if k.startswith(name + ".")})
+            state, kind = cached
+            layer = kinds[kind[name]](linear.in_features, linear.out_features, bias=linear.bias is not None)
+            layer.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
         else:
-            layer = spec.layer.from_linear(linear)
+            layer = spec.layer_for(linear).from_linear(linear)
         setattr(parent, child, layer)
         swapped[name] = layer
     if cache_key and cached is None and swapped:
@@ -310,10 +414,13 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
         config = getattr(model, "config", None)
         if config is not None:
             config.autopatch_quantize = spec.name
+        counts = {kind: sum(type(layer).__name__ == kind for layer in swapped.values()) for kind in kinds}
+        if len(spec.layers) > 1:
+            logger.info("autopatch: %s: %s", spec.name, ", ".join(f"{n} {k}" for k, n in counts.items()))
     return len(swapped)
 
 
-CACHE_FORMAT = 2  # bump when Int8Linear's buffers or the kernel's layout change
+CACHE_FORMAT = 3  # bump when a layer's buffers, the kernels' layout or the manifest change
 
 
 def source_cache_key(source: str | Path) -> str | None:
@@ -346,8 +453,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_cache(cache_key: str, spec: QuantMode, names: list[str]) -> dict[str, torch.Tensor] | None:
-    """The cached int8 state, or ``None`` (absent, or refused: a damaged file is removed and rebuilt)."""
+def _read_cache(cache_key: str, spec: QuantMode, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The cached state and each layer's class name, or ``None`` (absent, or refused: a damaged file is removed
+    and rebuilt)."""
     from safetensors.torch import load_file
 
     weights, manifest = _cache_paths(cache_key, spec)
@@ -355,9 +463,11 @@ def _read_cache(cache_key: str, spec: QuantMode, names: list[str]) -> dict[str, 
         return None
     try:
         meta = json.loads(manifest.read_text())
-        ok = (meta.get("format") == CACHE_FORMAT and meta.get("mode") == spec.name and meta.get("layers") == names
+        kinds = meta.get("layers") if isinstance(meta, dict) else None
+        ok = (isinstance(kinds, dict) and meta.get("format") == CACHE_FORMAT and meta.get("mode") == spec.name
+              and list(kinds) == names and set(kinds.values()) <= {layer.__name__ for layer in spec.layers}
               and meta.get("sha256") == _sha256(weights))
-        state = load_file(str(weights)) if ok else None
+        state = (load_file(str(weights)), kinds) if ok else None
         why = "failed its check"
     except (OSError, ValueError) as err:
         state, why = None, f"is unreadable ({err})"
@@ -379,7 +489,8 @@ def _write_cache(cache_key: str, spec: QuantMode, swapped: dict[str, Int8Linear]
         try:
             save_file(state, str(staging / weights.name))
             (staging / manifest.name).write_text(json.dumps({
-                "format": CACHE_FORMAT, "mode": spec.name, "layers": list(swapped),
+                "format": CACHE_FORMAT, "mode": spec.name,
+                "layers": {name: type(layer).__name__ for name, layer in swapped.items()},
                 "sha256": _sha256(staging / weights.name)}, indent=1) + "\n")
             os.rename(staging, weights.parent)
         except OSError:

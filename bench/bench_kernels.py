@@ -1,4 +1,4 @@
-"""The int8 matmul kernels this machine offers, against float32, on one decoder Linear's shape, in one run.
+"""The int8 and int4 matmul kernels this machine offers, against float32, on one decoder Linear's shape, in one run.
 
 Example:
     $ python bench/bench_kernels.py                         # Qwen2.5-1.5B's MLP up-projection, 1536 -> 8960
@@ -37,7 +37,7 @@ def _ms(fn, repeats: int) -> float:
 
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
-    from autopatch.kernels import pack, pack_scales, quantize_groups, w8_matmul
+    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
     from autopatch.quantize import quantize_per_channel, quantize_per_token
 
     n, k = weight.shape
@@ -46,6 +46,9 @@ def kernels(weight: torch.Tensor) -> dict:
     out = {"float32 F.linear": lambda x: F.linear(x, weight),
            "autopatch int8 (weight-only, a scale per 32)": (
                lambda p, s: lambda x: w8_matmul(x, p, s, None))(*(lambda g: (pack(g[0]), pack_scales(g[1])))(quantize_groups(weight)))}
+    q4, a4, b4 = quantize_affine4(weight)
+    packed4, scales4 = pack4(q4), pack4_scales(a4, b4)
+    out["autopatch int4 (weight-only, a scale and offset per 32)"] = lambda x: w4_matmul(x, packed4, scales4, None)
 
     def dynamic(x):
         xq, xs = quantize_per_token(x)

@@ -1,8 +1,8 @@
 """Quantized inference (autopatch.quantize, autopatch.kernels): the kernel's arithmetic, the modes' refusals,
 and every strategy and hook on quantized tiny models.
 
-Tolerances, stated once: the int8 kernel and a float matmul by the same dequantized weight agree to 1e-4
-(float32 summation order only); a quantized model's patched outputs equal those of the float model that carries
+Tolerances, stated once: the int8 and int4 kernels and a float matmul by the same dequantized weight agree to
+1e-4 (float32 summation order only); a quantized model's patched outputs equal those of the float model that carries
 the same dequantized weights (greedy tokens identical, logits within 1e-3); against the original float weights,
 int8 rounding moves logits by at most a few hundredths on these random models, and that is not asserted as equal.
 """
@@ -14,11 +14,26 @@ import torch
 from torch import nn
 
 from autopatch.errors import ConfigError
-from autopatch.kernels import kernel_error, pack, pack_scales, quantize_groups, unpack, unpack_scales, w8_matmul
+from autopatch.kernels import (
+    kernel_error,
+    pack,
+    pack4,
+    pack4_scales,
+    pack_scales,
+    quantize_affine4,
+    quantize_groups,
+    unpack,
+    unpack4,
+    unpack4_scales,
+    unpack_scales,
+    w4_matmul,
+    w8_matmul,
+)
 from autopatch.quantize import (
     QUANT_MODES,
     DynamicInt8Linear,
     Int8Linear,
+    WeightOnlyInt4Linear,
     WeightOnlyInt8Linear,
     available_modes,
     check_mode,
@@ -85,6 +100,62 @@ def test_kernel_refuses_mismatched_shapes_instead_of_reading_past_them():
         w8_matmul(torch.randn(2, 32), q, pack_scales(torch.ones(4, 1)), None)
 
 
+def _grid4(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random 4-bit levels with a scale and offset per 32 weights, as a GGUF Q4_K tensor has them."""
+    return (torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8), torch.rand(n, k // 32, generator=g) / 50,
+            -torch.rand(n, k // 32, generator=g) / 10)
+
+
+def _dequant4(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(b.repeat_interleave(32, dim=1), q.float(), a.repeat_interleave(32, dim=1))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4, 32), (3, 5, 64), (9, 37, 64), (4, 8, 96), (70, 1030, 32)])  # 70 rows: the GEMM path
+def test_int4_kernel_equals_a_float_matmul_by_the_dequantized_weight(m, n, k):
+    g = torch.Generator().manual_seed(m * 100 + n)
+    q, a, b = _grid4(n, k, g)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    want = x @ _dequant4(q, a, b).t() + bias
+    assert torch.allclose(w4_matmul(x, pack4(q), pack4_scales(a, b), bias, n=n), want, atol=1e-4)
+
+
+def test_an_int4_rows_output_does_not_depend_on_its_batch():
+    g = torch.Generator().manual_seed(0)
+    q, a, b = _grid4(12, 64, g)
+    packed, scales = pack4(q), pack4_scales(a, b)
+    x = torch.randn(7, 64, generator=g)
+    batched = w4_matmul(x, packed, scales, None)
+    for i in range(7):
+        assert torch.equal(w4_matmul(x[i : i + 1].contiguous(), packed, scales, None)[0], batched[i])
+
+
+def test_pack4_round_trips_and_pads_to_whole_panels():
+    q, a, b = _grid4(5, 64, torch.Generator().manual_seed(1))
+    packed = pack4(q)
+    assert packed.shape == (2, 2, 4, 16) and packed.dtype == torch.uint8
+    assert torch.equal(unpack4(packed, 5), q)
+    back_a, back_b = unpack4_scales(pack4_scales(a, b), 5)
+    assert torch.equal(back_a, a) and torch.equal(back_b, b)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack4(torch.zeros(4, 48, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected float32"):
+        w4_matmul(torch.randn(2, 64), packed, pack_scales(torch.ones(5, 2)), None, n=5)
+
+
+def test_affine4_recovers_a_4bit_grid_and_rounds_anything_else():
+    g = torch.Generator().manual_seed(2)
+    q, a, b = _grid4(6, 96, g)
+    q[0, :32] = torch.randint(3, 9, (32,), generator=g, dtype=torch.uint8)  # a group using only 6 of the 16 levels
+    q[1, 32:64] = 7  # a constant group
+    weight = _dequant4(q, a, b)
+    got_q, got_a, got_b = quantize_affine4(weight)
+    assert torch.allclose(_dequant4(got_q, got_a, got_b), weight, atol=1e-6)  # exact but for float32 rounding
+    noisy = weight + torch.randn(weight.shape, generator=g) * 1e-3
+    error = (_dequant4(*quantize_affine4(noisy)) - noisy).abs()
+    assert error.max() > 1e-5 and bool((error <= (noisy.amax() - noisy.amin()) / 30 + 1e-6).all())  # half a step at most
+
+
 @pytest.mark.parametrize("layer", [WeightOnlyInt8Linear, DynamicInt8Linear])
 def test_int8_layers_keep_shape_and_approximate_the_float_layer(layer):
     torch.manual_seed(0)
@@ -147,14 +218,42 @@ def _dequantized_twin(model: nn.Module, quantized: nn.Module) -> nn.Module:
     return model
 
 
+def _on_a_4bit_grid(*models: nn.Module) -> None:
+    """Round every decoder Linear of ``models`` to a 4-bit grid, as a model dequantized from GGUF Q4_K has them
+    (the LM head keeps its random weights, so ``int4`` must leave it int8)."""
+    from autopatch.architectures import decoder_layers
+
+    for model in models:
+        for module in decoder_layers(model).modules():
+            if isinstance(module, nn.Linear) and module.in_features % 32 == 0:
+                with torch.no_grad():
+                    module.weight.copy_(_dequant4(*quantize_affine4(module.weight)))
+
+
+def test_int4_holds_4bit_weights_at_4_bits_and_everything_else_at_8():
+    model = tiny_model("qwen2")
+    head = model.lm_head
+    _on_a_4bit_grid(model)
+    quantize_model(model, "int4")
+    kinds = {type(m) for name, m in model.named_modules() if isinstance(m, Int8Linear) and "layers" in name}
+    assert kinds == {WeightOnlyInt4Linear}
+    assert isinstance(model.lm_head, WeightOnlyInt8Linear) and model.lm_head is not head
+    plain = tiny_model("qwen2")  # random weights: 4 bits would round them more than 8 do
+    quantize_model(plain, "int4")
+    assert not any(isinstance(m, WeightOnlyInt4Linear) for m in plain.modules())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
-def test_quantized_tiny_models_keep_embeddings_and_match_their_dequantized_twin(arch):
+def test_quantized_tiny_models_keep_embeddings_and_match_their_dequantized_twin(arch, mode):
     from autopatch.fingerprint import model_fingerprint
 
     quantized, reference = tiny_model(arch), tiny_model(arch)
+    if mode == "int4":
+        _on_a_4bit_grid(quantized, reference)
     before = model_fingerprint(quantized)
-    swapped = quantize_model(quantized, "int8")
-    assert swapped > 0 and model_quantization(quantized) == "int8"
+    swapped = quantize_model(quantized, mode)
+    assert swapped > 0 and model_quantization(quantized) == mode
     assert model_fingerprint(quantized) == before  # the shipped profile, gate and screen still resolve
     twin = _dequantized_twin(reference, quantized)
     ids = torch.randint(3, 90, (2, 9))
@@ -168,8 +267,9 @@ def _strategies_and_controls() -> list[tuple[str, str | None]]:
     return [(name, None) for name in STRATEGIES] + [("reroute", name) for name in CONTROLS]
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("strategy,control", _strategies_and_controls())
-def test_every_strategy_and_control_patches_a_quantized_model_as_the_float_twin(strategy, control):
+def test_every_strategy_and_control_patches_a_quantized_model_as_the_float_twin(strategy, control, mode):
     from autopatch.gating import AlwaysPatch
     from autopatch.patcher import AutoPatcher
     from autopatch.profile import PatchProfile
@@ -178,7 +278,10 @@ def test_every_strategy_and_control_patches_a_quantized_model_as_the_float_twin(
 
     tok = byte_tokenizer()
     quantized, reference = tiny_model_for_bytes("llama"), tiny_model_for_bytes("llama")
-    quantize_model(quantized, "int8")
+    if mode == "int4":
+        _on_a_4bit_grid(quantized, reference)
+    quantize_model(quantized, mode)
+    assert mode == "int8" or any(isinstance(m, WeightOnlyInt4Linear) for m in quantized.modules())
     twin = _dequantized_twin(reference, quantized)
     target = 1 if strategy_spec(strategy).target_before_source else 2
     profile = PatchProfile(strategy=strategy, source_layer=2, target_layer=target,
@@ -213,31 +316,40 @@ def test_capture_and_patch_on_a_quantized_model_leave_no_hooks():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in decoder_layers(model).modules())
 
 
-def test_quantized_weights_are_cached_checksummed_and_rebuilt_when_damaged(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_are_cached_checksummed_and_rebuilt_when_damaged(monkeypatch, tmp_path, mode):
     import autopatch.quantize as quantize
+
+    def model():
+        fresh = tiny_model("qwen2")
+        if mode == "int4":
+            _on_a_4bit_grid(fresh)
+        return fresh
 
     monkeypatch.setenv("AUTOPATCH_CACHE", str(tmp_path))
     ids = torch.randint(3, 90, (1, 7))
-    first = tiny_model("qwen2")
-    assert quantize_model(first, "int8", cache_key="tiny-qwen2") > 0
-    weights, manifest = quantize._cache_paths("tiny-qwen2", QUANT_MODES["int8"])
+    first = model()
+    assert quantize_model(first, mode, cache_key="tiny-qwen2") > 0
+    weights, manifest = quantize._cache_paths("tiny-qwen2", QUANT_MODES[mode])
     assert weights.exists() and manifest.exists()
 
     calls = []
-    original = WeightOnlyInt8Linear.from_linear.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(WeightOnlyInt8Linear, "from_linear",
-                        classmethod(lambda cls, linear: calls.append(1) or original(cls, linear)))
-    second = tiny_model("qwen2")
-    quantize_model(second, "int8", cache_key="tiny-qwen2")
+    originals = {cls: cls.from_linear.__func__ for cls in QUANT_MODES[mode].layers}  # type: ignore[attr-defined]
+    for cls, original in originals.items():
+        monkeypatch.setattr(cls, "from_linear",
+                            classmethod(lambda c, linear, o=original: calls.append(1) or o(c, linear)))
+    second = model()
+    quantize_model(second, mode, cache_key="tiny-qwen2")
     assert calls == []  # read from the cache, not quantized again
+    assert [type(m) for m in second.modules()] == [type(m) for m in first.modules()]  # int4 and int8 layers alike
     with torch.no_grad():
         assert torch.equal(first(ids).logits, second(ids).logits)
 
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte inside the tensors
     weights.write_bytes(bytes(data))
-    third = tiny_model("qwen2")
-    quantize_model(third, "int8", cache_key="tiny-qwen2")
+    third = model()
+    quantize_model(third, mode, cache_key="tiny-qwen2")
     assert calls  # the damaged file was refused and the weights quantized again
     with torch.no_grad():
         assert torch.equal(first(ids).logits, third(ids).logits)

@@ -1,4 +1,5 @@
-"""Native kernels autopatch builds on first use: :func:`w8_matmul` (weight-only int8 matmul).
+"""Native kernels autopatch builds on first use: :func:`w8_matmul` and :func:`w4_matmul` (weight-only int8
+and int4 matmuls).
 
 Example:
     >>> from autopatch.kernels import kernel_error, pack, unpack, w8_matmul
@@ -9,12 +10,14 @@ Example:
     >>> y = w8_matmul(x, packed, pscales, bias)  # x float32 [m, k] -> float32 [m, n]
     >>> torch.equal(unpack(packed, n), q)
     True
+    >>> q4, a, b = quantize_affine4(weight)      # uint8 0..15 [n, k] with W = a * q4 + b per 32 weights
+    >>> y = w4_matmul(x, pack4(q4), pack4_scales(a, b), bias)
 
 Why a C file: the int8 kernels torch and torchao offer on the CPU either dequantize the whole weight per call
 (``aten._weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``: 4-10x slower than float32 here) or quantize
 the activations too (``quantized::linear_dynamic``, ``torch._int_mm``: fast, but it costs accuracy), see
-docs/quantization.md. ``w8.c`` is about 120 lines of AVX2/AVX-512 intrinsics, compiled once per machine with the
-host's C compiler (``$CC``, else ``cc``/``gcc``) into :func:`autopatch.loading.cache_dir` ``/kernels/``, named by
+docs/quantization.md. ``w8.c`` and ``w4.c`` are about 120 lines each of AVX2/AVX-512 intrinsics, compiled once
+per machine into one library with the host's C compiler (``$CC``, else ``cc``/``gcc``) into :func:`autopatch.loading.cache_dir` ``/kernels/``, named by
 the hash of its source, flags and CPU, and loaded with :mod:`ctypes` (which releases the GIL during a call).
 """
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("w8.c")
+SOURCES = (Path(__file__).with_name("w8.c"), Path(__file__).with_name("w4.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -61,7 +64,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set $CC, or install gcc) to build the int8 kernel"
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"w8-{key}.so"
     if not target.exists():
@@ -69,10 +72,11 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         fd, staging = tempfile.mkstemp(prefix=".w8-", suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", staging], capture_output=True, text=True,
-                                  timeout=120)
+            done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", staging], capture_output=True,
+                                  text=True, timeout=120)
             if done.returncode != 0:
-                return None, f"{compiler} could not build {SOURCE.name}: {done.stderr.strip()[-400:]}"
+                names = " and ".join(path.name for path in SOURCES)
+                return None, f"{compiler} could not build {names}: {done.stderr.strip()[-400:]}"
             os.replace(staging, target)  # atomic: a concurrent build never leaves half a library
         finally:
             Path(staging).unlink(missing_ok=True)
@@ -80,11 +84,12 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(target))
     except OSError as err:
         return None, f"could not load the built kernel {target}: {err}"
-    lib.autopatch_w8_matmul.restype = None
-    lib.autopatch_w8_matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
+    for bits in (8, 4):
+        matmul, dequant = getattr(lib, f"autopatch_w{bits}_matmul"), getattr(lib, f"autopatch_w{bits}_dequant")
+        matmul.restype = dequant.restype = None
+        matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
+        dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
-    lib.autopatch_w8_dequant.restype = None
-    lib.autopatch_w8_dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     return lib, None
 
 
@@ -148,8 +153,79 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(panels * PANEL, chunks * CHUNK)[:n].contiguous()
 
 
+def quantize_affine4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q uint8 [n, k] in 0..15, a float32 [n, k/32], b float32 [n, k/32])`` with ``weight ≈ a * q + b``
+    per 32 weights of a row.
+
+    A group already on a 4-bit grid (a weight dequantized from a GGUF Q4_K block: ``d*sc*q - dmin*m``) is
+    recovered exactly: the finest step ``(max - min) / s``, s = 15..1, on which every weight lies gives
+    ``a``, and ``b`` is the group's minimum. Any other group gets ``a = (max - min) / 15`` and rounding.
+    """
+    n, k = weight.shape
+    if not packable(k):
+        raise ValueError(f"quantize_affine4: {k} columns is not a multiple of {GROUP}")
+    q = torch.empty(n, k, dtype=torch.uint8)
+    a = torch.empty(n, k // GROUP, dtype=torch.float32)
+    b = torch.empty(n, k // GROUP, dtype=torch.float32)
+    for start in range(0, n, 4096):
+        groups = weight[start : start + 4096].detach().float().reshape(-1, GROUP)
+        low = groups.amin(dim=1)
+        span = (groups.amax(dim=1) - low).clamp_(min=1e-30)
+        offset = groups - low[:, None]
+        levels = torch.full_like(low, 15.0)
+        open_ = torch.arange(len(low))  # groups whose grid is not found yet; most Q4_K groups span all 16 levels
+        for steps in range(15, 0, -1):
+            pos = offset[open_] * (steps / span[open_])[:, None]
+            fits = (pos - pos.round()).abs_().amax(dim=1) < 1e-3
+            levels[open_[fits]] = steps
+            open_ = open_[~fits]
+            if not len(open_):
+                break
+        levels[open_] = 15.0  # on no 4-bit grid: round
+        step = span / levels
+        rows = min(4096, n - start)
+        a[start : start + rows] = step.view(rows, -1)
+        b[start : start + rows] = low.view(rows, -1)
+        q[start : start + rows] = (offset / step[:, None]).round_().clamp_(0, 15).to(torch.uint8).view(rows, k)
+    return q, a, b
+
+
+def pack4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[n, k]`` in 0..15 -> ``[ceil(n/4), k/32, 4, 16]``: in each group of 32 columns, byte j of a row
+    holds column j (low nibble) and column j + 16 (high nibble)."""
+    n, k = q.shape
+    if not packable(k):
+        raise ValueError(f"pack4: {k} columns is not a multiple of {GROUP}")
+    padded = torch.zeros(panels(n) * PANEL, k, dtype=torch.uint8)
+    padded[:n] = q
+    halves = padded.view(panels(n), PANEL, k // GROUP, 2, GROUP // 2)
+    return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).transpose(1, 2).contiguous()
+
+
+def unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack4`: the uint8 ``[n, k]`` levels."""
+    count, groups, _, half = packed.shape
+    rows = packed.transpose(1, 2)
+    return torch.stack((rows & 15, rows >> 4), dim=3).reshape(count * PANEL, groups * 2 * half)[:n].contiguous()
+
+
+def pack4_scales(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 ``a, b [n, k/32]`` -> ``[ceil(n/4), k/32, 2, 4]`` (padding rows 0), the panels' (a, b)."""
+    n, groups = a.shape
+    padded = torch.zeros(2, panels(n) * PANEL, groups, dtype=torch.float32)
+    padded[0, :n], padded[1, :n] = a, b
+    return padded.view(2, panels(n), PANEL, groups).permute(1, 3, 0, 2).contiguous()
+
+
+def unpack4_scales(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack4_scales`: ``(a, b)``."""
+    count, groups, _, _ = packed.shape
+    both = packed.permute(2, 0, 3, 1).reshape(2, count * PANEL, groups)[:, :n]
+    return both[0].contiguous(), both[1].contiguous()
+
+
 def kernel_error() -> str | None:
-    """``None`` when the int8 kernel is built and gives the right answer on a known product, else why not."""
+    """``None`` when the kernels are built and give the right answer on known products, else why not."""
     lib, why = _build()
     if lib is None:
         return why
@@ -160,58 +236,83 @@ def kernel_error() -> str | None:
     got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5)
     if not torch.allclose(got, want, atol=1e-4):
         return f"the built int8 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
+    q4 = (torch.arange(5 * 64) % 16).to(torch.uint8).reshape(5, 64)
+    a, b = torch.tensor([[0.5, 0.25]] * 5), torch.tensor([[-1.0, 2.0]] * 5)
+    want = x @ (q4.float() * a.repeat_interleave(GROUP, dim=1) + b.repeat_interleave(GROUP, dim=1)).t()
+    got = w4_matmul(x, pack4(q4), pack4_scales(a, b), None, n=5)
+    if not torch.allclose(got, want, atol=1e-4):
+        return f"the built int4 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
     return None
 
 
 _THREADS = [0]
 
 
-def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack(q)``, ``scales = pack_scales(s)`` and
-    ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU."""
+def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+          n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+    """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
     lib, why = _build()
     if lib is None:
         raise RuntimeError(why)
     m, k = x.shape
-    n = packed.shape[0] * PANEL if n is None else n
-    if (x.dtype, packed.dtype, scales.dtype) != (torch.float32, torch.int8, torch.float32) or not packable(k) \
-            or tuple(packed.shape) != (panels(n), k // CHUNK, PANEL, CHUNK) \
-            or tuple(scales.shape) != (packed.shape[0], k // GROUP, PANEL) \
+    packed_dtype, packed_shape, scales_dtype, scales_shape = layout
+    if (x.dtype, packed.dtype, scales.dtype) != (torch.float32, packed_dtype, scales_dtype) or not packable(k) \
+            or tuple(packed.shape) != packed_shape or tuple(scales.shape) != scales_shape \
             or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,))):
-        raise ValueError(f"w8_matmul: expected float32 [m, k] with k a multiple of {GROUP}, pack(q) and pack_scales(s) "
-                         f"for {n} rows (and bias [n]); got {x.dtype} {tuple(x.shape)}, {packed.dtype} "
-                         f"{tuple(packed.shape)}, {scales.dtype} {tuple(scales.shape)}")
+        raise ValueError(f"w{bits}_matmul: expected float32 [m, k] with k a multiple of {GROUP}, {packed_dtype} "
+                         f"{packed_shape} and {scales_dtype} {scales_shape} for {n} rows (and bias [n]); got "
+                         f"{x.dtype} {tuple(x.shape)}, {packed.dtype} {tuple(packed.shape)}, {scales.dtype} "
+                         f"{tuple(scales.shape)}")
     tensors = [t for t in (x, packed, scales, bias) if t is not None]
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        raise ValueError("w8_matmul needs contiguous CPU tensors")
+        raise ValueError(f"w{bits}_matmul needs contiguous CPU tensors")
     threads = torch.get_num_threads()
     if _THREADS[0] != threads:
         lib.autopatch_set_threads(threads)
         _THREADS[0] = threads
     if m > GEMM_ROWS:
-        return _dequantized_gemm(lib, x, packed, scales, bias, n)
+        return _dequantized_gemm(getattr(lib, f"autopatch_w{bits}_dequant"), x, packed, scales, bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
-    lib.autopatch_w8_matmul(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
-                            None if bias is None else bias.data_ptr(), y.data_ptr())
+    getattr(lib, f"autopatch_w{bits}_matmul")(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                                              None if bias is None else bias.data_ptr(), y.data_ptr())
     return y
+
+
+def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
+              n: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack(q)``, ``scales = pack_scales(s)`` and
+    ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU."""
+    n = packed.shape[0] * PANEL if n is None else n
+    k = x.shape[-1]
+    return _call(8, x, packed, scales, bias, n,
+                 (torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)))
+
+
+def w4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
+              n: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack4(q)``, ``scales = pack4_scales(a, b)`` and
+    ``W = a * q + b`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU."""
+    n = packed.shape[0] * PANEL if n is None else n
+    k = x.shape[-1]
+    return _call(4, x, packed, scales, bias, n, (torch.uint8, (panels(n), k // GROUP, PANEL, GROUP // 2),
+                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)))
 
 
 GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply
 GEMM_SLICE = 1024  # weight rows dequantized at a time: a bounded float32 buffer (4 KiB per input column)
 
 
-def _dequantized_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+def _dequantized_gemm(dequant: ctypes._CFuncPtr, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """``x @ W.T`` for many rows: the matmul is compute-bound there, so the float GEMM's blocking wins, and
-    reading the int8 weight once per slice costs little beside it."""
+    reading the quantized weight once per slice costs little beside it."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     padded = panels(n) * PANEL
     buffer = torch.empty(min(padded, GEMM_SLICE), k, dtype=torch.float32)
     for n0 in range(0, n, GEMM_SLICE):
         rows = min(GEMM_SLICE, padded - n0)
-        lib.autopatch_w8_dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
+        dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
         width = min(rows, n - n0)
         torch.matmul(x, buffer[:width].t(), out=y[:, n0 : n0 + width])
     if bias is not None:

@@ -94,7 +94,7 @@ def propose_decompositions_counted(model: Any, tok: PreTrainedTokenizerBase, fmt
     if not questions:
         return []
     prompts = [decomposition_prompt(fmt, tok, q) for q in questions]
-    targets = [Target(i, tok(p, return_tensors="pt", add_special_tokens=fmt.kind != "chat").input_ids[0], [], p)
+    targets = [Target(i, fmt.encode(tok, p).input_ids[0], [], p)
                for i, p in enumerate(prompts)]
     out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=_stop_ids(tok))

@@ -35,10 +35,10 @@ from transformers import PreTrainedTokenizerBase
 
 from autopatch.architectures import final_norm, num_layers, unembedding
 from autopatch.engine import PatchEdit, capture, patch
-from autopatch.locate import locate
+from autopatch.locate import UnlocatableQuestion, locate
 from autopatch.patchscope import IDENTITY_PROMPT, patched_prompt
+from autopatch.plan import Planner
 from autopatch.prompts import PromptFormat, target_prompt
-from autopatch.tokens import last_token_of_char_span, token_char_ends
 
 READINGS = ("subject: identity", "span end: identity", "subject: span prompt", "last: logit lens", "last: identity")
 
@@ -150,14 +150,13 @@ def explain(model, tok: PreTrainedTokenizerBase, question: str, *, fmt: PromptFo
             bridge: str | None = None, layers: list[int] | None = None, placeholder: str = "x") -> Explanation:
     """The layer-by-layer view of ``question`` (see the module docstring); raises ``UnlocatableQuestion``."""
     fmt = fmt or PromptFormat.for_tokenizer(tok)
-    location = locate(question)
+    location = locate(question)  # raises UnlocatableQuestion, with the shapes the locator reads
     layers = list(range(num_layers(model))) if layers is None else list(layers)
-    text = fmt.render(question, tok)
-    ids = tok(text, return_tensors="pt", add_special_tokens=fmt.kind != "chat").input_ids[0]
-    at = cast(str, tok.decode(ids, skip_special_tokens=True)).rfind(question)
-    ends = token_char_ends(tok, ids)
-    positions = [last_token_of_char_span(ends, at + location.subject_start, at + location.subject_end),
-                 last_token_of_char_span(ends, at + location.span_start, at + location.span_end), len(ids) - 1]
+    ids = fmt.encode(tok, fmt.render(question, tok)).input_ids[0]
+    plan = Planner(tok, fmt).row(ids, question)
+    if plan.location is None or not plan.positions:
+        raise UnlocatableQuestion(question, plan.why_not)
+    positions = [plan.positions[kind] for kind in ("subject_end", "span_end", "last")]
     device = next(model.parameters()).device
     with capture(model, layers, positions) as cap:
         cast(Any, model)(input_ids=ids[None].to(device), logits_to_keep=1)

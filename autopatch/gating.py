@@ -1,24 +1,33 @@
-"""The gate interface: per row, decide from the vanilla prefill whether to patch.
+"""Step 3 of a call, the gate: per row, decide from the vanilla prefill whether to patch.
 
 Example:
     >>> from autopatch.gating import AlwaysPatch, NeverPatch
     >>> patcher = AutoPatcher(model, tok, gate=NeverPatch())   # behaves exactly like model.generate
+    >>> decider = DecideAfterPrefill(lambda scores: decide_rows(gate, pre.plans, pre.states, layers, scores))
 
 A gate sees, for each row, the located question, the hidden states captured
 during the vanilla prefill (at ``feature_layers`` and the three located
 positions) and the vanilla first-token logits; it returns a
 :class:`GateDecision`. Learned gates live in the ``classifiers`` package and
 implement the same :class:`Gate` protocol.
+
+The gate runs inside the one ``model.generate`` call, after its prefill and before its first token is chosen
+(:class:`DecideAfterPrefill`, a logits processor), and the rows it patches end there
+(:class:`StopPatchedRows`), so a batch whose gate patches nothing *is* ``model.generate``'s result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast, runtime_checkable
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
 
 from autopatch.datatypes import POSITION_KINDS as POSITION_KINDS  # re-exported: the types live in autopatch.datatypes
 from autopatch.datatypes import GateDecision as GateDecision
 from autopatch.datatypes import GateInput as GateInput
+from autopatch.datatypes import RowPlan
 
 
 @runtime_checkable
@@ -46,3 +55,42 @@ class NeverPatch:
 
     def decide(self, inputs: Sequence[GateInput]) -> list[GateDecision]:
         return [GateDecision(False, None, "gate: never patch") for _ in inputs]
+
+
+def decide_rows(gate: Gate, plans: Sequence[RowPlan], states: dict[int, torch.Tensor], layers: Sequence[int],
+                scores: torch.Tensor) -> list[GateDecision]:
+    """The gate's decision for each row: located rows go to ``gate.decide`` (in one call), the others are left
+    alone with their plan's reason. ``states``: layer -> (batch, 3, hidden), ``scores``: the first step's logits."""
+    located = [i for i, p in enumerate(plans) if p.location is not None and p.positions]
+    decisions = [GateDecision(False, None, p.why_not) for p in plans]
+    if located:
+        inputs = [GateInput(plans[i].question, plans[i].location, {l: states[l][i] for l in layers}, scores[i])
+                  for i in located]
+        for i, d in zip(located, gate.decide(inputs)):
+            decisions[i] = d
+    return decisions
+
+
+class DecideAfterPrefill(LogitsProcessor):
+    """Runs the gate once, on the first step's scores, before any token is chosen."""
+
+    def __init__(self, decide: Callable[[torch.Tensor], list[GateDecision]]) -> None:
+        self.decide = decide
+        self.decisions: list[GateDecision] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.decisions is None:
+            self.decisions = self.decide(scores)
+        return scores
+
+
+class StopPatchedRows(StoppingCriteria):
+    """Ends the rows the gate chose to patch; they are answered from the patched continuation."""
+
+    def __init__(self, decider: DecideAfterPrefill):
+        self.decider = decider
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        decisions = self.decider.decisions or []
+        flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
+        return cast(torch.BoolTensor, torch.tensor(flags, dtype=torch.bool, device=input_ids.device))

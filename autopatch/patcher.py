@@ -31,31 +31,31 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Any, Literal, cast, get_args
+from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from autopatch.architectures import num_layers
 from autopatch.datatypes import Answer as Answer  # re-exported: the types live in autopatch.datatypes
 from autopatch.datatypes import GenerateResult as GenerateResult
 from autopatch.datatypes import PatchReport as PatchReport
-from autopatch.engine import capture
 from autopatch.errors import PatchError
-from autopatch.gating import POSITION_KINDS, Gate, GateDecision, GateInput
-from autopatch.locate import UnlocatableQuestion, locate
-from autopatch.merging import GatedStreamer, TargetStreamer, merge_outputs, with_continuations
-from autopatch.prefill import Prefill, RowPlan
-from autopatch.prefix_cache import prefix_layout, register_prefix
+from autopatch.gating import DecideAfterPrefill, Gate, GateDecision, StopPatchedRows, decide_rows
+from autopatch.generate import continue_patched, token_budget
+from autopatch.merging import GatedStreamer, with_continuations
+from autopatch.plan import DECOMPOSERS as DECOMPOSERS  # re-exported: the planner owns the decomposers
+from autopatch.plan import Decomposer as Decomposer
+from autopatch.plan import Planner
+from autopatch.prefill import Prefill, RowPlan, capture_prefill
+from autopatch.prefix_cache import register_prefix
 from autopatch.profile import PatchProfile
-from autopatch.prompts import PromptFormat, chat_question
+from autopatch.report import attach_targets, finish, row_reports
 from autopatch.resolve import Resolution, resolve
 from autopatch.stopping import StopOnText
-from autopatch.strategies import Control, Target, plan_targets, run_targets
-from autopatch.tokens import last_token_of_char_span, token_char_ends
+from autopatch.strategies import Control, Target, targets_for
 
 
 def _check_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
@@ -71,35 +71,6 @@ def _check_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor |
 
 
 _OWN_CACHE_ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids", "cache_position")
-
-Decomposer = Literal["grammar", "model", "both"]
-DECOMPOSERS: tuple[str, ...] = get_args(Decomposer)
-
-
-class _DecideAfterPrefill(LogitsProcessor):
-    """Runs the gate once, on the first step's scores, before any token is chosen."""
-
-    def __init__(self, decide: Callable[[torch.Tensor], list[GateDecision]]) -> None:
-        self.decide = decide
-        self.decisions: list[GateDecision] | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.decisions is None:
-            self.decisions = self.decide(scores)
-        return scores
-
-
-class _StopPatchedRows(StoppingCriteria):
-    """Ends the rows the gate chose to patch; they are answered from the patched continuation."""
-
-    def __init__(self, decider: _DecideAfterPrefill):
-        self.decider = decider
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        decisions = self.decider.decisions or []
-        flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
-        return cast(torch.BoolTensor, torch.tensor(flags, dtype=torch.bool, device=input_ids.device))
-
 
 class AutoPatcher:
     """Wraps a causal LM so that ``generate`` corrects two-hop questions; see the module docstring.
@@ -125,9 +96,8 @@ class AutoPatcher:
         self.control = control
         self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix_cache); False: plain batches
         if reuse_prefix:
-            register_prefix(self.model, self._format_prefix())
-        if decomposer not in DECOMPOSERS:
-            raise PatchError(f"Unknown decomposer {decomposer!r}; choose one of {', '.join(DECOMPOSERS)}.")
+            register_prefix(self.model, self.profile.prompt_format.fixed_prefix(tokenizer))
+        self.planner = Planner(tokenizer, self.profile.prompt_format, decomposer, model)
         self.decomposer = decomposer  # who reads the question: the grammar, the model, or both (grammar first)
         self._local = threading.local()  # last_report / last_targets belong to the calling thread
 
@@ -141,102 +111,35 @@ class AutoPatcher:
         """The patched prompts of this thread's latest ``generate`` call, by row."""
         return getattr(self._local, "targets", {})
 
-    # ---- planning -------------------------------------------------------------------------
+    # ---- steps 1 and 2: plan, prefill ---------------------------------------------------------
 
     def plan_row(self, ids: torch.Tensor, question: str | None, decomposition=None) -> RowPlan:
-        """Locate one unpadded prompt's question and map the span, subject and last token to token indices."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if question is None and getattr(self.tokenizer, "chat_template", None):
-            question = chat_question(self.tokenizer, self.tokenizer.decode(ids, skip_special_tokens=False))
-        if question is None:
-            question = self.profile.prompt_format.extract_question(text) or PromptFormat().extract_question(text)
-        if not question:
-            return RowPlan(None, None, why_not="no question found in the prompt (no 'Q:' line or chat user turn); "
-                                               "pass questions=")
-        try:
-            location = locate(question, decomposition)
-        except UnlocatableQuestion as err:
-            return RowPlan(question, None, why_not=f"unlocatable: {err.why}")
-        at = text.rfind(question)
-        if at < 0:
-            return RowPlan(question, location, why_not="the question text does not occur in the decoded prompt")
-        ends = token_char_ends(self.tokenizer, ids)
-        try:
-            positions = {
-                "span_end": last_token_of_char_span(ends, at + location.span_start, at + location.span_end),
-                "subject_end": last_token_of_char_span(ends, at + location.subject_start, at + location.subject_end),
-                "last": len(ids) - 1,
-            }
-        except (IndexError, ValueError) as err:  # a tokenizer whose decode() does not round-trip the text
-            return RowPlan(question, location, why_not=f"cannot map the located span to tokens: {err}")
-        return RowPlan(question, location, positions)
+        """Locate one unpadded prompt's question and map its parts to token indices (:class:`autopatch.plan.Planner`)."""
+        return self.planner.row(ids, question, decomposition)
 
     def plan_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    questions: Sequence[str | None] | None = None, decompositions: Sequence[Any] | None = None,
                    ) -> tuple[list[torch.Tensor], list[RowPlan], list[list[int]]]:
         """Unpadded rows, their plans, and per row the capture positions in ``POSITION_KINDS`` order."""
-        batch = input_ids.shape[0]
-        rows = [input_ids[i][attention_mask[i].bool()].cpu() for i in range(batch)]
-        questions = list(questions) if questions is not None else [None] * batch
-        decompositions = list(decompositions) if decompositions is not None else [None] * batch
-        if len(questions) != batch or len(decompositions) != batch:
-            raise PatchError(f"questions/decompositions need one entry per row ({batch}).")
-        plans = [self.plan_row(rows[i], questions[i], decompositions[i]) for i in range(batch)]
-        if self.decomposer != "grammar":
-            plans = self._with_proposals(rows, plans, decompositions)
-        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]  # -1: unused placeholder
-        return rows, plans, positions
-
-    def _with_proposals(self, rows: list[torch.Tensor], plans: list[RowPlan], given: list[Any]) -> list[RowPlan]:
-        """Plans re-made from the model's own decompositions (:mod:`autopatch.decomposer`): for every row with a
-        question (``"model"``), or only where the grammar located nothing (``"both"``); never over a caller's."""
-        from autopatch.decomposer import propose_decompositions_counted
-
-        need = [i for i, p in enumerate(plans) if p.question and given[i] is None
-                and (self.decomposer == "model" or p.location is None)]
-        proposals = propose_decompositions_counted(self.model, self.tokenizer, self.profile.prompt_format,
-                                                   [cast(str, plans[i].question) for i in need])
-        plans = list(plans)
-        for i, (steps, n) in zip(need, proposals):
-            plans[i] = replace(plans[i] if steps is None else self.plan_row(rows[i], plans[i].question, steps),
-                               proposal_tokens=n)
-        return plans
+        return self.planner.batch(input_ids, attention_mask, questions, decompositions)
 
     @contextmanager
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
                 questions: Sequence[str | None] | None = None,
                 decompositions: Sequence[Any] | None = None, *, reuse_prefix: bool = False) -> Iterator[Prefill]:
-        """Plan the batch and capture ``layers`` at the located positions of the next forward pass run inside.
-
-        The one prefill path of ``generate``, the sweep and the gate's features:
-        ``with patcher.prefill(ids, mask, [6]) as pre: model.generate(...)``; then ``pre.job(...)``.
-        With ``reuse_prefix=True`` run the forward as ``pre.generate(model, ids, ...)``: the rows' shared
-        prefix then comes from :mod:`autopatch.prefix_cache`'s cache (computed before the capture opens).
-        """
+        """Plan the batch and capture ``layers`` at the located positions of the next forward pass run inside:
+        ``with patcher.prefill(ids, mask, [6]) as pre: model.generate(...)``; then ``pre.job(...)``
+        (:func:`autopatch.prefill.capture_prefill`)."""
         rows, plans, positions = self.plan_batch(input_ids, attention_mask, questions, decompositions)
-        if not reuse_prefix:
-            with capture(self.model, layers, positions, attention_mask=attention_mask) as cap:
-                yield Prefill(rows, plans, positions, cap)
-            return
-        lay = prefix_layout(self.model, rows, self.tokenizer.pad_token_id,
-                            protect=[p for row in positions for p in row if p >= 0])
-        shifted = [[lay.engine_position(p) if p >= 0 else p for p in row] for row in positions]
-        with capture(self.model, layers, shifted, attention_mask=lay.engine_mask) as cap:
-            yield Prefill(rows, plans, positions, cap, lay)
-
-    def _format_prefix(self) -> list[int]:
-        """The tokens every prompt of the profile's format starts with (the demonstrations, a chat system turn),
-        less the last (it can merge with a question's first word)."""
-        first, second = (self.encode([q]).input_ids[0].tolist() for q in ("Who wrote Hamlet?", "7 + 5 ="))
-        shared = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
-        return first[: max(0, shared - 1)]
+        with capture_prefill(self.model, self.tokenizer.pad_token_id, rows, plans, positions, layers, attention_mask,
+                             reuse_prefix=reuse_prefix) as pre:
+            yield pre
 
     def encode(self, questions: Sequence[str]):
         """The questions rendered in the profile's format and tokenized as one left-padded batch, on the model's device."""
         fmt = self.profile.prompt_format
-        enc = self.tokenizer([fmt.render(q, self.tokenizer) for q in questions], return_tensors="pt", padding=True,
-                             add_special_tokens=fmt.kind != "chat")  # a chat template writes its own BOS
-        return enc.to(next(self.model.parameters()).device)
+        return fmt.encode(self.tokenizer, [fmt.render(q, self.tokenizer) for q in questions]).to(
+            next(self.model.parameters()).device)
 
     # ---- generate -------------------------------------------------------------------------
 
@@ -306,19 +209,11 @@ class AutoPatcher:
         layers = sorted({self.profile.source_layer, *self.gate.feature_layers})  # a choosing gate lists its sources
 
         def decide(scores: torch.Tensor) -> list[GateDecision]:  # runs inside generate, after the prefill
-            states, plans = pre.states, pre.plans
-            inputs_for_gate = [GateInput(p.question, p.location, {l: states[l][i] for l in layers}, scores[i])
-                               for i, p in enumerate(plans)]
-            located = [i for i, p in enumerate(plans) if p.location is not None and p.positions]
-            decisions = [GateDecision(False, None, p.why_not) for p in plans]
-            if located:
-                for i, d in zip(located, self.gate.decide([inputs_for_gate[i] for i in located])):
-                    decisions[i] = d
-            return decisions
+            return decide_rows(self.gate, pre.plans, pre.states, layers, scores)
 
-        decider = _DecideAfterPrefill(decide)
+        decider = DecideAfterPrefill(decide)
         processors = LogitsProcessorList([decider, *(logits_processor or [])])
-        criteria = StoppingCriteriaList([*(stopping_criteria or []), _StopPatchedRows(decider)])
+        criteria = StoppingCriteriaList([*(stopping_criteria or []), StopPatchedRows(decider)])
         first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
         vanilla_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
         # Callbacks see the caller's own sequence through caller views on the cached path; a streamer needs a batch
@@ -337,30 +232,20 @@ class AutoPatcher:
         plans = pre.plans
         decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
         sequences = main if isinstance(main, torch.Tensor) else main.sequences
-        reports = self._reports(plans, decisions, sequences, width)
+        reports = row_reports(self.tokenizer, plans, decisions, sequences, width, self.profile, self.control)
         patched_rows = [i for i, d in enumerate(decisions) if d.patch]
         if not patched_rows:
-            return GenerateResult(self._finish(main, reports, sequences, width), reports, {})
+            return GenerateResult(finish(self.tokenizer, main, reports, sequences, width), reports, {})
 
-        targets = []
-        for profile, rows in self._by_profile(decisions, patched_rows).items():  # a choosing gate may mix strategies
-            jobs = [pre.job(i, profile.source_position, profile.source_layer) for i in rows]
-            targets += plan_targets(self.model, self.tokenizer, profile, jobs, control=self.control)
-        targets.sort(key=lambda t: t.row)
-        budget = self._token_budget(config, kwargs, width)
+        targets = targets_for(self.model, self.tokenizer, pre, decisions, patched_rows, self.profile, control=self.control)
         target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
-        target_kwargs["max_new_tokens"] = budget
-        target_streamer = TargetStreamer(streamer) if streamer is not None else None
-        target_out, target_width = run_targets(self.model, self.tokenizer, targets, logits_processor=logits_processor,
-                                               stopping_criteria=stopping_criteria, streamer=target_streamer,
-                                               reuse_prefix=reuse, caller_ids=input_ids[[t.row for t in targets]],
-                                               **passthrough, **target_kwargs)
-        for target in targets:
-            report = reports[target.row]
-            report.target_prompt, report.bridge, report.bridge_tokens = target.prompt_text, target.bridge, target.bridge_tokens
-        merged = merge_outputs(main, target_out, {t.row: j for j, t in enumerate(targets)}, width, target_width,
-                               self.tokenizer.pad_token_id)
-        finished = self._finish(merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences, width)
+        target_kwargs["max_new_tokens"] = token_budget(config, kwargs, width)
+        merged = continue_patched(self.model, self.tokenizer, main, targets, width, logits_processor=logits_processor,
+                                  stopping_criteria=stopping_criteria, streamer=streamer, reuse_prefix=reuse,
+                                  caller_ids=input_ids[[t.row for t in targets]], **passthrough, **target_kwargs)
+        attach_targets(reports, targets)
+        finished = finish(self.tokenizer, merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences,
+                          width)
         return GenerateResult(finished, reports, {t.row: t for t in targets})
 
     # ---- strings in, strings out --------------------------------------------------------------
@@ -417,40 +302,3 @@ class AutoPatcher:
         if pad is not None and pad != eos and bool((input_ids == pad).any()):
             return (input_ids != pad).long()
         return torch.ones_like(input_ids)
-
-    @staticmethod
-    def _token_budget(config: GenerationConfig, kwargs: dict, width: int) -> int:
-        if kwargs.get("max_new_tokens") is not None:
-            return int(kwargs["max_new_tokens"])
-        if kwargs.get("max_length") is not None:
-            return max(1, int(kwargs["max_length"]) - width)
-        if config.max_new_tokens is not None:
-            return int(config.max_new_tokens)
-        return max(1, int(config.max_length) - width)
-
-    def _by_profile(self, decisions: list[GateDecision], rows: list[int]) -> dict[PatchProfile, list[int]]:
-        groups: dict[PatchProfile, list[int]] = {}
-        for i in rows:
-            groups.setdefault(decisions[i].profile or self.profile, []).append(i)
-        return groups
-
-    def _reports(self, plans: list[RowPlan], decisions: list[GateDecision], sequences, width: int) -> list[PatchReport]:
-        reports = []
-        for i, (plan, decision) in enumerate(zip(plans, decisions)):
-            p = decision.profile or self.profile
-            first = self.tokenizer.decode(sequences[i, width : width + 1]) if sequences.shape[1] > width else None
-            reports.append(PatchReport(
-                question=plan.question, location=plan.location.to_dict() if plan.location else None,
-                positions=plan.positions or None, located=bool(plan.location and plan.positions),
-                patched=decision.patch, gate_score=decision.score, reason=decision.reason,
-                strategy=p.strategy, source_layer=p.source_layer, target_layer=p.target_layer,
-                source_position=p.source_position, control=self.control, vanilla_first_token=first,
-                proposal_tokens=plan.proposal_tokens))
-        return reports
-
-    def _finish(self, out, reports: list[PatchReport], sequences: torch.Tensor, width: int):
-        for i, report in enumerate(reports):
-            report.answer = self.tokenizer.decode(sequences[i, width:], skip_special_tokens=True)
-        if not isinstance(out, torch.Tensor):
-            out.autopatch = reports
-        return out

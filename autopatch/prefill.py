@@ -1,34 +1,39 @@
-"""One shared prefill: the batch's rows, where each question's parts are, and the states captured there.
+"""Step 2 of a call: one shared prefill, the batch's rows, their plans, and the states captured at the plans'
+positions.
 
 Example:
-    >>> with patcher.prefill(enc.input_ids, enc.attention_mask, [6], reuse_prefix=True) as pre:
+    >>> rows, plans, positions = Planner(tok, fmt).batch(enc.input_ids, enc.attention_mask)
+    >>> with capture_prefill(model, tok.pad_token_id, rows, plans, positions, [6], enc.attention_mask,
+    ...                      reuse_prefix=True) as pre:
     ...     out = pre.generate(model, enc.input_ids, max_new_tokens=8)   # through the cached prefix
     >>> job = pre.job(0, "span_end", 6)                                  # the patch job of row 0
 
-Built by :meth:`autopatch.patcher.AutoPatcher.prefill`, the one prefill path of
-``generate``, the sweep and the gate's features.
+:func:`capture_prefill` is the one prefill path of ``generate``, the sweep and the gate's features
+(:meth:`autopatch.patcher.AutoPatcher.prefill` plans and opens it in one call).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from autopatch.datatypes import PatchJob as PatchJob  # re-exported: the types live in autopatch.datatypes
 from autopatch.datatypes import RowPlan as RowPlan
-from autopatch.engine import CaptureResult
+from autopatch.engine import CaptureResult, capture
 from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS
 from autopatch.merging import caller_views
-from autopatch.prefix_cache import PrefixLayout, position_ids
+from autopatch.prefix_cache import PrefixLayout, position_ids, prefix_layout
 
 
 @dataclass(frozen=True)
 class Prefill:
     """One shared prefill: the unpadded rows, their plans, and the block outputs captured at the located positions.
 
-    ``states`` is filled while the model runs inside :meth:`AutoPatcher.prefill`.
+    ``states`` is filled while the model runs inside :func:`capture_prefill`.
     """
 
     rows: list[torch.Tensor]
@@ -75,3 +80,23 @@ class Prefill:
             raise PatchError(f"Row {row} was not located ({plan.why_not}); it has no patch job.")
         return PatchJob(row, plan.location, self.rows[row], plan.positions[source_position],
                         self.states[source_layer][row, POSITION_KINDS.index(source_position)])
+
+
+@contextmanager
+def capture_prefill(model, pad_token_id: int, rows: list[torch.Tensor], plans: list[RowPlan],
+                    positions: list[list[int]], layers: Sequence[int], attention_mask: torch.Tensor, *,
+                    reuse_prefix: bool = False) -> Iterator[Prefill]:
+    """Capture ``layers`` at ``positions`` during the next forward pass run inside (see :meth:`Prefill.generate`).
+
+    With ``reuse_prefix=True`` run that forward as ``pre.generate(model, ids, ...)`` or ``pre.forward(...)``: the
+    rows' shared prefix then comes from :mod:`autopatch.prefix_cache`'s cache, and the capture positions are
+    shifted into its layout (the located positions themselves are never served from the cache).
+    """
+    if not reuse_prefix:
+        with capture(model, layers, positions, attention_mask=attention_mask) as cap:
+            yield Prefill(rows, plans, positions, cap)
+        return
+    lay = prefix_layout(model, rows, pad_token_id, protect=[p for row in positions for p in row if p >= 0])
+    shifted = [[lay.engine_position(p) if p >= 0 else p for p in row] for row in positions]
+    with capture(model, layers, shifted, attention_mask=lay.engine_mask) as cap:
+        yield Prefill(rows, plans, positions, cap, lay)

@@ -77,6 +77,29 @@ class PromptFormat:
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.demonstrations)
         return f"{shots}Q: {question}\nA:" + (f" {answer_prefix}" if answer_prefix else "")
 
+    @property
+    def add_special_tokens(self) -> bool:
+        """The one BOS rule: a chat template writes its own BOS (when its model wants one), so text it rendered is
+        tokenized without the tokenizer's special tokens; few-shot text gets them (BOS for a base model)."""
+        return self.kind != "chat"
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase, texts: str | Sequence[str], **kwargs):
+        """``texts`` this format rendered, tokenized by :attr:`add_special_tokens`' rule as one left-padded batch
+        (``return_tensors="pt"`` and ``padding=True`` unless given)."""
+        kwargs.setdefault("return_tensors", "pt")
+        kwargs.setdefault("padding", True)
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        return tokenizer(batch, add_special_tokens=self.add_special_tokens, **kwargs)
+
+    def fixed_prefix(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The tokens every prompt of this format starts with (the demonstrations, a chat system turn), less the
+        last (it can merge with a question's first word): what :func:`autopatch.prefix_cache.register_prefix`
+        keeps computed once."""
+        first, second = (self.encode(tokenizer, self.render(q, tokenizer)).input_ids[0].tolist()
+                         for q in ("Who wrote Hamlet?", "7 + 5 ="))
+        shared = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+        return first[: max(0, shared - 1)]
+
     def chat_messages(self, question: str, instruction: str | None = CHAT_INSTRUCTION) -> list[dict[str, str]]:
         """The chat turns of ``question``: the short-answer instruction, the demonstrations as real turns, the question."""
         messages = [{"role": "system", "content": instruction}] if instruction else []
@@ -180,12 +203,12 @@ def render_chat(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedToke
             text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # templates raise their own errors (e.g. "roles must alternate")
             raise ProfileError(f"The model's chat template rejected these messages: {err}") from err
-        return ChatPrompt(str(text), question, "chat-template", add_special_tokens=False)
+        return ChatPrompt(str(text), question, "chat-template", add_special_tokens=PromptFormat(kind="chat").add_special_tokens)
     base = fmt if fmt.kind == "fewshot-qa" else PromptFormat()
     rendered = replace(base, demonstrations=(*base.demonstrations, *pairs)).render(question)
     preamble = "\n\n".join(s.strip() for s in system if s.strip())
     return ChatPrompt(f"{preamble}\n\n{rendered}" if preamble else rendered, question, "fewshot-qa",
-                      add_special_tokens=True, stop=base.stop_strings)
+                      add_special_tokens=base.add_special_tokens, stop=base.stop_strings)
 
 
 _SENTINEL = "\u2063autopatch-question\u2063"
@@ -266,7 +289,7 @@ def target_prompt(
     if not placeholder:
         raise ProfileError("The placeholder must be a non-empty string.")
     text = fmt.render(second_hop.replace(SLOT, placeholder), tokenizer)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
+    ids = fmt.encode(tokenizer, text).input_ids[0]
     decoded = cast(str, tokenizer.decode(ids, skip_special_tokens=True))
     rendered_question_at = decoded.rfind(second_hop.split(SLOT)[0].strip() or placeholder)
     start = decoded.find(placeholder, max(rendered_question_at, 0))

@@ -39,26 +39,21 @@ refused at once with the list of modes that work here.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from autopatch import kernels
 from autopatch.errors import ConfigError
+from autopatch.quantize_cache import read_cache, source_cache_key, write_cache
 
 logger = logging.getLogger("autopatch")
 
 __all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt4Linear",
-           "WeightOnlyInt8Linear", "available_modes", "check_mode", "default_mode", "model_quantization", "quantize_model", "runs_on_cpu_float32",
-           "source_cache_key"]
+           "WeightOnlyInt8Linear", "available_modes", "check_mode", "default_mode", "model_quantization",
+           "quantize_model", "runs_on_cpu_float32", "source_cache_key"]
 
 
 class Int8Linear(nn.Module):
@@ -393,7 +388,7 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
     if spec.is_float:
         return 0
     names = quantizable_linears(model, spec)
-    cached = _read_cache(cache_key, spec, names) if cache_key else None
+    cached = read_cache(cache_key, spec.name, [layer.__name__ for layer in spec.layers], names) if cache_key else None
     kinds = {layer.__name__: layer for layer in spec.layers}
     swapped: dict[str, Int8Linear] = {}
     for name in names:
@@ -409,7 +404,7 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
         setattr(parent, child, layer)
         swapped[name] = layer
     if cache_key and cached is None and swapped:
-        _write_cache(cache_key, spec, swapped)
+        write_cache(cache_key, spec.name, swapped)
     if swapped:
         config = getattr(model, "config", None)
         if config is not None:
@@ -418,88 +413,6 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
         if len(spec.layers) > 1:
             logger.info("autopatch: %s: %s", spec.name, ", ".join(f"{n} {k}" for k, n in counts.items()))
     return len(swapped)
-
-
-CACHE_FORMAT = 3  # bump when a layer's buffers, the kernels' layout or the manifest change
-
-
-def source_cache_key(source: str | Path) -> str | None:
-    """A key for the weights in the local directory ``source``: its path and each weight file's size and mtime.
-
-    ``None`` when ``source`` is not a local directory (nothing to key a cache on).
-    """
-    path = Path(source)
-    if not path.is_dir():
-        return None
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:24]
-
-
-def _cache_paths(cache_key: str, spec: QuantMode) -> tuple[Path, Path]:
-    from autopatch.loading import cache_dir
-
-    root = Path(os.environ["AUTOPATCH_QUANTIZED_CACHE"]) if os.environ.get("AUTOPATCH_QUANTIZED_CACHE") else \
-        cache_dir() / "quantized"
-    folder = root / f"{cache_key}-{spec.name}-v{CACHE_FORMAT}"
-    return folder / "weights.safetensors", folder / "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_cache(cache_key: str, spec: QuantMode, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """The cached state and each layer's class name, or ``None`` (absent, or refused: a damaged file is removed
-    and rebuilt)."""
-    from safetensors.torch import load_file
-
-    weights, manifest = _cache_paths(cache_key, spec)
-    if not (weights.exists() and manifest.exists()):
-        return None
-    try:
-        meta = json.loads(manifest.read_text())
-        kinds = meta.get("layers") if isinstance(meta, dict) else None
-        ok = (isinstance(kinds, dict) and meta.get("format") == CACHE_FORMAT and meta.get("mode") == spec.name
-              and list(kinds) == names and set(kinds.values()) <= {layer.__name__ for layer in spec.layers}
-              and meta.get("sha256") == _sha256(weights))
-        state = (load_file(str(weights)), kinds) if ok else None
-        why = "failed its check"
-    except (OSError, ValueError) as err:
-        state, why = None, f"is unreadable ({err})"
-    if state is None:
-        logger.warning("autopatch: the quantized cache %s %s; quantizing again", weights.parent, why)
-        shutil.rmtree(weights.parent, ignore_errors=True)
-    return state
-
-
-def _write_cache(cache_key: str, spec: QuantMode, swapped: dict[str, Int8Linear]) -> None:
-    """Write the int8 state atomically (a staging folder renamed into place); a failure only costs the cache."""
-    from safetensors.torch import save_file
-
-    weights, manifest = _cache_paths(cache_key, spec)
-    state = {f"{name}.{k}": v.contiguous() for name, layer in swapped.items() for k, v in layer.state_dict().items()}
-    try:
-        weights.parent.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{weights.parent.name}-", dir=weights.parent.parent))
-        try:
-            save_file(state, str(staging / weights.name))
-            (staging / manifest.name).write_text(json.dumps({
-                "format": CACHE_FORMAT, "mode": spec.name,
-                "layers": {name: type(layer).__name__ for name, layer in swapped.items()},
-                "sha256": _sha256(staging / weights.name)}, indent=1) + "\n")
-            os.rename(staging, weights.parent)
-        except OSError:
-            if not weights.exists():
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError as err:
-        logger.warning("autopatch: could not cache the quantized weights in %s (%s)", weights.parent, err)
 
 
 def model_quantization(model: nn.Module) -> str:

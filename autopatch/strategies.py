@@ -8,7 +8,7 @@ Example:
 
 Each strategy turns a :class:`PatchJob` (one row to correct) into a
 :class:`Target`: the token ids to generate from and the patches to apply to
-their prefill. ``run_targets`` batches all targets with left padding into one
+their prefill. :func:`autopatch.generate.run_targets` batches all targets with left padding into one
 ``generate`` call. Controls (``random``, ``zero``, ``nopatch``) replace the
 vector, or drop the patch, while keeping everything else identical.
 """
@@ -26,12 +26,10 @@ from transformers import PreTrainedTokenizerBase
 from autopatch import registry
 from autopatch.datatypes import PatchJob as PatchJob  # re-exported: the types live in autopatch.datatypes
 from autopatch.datatypes import Target as Target
-from autopatch.engine import PatchEdit, patch
 from autopatch.errors import ConfigError
-from autopatch.merging import caller_views
+from autopatch.generate import run_targets as run_targets  # re-exported: the one layout-and-generate lives there
 from autopatch.patchscope import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
 from autopatch.prefix_cache import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix_cache
-from autopatch.prefix_cache import prefix_layout
 from autopatch.profile import PatchProfile
 from autopatch.prompts import target_prompt
 
@@ -198,25 +196,15 @@ def plan_targets(
     return registry.strategy(profile.strategy).build()(model, tok, profile, jobs, vectors)
 
 
-@torch.no_grad()
-def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: Sequence[Target], *,
-                reuse_prefix: bool = True, caller_ids: torch.Tensor | None = None, **generate_kwargs):
-    """Generate from every target in one batch, patching each prefill as planned; returns ``(output, width)``.
-
-    The targets' shared prefix (the format's demonstrations) comes from :mod:`autopatch.prefix_cache`'s cache
-    unless ``reuse_prefix=False``; new tokens start at ``output[:, width:]`` either way. With ``caller_ids``
-    (the callers' padded prompts, one row per target), ``logits_processor`` and ``stopping_criteria`` see
-    those prompts followed by the generated tokens instead of the target prompts.
-    """
-    edits = [(i, layer, pos, vec) for i, t in enumerate(targets) for layer, pos, vec in t.edits]
-    lay = prefix_layout(model, [t.input_ids for t in targets], tok.pad_token_id, enabled=reuse_prefix,
-                        protect=[pos if pos >= 0 else len(targets[i].input_ids) + pos for i, _, pos, _ in edits])
-    device = next(model.parameters()).device
-    generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
-    if caller_ids is not None:
-        for name in ("logits_processor", "stopping_criteria"):
-            generate_kwargs[name] = caller_views(generate_kwargs.get(name), caller_ids, lay.width)
-    engine_edits = [PatchEdit(layer, i, lay.engine_position(pos), vec) for i, layer, pos, vec in edits]
-    with patch(model, engine_edits, attention_mask=lay.engine_mask):
-        return (cast(Any, model).generate(input_ids=lay.input_ids.to(device), attention_mask=lay.attention_mask.to(device),
-                                          **lay.generate_kwargs(model), **generate_kwargs), lay.width)
+def targets_for(model: torch.nn.Module, tok: PreTrainedTokenizerBase, pre: Any, decisions: Sequence[Any],
+                rows: Sequence[int], profile: PatchProfile, *, control: Control | None = None) -> list[Target]:
+    """The targets of a prefill's patched ``rows``, each under the profile its gate decision chose (else
+    ``profile``): a choosing gate may mix strategies in one batch. In row order."""
+    groups: dict[PatchProfile, list[int]] = {}
+    for i in rows:
+        groups.setdefault(decisions[i].profile or profile, []).append(i)
+    targets = []
+    for chosen, members in groups.items():
+        jobs = [pre.job(i, chosen.source_position, chosen.source_layer) for i in members]
+        targets += plan_targets(model, tok, chosen, jobs, control=control)
+    return sorted(targets, key=lambda t: t.row)

@@ -11,6 +11,10 @@ greedy decoding, so the ratios compare equal work. Modes:
   shared-prefix cache (the default) and without it (``reuse_prefix=False``).
 * ``gate says yes``: AutoPatcher with AlwaysPatch, batch size 1, over model.generate, once per strategy in
   ``--strategies`` (each with the model's shipped profile for it).
+* ``floor``: each ``gate says yes`` strategy over its floor, the forwards it cannot avoid: every
+  ``model.generate`` call and every stand-alone forward the strategy made on these prompts (recorded once, with
+  the number of tokens each generation produced), replayed as plain model calls, with no hooks, no locating,
+  no stopping criteria and no prefix cache. What is above 1.00x is autopatch's own work around the model.
 * ``batched``: AutoPatcher (AlwaysPatch, the model's profile) throughput at batch size ``--batch`` over its own
   batch size 1.
 
@@ -37,6 +41,49 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+class ModelCalls:
+    """Records the ``generate`` calls and stand-alone forwards made on ``model`` inside ``with ModelCalls(model)``,
+    to replay them later as plain calls (:meth:`replay`): a strategy's floor."""
+
+    def __init__(self, model):
+        self.model, self.calls, self._depth = model, [], 0
+
+    def __enter__(self):
+        model, generate, forward = self.model, self.model.generate, self.model.forward
+
+        def recorded_generate(input_ids=None, attention_mask=None, **kwargs):
+            self._depth += 1
+            try:
+                out = generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            finally:
+                self._depth -= 1
+            sequences = out if torch.is_tensor(out) else out.sequences
+            self.calls.append(("generate", input_ids.clone(), None if attention_mask is None else attention_mask.clone(),
+                               sequences.shape[1] - input_ids.shape[1]))
+            return out
+
+        def recorded_forward(*args, **kwargs):
+            if self._depth == 0 and kwargs.get("input_ids") is not None:
+                mask = kwargs.get("attention_mask")
+                self.calls.append(("forward", kwargs["input_ids"].clone(), None if mask is None else mask.clone(), 0))
+            return forward(*args, **kwargs)
+
+        model.generate, model.forward = recorded_generate, recorded_forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.generate, self.model.forward  # the instance attributes go; the class methods return
+        return False
+
+    def replay(self, pad_token_id) -> None:
+        for kind, ids, mask, new in self.calls:
+            if kind == "forward":
+                self.model(input_ids=ids, attention_mask=mask)
+            elif new > 0:
+                self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                    do_sample=False, pad_token_id=pad_token_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     for fn in runs.values():  # warm-up: first calls pay for lazy initialisation
         fn()
+    floors = {}
+    for name, patcher in {always.profile.strategy: always, **per_strategy}.items():
+        with ModelCalls(model) as calls:
+            [patcher.generate(**e, **gen) for e in singles]
+        floors[name] = calls
+        runs[f"floor {name} bs=1"] = lambda calls=calls: calls.replay(tok.pad_token_id)
+    for name in floors:
+        runs[f"floor {name} bs=1"]()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
@@ -103,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
          f"{median['autopatch patch bs=1'] / base:.2f}x vs model.generate"),
         *((f"autopatch, gate says yes, bs=1, {s}", median[f"autopatch {s} bs=1"],
            f"{median[f'autopatch {s} bs=1'] / base:.2f}x vs model.generate") for s in strategies),
+        *((f"floor of {s}: its {len(floors[s].calls)} model calls replayed plain, bs=1", median[f"floor {s} bs=1"],
+           f"autopatch {s} at {median[f'autopatch {s} bs=1' if s in per_strategy else 'autopatch patch bs=1'] / median[f'floor {s} bs=1']:.2f}x its floor")
+          for s in floors),
         (f"model.generate bs={n}", median[f"model.generate bs={n}"], f"{base / median[f'model.generate bs={n}']:.2f}x throughput vs bs=1"),
         (f"autopatch, gate says yes, bs={n}", median[f"autopatch patch bs={n}"],
          f"{median['autopatch patch bs=1'] / median[f'autopatch patch bs={n}']:.2f}x throughput vs autopatch bs=1"),

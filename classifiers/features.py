@@ -17,17 +17,20 @@ Everything here is computed from the one vanilla prefill that
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from autopatch.errors import ConfigError
-from autopatch.gating import POSITION_KINDS, AlwaysPatch, GateInput
-from autopatch.patcher import AutoPatcher
+from autopatch.gating import POSITION_KINDS, GateInput
+from autopatch.plan import Planner
+from autopatch.prefill import capture_prefill
+from autopatch.prefix_cache import register_prefix
 from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat
+from autopatch.resolve import model_profile
 
 SCALARS = ("first_token_prob", "first_token_entropy", "first_token_margin")
 
@@ -96,35 +99,39 @@ def extract_features(model, tok, records, spec: FeatureSpec, *, profile: PatchPr
 
     Returns ``(ids, X, located)``; rows of unlocated questions are zeros with ``located`` False.
     """
-    patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch())  # the shipped gate is not needed (or loaded) here
+    fmt = _format(model, tok, profile)
     questions = [r.question for r in records]
-    return ([r.id for r in records], *_prefill_features(patcher, questions, questions, spec, batch_size, patcher.encode))
+    texts = [fmt.render(q, tok) for q in questions]
+    return ([r.id for r in records], *_prefill_features(model, tok, fmt, texts, questions, spec, batch_size))
 
 
 @torch.no_grad()
 def extract_prompt_features(model, tok, prompts: Sequence[str], questions: Sequence[str], spec: FeatureSpec, *,
                             profile: PatchProfile | None = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """:func:`extract_features` for prompts already rendered (a chat request, say), with the question each holds."""
-    patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch())
-    chat = patcher.profile.prompt_format.kind == "chat"  # a chat template writes its own BOS
-
-    def encode(texts: Sequence[str]):
-        return tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=not chat).to(
-            next(model.parameters()).device)
-
-    return _prefill_features(patcher, prompts, questions, spec, batch_size, encode)
+    return _prefill_features(model, tok, _format(model, tok, profile), prompts, questions, spec, batch_size)
 
 
-def _prefill_features(patcher: AutoPatcher, texts: Sequence[str], questions: Sequence[str], spec: FeatureSpec,
-                      batch_size: int, encode: Callable[[Sequence[str]], Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Features and located flags, batch by batch; ``encode(texts)`` gives each batch's left-padded ids."""
+def _format(model, tok, profile: PatchProfile | None) -> PromptFormat:
+    """The prompt format of ``profile`` (else the model's shipped profile), its fixed start registered for reuse
+    as an AutoPatcher would register it."""
+    fmt = (profile or model_profile(model, tok)).prompt_format
+    register_prefix(model, fmt.fixed_prefix(tok))
+    return fmt
+
+
+def _prefill_features(model, tok, fmt: PromptFormat, texts: Sequence[str], questions: Sequence[str],
+                      spec: FeatureSpec, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features and located flags, batch by batch, from the one prefill path (plan, then capture)."""
     rows: list[np.ndarray] = []
     located: list[bool] = []
-    model = patcher.model
+    planner, device = Planner(tok, fmt), next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        enc = encode(texts[start : start + batch_size])
+        enc = fmt.encode(tok, texts[start : start + batch_size]).to(device)
         batch = list(questions[start : start + batch_size])
-        with patcher.prefill(enc.input_ids, enc.attention_mask, list(spec.layers), batch, reuse_prefix=True) as pre:
+        ids, plans, positions = planner.batch(enc.input_ids, enc.attention_mask, batch)
+        with capture_prefill(model, tok.pad_token_id, ids, plans, positions, list(spec.layers), enc.attention_mask,
+                             reuse_prefix=True) as pre:
             logits = pre.forward(model, enc.input_ids, enc.attention_mask, logits_to_keep=1).logits[:, -1]
         for i, plan in enumerate(pre.plans):
             located.append(bool(plan.positions))

@@ -37,9 +37,11 @@ import torch
 from autopatch.architectures import num_layers
 from autopatch.cli import add_quantize_arg
 from autopatch.errors import ConfigError
-from autopatch.gating import AlwaysPatch
-from autopatch.patcher import AutoPatcher
+from autopatch.plan import Planner
+from autopatch.prefill import capture_prefill
+from autopatch.prefix_cache import register_prefix
 from autopatch.profile import BridgePrompt, PatchProfile, SourcePosition
+from autopatch.resolve import model_profile
 from autopatch.strategies import plan_targets, run_targets
 from eval.datasets import QARecord, load_dataset_by_name
 from eval.jsonl import iter_rows, repair_tail
@@ -177,8 +179,9 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
     ``controls=True`` also writes each configuration's random-vector control (``random:<key>``) and, per
     question, the text-only references and hop diagnostics in :data:`REFERENCE_KEYS`.
     """
-    patcher = AutoPatcher(model, tok, gate=AlwaysPatch())
-    base = patcher.profile
+    base = model_profile(model, tok)
+    fmt, planner, device = base.prompt_format, Planner(tok, base.prompt_format), next(model.parameters()).device
+    register_prefix(model, fmt.fixed_prefix(tok))
     layers = list(range(num_layers(model)))
     repair_tail(out_path)
     done = _done_keys(out_path)
@@ -199,9 +202,10 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
         for batch in _chunks(list(records), batch_size):
             if all((r.id, k) in done for r in batch for k in keys):
                 continue
-            enc = patcher.encode([r.question for r in batch])
-            with patcher.prefill(enc.input_ids, enc.attention_mask, layers, [r.question for r in batch],
-                                 [r.question_decomposition for r in batch] if use_decomposition else None,
+            enc = fmt.encode(tok, [fmt.render(r.question, tok) for r in batch]).to(device)
+            ids, plans, positions = planner.batch(enc.input_ids, enc.attention_mask, [r.question for r in batch],
+                                                  [r.question_decomposition for r in batch] if use_decomposition else None)
+            with capture_prefill(model, tok.pad_token_id, ids, plans, positions, layers, enc.attention_mask,
                                  reuse_prefix=True) as pre:
                 vanilla = pre.generate(model, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=max_new_tokens,
                                        do_sample=False, pad_token_id=tok.pad_token_id)

@@ -318,7 +318,7 @@ def test_capture_and_patch_on_a_quantized_model_leave_no_hooks():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_weights_are_cached_checksummed_and_rebuilt_when_damaged(monkeypatch, tmp_path, mode):
-    import autopatch.quantize as quantize
+    import autopatch.quantize_cache as quantize_cache
 
     def model():
         fresh = tiny_model("qwen2")
@@ -330,7 +330,7 @@ def test_quantized_weights_are_cached_checksummed_and_rebuilt_when_damaged(monke
     ids = torch.randint(3, 90, (1, 7))
     first = model()
     assert quantize_model(first, mode, cache_key="tiny-qwen2") > 0
-    weights, manifest = quantize._cache_paths("tiny-qwen2", QUANT_MODES[mode])
+    weights, manifest = quantize_cache.cache_paths("tiny-qwen2", mode)
     assert weights.exists() and manifest.exists()
 
     calls = []

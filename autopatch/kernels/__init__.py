@@ -17,8 +17,9 @@ Why a C file: the int8 kernels torch and torchao offer on the CPU either dequant
 (``aten._weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``: 4-10x slower than float32 here) or quantize
 the activations too (``quantized::linear_dynamic``, ``torch._int_mm``: fast, but it costs accuracy), see
 docs/quantization.md. ``w8.c`` and ``w4.c`` are about 120 lines each of AVX2/AVX-512 intrinsics, compiled once
-per machine into one library with the host's C compiler (``$CC``, else ``cc``/``gcc``) into :func:`autopatch.loading.cache_dir` ``/kernels/``, named by
-the hash of its source, flags and CPU, and loaded with :mod:`ctypes` (which releases the GIL during a call).
+per machine into one library with the host's C compiler (``$CC``, else ``cc``/``gcc``) into
+:func:`autopatch.loading.cache_dir` ``/kernels/``, named by the hash of the sources, flags and CPU, and loaded
+with :mod:`ctypes` (which releases the GIL during a call).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -302,7 +304,7 @@ GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in sli
 GEMM_SLICE = 1024  # weight rows dequantized at a time: a bounded float32 buffer (4 KiB per input column)
 
 
-def _dequantized_gemm(dequant: ctypes._CFuncPtr, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """``x @ W.T`` for many rows: the matmul is compute-bound there, so the float GEMM's blocking wins, and
     reading the quantized weight once per slice costs little beside it."""

@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from autopatch.prompts import PromptFormat, chat_render
+from autopatch.stopping import PARAGRAPH_STOPS, stop_token_ids
 
 DECOMPOSE_INSTRUCTION = ("Split the question into two simpler questions when answering it needs one fact to find "
                          "another: Step 1 asks for that first fact, Step 2 asks the rest with #1 standing for Step 1's "
@@ -71,12 +72,6 @@ def parse_decomposition(text: str) -> list[dict[str, str]] | None:
     return [{"question": step1}, {"question": step2}]
 
 
-def _stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
-    stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    ids = tok("\n\n", add_special_tokens=False).input_ids
-    return stops + (ids if len(ids) == 1 else [])
-
-
 def propose_decompositions(model: Any, tok: PreTrainedTokenizerBase, fmt: PromptFormat, questions: Sequence[str], *,
                            max_new_tokens: int = 48) -> list[list[dict[str, str]] | None]:
     """Per question, the model's two steps (MuSiQue's shape, ``#1`` in step 2), or ``None``; one batched generate."""
@@ -97,6 +92,6 @@ def propose_decompositions_counted(model: Any, tok: PreTrainedTokenizerBase, fmt
     targets = [Target(i, fmt.encode(tok, p).input_ids[0], [], p)
                for i, p in enumerate(prompts)]
     out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=_stop_ids(tok))
+                             eos_token_id=stop_token_ids(tok, PARAGRAPH_STOPS))
     ids = [generated_ids(out[i, width:], tok.pad_token_id) for i in range(len(questions))]
     return [(parse_decomposition(cast(str, tok.decode(row, skip_special_tokens=True))), len(row)) for row in ids]

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from autopatch.errors import ProfileError
 from autopatch.locate import SLOT
+from autopatch.stopping import cut_at_stop
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
 FormatKind = Literal["fewshot-qa", "chat"]
@@ -118,8 +119,7 @@ class PromptFormat:
 
     def clean_answer(self, text: str) -> str:
         """The generated text up to this format's first stop string, stripped."""
-        cut = min((i for i in (text.find(stop) for stop in self.stop_strings) if i >= 0), default=len(text))
-        return text[:cut].strip()
+        return cut_at_stop(text, self.stop_strings)[0].strip()
 
     def extract_question(self, prompt: str) -> str | None:
         """The question of a prompt this format rendered (the last ``Q:`` line), or ``None``."""

@@ -32,6 +32,7 @@ from autopatch.patchscope import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_
 from autopatch.prefix_cache import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix_cache
 from autopatch.profile import PatchProfile
 from autopatch.prompts import target_prompt
+from autopatch.stopping import BRIDGE_STOPS, stop_token_ids
 
 Control = str  # a name registered in autopatch.registry.CONTROLS
 
@@ -78,16 +79,6 @@ def _bridge_from_answer(text: str) -> str:
     return text.split("\n", 1)[0].strip().strip("\"'.,")
 
 
-def _bridge_stop_ids(tok: PreTrainedTokenizerBase) -> list[int]:
-    """EOS plus the single-token separators that end a decoded bridge (newline, ";"): no wasted decode steps."""
-    stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    for separator in ("\n", ";"):
-        ids = tok(separator, add_special_tokens=False).input_ids
-        if len(ids) == 1:
-            stops.append(ids[0])
-    return stops
-
-
 def _bridge_prompts(tok: PreTrainedTokenizerBase, profile: PatchProfile,
                     jobs: Sequence[PatchJob]) -> list[tuple[torch.Tensor, int]]:
     """Per job, the decoding prompt's ids and the index of its placeholder token."""
@@ -118,7 +109,7 @@ def decode_bridges_counted(
     targets = [Target(i, ids, [] if v is None else [(profile.target_layer, position, v)])
                for i, ((ids, position), v) in enumerate(zip(prompts, vectors))]
     out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=profile.max_bridge_tokens,
-                             eos_token_id=_bridge_stop_ids(tok))
+                             eos_token_id=stop_token_ids(tok, BRIDGE_STOPS))
     parse = _bridge_from_description if profile.bridge_prompt == "identity" else _bridge_from_answer
     return [(parse(cast(str, tok.decode(out[i, width:], skip_special_tokens=True))),
              len(generated_ids(out[i, width:], tok.pad_token_id))) for i in range(len(jobs))]

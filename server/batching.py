@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 
 from autopatch.patcher import AutoPatcher
 from autopatch.prefix_cache import left_pad
+from autopatch.stopping import cut_at_stop
 from server.cancel import cancellable
 from server.jobs import Event, GenerationJob, GenerationResult, abandoned, timeout_error
 
@@ -119,10 +120,9 @@ def answer_ids(new: list[int], pad: int, eos: set[int]) -> list[int]:
 def result_of(job: GenerationJob, ids: list[int], tokenizer: PreTrainedTokenizerBase, eos: set[int],
               report: dict) -> GenerationResult:
     """The answer text (cut before the first stop string), its finish reason and token counts."""
-    text = cast(str, tokenizer.decode(ids, skip_special_tokens=True))
-    cut = min((i for i in (text.find(s) for s in job.stop if s) if i >= 0), default=-1)
-    finish = finish_reason(ids, stopped=cut >= 0, eos=eos, max_new_tokens=job.max_new_tokens)
-    return GenerationResult(text[:cut] if cut >= 0 else text, finish, len(job.prompt_ids), len(ids), report)
+    text, stopped = cut_at_stop(cast(str, tokenizer.decode(ids, skip_special_tokens=True)), job.stop)
+    finish = finish_reason(ids, stopped=stopped, eos=eos, max_new_tokens=job.max_new_tokens)
+    return GenerationResult(text, finish, len(job.prompt_ids), len(ids), report)
 
 
 def finish_reason(ids: Sequence[int], *, stopped: bool, eos: set[int], max_new_tokens: int) -> str:

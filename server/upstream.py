@@ -38,12 +38,12 @@ import httpx
 from autopatch.locate import Location, UnlocatableQuestion, locate
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat
+from autopatch.stopping import BRIDGE_STOPS
 from autopatch.strategies import _bridge_from_answer  # the local decompose's reading of the bridge
 from server.errors import ApiError, invalid_request
 from server.schemas import ChatCompletionRequest  # at module level: FastAPI reads the route's annotation from here
 
 BRIDGE_TOKENS = next(f.default for f in fields(PatchProfile) if f.name == "max_bridge_tokens")  # the local budget
-BRIDGE_STOPS = ["\n", ";"]  # where the local decompose's bridge decoding stops (strategies._bridge_stop_ids)
 
 
 class UpstreamError(ApiError):
@@ -161,7 +161,7 @@ class UpstreamDecomposer:
     def first_hop(self, location: Location, extra: dict[str, Any]) -> str:
         """The bridge: the first hop asked in the short-answer format, its answer's first line."""
         body = {**extra, "messages": self.fmt.chat_messages(location.first_hop(location.subject)), "max_tokens": BRIDGE_TOKENS,
-                "stop": BRIDGE_STOPS, "stream": False, "temperature": 0}
+                "stop": list(BRIDGE_STOPS), "stream": False, "temperature": 0}
         return _bridge_from_answer(str(self.complete(body)["choices"][0]["message"]["content"] or ""))
 
     def second_hop_body(self, body: dict[str, Any], location: Location, bridge: str) -> dict[str, Any]:

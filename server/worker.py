@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 
 from autopatch.errors import ConfigError
 from autopatch.patcher import AutoPatcher
+from autopatch.stopping import cut_at_stop
 from server.batching import batchable, compatible, finish_reason, run_batch
 from server.cancel import Cancelled, cancellable
 from server.errors import ApiError, internal_error
@@ -78,9 +79,10 @@ class AnswerStream:
         if not self.stop and self.on_delta is None:
             return
         text = self._decode()
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self._final = True, text[:cut]
+        final, stopped = cut_at_stop(text, self.stop)
+        if stopped:
+            cut = len(final)
+            self.stopped, self._final = True, final
             self._emit(self._final[self._sent:] if cut > self._sent else "")
             self._sent = max(self._sent, cut)
             return

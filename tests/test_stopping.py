@@ -48,3 +48,21 @@ def test_answer_cuts_at_the_formats_stop_strings_without_transformers_tables(mon
                                    max_new_tokens=12)
         assert all(stop not in answer.text for stop in fmt.stop_strings)
     assert calls and all("stop_strings" not in c for c in calls)
+
+
+def test_cut_at_stop_is_the_earliest_stop_of_any():
+    from autopatch.stopping import cut_at_stop
+
+    assert cut_at_stop("Rome;\nQ: next", ["\nQ:", ";"]) == ("Rome", True)
+    assert cut_at_stop("Rome", ["\nQ:", ""]) == ("Rome", False)  # an empty stop never matches
+    assert cut_at_stop("", ["\n"]) == ("", False)
+
+
+def test_stop_token_ids_are_eos_and_the_single_token_stops():
+    from autopatch.stopping import BRIDGE_STOPS, stop_token_ids
+    from tests.tiny_models import byte_tokenizer
+
+    tok = byte_tokenizer()  # bytes: "\n" and ";" are one token each, "\n\n" two
+    newline, semicolon = tok("\n", add_special_tokens=False).input_ids[0], tok(";", add_special_tokens=False).input_ids[0]
+    assert stop_token_ids(tok, BRIDGE_STOPS) == [tok.eos_token_id, newline, semicolon]
+    assert stop_token_ids(tok, ["\n\n"]) == [tok.eos_token_id]

@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,11 @@ class PatchGate:
                 for s in scores]
 
     # ---- persistence ----------------------------------------------------------------------
+
+    def with_threshold(self, threshold: float) -> PatchGate:
+        """A copy that patches where the score reaches ``threshold`` (a server request's override); this gate is
+        never modified."""
+        return replace(self, threshold=float(threshold))
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

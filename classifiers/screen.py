@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from autopatch.errors import GateFileError
+from autopatch.errors import ConfigError, GateFileError
 from autopatch.gating import Gate, GateDecision, GateInput
 from classifiers.gate import PatchGate
 
@@ -76,10 +76,13 @@ class ScreenedGate:
     def fingerprint(self) -> str:
         return self.screen.fingerprint
 
-    def __getattr__(self, name: str) -> Any:  # members, rule, meta...: the inner gate's (called only when not found)
-        if name in ("screen", "inner"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    def with_threshold(self, threshold: float) -> ScreenedGate:
+        """The same screen before the inner gate at another threshold (the screen's own is not a request's to
+        move); :class:`ConfigError` when the inner gate has none (a choosing gate: one threshold per member)."""
+        inner_with = getattr(self.inner, "with_threshold", None)
+        if inner_with is None:
+            raise ConfigError(f"the screened {type(self.inner).__name__} has no single threshold to override")
+        return replace(self, inner=inner_with(threshold))
 
     def decide(self, inputs: Sequence[GateInput]) -> list[GateDecision]:
         if not inputs:

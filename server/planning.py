@@ -15,16 +15,15 @@ tokenizer) must not be used from two threads at once.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, is_dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from transformers import PreTrainedTokenizerBase
 
-from autopatch.errors import ProfileError
+from autopatch.errors import ConfigError, ProfileError
 from autopatch.gating import Gate
 from autopatch.patcher import AutoPatcher
 from server.errors import ApiError, invalid_request
@@ -68,12 +67,17 @@ def context_length_of(model, tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def gate_with_threshold(gate: Gate, threshold: float) -> Gate:
-    """A copy of ``gate`` with another ``threshold``; the served gate itself is never modified."""
-    if is_dataclass(gate) and not isinstance(gate, type):
-        return replace(gate, threshold=threshold)
-    clone = copy.copy(gate)
-    clone.threshold = threshold  # type: ignore[attr-defined]
-    return clone
+    """``gate.with_threshold(threshold)``: a copy, so the served gate itself is never modified; a 400 naming the
+    gate when it has no threshold to override."""
+    with_threshold = getattr(gate, "with_threshold", None)
+    why = f"this server's gate ({type(gate).__name__}) has no threshold"
+    if with_threshold is not None:
+        try:
+            return cast(Gate, with_threshold(threshold))
+        except ConfigError as err:
+            why = str(err)
+    raise invalid_request(f"autopatch.threshold needs a learned gate with one threshold, but {why}.",
+                          param="autopatch.threshold")
 
 
 def unknown_model(requested: str, served: str) -> ApiError:
@@ -121,9 +125,6 @@ def plan(served: Served, body: ChatCompletionRequest, emit: Callable[[Event], No
             raise invalid_request(f"Cannot use strategy '{options.strategy}' with this model's profile: {err}",
                                   param="autopatch.strategy") from None
     if options.threshold is not None:
-        if not hasattr(gate, "threshold"):
-            raise invalid_request(f"autopatch.threshold needs a learned gate with a threshold, but no learned gate is "
-                                  f"loaded (this server uses {type(gate).__name__}).", param="autopatch.threshold")
         gate = gate_with_threshold(gate, options.threshold)
 
     if body.temperature is not None and body.temperature >= SAMPLING_EPS:

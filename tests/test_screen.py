@@ -139,3 +139,17 @@ def test_prompt_features_match_the_gate_inputs_of_a_real_call(model):
     AutoPatcher(model, tok, patcher.profile, gate=Spy()).generate(**enc, max_new_tokens=1, do_sample=False,
                                                                   pad_token_id=0, questions=QUESTIONS)
     assert located.all() and np.allclose(X, np.stack(seen), atol=1e-5)
+
+
+def test_a_per_request_threshold_moves_the_inner_gate_and_never_the_screen(model):
+    from server.errors import ApiError
+    from server.planning import gate_with_threshold
+
+    screen = _screen(model, [0.0, 0.0, 0.0], 0.4)
+    screened = ScreenedGate(screen, _screen(model, [1.0, 0.0, 0.0], 0.5))
+    moved = gate_with_threshold(screened, 0.9)
+    assert isinstance(moved, ScreenedGate) and moved.inner.threshold == 0.9 and moved.screen is screen
+    assert screened.inner.threshold == 0.5  # the served gate itself is untouched
+    assert not hasattr(screened, "members")  # no attribute is answered by the inner gate in the screen's name
+    with pytest.raises(ApiError, match="screened AlwaysPatch has no single threshold"):
+        gate_with_threshold(ScreenedGate(screen, AlwaysPatch()), 0.9)

@@ -7,6 +7,7 @@ and a short timeout, for the queue, timeout, threshold and failure tests).
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -71,6 +72,11 @@ class ControlGate:
         if self.fail:
             raise RuntimeError("the test gate failed on purpose")
         return [GateDecision(self.score >= self.threshold, self.score, "control gate") for _ in inputs]
+
+    def with_threshold(self, threshold: float) -> ControlGate:
+        clone = copy.copy(self)
+        clone.threshold = threshold
+        return clone
 
 
 @dataclass
@@ -269,9 +275,9 @@ def test_errors_have_openai_shape(served, body, status, kind, param):
     assert error["message"] and "Traceback" not in error["message"]
 
 
-def test_threshold_error_says_no_learned_gate(served):
+def test_threshold_error_names_the_gate_that_has_none(served):
     message = post(served, {"messages": USER, "autopatch": {"threshold": 0.3}}).json()["error"]["message"]
-    assert "no learned gate" in message
+    assert "needs a learned gate" in message and "(AlwaysPatch) has no threshold" in message
 
 
 def test_openai_client_raises_the_matching_exceptions(client):

@@ -119,10 +119,24 @@ class PlainGate:
         self.threshold = 0.5
 
 
-@pytest.mark.parametrize("gate", [DataclassGate(0.5), PlainGate()])
-def test_threshold_override_copies_the_gate(gate):
+def test_threshold_override_copies_a_gate_that_declares_with_threshold():
+    from dataclasses import replace
+
+    class Declared(DataclassGate):
+        def with_threshold(self, threshold: float):
+            return replace(self, threshold=threshold)
+
+    gate = Declared(0.5)
     other = gate_with_threshold(gate, 0.8)
-    assert other.threshold == 0.8 and gate.threshold == 0.5 and type(other) is type(gate)
+    assert other.threshold == 0.8 and gate.threshold == 0.5 and type(other) is Declared
+
+
+@pytest.mark.parametrize("gate", [DataclassGate(0.5), PlainGate()])
+def test_a_threshold_attribute_alone_is_not_taken_for_an_override(gate):
+    from server.errors import ApiError
+
+    with pytest.raises(ApiError, match=f"\\({type(gate).__name__}\\) has no threshold"):
+        gate_with_threshold(gate, 0.8)
 
 
 # ---- autopatch serve ------------------------------------------------------------------------

@@ -48,9 +48,11 @@ class GateDecision:
     """
 
     patch: bool
-    score: float | None
+    score: float | None  # the deciding gate's own score (None: it gives none, or the screen kept the row from it)
     reason: str
     profile: PatchProfile | None = None
+    screen_score: float | None = None  # P(two-hop question) from a two-hop screen, where one ran (classifiers.screen)
+    screen_passed: bool | None = None  # whether that screen passed the row on to the gate (None: no screen)
 
 
 @dataclass
@@ -98,7 +100,9 @@ class PatchReport:
     positions: dict[str, int] | None = None  # token indices in the caller's unpadded prompt
     located: bool = False
     patched: bool = False
-    gate_score: float | None = None
+    gate_score: float | None = None  # the deciding gate's score; a screen's is screen_score
+    screen_score: float | None = None
+    screen_passed: bool | None = None  # None: no two-hop screen ran on this row
     reason: str = ""
     strategy: str | None = None
     source_layer: int | None = None

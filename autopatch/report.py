@@ -29,7 +29,8 @@ def row_reports(tokenizer, plans: Sequence[RowPlan], decisions: Sequence[GateDec
         reports.append(PatchReport(
             question=plan.question, location=plan.location.to_dict() if plan.location else None,
             positions=plan.positions or None, located=bool(plan.location and plan.positions),
-            patched=decision.patch, gate_score=decision.score, reason=decision.reason,
+            patched=decision.patch, gate_score=decision.score, screen_score=decision.screen_score,
+            screen_passed=decision.screen_passed, reason=decision.reason,
             strategy=p.strategy, source_layer=p.source_layer, target_layer=p.target_layer,
             source_position=p.source_position, control=control, vanilla_first_token=first,
             proposal_tokens=plan.proposal_tokens))

@@ -90,11 +90,11 @@ class ScreenedGate:
         scores = self.screen.scores(np.stack([self.screen.spec.vector(i) for i in inputs]))
         threshold = self.screen.threshold
         passed = [i for i, s in enumerate(scores) if s >= threshold]
-        decisions = [GateDecision(False, float(s), f"screen: P(two-hop question)={s:.3f} < {threshold:.3f}: left alone")
-                     for s in scores]
+        decisions = [GateDecision(False, None, f"screen: P(two-hop question)={s:.3f} < {threshold:.3f}: left alone",
+                                  screen_score=float(s), screen_passed=False) for s in scores]
         for i, d in zip(passed, self.inner.decide([inputs[i] for i in passed])):
             decisions[i] = replace(d, reason=f"screen: P(two-hop question)={scores[i]:.3f} >= {threshold:.3f}; "
-                                             f"{d.reason}")
+                                             f"{d.reason}", screen_score=float(scores[i]), screen_passed=True)
         return decisions
 
     def save(self, directory: str | Path) -> Path:

@@ -4,7 +4,7 @@ Example:
     $ python -m eval.screen_pass docs/runs/harm_test_gemma docs/runs/handwritten_test_gemma
 
 Reads ``autopatch``'s lines (or ``--method``'s) and counts, per run, the rows the locator read, those whose screen
-score reached the threshold (a report reason that does not start "screen: ... <"), and those patched.
+score reached the threshold (the report's ``screen_passed``), and those patched.
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ from pathlib import Path
 from eval.runner import iter_methods_rows, read_results
 
 
+def _rejected(report: dict) -> bool:
+    """Whether the screen turned the row away: the report's ``screen_passed``; runs written before that field
+    existed say it only in the reason ("screen: P(two-hop question)=0.123 < 0.500: left alone")."""
+    if "screen_passed" in report:
+        return report["screen_passed"] is False
+    return report["reason"].startswith("screen:") and "<" in report["reason"].split(";")[0]
+
+
 def screen_counts(run: Path, method: str = "autopatch") -> dict[str, int]:
     rows = dict(iter_methods_rows(read_results(run))).get(method, {})
     located = [r for r in rows.values() if (r.get("report") or {}).get("located")]
-    rejected = [r for r in located if r["report"]["reason"].startswith("screen:")
-                and "<" in r["report"]["reason"].split(";")[0]]
+    rejected = [r for r in located if _rejected(r["report"])]
     return {"rows": len(rows), "located": len(located), "passed": len(located) - len(rejected),
             "patched": sum(1 for r in rows.values() if r.get("patched"))}
 

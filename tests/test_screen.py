@@ -54,8 +54,12 @@ def test_rows_the_screen_rejects_are_answered_exactly_as_the_model_answers_them(
     rejected = _generate(model, ScreenedGate(_screen(model, [0.0, 0.0, 0.0], 0.9), AlwaysPatch()))  # score 0.5 < 0.9
     assert torch.equal(rejected.output, plain.output)
     assert all(not r.patched and r.reason.startswith("screen: P(two-hop question)=0.500 < 0.900") for r in rejected.reports)
+    # the verdict is typed: the screen's score is its own field, never taken for the (unconsulted) gate's
+    assert all((r.screen_passed, r.screen_score, r.gate_score) == (False, 0.5, None) for r in rejected.reports)
     passed = _generate(model, ScreenedGate(_screen(model, [0.0, 0.0, 0.0], 0.4), AlwaysPatch()))
     assert all(r.patched and "always patch" in r.reason and ">= 0.400" in r.reason for r in passed.reports)
+    assert all((r.screen_passed, r.screen_score) == (True, 0.5) for r in passed.reports)
+    assert all(r.screen_passed is None for r in _generate(model, AlwaysPatch()).reports)  # no screen ran
 
 
 def test_the_screen_splits_a_batch_row_by_row(model):

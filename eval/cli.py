@@ -197,12 +197,15 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     resolution = resolve(model, tok, profile=args.profile, gate=args.gate)
     gate = resolution.gate if resolution.gate_source != "default" else None
-    if "autopatch" in methods and gate is None:
+    gated = [m for m in methods if METHODS[m].needs_gate]
+    if gated and gate is None:
+        named = ", ".join(f"`{m}`" for m in gated)
         if explicit_methods:
-            raise EvalConfigError("No gate for this model (none shipped, or the shipped one was refused): train one "
-                                  "with `autopatch train-gate` and pass --gate, or leave `autopatch` out of --methods.")
-        print("note: no gate for this model; the `autopatch` method is left out", file=sys.stderr)
-        methods.remove("autopatch")
+            raise EvalConfigError(f"No gate for this model (none shipped, or the shipped one was refused), and {named} "
+                                  "runs it: train one with `autopatch train-gate` and pass --gate, or leave "
+                                  f"{named} out of --methods.")
+        print(f"note: no gate for this model; {named} left out", file=sys.stderr)
+        methods = [m for m in methods if m not in gated]
         settings["methods"] = methods
     profile = resolution.profile if resolution.profile_source in ("argument", "file") else None
     ctx = build_context(model, tok, profile=profile, gate=gate, budget=args.budget, cot_budget=args.cot_budget,

@@ -76,7 +76,11 @@ class EvalContext:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: ``run(ctx, records) -> results`` (``None`` for derived methods)."""
+    """A registered method: ``run(ctx, records) -> results`` (``None`` for derived methods).
+
+    ``needs_gate``: it runs the learned gate (``autopatch``, ``autopatch-model``); with none for the model the
+    harness refuses it when asked for by name and leaves it out otherwise, never runs it ungated.
+    """
 
     name: str
     kind: MethodKind
@@ -84,6 +88,7 @@ class Method:
     run: Callable[[EvalContext, Sequence[QARecord]], list[MethodResult]] | None = None
     cot: bool = False
     needs: tuple[str, ...] = field(default=())  # methods a derived method is computed from
+    needs_gate: bool = False
 
 
 def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate | None = None, budget: int = 16,
@@ -120,8 +125,8 @@ def _generate_prompts(ctx: EvalContext, prompts: Sequence[str], budget: int,
 
     tok = ctx.tok
     started = time.perf_counter()
-    targets = [Target(i, tok(p, return_tensors="pt").input_ids[0]) for i, p in enumerate(prompts)]
-    # the one layout-and-generate (autopatch.strategies.run_targets): the format's shared start from the prefix cache
+    targets = [Target(i, ctx.fmt.encode(tok, p).input_ids[0]) for i, p in enumerate(prompts)]
+    # the one layout-and-generate (autopatch.generate.run_targets): the format's shared start from the prefix cache
     out, width = run_targets(ctx.model, tok, targets, reuse_prefix=ctx.reuse_prefix, max_new_tokens=budget,
                              do_sample=False)
     seconds = (time.perf_counter() - started) / len(prompts)
@@ -203,7 +208,7 @@ def _prompted(build: Callable[[EvalContext, QARecord], str], *, cot: bool = Fals
         results = [MethodResult(p, t, n, seconds) for p, t, n in zip(prompts, texts, counts)]
         if not scored:
             return results
-        ids = [ctx.tok(p, return_tensors="pt").input_ids[0] for p in prompts]
+        ids = [ctx.fmt.encode(ctx.tok, p).input_ids[0] for p in prompts]
         return _with_gold_scores(ctx, results, ids, [[] for _ in records], records)
 
     return run
@@ -219,7 +224,7 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
         patcher = AutoPatcher(ctx.model, ctx.tok, profile_of(ctx), gate=gate, control=control,
                               reuse_prefix=ctx.reuse_prefix, decomposer=decomposer)
         prompts = [record_prompt(ctx, r) for r in records]
-        enc = ctx.tok(prompts, return_tensors="pt", padding=True).to(_device(ctx.model))
+        enc = ctx.fmt.encode(ctx.tok, prompts).to(_device(ctx.model))
         started = time.perf_counter()
         given = [ctx.vanilla_tokens.get(r.id) for r in records]
         shared = None if any(t is None for t in given) else cast("list[list[int]]", given)
@@ -245,7 +250,7 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
                 final_prompts.append(target.input_ids)
                 final_edits.append(target.edits)
             else:
-                final_prompts.append(ctx.tok(prompt, return_tensors="pt").input_ids[0])
+                final_prompts.append(ctx.fmt.encode(ctx.tok, prompt).input_ids[0])
                 final_edits.append([])
         return _with_gold_scores(ctx, results, final_prompts, final_edits, records)
 
@@ -310,14 +315,14 @@ register(Method("cot-2stage", "baseline", "zero-shot CoT with Kojima et al.'s se
 register(Method("patch", "patch", "always patch with the model's profile",
                 _patcher_method(lambda ctx: ctx.profile)))
 register(Method("autopatch", "patch", "patch when the gate says so (the deployable method)",
-                _patcher_method(lambda ctx: ctx.profile, gated=True)))
+                _patcher_method(lambda ctx: ctx.profile, gated=True), needs_gate=True))
 for _strategy, _spec in STRATEGIES.items():
     register(Method(_strategy, "patch" if _spec.uses_state else "baseline",
                     f"always patch with the best swept {_strategy} configuration" if _spec.uses_state else _spec.description,
                     _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))  # type: ignore[misc]  # mypy cannot infer a lambda with a default
 register(Method("autopatch-model", "patch", "autopatch (the shipped screen and gate) with the model's own decomposition "
                 "first (decomposer='model'); proposal tokens counted",
-                _patcher_method(lambda ctx: ctx.profile, gated=True, decomposer="model")))
+                _patcher_method(lambda ctx: ctx.profile, gated=True, decomposer="model"), needs_gate=True))
 register(Method("decompose-model", "baseline", "decompose with the model's own decomposition (self-ask style, "
                 "autopatch.decomposer), the grammar where the model proposes none; proposal tokens counted",
                 _patcher_method(lambda ctx: ctx.strategy_profiles["decompose"], decomposer="model")))

@@ -78,7 +78,7 @@ def batches(records: Sequence[QARecord], batch_size: int) -> list[list[QARecord]
 def order_by_length(ctx: EvalContext, records: Sequence[QARecord]) -> list[QARecord]:
     """``records`` by the tokenized length of their prompt in the run's query format, longest first (ties: dataset
     order), so that the batches cut from them pad little. Deterministic for a given tokenizer and format."""
-    lengths = [len(ctx.tok(record_prompt(ctx, r)).input_ids) for r in records]
+    lengths = [len(ctx.fmt.encode(ctx.tok, record_prompt(ctx, r)).input_ids[0]) for r in records]
     return [records[i] for i in sorted(range(len(records)), key=lambda i: (-lengths[i], i))]
 
 

@@ -269,3 +269,15 @@ def test_accelerate_launch_with_two_processes_equals_one_process(tiny_dir, datas
     assert {k: r["continuation"] for k, r in _lines(out).items()} == \
         {k: r["continuation"] for k, r in _lines(reference_run).items()}
     assert json.loads((out / "summary.json").read_text())["n_questions"] == 6  # rank 0 merged and reported
+
+
+@pytest.mark.parametrize("method", ["autopatch", "autopatch-model"])
+def test_a_method_that_runs_the_gate_is_refused_without_one_never_run_ungated(tiny_dir, dataset, tmp_path, capsys,
+                                                                               method):
+    from eval.methods import METHODS as REGISTERED
+
+    assert REGISTERED[method].needs_gate
+    argv = ["eval", "--dataset", str(dataset), "--split", "all", "--model", str(tiny_dir), "--out", str(tmp_path / "g"),
+            "--methods", f"vanilla,{method}", "--batch-size", "4", "--budget", "3", "--quiet"]
+    assert main(argv) == 2  # the tiny model has no gate of its own
+    assert f"`{method}` runs it" in capsys.readouterr().err

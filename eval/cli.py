@@ -32,7 +32,7 @@ from pathlib import Path
 from autopatch.cli import _add_model_arg, _positive_int, subcommand
 from autopatch.errors import AutopatchError
 from eval.datasets import REAL_TRAFFIC
-from eval.methods import DEFAULT_METHODS, METHODS
+from eval.methods import METHODS, default_methods
 
 
 class EvalConfigError(AutopatchError, ValueError):
@@ -48,7 +48,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                              "or the MuSiQue id rule (default: test for twohop and musique, all for a file)")
     parser.add_argument("--hops", type=int, default=None,
                         help="keep questions with this many hops (0 = all; default: all for harm, else 2)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated; known: {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(default_methods()), help=f"comma-separated; known: {', '.join(METHODS)}")
     parser.add_argument("--add-methods", action="store_true",
                         help="add --methods to an existing run directory whose other settings match")
     parser.add_argument("--out", required=True, help="run directory (resumable)")
@@ -191,7 +191,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from eval.sweep import default_grid, run_sweep
 
     torch.set_grad_enabled(False)
-    explicit_methods = args.methods != ",".join(DEFAULT_METHODS)
+    explicit_methods = args.methods != ",".join(default_methods())
     model, tok = load_model(args.model, quantize=args.quantize)
     from autopatch.resolve import resolve
 

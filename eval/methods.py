@@ -17,11 +17,12 @@ methods' results (``oracle-gate``) or from a sweep over the configuration grid
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from autopatch.registry import CONTROLS, STRATEGIES, Registry
+from autopatch.errors import ConfigError
+from autopatch.registry import CONTROLS, STRATEGIES
 from eval.datasets import QARecord
 
 if TYPE_CHECKING:  # the registry itself is imported by the CLI's parser, which must not load torch
@@ -271,7 +272,59 @@ def hop_questions(record: QARecord) -> tuple[str, list[str], str, list[str]]:
     return hop1, hop1_golds, hop2, hop2_golds
 
 
-METHODS: Registry[Method] = Registry("Method")
+class MethodTable(MutableMapping[str, Method]):
+    """The evaluation methods, resolved when asked: those registered here, and one per strategy and per control
+    of :mod:`autopatch.registry` as it stands at that moment, so a strategy registered after import is an
+    ``autopatch eval`` method too. In a fixed order: the declared ones, each derived group where it was declared.
+    Setting a name overrides it (tests do); deleting the override restores it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[Method | Callable[[], Iterable[Method]]] = []
+        self._overrides: dict[str, Method] = {}
+
+    def add(self, method: Method) -> Method:
+        if method.name in self:
+            raise ConfigError(f"Method {method.name!r} is already registered.")
+        self._entries.append(method)
+        return method
+
+    def add_derived(self, derive: Callable[[], Iterable[Method]]) -> None:
+        """Methods computed from another registry each time the table is read."""
+        self._entries.append(derive)
+
+    def _current(self) -> dict[str, Method]:
+        table: dict[str, Method] = {}
+        for entry in self._entries:
+            for method in (entry,) if isinstance(entry, Method) else entry():
+                table.setdefault(method.name, method)
+        table.update(self._overrides)
+        return table
+
+    def __getitem__(self, name: str) -> Method:
+        return self._current()[name]
+
+    def __setitem__(self, name: str, method: Method) -> None:
+        self._overrides[name] = method
+
+    def __delitem__(self, name: str) -> None:
+        del self._overrides[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def get_known(self, name: str) -> Method:
+        """The method called ``name``; an unknown name lists the known ones."""
+        table = self._current()
+        if name not in table:
+            raise ConfigError(f"Unknown method {name!r}; choose one of {', '.join(table)}.")
+        return table[name]
+
+
+METHODS = MethodTable()
 register = METHODS.add
 
 
@@ -316,10 +369,22 @@ register(Method("patch", "patch", "always patch with the model's profile",
                 _patcher_method(lambda ctx: ctx.profile)))
 register(Method("autopatch", "patch", "patch when the gate says so (the deployable method)",
                 _patcher_method(lambda ctx: ctx.profile, gated=True), needs_gate=True))
-for _strategy, _spec in STRATEGIES.items():
-    register(Method(_strategy, "patch" if _spec.uses_state else "baseline",
-                    f"always patch with the best swept {_strategy} configuration" if _spec.uses_state else _spec.description,
-                    _patcher_method(lambda ctx, s=_strategy: ctx.strategy_profiles[s])))  # type: ignore[misc]  # mypy cannot infer a lambda with a default
+
+
+def _strategy_methods() -> Iterator[Method]:
+    for name, spec in STRATEGIES.items():
+        yield Method(name, "patch" if spec.uses_state else "baseline",
+                     f"always patch with the best swept {name} configuration" if spec.uses_state else spec.description,
+                     _patcher_method(lambda ctx, s=name: ctx.strategy_profiles[s]))  # type: ignore[misc]
+
+
+def _control_methods() -> Iterator[Method]:
+    for control in CONTROLS.values():
+        yield Method(f"control-{control.name}", "control", control.description,
+                     _patcher_method(lambda ctx: ctx.profile, control=control.name))
+
+
+METHODS.add_derived(_strategy_methods)
 register(Method("autopatch-model", "patch", "autopatch (the shipped screen and gate) with the model's own decomposition "
                 "first (decomposer='model'); proposal tokens counted",
                 _patcher_method(lambda ctx: ctx.profile, gated=True, decomposer="model"), needs_gate=True))
@@ -329,9 +394,7 @@ register(Method("decompose-model", "baseline", "decompose with the model's own d
 register(Method("decompose-both", "baseline", "decompose with the grammar's location, the model's own decomposition "
                 "where the grammar reads none; proposal tokens counted",
                 _patcher_method(lambda ctx: ctx.strategy_profiles["decompose"], decomposer="both")))
-for _control in CONTROLS.values():
-    register(Method(f"control-{_control.name}", "control", _control.description,
-                    _patcher_method(lambda ctx: ctx.profile, control=_control.name)))
+METHODS.add_derived(_control_methods)
 register(Method("hop1", "diagnostic", "hop 1 asked alone (e.g. 'In which country is the Colosseum located?')",
                 _prompted(lambda ctx, r: ctx.fmt.render(hop_questions(r)[0], ctx.tok), scored=False)))
 register(Method("hop2", "diagnostic", "hop 2 with the gold bridge given (e.g. 'What is the capital of Italy?')",
@@ -341,5 +404,10 @@ register(Method("oracle-gate", "oracle", "ORACLE: patch exactly when patching he
 register(Method("oracle-layers", "oracle", "ORACLE: correct if any configuration of the sweep grid answers correctly",
                 needs=("vanilla",)))
 
-DEFAULT_METHODS = ("vanilla", "cot", "cot-fewshot", "cot-2stage", "patch", "autopatch", *STRATEGIES,
-                   *(f"control-{c}" for c in CONTROLS), "oracle-gate")
+
+
+def default_methods() -> tuple[str, ...]:
+    """What ``autopatch eval`` runs when ``--methods`` is not given: the baselines, every strategy and control
+    registered now, and the oracle gate."""
+    return ("vanilla", "cot", "cot-fewshot", "cot-2stage", "patch", "autopatch", *STRATEGIES,
+            *(f"control-{c}" for c in CONTROLS), "oracle-gate")

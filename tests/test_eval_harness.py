@@ -281,3 +281,25 @@ def test_a_method_that_runs_the_gate_is_refused_without_one_never_run_ungated(ti
             "--methods", f"vanilla,{method}", "--batch-size", "4", "--budget", "3", "--quiet"]
     assert main(argv) == 2  # the tiny model has no gate of its own
     assert f"`{method}` runs it" in capsys.readouterr().err
+
+
+def test_a_strategy_registered_after_import_is_an_eval_method(tiny_dir, dataset, tmp_path):
+    from autopatch.registry import STRATEGIES, StrategySpec, register_strategy
+    from eval.methods import METHODS as REGISTERED
+    from eval.methods import default_methods
+
+    name = "decompose-again"
+    register_strategy(StrategySpec(name, "decompose under another name: a plug-in added at run time",
+                                   "autopatch.strategies:build_decompose", uses_state=False))
+    try:
+        assert REGISTERED[name].kind == "baseline" and name in default_methods()
+        out = tmp_path / "plugin"
+        argv = ["eval", "--dataset", str(dataset), "--split", "all", "--model", str(tiny_dir), "--out", str(out),
+                "--methods", f"vanilla,decompose,{name}", "--batch-size", "4", "--budget", "3", "--quiet"]
+        assert main(argv) == 0
+        lines = _lines(out)
+        ours = {i: r["continuation"] for (m, i), r in lines.items() if m == name}
+        assert len(ours) == 6 and ours == {i: r["continuation"] for (m, i), r in lines.items() if m == "decompose"}
+    finally:
+        del STRATEGIES[name]
+    assert name not in REGISTERED

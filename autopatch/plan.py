@@ -32,7 +32,16 @@ from autopatch.tokens import last_token_of_char_span, token_char_ends
 Decomposer = Literal["grammar", "model", "both"]
 DECOMPOSERS: tuple[str, ...] = get_args(Decomposer)
 
-__all__ = ["DECOMPOSERS", "Decomposer", "Planner"]
+__all__ = ["DECOMPOSERS", "Decomposer", "Planner", "locate_question"]
+
+
+def locate_question(question: str, decomposition: Any = None) -> RowPlan:
+    """The text half of a plan, no tokenizer needed: ``question`` located (or why not), no positions yet.
+    What the proxy (``serve --upstream``) acts on, and where :meth:`Planner.row` starts."""
+    try:
+        return RowPlan(question, locate(question, decomposition))
+    except UnlocatableQuestion as err:
+        return RowPlan(question, None, why_not=f"unlocatable: {err.why}")
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,10 @@ class Planner:
         if not question:
             return RowPlan(None, None, why_not="no question found in the prompt (no 'Q:' line or chat user turn); "
                                                "pass questions=")
-        try:
-            location = locate(question, decomposition)
-        except UnlocatableQuestion as err:
-            return RowPlan(question, None, why_not=f"unlocatable: {err.why}")
+        located = locate_question(question, decomposition)
+        location = located.location
+        if location is None:
+            return located
         at = text.rfind(question)
         if at < 0:
             return RowPlan(question, location, why_not="the question text does not occur in the decoded prompt")

@@ -30,12 +30,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields, replace
 from typing import Any
 
 import httpx
 
-from autopatch.locate import Location, UnlocatableQuestion, locate
+from autopatch.datatypes import RowPlan
+from autopatch.locate import Location
+from autopatch.plan import locate_question
 from autopatch.profile import PatchProfile
 from autopatch.prompts import PromptFormat
 from autopatch.stopping import BRIDGE_STOPS
@@ -53,24 +55,12 @@ class UpstreamError(ApiError):
         super().__init__(status, message, type="upstream_error", code=code)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What the proxy does with one request: pass it through, or decompose it at ``location``."""
-
-    question: str
-    location: Location | None
-    why_not: str = ""
-
-
-def plan(messages: Sequence[dict[str, Any]]) -> Plan:
-    """Locate the last user turn (the locator alone: no model is read here)."""
+def plan(messages: Sequence[dict[str, Any]]) -> RowPlan:
+    """Locate the last user turn (the locator alone, :func:`autopatch.plan.locate_question`: no model is read here)."""
     question = _text(messages[-1].get("content")) if messages and messages[-1].get("role") == "user" else ""
     if not question.strip():
-        return Plan(question, None, "no final user turn")
-    try:
-        return Plan(question, locate(question.strip()))
-    except UnlocatableQuestion as err:
-        return Plan(question, None, f"unlocatable: {err.why}")
+        return RowPlan(question, None, why_not="no final user turn")
+    return replace(locate_question(question.strip()), question=question)
 
 
 def _text(content: Any) -> str:
@@ -236,7 +226,7 @@ def create_proxy_app(upstream_url: str, *, api_key: str | None = None, upstream_
         body = request.model_dump(exclude_none=True, exclude={"autopatch"})
         body["messages"] = [{"role": m["role"], "content": _text(m.get("content"))} for m in body["messages"]]
         enabled = options is None or options.enabled is not False
-        p = plan(body["messages"]) if enabled else Plan("", None, "patching disabled by the request")
+        p = plan(body["messages"]) if enabled else RowPlan("", None, why_not="patching disabled by the request")
         if not request.stream:
             if p.location is None:
                 data = await run_in_threadpool(client.complete, body)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from autopatch.cli import _add_model_arg, _positive_int, subcommand
 from autopatch.errors import AutopatchError
-from eval.datasets import REAL_TRAFFIC
+from eval.dataset_registry import datasets
 from eval.methods import METHODS, default_methods
 
 
@@ -99,14 +99,14 @@ def _resolved_split(dataset: str, split: str | None) -> str | None:
     """``None`` means every record; named datasets default to their test split."""
     if split == "all":
         return None
-    if split is None and dataset.strip().lower() in ("twohop", "musique", *REAL_TRAFFIC):
-        return "test"
-    return split
+    spec = datasets().get(dataset.strip().lower())
+    return spec.default_split if split is None and spec is not None else split
 
 
 def _resolved_hops(dataset: str, hops: int | None) -> int:
-    """The do-no-harm set is every kind of request (0: all); other datasets default to their 2-hop questions."""
-    return hops if hops is not None else (0 if dataset.strip().lower() == "harm" else 2)
+    """A named dataset's own default (the do-no-harm set: 0, every kind of request), else the 2-hop questions."""
+    spec = datasets().get(dataset.strip().lower())
+    return hops if hops is not None else (spec.default_hops if spec is not None else 2)
 
 
 def check_run_dir(out: Path, settings: dict, *, add_methods: bool = False) -> list[str]:

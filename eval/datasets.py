@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from eval.dataset_registry import DatasetSpec, datasets, register_dataset
 from eval.records import DatasetError, DecompStep, QARecord, _parse_record, _type_name
 
 __all__ = [
@@ -59,7 +60,7 @@ MUSIQUE_FILENAME = "musique_ans_v1.0_dev.jsonl"
 BUNDLED_MUSIQUE = MUSIQUE_FILENAME + ".gz"
 MUSIQUE_ENV = "AUTOPATCH_MUSIQUE_DIR"
 HF_PREFIX = "hf:"
-_MUSIQUE_SPLITS = ("calib", "test")
+MUSIQUE_SPLITS = ("calib", "test")
 
 
 def _check_unique(records: Iterable[tuple[str, QARecord]]) -> list[QARecord]:
@@ -218,7 +219,7 @@ def default_musique_path() -> Path:
     return bundled
 
 
-def _check_split(split: str | None, allowed: tuple[str, ...], what: str) -> None:
+def check_split(split: str | None, allowed: tuple[str, ...], what: str) -> None:
     if split is not None and split not in allowed:
         raise DatasetError(f"unknown split {split!r} for {what}; choose one of {', '.join(allowed)} (or None for all)")
 
@@ -246,10 +247,10 @@ def select_musique(
     answerable_only: bool = True,
 ) -> tuple[list[QARecord], Selection]:
     """:func:`load_musique`'s records and a :class:`Selection` saying what was filtered and why."""
-    _check_split(split, _MUSIQUE_SPLITS, "MuSiQue")
+    check_split(split, MUSIQUE_SPLITS, "MuSiQue")
     everything = load_records(Path(path) if path is not None else default_musique_path())
     records = [r for r in everything if r.answerable or not answerable_only]
-    kept, selection = _filter(records, "musique", split, hops, lambda r: musique_split(r.id),
+    kept, selection = filter_records(records, "musique", split, hops, lambda r: musique_split(r.id),
                               "the MuSiQue id-hash rule (calib: sha256(id) even)")
     if len(records) < len(everything):
         selection = Selection("musique", len(everything), selection.kept,
@@ -330,7 +331,7 @@ class Selection:
                 "split_rule": self.split_rule}
 
 
-def _filter(records: list[QARecord], source: str, split: str | None, hops: int | None,
+def filter_records(records: list[QARecord], source: str, split: str | None, hops: int | None,
             split_of=_record_split, split_rule: str | None = None) -> tuple[list[QARecord], Selection]:
     dropped: dict[str, int] = {}
     kept = []
@@ -355,19 +356,8 @@ def _file_split_rule(records: Sequence[QARecord]) -> str:
     return f"meta.split where present ({with_meta} records), else the MuSiQue id-hash rule"
 
 
-def _harm() -> list[QARecord]:
-    from eval.realtraffic import harm_records
-
-    return harm_records()
-
-
-def _handwritten() -> list[QARecord]:
-    from eval.realtraffic import handwritten_records
-
-    return handwritten_records()
-
-
-REAL_TRAFFIC = {"harm": _harm, "handwritten": _handwritten}  # eval.realtraffic: bundled, split calib/test
+register_dataset(DatasetSpec("musique", "MuSiQue-Ans dev, bundled",
+                             lambda split, hops: select_musique(split=split, hops=hops)))
 
 
 def select_records(
@@ -390,32 +380,18 @@ def select_records(
     """
     key = os.fspath(name_or_path)
     lowered = key.strip().lower()
-    if lowered == "twohop":
-        from eval.twohop import SPLITS, generate_twohop
-
-        _check_split(split, SPLITS, "twohop")
-        if hops not in (None, 2):
-            raise DatasetError(f"twohop has only 2-hop questions; got hops={hops}")
-        records = generate_twohop(split=split)
-        return records, Selection("twohop", len(records), len(records), {},
-                                  "the bundled subject split" if split else None)
-    if lowered == "musique":
-        return select_musique(split=split, hops=hops)
-    if lowered in REAL_TRAFFIC:
-        _check_split(split, _MUSIQUE_SPLITS, lowered)
-        return _filter(REAL_TRAFFIC[lowered](), lowered, split, hops, split_rule="the MuSiQue id-hash rule")
+    named = datasets()
+    if lowered in named:
+        return named[lowered].select(split, hops)
     if lowered.startswith(HF_PREFIX):
         records = load_hf_musique(key[len(HF_PREFIX):])
-        return _filter(records, key, split, hops, split_rule="the MuSiQue id-hash rule")
+        return filter_records(records, key, split, hops, split_rule="the MuSiQue id-hash rule")
     if Path(key).expanduser().is_file():
         records = load_records(Path(key).expanduser())
-        return _filter(records, key, split, hops, split_rule=_file_split_rule(records))
-    raise DatasetError(
-        f"unknown dataset {key!r}: use 'twohop' (bundled two-hop questions), "
-        f"'musique' (MuSiQue-Ans dev, bundled), 'harm' (do-no-harm requests), 'handwritten' (hand-written two-hop), "
-        f"'hf:<hub-id>' (MuSiQue from the Hugging Face hub) "
-        f"or a path to an existing .jsonl/.json file"
-    )
+        return filter_records(records, key, split, hops, split_rule=_file_split_rule(records))
+    known = ", ".join(f"'{spec.name}' ({spec.description})" for spec in named.values())
+    raise DatasetError(f"unknown dataset {key!r}: use {known}, 'hf:<hub-id>' (MuSiQue from the Hugging Face hub) "
+                       f"or a path to an existing .jsonl/.json file")
 
 
 def load_dataset_by_name(

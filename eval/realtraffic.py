@@ -28,8 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
+from eval.dataset_registry import DatasetSpec, register_dataset
+from eval.datasets import (
+    MUSIQUE_SPLITS,
+    Selection,
+    check_split,
+    filter_records,
+    load_jsonl,
+    load_musique,
+    musique_split,
+)
 from eval.records import DatasetError, DecompStep, QARecord
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -40,8 +51,6 @@ QA_KINDS = ("relative",)  # questions asked in the run's query format (so EM mea
 
 
 def _load_kept(path: Path) -> list[QARecord]:
-    from eval.datasets import load_jsonl
-
     if not path.is_file():
         raise DatasetError(f"the bundled file {path} is missing (a broken install?); reinstall autopatch")
     return load_jsonl(path)
@@ -53,7 +62,6 @@ def _hash(text: str) -> int:
 
 def harm_records() -> list[QARecord]:
     """The do-no-harm set, both splits (``meta``: ``split``, ``kind``, ``source``)."""
-    from eval.datasets import load_musique, musique_split
 
     out = []
     for rec in _load_kept(HARM_FILE):
@@ -82,8 +90,17 @@ def harm_records() -> list[QARecord]:
 
 def handwritten_records() -> list[QARecord]:
     """The hand-written two-hop questions, both splits (``meta``: ``split``, ``kind`` = the question's form)."""
-    from eval.datasets import musique_split
-
     return [dataclasses.replace(r, meta={**r.meta, "split": musique_split(r.id), "kind": r.meta.get("form"),
                                           "source": "handwritten"})
             for r in _load_kept(HANDWRITTEN_FILE)]
+
+
+def _selector(name: str, records: Callable[[], list[QARecord]]):
+    def select(split: str | None, hops: int | None) -> tuple[list[QARecord], Selection]:
+        check_split(split, MUSIQUE_SPLITS, name)
+        return filter_records(records(), name, split, hops, split_rule="the MuSiQue id-hash rule")
+    return select
+
+
+register_dataset(DatasetSpec("harm", "do-no-harm requests", _selector("harm", harm_records), default_hops=0))
+register_dataset(DatasetSpec("handwritten", "hand-written two-hop", _selector("handwritten", handwritten_records)))

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eval.dataset_registry import DatasetSpec, register_dataset
+from eval.datasets import Selection, check_split
 from eval.metrics import contains
 from eval.records import DatasetError, DecompStep, QARecord
 from eval.twohop_kb import (
@@ -360,3 +362,14 @@ def twohop_stats(records: list[QARecord] | None = None) -> dict[str, Any]:
         "subjects_by_split": {s: len(v) for s, v in subjects.items()},
         "by_composition_split": {c: {s: v[s] for s in SPLITS} for c, v in by_comp_split.items()},
     }
+
+
+def _select(split: str | None, hops: int | None) -> tuple[list[QARecord], Selection]:
+    check_split(split, SPLITS, "twohop")
+    if hops not in (None, 2):
+        raise DatasetError(f"twohop has only 2-hop questions; got hops={hops}")
+    records = generate_twohop(split=split)
+    return records, Selection("twohop", len(records), len(records), {}, "the bundled subject split" if split else None)
+
+
+register_dataset(DatasetSpec("twohop", "bundled two-hop questions", _select))

@@ -242,7 +242,7 @@ def test_load_dataset_by_name(tmp_path: Path) -> None:
     assert len(load_dataset_by_name(str(path))) == 2
     assert [r.id for r in load_dataset_by_name(path, split="test")] == ["4hop1__b"]
     assert load_dataset_by_name(path, hops=3) == []
-    with pytest.raises(DatasetError, match=r"unknown dataset 'nope'.*'twohop'.*'musique'.*path"):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'nope'.*'musique'.*'twohop'.*'harm'.*'handwritten'.*path"):
         load_dataset_by_name("nope")
     with pytest.raises(DatasetError, match="unknown split 'calib' for twohop"):
         load_dataset_by_name("twohop", split="calib")

@@ -190,9 +190,9 @@ def screen_examples(model_tok: tuple[Any, Any], fmt, *, twohop_limit: int = 200,
     singles = 0
     for rec in musique:
         first, second = rec.question_decomposition
-        for k, text in enumerate((first.question, second.question.replace("#1", first.answer))):
-            text = text.strip()
-            if ">>" in text or text.lower() in used or singles >= single_hop_limit:
+        for k, step in enumerate((first, second.filled(first.answer))):
+            text = step.question.strip()
+            if step.is_relation or text.lower() in used or singles >= single_hop_limit:
                 continue
             used.add(text.lower())
             singles += 1

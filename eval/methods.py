@@ -261,13 +261,9 @@ def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated:
 def hop_questions(record: QARecord) -> tuple[str, list[str], str, list[str]]:
     """Hop 1 asked alone, and hop 2 with the gold bridge filled in, with their golds."""
     step1, step2 = record.question_decomposition[0], record.question_decomposition[1]
-    if ">>" in step1.question:
-        entity, relation = (part.strip() for part in step1.question.split(">>", 1))
-        hop1 = f"What is the {relation} of {entity}?"
-    else:
-        hop1 = step1.question
+    hop1 = step1.as_question()
     hop1_golds = [step1.answer, *record.meta.get("bridge_aliases", [])]
-    hop2 = step2.question.replace("#1", step1.answer)
+    hop2 = step2.filled(step1.answer).question
     hop2_golds = list(record.golds) if record.hops == 2 else [step2.answer]  # hop 2 of a 2-hop question is its answer
     return hop1, hop1_golds, hop2, hop2_golds
 

@@ -76,7 +76,7 @@ def harm_records() -> list[QARecord]:
     for rec in sorted(load_musique(hops=2), key=lambda r: _hash(r.id)):
         step = rec.question_decomposition[0]
         text = step.question.strip()
-        if ">>" in text or text.lower() in seen or not step.answer.strip():
+        if step.is_relation or text.lower() in seen or not step.answer.strip():
             continue  # "Entity >> relation" steps are not questions a person asks
         split = musique_split(rec.id)
         if len(singles[split]) >= SINGLE_HOP_PER_SPLIT:

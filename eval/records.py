@@ -16,6 +16,7 @@ both build on these types; ``eval.datasets`` re-exports them, so
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,23 @@ class DecompStep:
             "answer": self.answer,
             "paragraph_support_idx": self.paragraph_support_idx,
         }
+
+    @property
+    def is_relation(self) -> bool:
+        """A MuSiQue ``"Entity >> relation"`` step: a lookup, not a question a person asks."""
+        return ">>" in self.question
+
+    def as_question(self) -> str:
+        """The step as a question: ``"Green >> performer"`` -> ``"What is the performer of Green?"``; a question
+        step as written."""
+        if not self.is_relation:
+            return self.question
+        entity, relation = (part.strip() for part in self.question.split(">>", 1))
+        return f"What is the {relation} of {entity}?"
+
+    def filled(self, bridge: str) -> DecompStep:
+        """This step with the previous step's answer in place of ``#1``."""
+        return dataclasses.replace(self, question=self.question.replace("#1", bridge))
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any], where: str = "step") -> DecompStep:

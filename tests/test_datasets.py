@@ -380,3 +380,14 @@ def test_undecodable_files_are_dataset_errors_naming_file_and_line(tmp_path: Pat
     path.write_bytes(content)
     with pytest.raises(DatasetError, match=match):
         load_records(path)
+
+
+def test_a_musique_step_becomes_a_question_in_one_place():
+    from eval.records import DecompStep
+
+    relation = DecompStep("Green >> performer", "Steve Hillage")
+    assert relation.is_relation and relation.as_question() == "What is the performer of Green?"
+    second = DecompStep("Who is the spouse of #1?", "Miquette Giraudy")
+    assert not second.is_relation and second.as_question() == second.question
+    assert second.filled("Steve Hillage").question == "Who is the spouse of Steve Hillage?"
+    assert DecompStep("#1 >> spouse", "x").filled("Steve Hillage").is_relation

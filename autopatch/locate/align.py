@@ -15,37 +15,37 @@ from typing import Any
 
 from autopatch.errors import InputError
 from autopatch.locate.lexicon import (
-    _AUX,
-    _BE,
-    _CONNECTORS,
-    _DETS,
-    _DO,
-    _HAVE,
-    _PREPS,
-    _REL,
-    _ROLE_NOUNS,
-    _STOP_FOR_ALIGN,
-    _VERB_FORMS,
+    AUX,
+    BE,
+    CONNECTORS,
+    DETS,
+    DO,
+    HAVE,
+    PREPS,
+    REL,
+    ROLE_NOUNS,
+    STOP_FOR_ALIGN,
+    VERB_FORMS,
 )
 from autopatch.locate.location import (
     SLOT,
     Location,
     UnlocatableQuestion,
-    _check_question,
-    _make_location,
+    check_question,
+    make_location,
 )
-from autopatch.locate.phrases import _is_noun_like, _verb_groups
-from autopatch.locate.rules import _Cand, _candidates, _choose
+from autopatch.locate.phrases import is_noun_like, verb_groups
+from autopatch.locate.rules import Cand, choose_candidate, find_candidates
 from autopatch.locate.tokens import (
-    _entity_runs,
-    _is_base_verb,
-    _is_function,
-    _is_participle,
-    _is_verb,
-    _is_word,
-    _question_end,
-    _Tok,
-    _tokenize,
+    Tok,
+    entity_runs,
+    is_base_verb,
+    is_function,
+    is_participle,
+    is_verb,
+    is_word,
+    question_end_index,
+    tokenize,
 )
 
 
@@ -66,7 +66,7 @@ def _sim(a: str, b: str) -> float:
     """Similarity of two normalised words: 1 equal, 0.9 same lemma/stem, ~0.7-0.9 spelling variants, else 0."""
     if a == b:
         return 1.0
-    base_a, base_b = _VERB_FORMS.get(a), _VERB_FORMS.get(b)
+    base_a, base_b = VERB_FORMS.get(a), VERB_FORMS.get(b)
     if base_a is not None and base_a == base_b:
         return 0.9
     if len(a) >= 4 and len(b) >= 4:
@@ -85,7 +85,7 @@ _EDGE = 0.1
 
 
 def _weight(low: str) -> float:
-    return 0.5 if low in _STOP_FOR_ALIGN else 1.0
+    return 0.5 if low in STOP_FOR_ALIGN else 1.0
 
 
 def _align_scores(q: Sequence[str], p: Sequence[str]) -> list[float]:
@@ -109,9 +109,9 @@ def _align_scores(q: Sequence[str], p: Sequence[str]) -> list[float]:
     return prev
 
 
-def _align_span(q_toks: Sequence[_Tok], step2: str) -> tuple[int, int, float] | None:
+def _align_span(q_toks: Sequence[Tok], step2: str) -> tuple[int, int, float] | None:
     """Token span of the question that lines up with "#1" in ``step2`` and the match quality."""
-    s_toks = _tokenize(step2.replace("#1", " HASHONE "))
+    s_toks = tokenize(step2.replace("#1", " HASHONE "))
     idx = [k for k, t in enumerate(s_toks) if t.text == "HASHONE"]
     if len(idx) != 1:
         return None
@@ -119,7 +119,7 @@ def _align_span(q_toks: Sequence[_Tok], step2: str) -> tuple[int, int, float] | 
     q = [t.low for t in q_toks]
     pre = [t.low for t in s_toks[:h]]
     suf = [t.low for t in s_toks[h + 1 :] if t.text not in {"?", "."}]
-    qn = _question_end(q_toks)
+    qn = question_end_index(q_toks)
     q = q[:qn]
     p_scores = _align_scores(q, pre)
     s_scores = _align_scores(q[::-1], suf[::-1])  # s_scores[r] : suffix aligned to last r tokens
@@ -137,20 +137,20 @@ def _align_span(q_toks: Sequence[_Tok], step2: str) -> tuple[int, int, float] | 
     return best[1], best[2], quality
 
 
-def _find_phrase(q_toks: Sequence[_Tok], phrase: str, lo: int = 0, hi: int | None = None) -> tuple[int, int, float] | None:
+def _find_phrase(q_toks: Sequence[Tok], phrase: str, lo: int = 0, hi: int | None = None) -> tuple[int, int, float] | None:
     """Best fuzzy occurrence of ``phrase`` in question tokens [lo, hi) as (start, end, score)."""
     hi = len(q_toks) if hi is None else hi
-    p = [t.low for t in _tokenize(phrase) if _is_word(t) or t.text in {"&"}]
+    p = [t.low for t in tokenize(phrase) if is_word(t) or t.text in {"&"}]
     if not p:
         return None
     best: tuple[int, int, float] | None = None
     for a in range(lo, hi):
-        if not _is_word(q_toks[a]):
+        if not is_word(q_toks[a]):
             continue
         for b in range(a + 1, min(hi, a + len(p) + 3) + 1):
-            if not _is_word(q_toks[b - 1]):
+            if not is_word(q_toks[b - 1]):
                 continue
-            window = [t.low for t in q_toks[a:b] if _is_word(t) or t.text in {"&"}]
+            window = [t.low for t in q_toks[a:b] if is_word(t) or t.text in {"&"}]
             if not window:
                 continue
             score = _seq_sim(window, p)
@@ -184,49 +184,49 @@ def _parse_step1(step1: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _trim_span(toks: Sequence[_Tok], a: int, b: int) -> tuple[int, int]:
+def _trim_span(toks: Sequence[Tok], a: int, b: int) -> tuple[int, int]:
     """Cut an aligned span to a noun phrase: no leading verb/preposition, no dangling edges."""
     while a < b:
         tok = toks[a]
         if (
-            (not _is_word(tok) and tok.text not in {'"', "“"})
-            or tok.low in _PREPS | _AUX | {"and", "or"}
-            or (_is_verb(tok) and tok.low not in _ROLE_NOUNS and b - a > 1)
+            (not is_word(tok) and tok.text not in {'"', "“"})
+            or tok.low in PREPS | AUX | {"and", "or"}
+            or (is_verb(tok) and tok.low not in ROLE_NOUNS and b - a > 1)
         ):
             a += 1
-        elif tok.low in _REL and a > 0 and not _is_function(toks[a - 1]) and not _is_verb(toks[a - 1]):
+        elif tok.low in REL and a > 0 and not is_function(toks[a - 1]) and not is_verb(toks[a - 1]):
             # "the city [where X's spouse] was born": the relative word hangs off a noun outside
             a += 1
         else:
             break
-    name_ends = {end for _, end in _entity_runs(toks)}
+    name_ends = {end for _, end in entity_runs(toks)}
     while b > a and (
-        (not _is_word(toks[b - 1]) and toks[b - 1].text not in {'"', "”"} and b not in name_ends)
-        or toks[b - 1].low in _DETS | _AUX | {"and", "or"}
+        (not is_word(toks[b - 1]) and toks[b - 1].text not in {'"', "”"} and b not in name_ends)
+        or toks[b - 1].low in DETS | AUX | {"and", "or"}
         or (toks[b - 1].low == "'s" and b not in name_ends)  # but "McDonald's"
         # "did [the author of X] die": a bare verb after do-support is the outer verb
-        or (b - a > 1 and a > 0 and toks[a - 1].low in _DO and _is_base_verb(toks[b - 1]))
+        or (b - a > 1 and a > 0 and toks[a - 1].low in DO and is_base_verb(toks[b - 1]))
         # "is [the maker of X] based" when step 2 says "headquartered": the outer participle
         or (
             b - a > 1
             and a > 0
-            and toks[a - 1].low in _BE
-            and _is_participle(toks[b - 1])
-            and toks[b - 2].low not in _BE | _HAVE
+            and toks[a - 1].low in BE
+            and is_participle(toks[b - 1])
+            and toks[b - 2].low not in BE | HAVE
         )
     ):
         b -= 1
     return a, b
 
 
-def _subject_from_question_step(q_toks: Sequence[_Tok], step1: str, a: int, b: int) -> tuple[int, int] | None:
+def _subject_from_question_step(q_toks: Sequence[Tok], step1: str, a: int, b: int) -> tuple[int, int] | None:
     """Subject of a question-form step 1: the part of the span that step 1 also mentions."""
-    s1 = [t.low for t in _tokenize(step1) if _is_word(t)]
+    s1 = [t.low for t in tokenize(step1) if is_word(t)]
     best: tuple[float, int, int, int] | None = None
-    for x, y in _entity_runs(q_toks):
+    for x, y in entity_runs(q_toks):
         if not (a <= x and y <= b):
             continue
-        words = [t.low for t in q_toks[x:y] if _is_word(t) and t.low not in _CONNECTORS]
+        words = [t.low for t in q_toks[x:y] if is_word(t) and t.low not in CONNECTORS]
         if not words:
             continue
         found = sum(max((_sim(w, v) for v in s1), default=0.0) for w in words) / len(words)
@@ -236,17 +236,17 @@ def _subject_from_question_step(q_toks: Sequence[_Tok], step1: str, a: int, b: i
     if best is not None:
         x, y = best[2], best[3]
         # "the Philly cheesesteak": plain words after the name that step 1 also has
-        while y < b and _is_word(q_toks[y]) and not _is_function(q_toks[y]) and not _is_verb(q_toks[y]) and q_toks[y].low in s1:
+        while y < b and is_word(q_toks[y]) and not is_function(q_toks[y]) and not is_verb(q_toks[y]) and q_toks[y].low in s1:
             y += 1
         return x, y
     # No shared name: the longest run of words shared with step 1, outside the head noun.
     head_end = a
-    while head_end < b and not (q_toks[head_end].low in _REL or _is_verb(q_toks[head_end]) or q_toks[head_end].low in _PREPS):
+    while head_end < b and not (q_toks[head_end].low in REL or is_verb(q_toks[head_end]) or q_toks[head_end].low in PREPS):
         head_end += 1
     best_run: tuple[int, int] | None = None
     for x in range(head_end, b):
         for y in range(x + 1, b + 1):
-            if _is_function(q_toks[x]) or _is_function(q_toks[y - 1]) or _is_verb(q_toks[x]):
+            if is_function(q_toks[x]) or is_function(q_toks[y - 1]) or is_verb(q_toks[x]):
                 continue
             if _contains_seq(s1, [t.low for t in q_toks[x:y]]) and (best_run is None or y - x > best_run[1] - best_run[0]):
                 best_run = (x, y)
@@ -276,14 +276,14 @@ def decomposition_route(question: str, decomposition: Sequence[Any]) -> tuple[Lo
     "anchor:<rule>": step 2 is ``"#1 >> relation"`` or did not line up, so the
     parser's phrase rules pick the phrase around the step-1 subject.
     """
-    _check_question(question)
+    check_question(question)
     steps = [_step_text(s) for s in decomposition]
     if len(steps) != 2:
         raise UnlocatableQuestion(question, f"decomposition has {len(steps)} steps, only two-hop is supported")
     step1, step2 = steps
     if "#1" not in step2:
         raise UnlocatableQuestion(question, "step 2 of the decomposition does not mention #1")
-    toks = _tokenize(question)
+    toks = tokenize(question)
     if not toks:
         raise UnlocatableQuestion(question, "empty question")
     entity, relation = _parse_step1(step1)
@@ -301,8 +301,8 @@ def decomposition_route(question: str, decomposition: Sequence[Any]) -> tuple[Lo
                 if subj is not None:
                     second = _proper_question(step2.replace("#1", SLOT))
                     if relation is None:  # question-form step 1: the head noun of the phrase, if the parser has it
-                        relation = next((c.head for c in _candidates(toks) if (c.start, c.end) == (a, b)), None)
-                    loc = _make_location(question, toks, a, b, subj, second, relation, "decomposition")
+                        relation = next((c.head for c in find_candidates(toks) if (c.start, c.end) == (a, b)), None)
+                    loc = make_location(question, toks, a, b, subj, second, relation, "decomposition")
                     return loc, "align"
     # Step 2 is "#1 >> relation" or did not align: find the phrase around the subject.
     if entity is not None:
@@ -311,41 +311,41 @@ def decomposition_route(question: str, decomposition: Sequence[Any]) -> tuple[Lo
         anchor = (ent_hit[0], ent_hit[1])
     else:
         anchor = None
-    cands = _candidates(toks)
+    cands = find_candidates(toks)
     if anchor is not None:
         cands = [c for c in cands if c.start <= anchor[0] and anchor[1] <= c.end]
         cands = [
-            _Cand(c.start, c.end, anchor, c.head, c.rule, c.rank) for c in cands
+            Cand(c.start, c.end, anchor, c.head, c.rule, c.rank) for c in cands
         ]
     else:
         # question-form step 1: the candidate sharing most words with it
-        step_words = {t.low for t in _tokenize(step1) if not _is_function(t)}
+        step_words = {t.low for t in tokenize(step1) if not is_function(t)}
         scored = []
         for c in cands:
-            words = {t.low for t in toks[c.start : c.end] if not _is_function(t)}
+            words = {t.low for t in toks[c.start : c.end] if not is_function(t)}
             overlap = len(words & step_words) / max(1, len(words))
             if overlap >= 0.3:
                 scored.append(c)
         cands = scored
-    cand = _choose(cands)
+    cand = choose_candidate(cands)
     if cand is None:
         raise UnlocatableQuestion(question, "no phrase of the question lines up with step 1 of the decomposition")
     subj = cand.subj
     if anchor is None:
         subj = _subject_from_question_step(toks, step1, cand.start, cand.end) or cand.subj
-    loc = _make_location(question, toks, cand.start, cand.end, subj, None, relation or cand.head, "decomposition")
+    loc = make_location(question, toks, cand.start, cand.end, subj, None, relation or cand.head, "decomposition")
     return loc, "anchor:" + cand.rule
 
 
-def _clause_complete(toks: Sequence[_Tok], a: int, b: int) -> bool:
+def _clause_complete(toks: Sequence[Tok], a: int, b: int) -> bool:
     """A span with a relative word must also hold that clause's verb ("the country where
     Meteora [is located]" when step 2 repeats "located" outside the slot)."""
-    rel = next((k for k in range(a + 1, b) if toks[k].low in _REL and _is_noun_like(toks, k - 1)), None)
-    return rel is None or bool(_verb_groups(toks, rel + 1, b))
+    rel = next((k for k in range(a + 1, b) if toks[k].low in REL and is_noun_like(toks, k - 1)), None)
+    return rel is None or bool(verb_groups(toks, rel + 1, b))
 
 
 def _subject_for_span(
-    toks: Sequence[_Tok],
+    toks: Sequence[Tok],
     a: int,
     b: int,
     entity: str | None,

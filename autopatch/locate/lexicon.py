@@ -2,7 +2,7 @@
 
 Everything here is a plain string table (no tokens): the closed classes used to
 segment a question, the nouns that can head a bridge phrase, the verb list with
-its generated inflections (:data:`_VERB_FORMS`, form -> base), and the string
+its generated inflections (:data:`VERB_FORMS`, form -> base), and the string
 predicates that depend only on these tables.
 """
 
@@ -16,31 +16,31 @@ import re
 # ---------------------------------------------------------------------------
 # Function words
 
-_DETS = frozenset("the a an this these those its his her their our my your".split())
-_WH = frozenset("what who whom whose which when where why how".split())
-_BE = frozenset("is was are were be been being am isn't wasn't aren't weren't".split())
-_DO = frozenset("do does did don't doesn't didn't".split())
-_HAVE = frozenset("has have had hasn't haven't hadn't".split())
-_MODAL = frozenset("can could will would shall should may might must can't won't couldn't wouldn't".split())
-_AUX = _BE | _DO | _HAVE | _MODAL
-_PREPS = frozenset(
+DETS = frozenset("the a an this these those its his her their our my your".split())
+WH = frozenset("what who whom whose which when where why how".split())
+BE = frozenset("is was are were be been being am isn't wasn't aren't weren't".split())
+DO = frozenset("do does did don't doesn't didn't".split())
+HAVE = frozenset("has have had hasn't haven't hadn't".split())
+MODAL = frozenset("can could will would shall should may might must can't won't couldn't wouldn't".split())
+AUX = BE | DO | HAVE | MODAL
+PREPS = frozenset(
     "of in on at by for from with to into onto about after before during since under over "
     "between through near within across against among along behind beyond toward towards "
     "upon via per like as than around outside inside throughout".split()
 )
-_REL = frozenset("that which who whom whose where when".split())
-_ADVERBS = frozenset("also not never first originally once still later now currently formerly".split())
-_CONNECTORS = frozenset(
+REL = frozenset("that which who whom whose where when".split())
+ADVERBS = frozenset("also not never first originally once still later now currently formerly".split())
+CONNECTORS = frozenset(
     "of the and or de del della di da du des la le les von van der den y in on for at a an to & - : with "
     "'s ' el al bin ibn".split()
 )
 # Question-initial capitalised words that are not part of a name.
-_NOT_NAME_START = _WH | _AUX | _PREPS | _DETS | frozenset(
+NOT_NAME_START = WH | AUX | PREPS | DETS | frozenset(
     "according along besides since this that there".split()
 )
 
-_QUOTES = frozenset({'"', "“", "”"})
-_SINGLE_QUOTES = frozenset({"'", "‘", "’"})
+QUOTES = frozenset({'"', "“", "”"})
+SINGLE_QUOTES = frozenset({"'", "‘", "’"})
 
 # ---------------------------------------------------------------------------
 # Nouns
@@ -48,7 +48,7 @@ _SINGLE_QUOTES = frozenset({"'", "‘", "’"})
 # Nouns that denote an entity through its relation to another one. Agent and
 # kin nouns license "the E <noun>" ("the Green performer"); all of them license
 # "the <noun> from/in E" ("the actor from Terminator").
-_AGENT_NOUNS = frozenset(
+AGENT_NOUNS = frozenset(
     """
     performer singer artist band group author writer novelist poet composer lyricist songwriter director
     producer screenwriter creator designer developer inventor founder cofounder co-founder owner
@@ -59,14 +59,14 @@ _AGENT_NOUNS = frozenset(
     spokesperson occupant
     """.split()
 )
-_KIN_NOUNS = frozenset(
+KIN_NOUNS = frozenset(
     """
     spouse wife husband father mother son daughter child children brother sister sibling siblings
     parent parents grandfather grandmother grandson granddaughter uncle aunt cousin nephew niece
     partner girlfriend boyfriend
     """.split()
 )
-_ROLE_NOUNS = _AGENT_NOUNS | _KIN_NOUNS | frozenset(
+ROLE_NOUNS = AGENT_NOUNS | KIN_NOUNS | frozenset(
     """
     person man woman guy people individual figure character voice team club league cast crew
     company firm organization organisation agency party label network studio school university
@@ -76,7 +76,7 @@ _ROLE_NOUNS = _AGENT_NOUNS | _KIN_NOUNS | frozenset(
 
 # Nouns for a value of the entity rather than another entity ("the population
 # of ...", "the total area of ..."): they never head a bridge phrase.
-_ATTRIBUTE_NOUNS = frozenset(
+ATTRIBUTE_NOUNS = frozenset(
     """
     name names population age height length width depth size date year years day month time number
     percentage percent amount price cost value total rank ranking enrollment distance season episode
@@ -84,26 +84,26 @@ _ATTRIBUTE_NOUNS = frozenset(
     """.split()
 )
 
-_WH_DETS = frozenset("what which whose how".split())
-_OF_COMPOUNDS = frozenset(
+WH_DETS = frozenset("what which whose how".split())
+OF_COMPOUNDS = frozenset(
     {"body of water", "place of birth", "place of death", "country of origin", "country of citizenship",
      "head of state", "head of government", "member of parliament", "place of worship", "point of origin"}
 )
-_PARTICLES = frozenset("out up down off away back over".split())
+PARTICLES = frozenset("out up down off away back over".split())
 
 # Relative words that can open a headless relative ("where X is employed"); time
 # nouns that license "when" as a relative word ("the war when ...").
-_HEADLESS = frozenset("who where what whom".split())
-_TIME_NOUNS = frozenset("war conflict battle time period era age year day decade century season reign".split())
+HEADLESS = frozenset("who where what whom".split())
+TIME_NOUNS = frozenset("war conflict battle time period era age year day decade century season reign".split())
 
 # "What is the name of ___?", "What is ___ called?" only restate the bridge.
-_EMPTY_WORDS = frozenset({"'s", "s", "name", "called"})
+EMPTY_WORDS = frozenset({"'s", "s", "name", "called"})
 
 # ---------------------------------------------------------------------------
 # Verbs
 
 # Base forms of common verbs; inflected forms are generated below.
-_BASE_VERBS = frozenset(
+BASE_VERBS = frozenset(
     """
     act add affect agree air allow announce appear apply approve arrive ask attack attend award base be
     bear beat become begin believe belong border break bring broadcast build buy call capture carry
@@ -196,7 +196,7 @@ _IRREGULAR = {
     "write": "wrote written",
 }
 
-_PARTICIPLE_EXTRA = frozenset(
+PARTICIPLE_EXTRA = frozenset(
     "born located based headquartered situated named known called founded educated buried crowned "
     "nominated signed released married established formed elected drafted honored "
     "honoured employed published produced written made".split()
@@ -213,18 +213,18 @@ _ING_NOUNS = frozenset(
     """.split()
 )
 
-_ROLE_VERBS = frozenset("play plays played playing portray portrays portrayed voice voices voiced".split())
+ROLE_VERBS = frozenset("play plays played playing portray portrays portrayed voice voices voiced".split())
 
 # Participles that never head a finite clause on their own.
-_PURE_PARTICIPLES = frozenset(
+PURE_PARTICIPLES = frozenset(
     "born borne sung written known given taken seen spoken shown drawn driven eaten fallen flown grown "
     "risen thrown chosen broken begun done gone been".split()
 )
 
-_IRREGULAR_PARTS = frozenset(w for forms in _IRREGULAR.values() for w in forms.split()) - _AUX
+IRREGULAR_PARTS = frozenset(w for forms in _IRREGULAR.values() for w in forms.split()) - AUX
 
 # Words that count half in the decomposition alignment.
-_STOP_FOR_ALIGN = _DETS | _PREPS | _AUX | _WH | frozenset({"?", ".", ",", "'s", "and", "or"})
+STOP_FOR_ALIGN = DETS | PREPS | AUX | WH | frozenset({"?", ".", ",", "'s", "and", "or"})
 
 # ---------------------------------------------------------------------------
 # Verb forms and string predicates
@@ -246,26 +246,26 @@ def _inflections(base: str) -> set[str]:
 
 def _build_verb_forms() -> dict[str, str]:
     forms: dict[str, str] = {}  # form -> base
-    for base in _BASE_VERBS:
+    for base in BASE_VERBS:
         for form in _inflections(base):
             forms.setdefault(form, base)
-    for base in _BASE_VERBS:
+    for base in BASE_VERBS:
         forms[base] = base
     return forms
 
 
-_VERB_FORMS: dict[str, str] = _build_verb_forms()  # form -> base
+VERB_FORMS: dict[str, str] = _build_verb_forms()  # form -> base
 
 
-def _looks_past(low: str) -> bool:
+def looks_past(low: str) -> bool:
     """Unlisted past forms ("volunteered", "authored"); short or "-eed" words are mostly nouns."""
     return len(low) >= 6 and low.endswith("ed") and not low.endswith("eed") and low not in _NOT_PAST
 
 
-def _looks_ing(low: str) -> bool:
+def looks_ing(low: str) -> bool:
     """Unlisted present participles ("encompassing", "suspending"), not "-ing" nouns."""
     return len(low) >= 6 and low.endswith("ing") and low not in _ING_NOUNS
 
 
-def _verbish(low: str) -> bool:
-    return low in _VERB_FORMS or low in _PARTICIPLE_EXTRA or _looks_past(low) or _looks_ing(low)
+def verbish(low: str) -> bool:
+    return low in VERB_FORMS or low in PARTICIPLE_EXTRA or looks_past(low) or looks_ing(low)

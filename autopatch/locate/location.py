@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from autopatch.errors import AutopatchError, InputError, PatchError
 
 if TYPE_CHECKING:
-    from autopatch.locate.tokens import _Tok
+    from autopatch.locate.tokens import Tok
 
 SLOT = "___"
 
@@ -82,14 +82,14 @@ class Location:
         return f"What is {q[self.span_start:self.subject_start]}{subject}{q[self.subject_end:self.span_end]}?"
 
 
-def _check_question(question: Any) -> None:
+def check_question(question: Any) -> None:
     if not isinstance(question, str):
         raise InputError(f"question must be a string, got {type(question).__name__}")
 
 
-def _make_location(
+def make_location(
     question: str,
-    toks: Sequence[_Tok],
+    toks: Sequence[Tok],
     start: int,
     end: int,
     subj: tuple[int, int],

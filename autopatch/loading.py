@@ -181,7 +181,8 @@ def load_model(
     ``device="auto"`` spreads the model with accelerate (``device_map="auto"``).
     ``dtype`` defaults to float32 on CPU and the checkpoint's dtype elsewhere.
     ``quantize`` is a mode of :data:`autopatch.quantize.QUANT_MODES` (``"int8"``: int8 weights, float32
-    activations; ``"none"``: float32); CPU only. ``None`` takes the model's measured CPU default
+    activations; ``"int4"``: 4-bit weights where that is exact, int8 elsewhere; ``"none"``: float32); CPU only.
+    ``None`` takes the model's measured CPU default
     (:func:`autopatch.quantize.default_mode`). An unknown mode, or one this machine cannot run, is refused
     before anything loads, naming the modes that work.
     """

@@ -3,6 +3,7 @@
 Example:
     $ python bench/bench_kernels.py                         # Qwen2.5-1.5B's MLP up-projection, 1536 -> 8960
     $ python bench/bench_kernels.py --k 896 --n 4864 --threads 1
+    $ python bench/bench_kernels.py --copies 0                # without the out-of-cache table
 
 Milliseconds per call (median of ``--repeats``) at several row counts ``m`` (1 = one decode step at batch 1,
 8 = batch 8, 64 and 512 = prefills), and each kernel's speed as a ratio to ``F.linear`` in float32 (above 1 is
@@ -88,6 +89,36 @@ def kernels(weight: torch.Tensor) -> dict:
     return out
 
 
+def out_of_cache(weight: torch.Tensor, copies: int, repeats: int) -> None:
+    """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
+    step does (the tables above reuse one weight, which the last-level cache may hold)."""
+    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
+
+    q8, s8 = quantize_groups(weight)
+    q4, a4, b4 = quantize_affine4(weight)
+    layouts = {
+        "float32 F.linear": ((weight,), lambda x, w: F.linear(x, w)),
+        "autopatch int8": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None)),
+        "autopatch int4": ((pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None)),
+    }
+    x = torch.randn(1, weight.shape[1])
+    print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m=1\n")
+    print("| kernel | MB per copy | ms per call | GB/s read |")
+    print("|---|---|---|---|")
+    for name, (tensors, fn) in layouts.items():
+        sets = [tuple(t.clone() for t in tensors) for _ in range(copies)]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        per_call = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for operands in sets:
+                fn(x, *operands)
+            per_call.append((time.perf_counter() - start) / copies)
+        best = min(per_call)
+        print(f"| {name} | {size / 1e6:.1f} | {best * 1e3:.3f} | {size / best / 1e9:.1f} |")
+        del sets
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--k", type=int, default=1536, help="input features")
@@ -95,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,8,64,512")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--copies", type=int, default=48,
+                        help="copies of the weight cycled through for the out-of-cache table (0: skip it)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, by_rows in timings.items():
         cells = " | ".join(f"{by_rows[m]:.2f} ({base[m] / by_rows[m]:.2f}x)" for m in rows)
         print(f"| {name} | {cells} |")
+    if args.copies:
+        out_of_cache(weight, args.copies, max(3, args.repeats // 3))
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from autopatch.stopping import cut_at_stop  # noqa: E402
 from bench.questions import QUESTIONS  # noqa: E402
 
 
@@ -34,12 +35,6 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (with few requests, p99 is the slowest one)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-def cut_at_stop(text: str, stops) -> str:
-    """``text`` up to the first stop string, as the server returns it."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return text[:cut] if cut >= 0 else text
 
 
 def _load(args):
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         out = patcher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens, do_sample=False,
                                pad_token_id=tok.pad_token_id, questions=[prompt.question], stopping_criteria=criteria)
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return time.perf_counter() - start, cut_at_stop(text, prompt.stop)
+        return time.perf_counter() - start, cut_at_stop(text, prompt.stop)[0]  # as the server cuts it
 
     run_direct(questions[0])  # warm-up
     start = time.perf_counter()

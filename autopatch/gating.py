@@ -19,15 +19,16 @@ The gate runs inside the one ``model.generate`` call, after its prefill and befo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from autopatch.datatypes import POSITION_KINDS as POSITION_KINDS  # re-exported: the types live in autopatch.datatypes
 from autopatch.datatypes import GateDecision as GateDecision
 from autopatch.datatypes import GateInput as GateInput
 from autopatch.datatypes import RowPlan
+from autopatch.merging import GatedStreamer, with_continuations
 
 
 @runtime_checkable
@@ -94,3 +95,31 @@ class StopPatchedRows(StoppingCriteria):
         decisions = self.decider.decisions or []
         flags = [d.patch for d in decisions] or [False] * input_ids.shape[0]
         return cast(torch.BoolTensor, torch.tensor(flags, dtype=torch.bool, device=input_ids.device))
+
+
+def gated_generate(model, pre: Any, gate: Gate, layers: Sequence[int], input_ids: torch.Tensor, mask: torch.Tensor,
+                   *, pad_id: int, unpatched: Sequence[Sequence[int]] | None = None,
+                   logits_processor=None, stopping_criteria=None, streamer=None,
+                   **generate_kwargs) -> tuple[Any, list[GateDecision]]:
+    """The batch's one unpatched ``model.generate``, run inside ``pre`` (:func:`autopatch.prefill.capture_prefill`),
+    with the gate deciding after its prefill; returns ``(output, decisions)``. Rows the gate patches end there.
+    ``mask``: the batch's attention mask (inferred by the caller when it passed none); ``generate_kwargs`` go to
+    ``model.generate`` as the caller gave them.
+
+    ``unpatched``: each row's continuation, already known; then only the prefill runs, for the gate, and the output
+    is those continuations, padded with ``pad_id``. A ``streamer`` sees the first row's tokens only while that row is left alone.
+    """
+    decider = DecideAfterPrefill(lambda scores: decide_rows(gate, pre.plans, pre.states, layers, scores))
+    if unpatched is None:
+        processors = LogitsProcessorList([decider, *(logits_processor or [])])
+        criteria = StoppingCriteriaList([*(stopping_criteria or []), StopPatchedRows(decider)])
+        first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
+        gated_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
+        main = pre.generate(model, input_ids, logits_processor=processors, stopping_criteria=criteria,
+                            streamer=gated_streamer, **generate_kwargs)
+    else:
+        logits = pre.forward(model, input_ids, mask, logits_to_keep=1).logits[:, -1].float()
+        decider.decisions = decider.decide(logits)
+        main = with_continuations(input_ids, unpatched, pad_id)
+    decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in pre.plans]
+    return main, decisions

@@ -43,9 +43,8 @@ from autopatch.datatypes import Answer as Answer  # re-exported: the types live 
 from autopatch.datatypes import GenerateResult as GenerateResult
 from autopatch.datatypes import PatchReport as PatchReport
 from autopatch.errors import PatchError
-from autopatch.gating import DecideAfterPrefill, Gate, GateDecision, StopPatchedRows, decide_rows
+from autopatch.gating import Gate, gated_generate
 from autopatch.generate import continue_patched, token_budget
-from autopatch.merging import GatedStreamer, with_continuations
 from autopatch.plan import DECOMPOSERS as DECOMPOSERS  # re-exported: the planner owns the decomposers
 from autopatch.plan import Decomposer as Decomposer
 from autopatch.plan import Planner
@@ -207,30 +206,17 @@ class AutoPatcher:
         if attention_mask is None:
             attention_mask = self._infer_mask(input_ids)
         layers = sorted({self.profile.source_layer, *self.gate.feature_layers})  # a choosing gate lists its sources
-
-        def decide(scores: torch.Tensor) -> list[GateDecision]:  # runs inside generate, after the prefill
-            return decide_rows(self.gate, pre.plans, pre.states, layers, scores)
-
-        decider = DecideAfterPrefill(decide)
-        processors = LogitsProcessorList([decider, *(logits_processor or [])])
-        criteria = StoppingCriteriaList([*(stopping_criteria or []), StopPatchedRows(decider)])
-        first_row_patched = lambda: bool(decider.decisions and decider.decisions[0].patch)  # noqa: E731
-        vanilla_streamer = GatedStreamer(streamer, first_row_patched) if streamer is not None else None
         # Callbacks see the caller's own sequence through caller views on the cached path; a streamer needs a batch
         # of one, whose layout is the caller's row itself. max_length would count the re-laid-out width.
         reuse = (self.reuse_prefix and prefix_allowed_tokens_fn is None
                  and not any(k in kwargs for k in _OWN_CACHE_ARGUMENTS) and kwargs.get("max_new_tokens") is not None
-                 and (streamer is None or (input_ids is not None and input_ids.shape[0] == 1)))
+                 and (streamer is None or input_ids.shape[0] == 1))
         with self.prefill(input_ids, attention_mask, layers, questions, decompositions, reuse_prefix=reuse) as pre:
-            if unpatched is None:
-                main = pre.generate(self.model, input_ids, logits_processor=processors, stopping_criteria=criteria,
-                                    streamer=vanilla_streamer, **passthrough, **kwargs)
-            else:  # the caller has the unpatched continuations: the prefill only, for the gate
-                logits = pre.forward(self.model, input_ids, attention_mask, logits_to_keep=1).logits[:, -1].float()
-                decider.decisions = decide(logits)
-                main = with_continuations(input_ids, unpatched, self.tokenizer.pad_token_id)
+            main, decisions = gated_generate(self.model, pre, self.gate, layers, input_ids, attention_mask,
+                                             pad_id=self.tokenizer.pad_token_id, unpatched=unpatched,
+                                             logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                             streamer=streamer, **passthrough, **kwargs)
         plans = pre.plans
-        decisions = decider.decisions or [GateDecision(False, None, "generation produced no step") for _ in plans]
         sequences = main if isinstance(main, torch.Tensor) else main.sequences
         reports = row_reports(self.tokenizer, plans, decisions, sequences, width, self.profile, self.control)
         patched_rows = [i for i, d in enumerate(decisions) if d.patch]

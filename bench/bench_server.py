@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from autopatch.kernels import release_openmp_pool  # noqa: E402
 from autopatch.stopping import cut_at_stop  # noqa: E402
 from bench.questions import QUESTIONS  # noqa: E402
 
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     direct_wall = time.perf_counter() - start
     rows = [("AutoPatcher.generate, one at a time", 1, direct_wall, [t for t, _ in direct], args.requests)]
 
+    # As `autopatch serve` does when its worker starts on the thread that loaded the model: this thread is done
+    # with torch, so its idle OpenMP pool goes (autopatch.kernels.release_openmp_pool).
+    release_openmp_pool()
     app = create_app(model, tok, model_name=name, profile=patcher.profile, gate=patcher.gate,
                      max_queue=max(32, args.requests), request_timeout_s=3600, max_batch_size=args.max_batch_size,
                      batch_window_s=args.batch_window_ms / 1000)

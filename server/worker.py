@@ -38,6 +38,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from autopatch.errors import ConfigError
+from autopatch.kernels import release_openmp_pool
 from autopatch.patcher import AutoPatcher
 from autopatch.stopping import cut_at_stop
 from server.batching import batchable, compatible, finish_reason, run_batch
@@ -160,7 +161,12 @@ class GenerationWorker:
     # ---- control --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the thread; after :meth:`close`, start a fresh one (an app can be started again)."""
+        """Start the thread; after :meth:`close`, start a fresh one (an app can be started again).
+
+        The starting thread's idle OpenMP pool is released first (:func:`autopatch.kernels.release_openmp_pool`):
+        the worker is the thread that runs the model from now on.
+        """
+        release_openmp_pool()
         with self._cond:
             self._closed = False
         if not self._thread.is_alive():

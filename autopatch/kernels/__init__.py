@@ -320,3 +320,19 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     if bias is not None:
         y.add_(bias)
     return y
+
+
+def release_openmp_pool() -> bool:
+    """Free the calling thread's idle OpenMP thread pool (``omp_pause_resource_all``); ``True`` when it was freed.
+
+    Call it on a thread that is done with torch (the one that loaded a model for a server, say) before another
+    thread takes over the model's work. libgomp keeps one pool per thread that ever ran a parallel region, and once
+    the pools together hold more threads than there are cores it stops spinning between regions; on 2 cores a
+    second pool made every generation on the server's worker thread about 1.5x slower (docs/benchmarks.md). The
+    pool comes back by itself if this thread runs a parallel region again.
+    """
+    try:
+        runtime = ctypes.CDLL("libgomp.so.1")  # the one torch loaded (and the kernels link), found by its soname
+        return int(runtime.omp_pause_resource_all(2)) == 0  # 2: omp_pause_hard
+    except (OSError, AttributeError):
+        return False

@@ -390,3 +390,14 @@ def test_the_default_mode_is_the_embedded_models_measured_one_on_the_cpu_only(mo
     assert default_mode("/some/local/model") == "none"  # never measured: float32 unless asked
     monkeypatch.setattr(quantize, "_kernel_error", lambda: "no C compiler found")
     assert default_mode(name) == "none"  # a default that cannot run here falls back; only an explicit ask is refused
+
+
+def test_releasing_the_openmp_pool_leaves_torch_and_the_kernels_working():
+    from autopatch.kernels import release_openmp_pool
+
+    q, scales = quantize_groups(torch.randn(8, 64))
+    x = torch.randn(3, 64)
+    before = w8_matmul(x, pack(q), pack_scales(scales), None)
+    assert isinstance(release_openmp_pool(), bool)  # True where torch runs on libgomp (CI's and this machine's)
+    assert torch.equal(w8_matmul(x, pack(q), pack_scales(scales), None), before)  # the pool comes back by itself
+    assert torch.allclose(x @ x.t(), (x.double() @ x.double().t()).float(), atol=1e-4)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +106,29 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class WeightOnlyInt8Linear(Int8Linear):
-    """int8 weights with one float32 scale per 32 weights of a row, float32 activations:
-    :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels (``qweight``, ``gscale``)."""
+class _PackedLinear(Int8Linear):
+    """A weight-only layer on one of autopatch's kernels: float32 activations, the weight in packed panels
+    (``qweight``, ``gscale``), multiplied by :attr:`matmul`."""
 
     qweight: torch.Tensor
     gscale: torch.Tensor
+    matmul: Callable[..., torch.Tensor]  # kernels.w8_matmul or kernels.w4_matmul
+
+    @classmethod
+    def accepts(cls, linear: nn.Linear) -> bool:
+        return kernels.packable(linear.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class WeightOnlyInt8Linear(_PackedLinear):
+    """int8 weights with one float32 scale per 32 weights of a row, float32 activations:
+    :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels (``qweight``, ``gscale``)."""
+
+    matmul = staticmethod(kernels.w8_matmul)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
@@ -119,27 +137,17 @@ class WeightOnlyInt8Linear(Int8Linear):
                                                     dtype=torch.int8))
         self.register_buffer("gscale", torch.zeros(panels, in_features // kernels.GROUP, kernels.PANEL))
 
-    @classmethod
-    def accepts(cls, linear: nn.Linear) -> bool:
-        return kernels.packable(linear.in_features)
-
     def _store(self, weight: torch.Tensor) -> None:
         q, scales = kernels.quantize_groups(weight)
         self.qweight.copy_(kernels.pack(q))
         self.gscale.copy_(kernels.pack_scales(scales))
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = kernels.unpack(self.qweight, self.out_features)
-        scales = kernels.unpack_scales(self.gscale, self.out_features)
-        return q.float() * scales.repeat_interleave(kernels.GROUP, dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = kernels.w8_matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return kernels.dequantize_groups(kernels.unpack(self.qweight, self.out_features),
+                                         kernels.unpack_scales(self.gscale, self.out_features))
 
 
-class WeightOnlyInt4Linear(Int8Linear):
+class WeightOnlyInt4Linear(_PackedLinear):
     """4-bit weights ``a * q + b`` (q in 0..15, float32 ``a, b`` per 32 weights of a row), float32 activations:
     :func:`autopatch.kernels.w4_matmul` on packed panels (``qweight``, ``gscale``).
 
@@ -148,8 +156,7 @@ class WeightOnlyInt4Linear(Int8Linear):
     :meth:`holds` accepts it only where its error is no larger than the int8 layer's on the same weight.
     """
 
-    qweight: torch.Tensor
-    gscale: torch.Tensor
+    matmul = staticmethod(kernels.w4_matmul)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
@@ -157,10 +164,6 @@ class WeightOnlyInt4Linear(Int8Linear):
         self.register_buffer("qweight", torch.zeros(panels, groups, kernels.PANEL, kernels.GROUP // 2,
                                                     dtype=torch.uint8))
         self.register_buffer("gscale", torch.zeros(panels, groups, 2, kernels.PANEL))
-
-    @classmethod
-    def accepts(cls, linear: nn.Linear) -> bool:
-        return kernels.packable(linear.in_features)
 
     @classmethod
     def holds(cls, weight: torch.Tensor) -> bool:
@@ -173,20 +176,14 @@ class WeightOnlyInt4Linear(Int8Linear):
         self.gscale.copy_(kernels.pack4_scales(a, b))
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = kernels.unpack4(self.qweight, self.out_features).float()
-        a, b = kernels.unpack4_scales(self.gscale, self.out_features)
-        return torch.addcmul(b.repeat_interleave(kernels.GROUP, dim=1), q, a.repeat_interleave(kernels.GROUP, dim=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = kernels.w4_matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return kernels.dequantize_affine4(kernels.unpack4(self.qweight, self.out_features),
+                                          *kernels.unpack4_scales(self.gscale, self.out_features))
 
 
 HOLDS_SAMPLE = 512  # rows of a weight that decide whether it is held at 4 bits
 
 
-def _squared_error(weight: torch.Tensor, rebuilt) -> float:
+def _squared_error(weight: torch.Tensor, rebuilt: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """sum((rebuilt(rows) - rows)^2) over ``weight``, in slices of rows (no full-size float temporaries)."""
     total = 0.0
     for start in range(0, weight.shape[0], 4096):
@@ -196,18 +193,11 @@ def _squared_error(weight: torch.Tensor, rebuilt) -> float:
 
 
 def _int8_error(weight: torch.Tensor) -> float:
-    def rebuilt(rows: torch.Tensor) -> torch.Tensor:
-        q, scales = kernels.quantize_groups(rows)
-        return q.float() * scales.repeat_interleave(kernels.GROUP, dim=1)
-    return _squared_error(weight, rebuilt)
+    return _squared_error(weight, lambda rows: kernels.dequantize_groups(*kernels.quantize_groups(rows)))
 
 
 def _int4_error(weight: torch.Tensor) -> float:
-    def rebuilt(rows: torch.Tensor) -> torch.Tensor:
-        q, a, b = kernels.quantize_affine4(rows)
-        a, b = (t.repeat_interleave(kernels.GROUP, dim=1) for t in (a, b))
-        return torch.addcmul(b, q.float(), a)
-    return _squared_error(weight, rebuilt)
+    return _squared_error(weight, lambda rows: kernels.dequantize_affine4(*kernels.quantize_affine4(rows)))
 
 
 class DynamicInt8Linear(Int8Linear):

@@ -155,6 +155,11 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(panels * PANEL, chunks * CHUNK)[:n].contiguous()
 
 
+def dequantize_groups(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight of :func:`quantize_groups`'s ``(q, scales)``: ``q * scale`` per group of 32."""
+    return q.float() * scales.repeat_interleave(GROUP, dim=1)
+
+
 def quantize_affine4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q uint8 [n, k] in 0..15, a float32 [n, k/32], b float32 [n, k/32])`` with ``weight ≈ a * q + b``
     per 32 weights of a row.
@@ -190,6 +195,12 @@ def quantize_affine4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
         b[start : start + rows] = low.view(rows, -1)
         q[start : start + rows] = (offset / step[:, None]).round_().clamp_(0, 15).to(torch.uint8).view(rows, k)
     return q, a, b
+
+
+def dequantize_affine4(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The float32 weight of :func:`quantize_affine4`'s ``(q, a, b)``: ``a * q + b`` per group of 32 (one rounding,
+    as the kernel's fused multiply-add)."""
+    return torch.addcmul(b.repeat_interleave(GROUP, dim=1), q.float(), a.repeat_interleave(GROUP, dim=1))
 
 
 def pack4(q: torch.Tensor) -> torch.Tensor:
@@ -234,13 +245,13 @@ def kernel_error() -> str | None:
     x = torch.tensor([[1.0, -2.0, 0.5, 0.25] * 16] * 5, dtype=torch.float32)
     w = (torch.arange(5 * 64) % 255 - 127).to(torch.int8).reshape(5, 64)
     scales = torch.tensor([[0.5, 0.25]] * 5)
-    want = x @ (w.float() * scales.repeat_interleave(GROUP, dim=1)).t()
+    want = x @ dequantize_groups(w, scales).t()
     got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5)
     if not torch.allclose(got, want, atol=1e-4):
         return f"the built int8 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
     q4 = (torch.arange(5 * 64) % 16).to(torch.uint8).reshape(5, 64)
     a, b = torch.tensor([[0.5, 0.25]] * 5), torch.tensor([[-1.0, 2.0]] * 5)
-    want = x @ (q4.float() * a.repeat_interleave(GROUP, dim=1) + b.repeat_interleave(GROUP, dim=1)).t()
+    want = x @ dequantize_affine4(q4, a, b).t()
     got = w4_matmul(x, pack4(q4), pack4_scales(a, b), None, n=5)
     if not torch.allclose(got, want, atol=1e-4):
         return f"the built int4 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"

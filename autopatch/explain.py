@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from autopatch.architectures import final_norm, num_layers, unembedding
 from autopatch.engine import PatchEdit, capture, patch
-from autopatch.locate import UnlocatableQuestion, locate
+from autopatch.locate import UnlocatableQuestion
 from autopatch.patchscope import IDENTITY_PROMPT, patched_prompt
 from autopatch.plan import Planner
 from autopatch.prompts import PromptFormat, target_prompt
@@ -150,12 +150,12 @@ def explain(model, tok: PreTrainedTokenizerBase, question: str, *, fmt: PromptFo
             bridge: str | None = None, layers: list[int] | None = None, placeholder: str = "x") -> Explanation:
     """The layer-by-layer view of ``question`` (see the module docstring); raises ``UnlocatableQuestion``."""
     fmt = fmt or PromptFormat.for_tokenizer(tok)
-    location = locate(question)  # raises UnlocatableQuestion, with the shapes the locator reads
     layers = list(range(num_layers(model))) if layers is None else list(layers)
     ids = fmt.encode(tok, fmt.render(question, tok)).input_ids[0]
     plan = Planner(tok, fmt).row(ids, question)
-    if plan.location is None or not plan.positions:
-        raise UnlocatableQuestion(question, plan.why_not)
+    location = plan.location
+    if location is None or not plan.positions:
+        raise UnlocatableQuestion(question, plan.why_not.removeprefix("unlocatable: "))
     positions = [plan.positions[kind] for kind in ("subject_end", "span_end", "last")]
     device = next(model.parameters()).device
     with capture(model, layers, positions) as cap:

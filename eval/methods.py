@@ -312,13 +312,6 @@ class MethodTable(MutableMapping[str, Method]):
     def __len__(self) -> int:
         return len(self._current())
 
-    def get_known(self, name: str) -> Method:
-        """The method called ``name``; an unknown name lists the known ones."""
-        table = self._current()
-        if name not in table:
-            raise ConfigError(f"Unknown method {name!r}; choose one of {', '.join(table)}.")
-        return table[name]
-
 
 METHODS = MethodTable()
 register = METHODS.add
@@ -399,7 +392,6 @@ register(Method("oracle-gate", "oracle", "ORACLE: patch exactly when patching he
                 needs=("vanilla", "patch")))
 register(Method("oracle-layers", "oracle", "ORACLE: correct if any configuration of the sweep grid answers correctly",
                 needs=("vanilla",)))
-
 
 
 def default_methods() -> tuple[str, ...]:

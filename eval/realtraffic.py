@@ -62,7 +62,6 @@ def _hash(text: str) -> int:
 
 def harm_records() -> list[QARecord]:
     """The do-no-harm set, both splits (``meta``: ``split``, ``kind``, ``source``)."""
-
     out = []
     for rec in _load_kept(HARM_FILE):
         kind = str(rec.meta.get("kind") or "")

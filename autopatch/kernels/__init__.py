@@ -339,7 +339,7 @@ def release_openmp_pool() -> bool:
     Call it on a thread that is done with torch (the one that loaded a model for a server, say) before another
     thread takes over the model's work. libgomp keeps one pool per thread that ever ran a parallel region, and once
     the pools together hold more threads than there are cores it stops spinning between regions; on 2 cores a
-    second pool made every generation on the server's worker thread about 1.5x slower (docs/benchmarks.md). The
+    second pool made every generation on the server's worker thread about 1.5x slower (bench/bench_threads.py). The
     pool comes back by itself if this thread runs a parallel region again.
     """
     try:

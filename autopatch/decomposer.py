@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from autopatch.prompts import PromptFormat, chat_render
+from autopatch.prompts import PromptFormat, Rendering
 from autopatch.stopping import PARAGRAPH_STOPS, stop_token_ids
 
 DECOMPOSE_INSTRUCTION = ("Split the question into two simpler questions when answering it needs one fact to find "
@@ -52,13 +52,15 @@ def _answer_text(step1: str | None, step2: str | None) -> str:
 
 def decomposition_prompt(fmt: PromptFormat, tok: PreTrainedTokenizerBase, question: str) -> str:
     """The prompt that asks the model for ``question``'s two steps (ends where "Step 1:" is written next)."""
-    if fmt.kind == "chat":
-        messages = [{"role": "system", "content": DECOMPOSE_INSTRUCTION}]
-        for q, s1, s2 in DECOMPOSE_EXAMPLES:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": _answer_text(s1, s2)}]
-        return chat_render(tok, [*messages, {"role": "user", "content": question}]) + "Step 1:"
-    shots = "".join(f"Question: {q}\n{_answer_text(s1, s2)}\n\n" for q, s1, s2 in DECOMPOSE_EXAMPLES)
-    return f"{DECOMPOSE_INSTRUCTION}\n\n{shots}Question: {question}\nStep 1:"
+    turns = tuple((q, _answer_text(s1, s2)) for q, s1, s2 in DECOMPOSE_EXAMPLES)
+
+    def base(q: str) -> str:  # one text: the instruction, then "Question:" blocks
+        shots = "".join(f"Question: {example}\n{answer}\n\n" for example, answer in turns)
+        return f"{DECOMPOSE_INSTRUCTION}\n\n{shots}Question: {q}\nStep 1:"
+
+    return fmt.render_as(question, tok, base=base, chat=Rendering(demonstrations=turns,
+                                                                   instruction=DECOMPOSE_INSTRUCTION,
+                                                                   answer_prefix="Step 1:"))
 
 
 def parse_decomposition(text: str) -> list[dict[str, str]] | None:

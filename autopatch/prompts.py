@@ -17,7 +17,7 @@ context.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
@@ -40,6 +40,19 @@ QA_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
 # Chat models answer in sentences unless told not to ("The capital of Italy is Rome."), which EM cannot score.
 CHAT_INSTRUCTION = "Answer with only the answer itself: a name, a number or a short phrase. Do not write a sentence."
 FEWSHOT_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQ:")
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How one family of prompts (chain of thought, a decomposition request) renders in one format.
+
+    ``demonstrations``: ``None`` keeps the format's own; ``instruction``: the chat system turn (``None``: the
+    template's default); ``answer_prefix``: the text that opens the answer.
+    """
+
+    demonstrations: tuple[tuple[str, str], ...] | None = None
+    instruction: str | None = CHAT_INSTRUCTION
+    answer_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,21 @@ class PromptFormat:
             return chat_render(tokenizer, self.chat_messages(question, instruction)) + answer_prefix
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in self.demonstrations)
         return f"{shots}Q: {question}\nA:" + (f" {answer_prefix}" if answer_prefix else "")
+
+    def render_as(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None, *, chat: Rendering,
+                  base: Rendering | Callable[[str], str]) -> str:
+        """``question`` in a prompt family that reads differently to chat and base models: this format's kind
+        picks ``chat`` or ``base`` (a :class:`Rendering`, or a function of the question for a layout of its own).
+
+        Example:
+            >>> fmt.render_as(q, tok, chat=Rendering(demonstrations=(), instruction="Think step by step."),
+            ...               base=Rendering(answer_prefix="Let's think step by step."))
+        """
+        chosen = chat if self.kind == "chat" else base
+        if not isinstance(chosen, Rendering):
+            return chosen(question)
+        fmt = self if chosen.demonstrations is None else replace(self, demonstrations=chosen.demonstrations)
+        return fmt.render(question, tokenizer, answer_prefix=chosen.answer_prefix, instruction=chosen.instruction)
 
     @property
     def add_special_tokens(self) -> bool:

@@ -12,11 +12,10 @@ the few-shot QA template, chat models their chat template.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 from transformers import PreTrainedTokenizerBase
 
-from autopatch.prompts import PromptFormat
+from autopatch.prompts import PromptFormat, Rendering
 
 COT_TRIGGER = "Let's think step by step."
 # Chain of thought for chat models: reason, then a final line in a fixed form (eval.metrics reads it).
@@ -47,17 +46,15 @@ def cot_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerB
     Base models: the answer starts with "Let's think step by step.". Chat models: no demonstrations,
     and a system turn that asks for reasoning and then a last line "Answer: <answer>".
     """
-    if fmt.kind == "chat":
-        return replace(fmt, demonstrations=()).render(question, tokenizer, instruction=CHAT_COT_INSTRUCTION)
-    return fmt.render(question, tokenizer, answer_prefix=COT_TRIGGER)
+    return fmt.render_as(question, tokenizer, chat=Rendering(demonstrations=(), instruction=CHAT_COT_INSTRUCTION),
+                         base=Rendering(answer_prefix=COT_TRIGGER))
 
 
 def cot_fewshot_prompt(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """Few-shot chain of thought: demonstrations that name the bridge before the answer (chat: as real turns)."""
-    if fmt.kind == "chat":
-        return replace(fmt, demonstrations=CHAT_COT_DEMONSTRATIONS).render(question, tokenizer,
-                                                                           instruction=CHAT_COT_INSTRUCTION)
-    return replace(fmt, demonstrations=COT_DEMONSTRATIONS).render(question, tokenizer)
+    return fmt.render_as(question, tokenizer,
+                         chat=Rendering(demonstrations=CHAT_COT_DEMONSTRATIONS, instruction=CHAT_COT_INSTRUCTION),
+                         base=Rendering(demonstrations=COT_DEMONSTRATIONS))
 
 
 def kojima_prompts(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
@@ -67,9 +64,9 @@ def kojima_prompts(fmt: PromptFormat, question: str, tokenizer: PreTrainedTokeni
     (the template's default system turn) and the trigger opening the assistant's turn. Stage 2 is
     :func:`kojima_answer_prompt`.
     """
-    if fmt.kind == "chat":
-        return replace(fmt, demonstrations=()).render(question, tokenizer, answer_prefix=COT_TRIGGER, instruction=None)
-    return cot_prompt(fmt, question, tokenizer)  # base models: the same prompt as ``cot``
+    return fmt.render_as(question, tokenizer,
+                         chat=Rendering(demonstrations=(), instruction=None, answer_prefix=COT_TRIGGER),
+                         base=Rendering(answer_prefix=COT_TRIGGER))
 
 
 def kojima_answer_prompt(stage1_prompt: str, reasoning: str) -> str:

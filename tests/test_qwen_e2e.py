@@ -51,7 +51,7 @@ def test_a_chat_prompt_is_located_and_answered_through_the_chat_template(qwen):
 
     model, tok = qwen
     patcher = AutoPatcher(model, tok, gate=AlwaysPatch())
-    assert patcher.profile.prompt_format.kind == "chat"  # an unswept chat model gets its chat template
+    assert patcher.profile.prompt_format.render("Q?", tok).startswith("<|im_start|>")  # an unswept chat model: its template
     question = "What is the capital of the country where the Colosseum is located?"
     (answer,) = patcher.answer(question, max_new_tokens=24)
     assert answer.text and answer.report.question == question and answer.report.located

@@ -123,14 +123,14 @@ def test_base_fewshot_cot_keeps_the_answer_is_demonstrations():
     assert "So the answer is the Mediterranean Sea.\n\n" in text and text.endswith(f"Q: {QUESTION}\nA:")
 
 
-@pytest.mark.parametrize("kind", ["fewshot-qa", "chat"])
-def test_kojima_two_stage_prompts(kind):
+@pytest.mark.parametrize("kind,chat", [("fewshot-qa", False), ("chat", True)])
+def test_kojima_two_stage_prompts(kind, chat):
     tok = byte_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     fmt = PromptFormat(kind=kind)
     stage1 = kojima_prompts(fmt, QUESTION, tok)
     assert stage1.endswith(COT_TRIGGER)
-    if kind == "chat":
+    if chat:
         assert "<|im_start|>system" not in stage1 and stage1.endswith(f"<|im_start|>assistant\n{COT_TRIGGER}")
     else:
         assert stage1 == cot_prompt(fmt, QUESTION)

@@ -12,7 +12,6 @@ the few-shot QA template, chat models their chat template.
 
 from __future__ import annotations
 
-
 from transformers import PreTrainedTokenizerBase
 
 from autopatch.prompts import PromptFormat, Rendering

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from autopatch.locate import Location
-from autopatch.profile import PatchProfile
+from autopatch.profile import PatchProfile, Position
 
-POSITION_KINDS: tuple[str, ...] = ("span_end", "subject_end", "last")
+POSITION_KINDS: tuple[Position, ...] = tuple(Position)
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class GateInput:
     states: dict[int, torch.Tensor]  # layer -> (3, hidden): rows follow POSITION_KINDS
     first_token_logits: torch.Tensor  # (vocab,)
 
-    def state(self, layer: int, kind: str) -> torch.Tensor:
-        """The captured state at ``layer`` for position ``kind`` ("span_end", "subject_end" or "last")."""
+    def state(self, layer: int, kind: Position | str) -> torch.Tensor:
+        """The captured state at ``layer`` for position ``kind`` (a :class:`Position` or its name)."""
         return self.states[layer][POSITION_KINDS.index(kind)]
 
 
@@ -61,7 +61,7 @@ class RowPlan:
 
     question: str | None
     location: Location | None
-    positions: dict[str, int] = field(default_factory=dict)
+    positions: dict[Position, int] = field(default_factory=dict)
     why_not: str = ""
     proposal_tokens: int = 0  # tokens the model generated to propose this row's decomposition (autopatch.decomposer)
 
@@ -97,7 +97,7 @@ class PatchReport:
 
     question: str | None = None
     location: dict | None = None
-    positions: dict[str, int] | None = None  # token indices in the caller's unpadded prompt
+    positions: dict[Position, int] | None = None  # token indices in the caller's unpadded prompt
     located: bool = False
     patched: bool = False
     gate_score: float | None = None  # the deciding gate's score; a screen's is screen_score

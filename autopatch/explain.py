@@ -38,6 +38,7 @@ from autopatch.engine import PatchEdit, capture, patch
 from autopatch.locate import UnlocatableQuestion
 from autopatch.patchscope import IDENTITY_PROMPT, patched_prompt
 from autopatch.plan import Planner
+from autopatch.profile import Position
 from autopatch.prompts import PromptFormat, target_prompt
 
 READINGS = ("subject: identity", "span end: identity", "subject: span prompt", "last: logit lens", "last: identity")
@@ -156,7 +157,7 @@ def explain(model, tok: PreTrainedTokenizerBase, question: str, *, fmt: PromptFo
     location = plan.location
     if location is None or not plan.positions:
         raise UnlocatableQuestion(question, plan.why_not.removeprefix("unlocatable: "))
-    positions = [plan.positions[kind] for kind in ("subject_end", "span_end", "last")]
+    positions = [plan.positions[kind] for kind in (Position.SUBJECT_END, Position.SPAN_END, Position.LAST)]
     device = next(model.parameters()).device
     with capture(model, layers, positions) as cap:
         cast(Any, model)(input_ids=ids[None].to(device), logits_to_keep=1)

@@ -26,11 +26,11 @@ from transformers import PreTrainedTokenizerBase
 from autopatch.engine import capture
 from autopatch.errors import ConfigError
 from autopatch.prefix_cache import prefix_layout
-from autopatch.profile import PatchProfile
+from autopatch.profile import PatchProfile, Position
 from autopatch.strategies import PatchJob
 from autopatch.tokens import token_at_char, token_char_ends
 
-ISOLABLE_POSITIONS = ("span_end", "subject_end")
+ISOLABLE_POSITIONS = tuple(p for p in Position if p.inside_first_hop)
 
 
 def span_bounds(tok: PreTrainedTokenizerBase, job: PatchJob) -> tuple[int, int]:

@@ -26,6 +26,7 @@ import torch
 from autopatch.datatypes import POSITION_KINDS, RowPlan
 from autopatch.errors import PatchError
 from autopatch.locate import UnlocatableQuestion, locate
+from autopatch.profile import Position
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.tokens import last_token_of_char_span, token_char_ends
 
@@ -80,9 +81,10 @@ class Planner:
         ends = token_char_ends(tok, ids)
         try:
             positions = {
-                "span_end": last_token_of_char_span(ends, at + location.span_start, at + location.span_end),
-                "subject_end": last_token_of_char_span(ends, at + location.subject_start, at + location.subject_end),
-                "last": len(ids) - 1,
+                Position.SPAN_END: last_token_of_char_span(ends, at + location.span_start, at + location.span_end),
+                Position.SUBJECT_END: last_token_of_char_span(ends, at + location.subject_start,
+                                                              at + location.subject_end),
+                Position.LAST: len(ids) - 1,
             }
         except (IndexError, ValueError) as err:  # a tokenizer whose decode() does not round-trip the text
             return RowPlan(question, location, why_not=f"cannot map the located span to tokens: {err}")

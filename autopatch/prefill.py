@@ -27,6 +27,7 @@ from autopatch.errors import PatchError
 from autopatch.gating import POSITION_KINDS
 from autopatch.merging import caller_views
 from autopatch.prefix_cache import PrefixLayout, position_ids, prefix_layout
+from autopatch.profile import Position
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Prefill:
     def states(self) -> dict[int, torch.Tensor]:
         return self.capture.states
 
-    def job(self, row: int, source_position: str, source_layer: int) -> PatchJob:
+    def job(self, row: int, source_position: Position, source_layer: int) -> PatchJob:
         """The patch job of a located row: its prompt, source index and captured vector."""
         plan = self.plans[row]
         if plan.location is None:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -38,10 +39,26 @@ from autopatch.errors import ProfileError
 from autopatch.prompts import PromptFormat
 
 Strategy = str  # a name registered in autopatch.registry.STRATEGIES
-SourcePosition = Literal["span_end", "subject_end", "last"]
+
+
+class Position(str, Enum):
+    """A token of the located question whose state is read: the first hop's last token, its subject's last token,
+    or the prompt's last token. The order is the order of the captured states (``GateInput.states`` rows)."""
+
+    SPAN_END = "span_end"
+    SUBJECT_END = "subject_end"
+    LAST = "last"
+
+    def __str__(self) -> str:  # its name in JSON, sweep keys and f-strings, on every Python (no StrEnum in 3.10)
+        return self.value
+
+    @property
+    def inside_first_hop(self) -> bool:
+        return self is not Position.LAST
+
+
 BridgePrompt = Literal["identity", "span"]
 BRIDGE_PROMPTS: tuple[str, ...] = ("identity", "span")
-SOURCE_POSITIONS: tuple[str, ...] = ("span_end", "subject_end", "last")
 PROFILE_VERSION = 1
 
 
@@ -50,7 +67,7 @@ class PatchProfile:
     """How autopatch patches one model. ``note`` records where the numbers came from."""
 
     strategy: Strategy = "reroute"
-    source_position: SourcePosition = "span_end"
+    source_position: Position = Position.SPAN_END
     source_layer: int = 8
     target_layer: int = 4
     placeholder: str = "x"
@@ -65,8 +82,10 @@ class PatchProfile:
     def __post_init__(self) -> None:
         if self.strategy not in registry.STRATEGIES:
             raise ProfileError(f"Unknown strategy {self.strategy!r}; choose one of {tuple(registry.STRATEGIES)}.")
-        if self.source_position not in SOURCE_POSITIONS:
-            raise ProfileError(f"Unknown source position {self.source_position!r}; choose one of {SOURCE_POSITIONS}.")
+        if self.source_position not in tuple(Position):
+            raise ProfileError(f"Unknown source position {self.source_position!r}; choose one of "
+                               f"{tuple(map(str, Position))}.")
+        object.__setattr__(self, "source_position", Position(self.source_position))  # a JSON string becomes the type
         if self.source_layer < 0 or self.target_layer < 0:
             raise ProfileError("Layers are 0-indexed decoder blocks and cannot be negative.")
         if registry.STRATEGIES[self.strategy].target_before_source and self.target_layer >= self.source_layer:

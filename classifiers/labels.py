@@ -3,7 +3,7 @@
 Example:
     >>> from classifiers.labels import gate_labels
     >>> table = load_sweep(Path("runs/gate/labels_twohop_train.jsonl"))
-    >>> labels = gate_labels(table, profile_key)       # {id: Label}
+    >>> labels = gate_labels(table, SweepConfig.of(profile))       # {id: Label}
 
 Definition (per question and patch configuration, by exact match):
 
@@ -27,6 +27,7 @@ from numbers import Real
 from pathlib import Path
 
 from autopatch.errors import ConfigError
+from eval.sweep import RowKey, SweepTable, row_key_text
 
 NEUTRAL_WEIGHT = 0.5
 
@@ -55,21 +56,21 @@ class Label:
         return 1.0 if self.helps or self.hurts else NEUTRAL_WEIGHT
 
 
-def _score(row: object, metric: str, config_key: str, question_id: str) -> float:
+def _score(row: object, metric: str, key: RowKey, question_id: str) -> float:
     value = row.get(metric) if isinstance(row, Mapping) else None
     if not isinstance(value, Real):
-        raise ConfigError(f"The sweep row of question {question_id!r} under {config_key!r} has no numeric {metric!r} "
+        raise ConfigError(f"The sweep row of question {question_id!r} under {row_key_text(key)!r} has no numeric {metric!r} "
                           f"(got {value!r}); label with a metric the sweep recorded, or re-run the sweep.")
     return float(value)
 
 
-def gate_labels(table: dict[str, dict[str, dict]], config_key: str, metric: str = "em") -> dict[str, Label]:
-    """Labels for every question that has both a vanilla row and a row for ``config_key``.
+def gate_labels(table: SweepTable, key: RowKey, metric: str = "em") -> dict[str, Label]:
+    """Labels for every question that has both a vanilla row and a row for ``key`` (a configuration, as a rule).
 
     Raises :class:`~autopatch.errors.ConfigError` when such a row lacks a numeric ``metric``.
     """
-    vanilla, patched = table.get("vanilla", {}), table.get(config_key, {})
-    return {i: Label(_score(vanilla[i], metric, "vanilla", i), _score(patched[i], metric, config_key, i))
+    vanilla, patched = table.get("vanilla", {}), table.get(key, {})
+    return {i: Label(_score(vanilla[i], metric, "vanilla", i), _score(patched[i], metric, key, i))
             for i in vanilla if i in patched}
 
 

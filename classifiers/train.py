@@ -79,7 +79,7 @@ def collect(model, tok, profile, sources, out: Path, spec: FeatureSpec, batch_si
         label_file = out / f"labels_{name}.jsonl"
         run_sweep(model, tok, records, [config], label_file, batch_size=batch_size, max_new_tokens=max_new_tokens)
         table = load_sweep(label_file)
-        by_id = gate_labels(table, config.key)
+        by_id = gate_labels(table, config)
         feature_file = (feature_dir or out) / f"features_{name}.npz"
         if feature_file.exists():
             with np.load(feature_file, allow_pickle=False) as data:
@@ -285,8 +285,7 @@ def retune_choice_gate(out: Path, *, grid: int = 10, min_gain: float = 1.0, mode
         except (OSError, ValueError, KeyError) as err:
             raise GateFileError(f"Cannot read the cached dev features {out}/features_{source}.npz: {err}.") from err
         for name, gate in choice.members.items():
-            key = SweepConfig.of(gate.profile).key
-            labels = gate_labels(load_sweep(out / name / f"labels_{source}.jsonl"), key)
+            labels = gate_labels(load_sweep(out / name / f"labels_{source}.jsonl"), SweepConfig.of(gate.profile))
             outcomes[name].update((i, (l.vanilla, l.patched)) for i, l in labels.items())
     shared = sorted(set(dev_X).intersection(*(set(o) for o in outcomes.values())))
     if not shared:

@@ -45,12 +45,12 @@ def _derived(by_method: dict[str, dict[str, dict]], out_dir: Path) -> None:
         }
     sweep_file = out_dir / "sweep.jsonl"
     if sweep_file.exists():
-        from eval.sweep import is_config_key, load_sweep
+        from eval.sweep import SweepConfig, load_sweep
 
         table = load_sweep(sweep_file)
         oracle: dict[str, dict] = {}
         for key, rows in table.items():
-            if not is_config_key(key):
+            if not isinstance(key, SweepConfig):
                 continue
             for i, row in rows.items():
                 best = oracle.setdefault(i, {m: 0.0 for m in METRICS} | {"n_tokens": None, "seconds": None, "patched": True})
@@ -387,15 +387,14 @@ def plot_sweep_heatmap(sweep_file: Path, path: Path, strategy: str = "reroute", 
 
     ``position`` keeps one source position (else each cell shows the best); amplified patches are left out.
     """
-    from eval.sweep import SweepConfig, is_config_key, load_sweep
+    from eval.sweep import SweepConfig, load_sweep
 
     table = load_sweep(sweep_file)
     vanilla = table.get("vanilla", {})
     cells: dict[tuple[int, int], list[float]] = {}
-    for key, rows in table.items():
-        if not is_config_key(key) or SweepConfig.from_key(key).strategy != strategy:
+    for config, rows in table.items():
+        if not isinstance(config, SweepConfig) or config.strategy != strategy:
             continue
-        config = SweepConfig.from_key(key)
         if config.scale != 1 or (position is not None and config.source_position != position):
             continue
         wrong = [i for i in rows if i in vanilla and not vanilla[i]["em"]]

@@ -22,10 +22,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from autopatch.profile import Position
 from eval.metrics import mcnemar
-from eval.sweep import RANDOM_PREFIX, SweepConfig, is_config_key, load_sweep
+from eval.sweep import RandomControl, RowKey, SweepConfig, SweepTable, load_sweep, row_key_text
 
-Table = dict[str, dict[str, dict]]
+Table = SweepTable
 
 
 def gap_ids(table: Table) -> list[str]:
@@ -35,13 +36,13 @@ def gap_ids(table: Table) -> list[str]:
                   and not vanilla[i]["contains"])
 
 
-def _em(table: Table, key: str, ids: Sequence[str]) -> list[float]:
+def _em(table: Table, key: RowKey, ids: Sequence[str]) -> list[float]:
     """EM per question; a question the key has no row for (not located) keeps vanilla's answer."""
     rows, vanilla = table.get(key, {}), table["vanilla"]
     return [rows[i]["em"] if i in rows else vanilla[i]["em"] for i in ids]
 
 
-def config_stats(table: Table, key: str) -> dict:
+def config_stats(table: Table, key: RowKey) -> dict:
     """EM, fixes and breaks against vanilla, gap-subset fixes, and the same for the key's controls."""
     ids, gap = sorted(table["vanilla"]), gap_ids(table)
     vanilla = _em(table, "vanilla", ids)
@@ -49,7 +50,10 @@ def config_stats(table: Table, key: str) -> dict:
     test = mcnemar([bool(v) for v in vanilla], [bool(e) for e in em])
     out = {"n": len(ids), "em": sum(em) / len(ids), "fixed": test["b_fixed"], "broken": test["b_broken"],
            "p_vs_vanilla": test["p_value"], "gap_n": len(gap), "gap_fixed": int(sum(_em(table, key, gap)))}
-    for name, ref in (("random", RANDOM_PREFIX + key), ("text", "control-text"), ("decompose", "decompose")):
+    controls: tuple[tuple[str, RowKey], ...] = (("text", "control-text"), ("decompose", "decompose"))
+    if isinstance(key, SweepConfig):
+        controls = (("random", RandomControl(key)), *controls)
+    for name, ref in controls:
         if ref in table:
             out[f"gap_fixed_{name}"] = int(sum(_em(table, ref, gap)))
             out[f"em_{name}"] = sum(_em(table, ref, ids)) / len(ids)
@@ -59,26 +63,25 @@ def config_stats(table: Table, key: str) -> dict:
     return out
 
 
-def choose_on_train(train: Table) -> dict[str, str]:
-    """Per strategy, the configuration key with the best train EM (ties: more contains, then the key)."""
-    best: dict[str, tuple[float, str]] = {}
+def choose_on_train(train: Table) -> dict[str, SweepConfig]:
+    """Per strategy, the configuration with the best train EM (ties: the later key, as text)."""
+    best: dict[str, tuple[float, str, SweepConfig]] = {}
     vanilla_ids = sorted(train["vanilla"])
     for key in train:
-        if not is_config_key(key):
+        if not isinstance(key, SweepConfig):
             continue
         em = sum(_em(train, key, vanilla_ids)) / len(vanilla_ids)
-        strategy = SweepConfig.from_key(key).strategy
-        if strategy not in best or (em, key) > best[strategy]:
-            best[strategy] = (em, key)
-    return {strategy: key for strategy, (_, key) in best.items()}
+        if key.strategy not in best or (em, key.key) > best[key.strategy][:2]:
+            best[key.strategy] = (em, key.key, key)
+    return {strategy: config for strategy, (_, _, config) in best.items()}
 
 
 def _fmt_p(p: float | None) -> str:
     return "–" if p is None else f"{p:.2g}"
 
 
-def _row(key: str, stats: dict) -> str:
-    shown = key.replace("|", "\\|")  # the key's separators would split the table's cells
+def _row(key: RowKey, stats: dict) -> str:
+    shown = row_key_text(key).replace("|", "\\|")  # the key's separators would split the table's cells
     return (f"| `{shown}` | {stats['em']:.3f} | {stats['fixed']}/{stats['broken']} (p={_fmt_p(stats['p_vs_vanilla'])}) | "
             f"{stats['gap_fixed']}/{stats['gap_n']} | {stats.get('gap_fixed_random', '–')} | "
             f"{stats.get('gap_fixed_text', '–')} | {stats.get('gap_fixed_decompose', '–')} | "
@@ -108,7 +111,7 @@ def study_markdown(train: Table, dev: Table, command: str) -> str:
     lines += ["", "The same configurations on train (where they were chosen):", "", *HEADER]
     lines += [_row(key, config_stats(train, key)) for key in chosen.values()]
     lines += ["", "## Every configuration on dev (descriptive; not used for the choice)", "", *HEADER]
-    keys = sorted((k for k in dev if is_config_key(k)), key=lambda k: -config_stats(dev, k)["em"])
+    keys = sorted((k for k in dev if isinstance(k, SweepConfig)), key=lambda k: -config_stats(dev, k)["em"])
     lines += [_row(key, config_stats(dev, key)) for key in keys]
     return "\n".join(lines) + "\n"
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         from eval.report import plot_sweep_heatmap
 
-        for position in ("span_end", "subject_end"):
+        for position in (Position.SPAN_END, Position.SUBJECT_END):
             path = Path(args.plots) / f"study_heatmap_{position}.png"
             if plot_sweep_heatmap(Path(args.dev), path, "reroute", position=position):
                 print(f"wrote {path}")

@@ -40,7 +40,7 @@ from autopatch.errors import ConfigError
 from autopatch.plan import Planner
 from autopatch.prefill import capture_prefill
 from autopatch.prefix_cache import register_prefix
-from autopatch.profile import BridgePrompt, PatchProfile, SourcePosition
+from autopatch.profile import BridgePrompt, PatchProfile, Position
 from autopatch.resolve import model_profile
 from autopatch.strategies import plan_targets, run_targets
 from eval.datasets import QARecord, load_dataset_by_name
@@ -53,7 +53,7 @@ class SweepConfig:
     """One point of the grid."""
 
     strategy: str
-    source_position: str
+    source_position: Position
     source_layer: int
     target_layer: int
     bridge_prompt: str = "identity"
@@ -66,8 +66,11 @@ class SweepConfig:
 
     @classmethod
     def from_key(cls, key: str) -> SweepConfig:
+        """The configuration :attr:`key` wrote; ``ValueError`` for anything else."""
         strategy, position, source, target, bridge, *scale = key.split("|")
-        return cls(strategy, position, int(source), int(target), bridge, float(scale[0]) if scale else 1.0)
+        if len(scale) > 1:
+            raise ValueError(f"{key!r} has more fields than strategy|position|source|target|prompt[|scale]")
+        return cls(strategy, Position(position), int(source), int(target), bridge, float(scale[0]) if scale else 1.0)
 
     @classmethod
     def of(cls, profile: PatchProfile) -> SweepConfig:
@@ -77,20 +80,43 @@ class SweepConfig:
 
     def profile(self, base: PatchProfile) -> PatchProfile:
         # PatchProfile checks both names when it is built
-        return replace(base, strategy=self.strategy, source_position=cast(SourcePosition, self.source_position),
+        return replace(base, strategy=self.strategy, source_position=Position(self.source_position),
                        source_layer=self.source_layer, target_layer=self.target_layer,
                        bridge_prompt=cast(BridgePrompt, self.bridge_prompt), scale=self.scale)
 
 
 # Rows a study sweep adds per question beside the configurations: text-only references and hop diagnostics.
-# ``random:<config>`` rows hold a configuration's norm-matched random-vector control.
 REFERENCE_KEYS = ("decompose", "control-text", "hop1", "hop2")
 RANDOM_PREFIX = "random:"
 
 
-def is_config_key(key: str) -> bool:
-    """True for a grid configuration's key (not vanilla, a reference row or a control row)."""
-    return key != "vanilla" and key not in REFERENCE_KEYS and not key.startswith(RANDOM_PREFIX)
+@dataclass(frozen=True)
+class RandomControl:
+    """A configuration's norm-matched random-vector control (``random:<key>`` in a sweep file)."""
+
+    of: SweepConfig
+
+
+# What a sweep row holds: ``vanilla`` or a reference row (by name), a grid configuration, or its random control.
+# Keys are text only in the JSONL files (:func:`row_key_text`, :func:`parse_row_key`).
+RowKey = str | SweepConfig | RandomControl
+SweepTable = dict[RowKey, dict[str, dict]]  # key -> question id -> row
+
+
+def row_key_text(key: RowKey) -> str:
+    """The ``config`` field a sweep file writes for ``key``."""
+    if isinstance(key, SweepConfig):
+        return key.key
+    return RANDOM_PREFIX + key.of.key if isinstance(key, RandomControl) else key
+
+
+def parse_row_key(text: str) -> RowKey:
+    """The key a sweep file's ``config`` field names; ``ValueError`` for text that names none."""
+    if text == "vanilla" or text in REFERENCE_KEYS:
+        return text
+    if text.startswith(RANDOM_PREFIX):
+        return RandomControl(SweepConfig.from_key(text.removeprefix(RANDOM_PREFIX)))
+    return SweepConfig.from_key(text)
 
 
 def default_grid(n_layers: int) -> list[SweepConfig]:
@@ -104,14 +130,16 @@ def default_grid(n_layers: int) -> list[SweepConfig]:
 
     sources = [layer(f) for f in (0.18, 0.35, 0.53, 0.7)]
     early, mid = layer(0.06), layer(0.24)
-    grid = [SweepConfig("reroute", pos, s, t) for pos in ("span_end", "last") for s in sources for t in (early, mid)]
-    grid += [SweepConfig("reroute", "subject_end", s, early) for s in sources[:3]]
-    grid += [SweepConfig("backpatch", pos, s, t) for pos in ("span_end", "last")
+    span_or_last = (Position.SPAN_END, Position.LAST)
+    grid = [SweepConfig("reroute", pos, s, t) for pos in span_or_last for s in sources for t in (early, mid)]
+    grid += [SweepConfig("reroute", Position.SUBJECT_END, s, early) for s in sources[:3]]
+    grid += [SweepConfig("backpatch", pos, s, t) for pos in span_or_last
              for s, t in ((sources[1], early), (sources[2], mid), (sources[3], mid), (layer(0.88), layer(0.47)))]
-    grid += [SweepConfig("verbalize", pos, s, s, "identity") for pos in ("span_end", "last") for s in sources[:2]]
-    grid += [SweepConfig("verbalize", "subject_end", s, t, "span")
+    grid += [SweepConfig("verbalize", pos, s, s, "identity") for pos in span_or_last for s in sources[:2]]
+    grid += [SweepConfig("verbalize", Position.SUBJECT_END, s, t, "span")
              for s, t in ((0, 0), (sources[0], sources[0]), (sources[1], sources[1]), (sources[0], early), (sources[1], early))]
-    grid += [SweepConfig("verbalize", "span_end", s, t, "span") for s, t in ((sources[0], sources[0]), (sources[1], early))]
+    grid += [SweepConfig("verbalize", Position.SPAN_END, s, t, "span")
+             for s, t in ((sources[0], sources[0]), (sources[1], early))]
     return list(dict.fromkeys(grid))
 
 
@@ -128,12 +156,12 @@ def study_grid(n_layers: int) -> list[SweepConfig]:
 
     sources = sorted({layer(f) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3)})
     targets = sorted({0, layer(1 / 6), layer(1 / 3)})
-    grid = [SweepConfig("reroute", pos, s, t) for pos in ("span_end", "subject_end") for s in sources for t in targets
-            if t <= s]
-    grid += [SweepConfig("verbalize", "subject_end", s, t, "span")
+    first_hop = (Position.SPAN_END, Position.SUBJECT_END)
+    grid = [SweepConfig("reroute", pos, s, t) for pos in first_hop for s in sources for t in targets if t <= s]
+    grid += [SweepConfig("verbalize", Position.SUBJECT_END, s, t, "span")
              for s, t in ((0, 0), (sources[0], sources[0]), (sources[1], sources[1]), (sources[0], 0), (sources[1], 0))]
     grid += [SweepConfig("reroute", pos, s, 0, "identity", scale)  # amplified patches (Superscopes)
-             for pos in ("span_end", "subject_end") for s in sources[1:3] for scale in (2.0, 4.0)]
+             for pos in first_hop for s in sources[1:3] for scale in (2.0, 4.0)]
     return list(dict.fromkeys(grid))
 
 
@@ -150,12 +178,12 @@ def focus_grid(n_layers: int) -> list[SweepConfig]:
     sources = sorted({c.source_layer for c in study if c.strategy == "reroute"})
     mid = sources[1]
     keep = [c for c in study if c.strategy == "verbalize" or c.scale != 1.0
-            or (c.source_position == "subject_end" and (c.target_layer == 0 or c.source_layer == mid))
-            or (c.source_position == "span_end" and c.source_layer == mid and c.target_layer == 0)]
-    keep = [c for c in keep if not (c.scale != 1.0 and c.source_position == "span_end")]
+            or (c.source_position == Position.SUBJECT_END and (c.target_layer == 0 or c.source_layer == mid))
+            or (c.source_position == Position.SPAN_END and c.source_layer == mid and c.target_layer == 0)]
+    keep = [c for c in keep if not (c.scale != 1.0 and c.source_position == Position.SPAN_END)]
     high = sources[2]
-    keep += [SweepConfig("isolate", "span_end", s, t) for s, t in ((mid, mid), (high, high), (mid, 0))]
-    return keep + [SweepConfig("isolate-span", "span_end", mid, mid)]
+    keep += [SweepConfig("isolate", Position.SPAN_END, s, t) for s, t in ((mid, mid), (high, high), (mid, 0))]
+    return keep + [SweepConfig("isolate-span", Position.SPAN_END, mid, mid)]
 
 
 GRIDS = {"default": default_grid, "study": study_grid, "focus": focus_grid}
@@ -187,10 +215,10 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
     done = _done_keys(out_path)
     runs: list[tuple[str, SweepConfig, str | None]] = [(c.key, c, None) for c in configs]
     if controls:
-        runs += [(RANDOM_PREFIX + c.key, c, "random") for c in configs]
-        runs += [("decompose", SweepConfig("decompose", "subject_end", 0, 0), None),
-                 ("control-text", SweepConfig("reroute", "span_end", 0, 0), "text")]
-    keys = ["vanilla", *(key for key, _, _ in runs), *(("hop1", "hop2") if controls else ())]
+        runs += [(row_key_text(RandomControl(c)), c, "random") for c in configs]
+        runs += [("decompose", SweepConfig("decompose", Position.SUBJECT_END, 0, 0), None),
+                 ("control-text", SweepConfig("reroute", Position.SPAN_END, 0, 0), "text")]
+    keys = ["vanilla", *(key for key, _, _ in runs), *(("hop1", "hop2") if controls else ())]  # as the file writes them
     out_path.parent.mkdir(parents=True, exist_ok=True)
     started, n_done = time.perf_counter(), 0
     with out_path.open("a") as sink:
@@ -250,16 +278,28 @@ def _hop_rows(model, tok, base: PatchProfile, records: Sequence[QARecord], emit,
             emit(rec, name, tok.decode(out[i, width:], skip_special_tokens=True), golds=hops[i][golds_at])
 
 
-def load_sweep(path: Path) -> dict[str, dict[str, dict]]:
-    """``{config_key: {question_id: row}}`` from a sweep file (the last line wins on duplicates)."""
-    table: dict[str, dict[str, dict]] = defaultdict(dict)
-    for row in iter_rows(path):
-        table[row["config"]][row["id"]] = row
+def load_sweep(path: Path) -> SweepTable:
+    """``{key: {question_id: row}}`` from a sweep file, keys parsed (the last line wins on duplicates)."""
+    table: SweepTable = defaultdict(dict)
+    parsed: dict[str, RowKey] = {}
+    for n, row in enumerate(iter_rows(path), 1):
+        text = row["config"]
+        if text not in parsed:
+            try:
+                parsed[text] = parse_row_key(text)
+            except ValueError as err:
+                raise ConfigError(f"{path}: row {n}, field 'config': {text!r} is neither vanilla, a reference row "
+                                  f"({', '.join(REFERENCE_KEYS)}), a configuration key nor {RANDOM_PREFIX}<key> "
+                                  f"({err})") from err
+        table[parsed[text]][row["id"]] = row
     return table
 
 
-def summarize(table: dict[str, dict[str, dict]]) -> list[dict]:
-    """Per configuration: n, EM and contains of always-patching (unlocated questions keep vanilla), fixes, breaks."""
+def summarize(table: SweepTable) -> list[dict]:
+    """Per configuration: n, EM and contains of always-patching (unlocated questions keep vanilla), fixes, breaks.
+
+    ``config`` holds each row's key (a :data:`RowKey`): configurations, their controls and the text references.
+    """
     vanilla = table["vanilla"]
     summary = []
     for key, rows in table.items():
@@ -272,11 +312,11 @@ def summarize(table: dict[str, dict[str, dict]]) -> list[dict]:
         broken = sum(1 for i in ids if i in rows and rows[i]["em"] < vanilla[i]["em"])
         summary.append({"config": key, "n": len(ids), "em": sum(em) / len(ids), "contains": sum(cont) / len(ids),
                         "fixed": fixed, "broken": broken})
-    summary.sort(key=lambda r: (-r["em"], -r["contains"], r["config"]))
+    summary.sort(key=lambda r: (-r["em"], -r["contains"], row_key_text(r["config"])))
     return summary
 
 
-def summary_markdown(table: dict[str, dict[str, dict]], command: str) -> str:
+def summary_markdown(table: SweepTable, command: str) -> str:
     vanilla = table["vanilla"]
     n = len(vanilla)
     lines = [
@@ -293,22 +333,20 @@ def summary_markdown(table: dict[str, dict[str, dict]], command: str) -> str:
         "|---|---|---|---|---|",
     ]
     for row in summarize(table):
-        lines.append(f"| {row['config'].replace('|', chr(92) + '|')} | {row['em']:.3f} | {row['contains']:.3f} | "
+        lines.append(f"| {row_key_text(row['config']).replace('|', chr(92) + '|')} | {row['em']:.3f} | {row['contains']:.3f} | "
                      f"{row['fixed']} | {row['broken']} |")
     return "\n".join(lines) + "\n"
 
 
-def best_per_strategy(table: dict[str, dict[str, dict]]) -> dict[str, SweepConfig]:
+def best_per_strategy(table: SweepTable) -> dict[str, SweepConfig]:
     best: dict[str, SweepConfig] = {}
     for row in summarize(table):  # sorted best first
-        if not is_config_key(row["config"]):
-            continue
-        config = SweepConfig.from_key(row["config"])
-        best.setdefault(config.strategy, config)
+        if isinstance(row["config"], SweepConfig):
+            best.setdefault(row["config"].strategy, row["config"])
     return best
 
 
-def write_profiles(table: dict[str, dict[str, dict]], model_type: str, fingerprint: str, base: PatchProfile,
+def write_profiles(table: SweepTable, model_type: str, fingerprint: str, base: PatchProfile,
                    source: str, directory: Path) -> list[Path]:
     """Save the best configuration per strategy (``<strategy>.json``) and the best overall (``profile.json``)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -316,14 +354,14 @@ def write_profiles(table: dict[str, dict[str, dict]], model_type: str, fingerpri
     written = []
     best_overall = None
     for strategy, config in best_per_strategy(table).items():
-        r = rows[config.key]
+        r = rows[config]
         note = (f"sweep on {source}: best {strategy} config, always-patch EM {r['em']:.3f} "
                 f"(vanilla {sum(v['em'] for v in table['vanilla'].values()) / r['n']:.3f}, n={r['n']})")
         profile = replace(config.profile(base), model_type=model_type, model_fingerprint=fingerprint, note=note)
         path = directory / f"{strategy}.json"
         profile.save(path)
         written.append(path)
-        if best_overall is None or r["em"] > rows[best_overall[0].key]["em"]:
+        if best_overall is None or r["em"] > rows[best_overall[0]]["em"]:
             best_overall = (config, profile)
     if best_overall is not None:
         path = directory / "profile.json"

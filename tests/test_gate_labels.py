@@ -29,7 +29,8 @@ def test_seeding_copies_vanilla_and_the_candidate_renames_an_alias_and_never_ove
     label_file = tmp_path / "decompose" / "labels_twohop_train.jsonl"
     assert seed_labels(label_file, key, sweep, alias="decompose") == 4
     table = load_sweep(label_file)
-    assert set(table) == {"vanilla", key} and set(table[key]) == {"a", "b"}
+    config = SweepConfig.from_key(key)
+    assert set(table) == {"vanilla", config} and set(table[config]) == {"a", "b"}
     label_file.write_text("")
     assert seed_labels(label_file, key, sweep, alias="decompose") == 0
     assert label_file.read_text() == ""

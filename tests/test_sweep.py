@@ -44,7 +44,7 @@ def test_sweep_resumes_and_summarises(tmp_path, monkeypatch):
     assert out.read_text().splitlines() == lines  # nothing redone, the torn line dropped
     table = load_sweep(out)
     rows = summarize(table)
-    assert {r["config"] for r in rows} == {c.key for c in configs}
+    assert {r["config"] for r in rows} == set(configs)
     assert all(r["n"] == 5 and 0 <= r["em"] <= 1 for r in rows)
     written = write_profiles(table, "llama", "abc", replace(PatchProfile(), prompt_format=PromptFormat()), "test",
                              directory=tmp_path / "profiles")
@@ -61,7 +61,7 @@ def test_gate_sources_refuse_test_splits():
 
 def test_a_study_sweep_writes_controls_references_and_hops_and_the_study_reads_them(tmp_path, monkeypatch):
     from eval.study import choose_on_train, config_stats, gap_ids, study_markdown
-    from eval.sweep import REFERENCE_KEYS, study_grid
+    from eval.sweep import REFERENCE_KEYS, RandomControl, row_key_text, study_grid
 
     model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
     monkeypatch.setattr(PatchProfile, "default_for", classmethod(
@@ -71,12 +71,13 @@ def test_a_study_sweep_writes_controls_references_and_hops_and_the_study_reads_t
     out = tmp_path / "sweep.jsonl"
     run_sweep(model, tok, generate_twohop("train")[:4], configs, out, batch_size=2, max_new_tokens=2, controls=True)
     table = load_sweep(out)
-    assert set(table) == {"vanilla", *REFERENCE_KEYS, *(c.key for c in configs), *("random:" + c.key for c in configs)}
+    assert set(table) == {"vanilla", *REFERENCE_KEYS, *configs, *(RandomControl(c) for c in configs)}
+    assert {row_key_text(k) for k in table} >= {"random:" + c.key for c in configs}  # the file's spelling
     assert all(len(rows) == 4 for rows in table.values())
-    assert {r["config"] for r in summarize(table)} >= {c.key for c in configs}
+    assert {r["config"] for r in summarize(table)} >= set(configs)
     chosen = choose_on_train(table)
-    assert set(chosen) == {"reroute"} and chosen["reroute"] in {c.key for c in configs}
-    stats = config_stats(table, configs[0].key)
+    assert set(chosen) == {"reroute"} and chosen["reroute"] in configs
+    stats = config_stats(table, configs[0])
     assert stats["gap_n"] == len(gap_ids(table)) and "gap_fixed_random" in stats and "p_vs_decompose" in stats
     assert "Chosen on train, scored on dev" in study_markdown(table, table, "cmd")
     assert len(study_grid(24)) == 35 and all(c.target_layer <= c.source_layer for c in study_grid(24))
@@ -90,3 +91,12 @@ def test_configs_option_refuses_a_bad_key_before_the_model_loads(capsys):
     assert "--configs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--configs", "nosuch|span_end|1|0|identity"])
+
+
+def test_a_sweep_row_whose_config_names_nothing_is_refused_with_its_line(tmp_path):
+    from autopatch.errors import ConfigError
+
+    path = tmp_path / "sweep.jsonl"
+    path.write_text('{"id": "a", "config": "vanilla", "em": 1.0}\n{"id": "a", "config": "reroute|nowhere|3|1|identity"}\n')
+    with pytest.raises(ConfigError, match=r"row 2, field 'config': 'reroute\|nowhere"):
+        load_sweep(path)

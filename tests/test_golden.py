@@ -38,7 +38,7 @@ def _cases() -> list[tuple[str, str | None]]:
 
 
 def _choosing_gate(model, fmt):
-    """A two-member ChoiceGate with fixed linear members (as tests/test_choice_gate.py builds them)."""
+    """A two-member ChoiceGate with fixed linear members (as tests/test_choice.py builds them)."""
     from autopatch.profile import PatchProfile
     from classifiers.choice import ChoiceGate
     from classifiers.features import FeatureSpec

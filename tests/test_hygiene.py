@@ -295,3 +295,19 @@ def test_the_layout_table_names_every_module() -> None:
             if f"`{path.stem}`" not in table and f"`{path.name}`" not in table:
                 missing.append(f"{package}/{path.name}")
     assert not missing, f"docs/reference.md's layout table does not name: {', '.join(missing)}"
+
+
+# Tests that follow a concern across modules rather than one module: end to end, the fixtures, the repository.
+CONCERN_TESTS = {"gemma_e2e", "qwen_e2e", "golden", "hygiene", "readme", "server", "server_fuzz", "server_reliability",
+                 "server_units"}
+
+
+def test_each_test_file_is_named_after_its_module() -> None:
+    """``tests/test_<module>.py`` tests ``<module>`` (``test_<package>_<module>.py`` where two packages share a
+    module name); the few that follow a concern across modules are listed in :data:`CONCERN_TESTS`."""
+    modules = {p.stem for package in (*PACKAGES, "autopatch/locate", "bench") for p in (ROOT / package).glob("*.py")}
+    modules |= {p.parent.name for p in ROOT.glob("*/*/__init__.py")}  # subpackages: autopatch.locate
+    modules |= {f"{package}_{p.stem}" for package in PACKAGES for p in (ROOT / package).glob("*.py")}
+    named = {p.stem.removeprefix("test_") for p in (ROOT / "tests").glob("test_*.py")}
+    strays = sorted(named - modules - CONCERN_TESTS)
+    assert not strays, f"tests named after no module (rename them, or list a cross-module test in CONCERN_TESTS): {strays}"

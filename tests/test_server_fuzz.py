@@ -1,7 +1,7 @@
 """Property-based fuzzing of a real uvicorn server on loopback: no body, valid or not, may produce a 5xx.
 
 hypothesis throws arbitrary JSON, near-miss chat requests and random bytes at
-``POST /v1/chat/completions``; ``tests/test_server_schema.py`` fuzzes from the
+``POST /v1/chat/completions``; ``tests/test_server_schemas.py`` fuzzes from the
 OpenAPI schema with schemathesis.
 """
 

@@ -51,13 +51,18 @@ def _resolve(path: str) -> Callable[..., Any]:
 class ControlSpec:
     """A control: everything as the strategy does it, except the vector that is patched in.
 
-    ``subject_text``: instead of patching, write the subject's own words where the
-    placeholder was (the Patchscopes text-substitution control).
+    ``vector``: ``"module:function"`` of ``f(vector, seed_text) -> vector | None``, the vector patched in instead
+    (``None``: no patch). ``subject_text``: also write the subject's own words where the placeholder was (the
+    Patchscopes text-substitution control).
     """
 
     name: str
     description: str
+    vector: str
     subject_text: bool = False
+
+    def rule(self) -> Callable[..., Any]:
+        return _resolve(self.vector)
 
 
 class _Named(Protocol):
@@ -122,8 +127,10 @@ register_strategy(StrategySpec(
     "second-hop slot (the baseline every patch method must beat)", "autopatch.strategies:build_decompose",
     uses_state=False))
 
-register_control(ControlSpec("random", "the profile's patch with a norm-matched random vector"))
-register_control(ControlSpec("zero", "the profile's patch with a zero vector"))
-register_control(ControlSpec("nopatch", "the profile's target prompt with the placeholder left alone"))
+register_control(ControlSpec("random", "the profile's patch with a norm-matched random vector",
+                             "autopatch.strategies:random_like"))
+register_control(ControlSpec("zero", "the profile's patch with a zero vector", "autopatch.strategies:zero_like"))
+register_control(ControlSpec("nopatch", "the profile's target prompt with the placeholder left alone",
+                             "autopatch.strategies:no_vector"))
 register_control(ControlSpec("text", "the profile's target prompt with the subject's words in the placeholder, no patch",
-                             subject_text=True))
+                             "autopatch.strategies:no_vector", subject_text=True))

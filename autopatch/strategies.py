@@ -26,7 +26,6 @@ from transformers import PreTrainedTokenizerBase
 from autopatch import registry
 from autopatch.datatypes import PatchJob as PatchJob  # re-exported: the types live in autopatch.datatypes
 from autopatch.datatypes import Target as Target
-from autopatch.errors import ConfigError
 from autopatch.generate import run_targets as run_targets  # re-exported: the one layout-and-generate lives there
 from autopatch.patchscope import IDENTITY_PLACEHOLDER, IDENTITY_PROMPT, patched_prompt
 from autopatch.prefix_cache import left_pad as left_pad  # re-exported: batches are laid out by autopatch.prefix_cache
@@ -42,19 +41,25 @@ def _placeholder(profile: PatchProfile, job: PatchJob) -> str:
 
 
 def control_vector(vector: torch.Tensor, control: Control | None, seed_text: str) -> torch.Tensor | None:
-    """The vector a control patches in: unchanged, norm-matched random, zero, or ``None`` (no patch)."""
-    if control is None:
-        return vector
-    registry.control(control)  # an unknown name is refused, naming the known ones
-    if control == "zero":
-        return torch.zeros_like(vector)
-    if control in ("nopatch", "text"):
-        return None
-    if control == "random":
-        seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
-        noise = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        return (noise * (vector.float().norm() / noise.norm())).to(vector.dtype)
-    raise ConfigError(f"Control {control!r} is registered but control_vector has no rule for it; add one.")
+    """The vector a control patches in, by its registered rule (``None``: no patch); ``vector`` without one."""
+    return vector if control is None else registry.control(control).rule()(vector, seed_text)
+
+
+def random_like(vector: torch.Tensor, seed_text: str) -> torch.Tensor:
+    """The ``random`` control: a random vector of ``vector``'s norm, seeded by ``seed_text`` (reproducible)."""
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
+    noise = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return (noise * (vector.float().norm() / noise.norm())).to(vector.dtype)
+
+
+def zero_like(vector: torch.Tensor, seed_text: str) -> torch.Tensor:
+    """The ``zero`` control."""
+    return torch.zeros_like(vector)
+
+
+def no_vector(vector: torch.Tensor, seed_text: str) -> None:
+    """The ``nopatch`` and ``text`` controls: nothing is patched in."""
+    return None
 
 
 def _reroute(tok: PreTrainedTokenizerBase, profile: PatchProfile, job: PatchJob, vector: torch.Tensor | None) -> Target:

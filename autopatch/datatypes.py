@@ -64,6 +64,8 @@ class RowPlan:
     positions: dict[Position, int] = field(default_factory=dict)
     why_not: str = ""
     proposal_tokens: int = 0  # tokens the model generated to propose this row's decomposition (autopatch.decomposer)
+    awaiting_proposal: bool = False  # the model proposes its decomposition after the screen (autopatch.gating)
+    window: tuple[int, ...] = ()  # while awaiting: the question's token indices, captured so a proposal can be read
 
 
 @dataclass(frozen=True)

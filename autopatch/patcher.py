@@ -33,6 +33,7 @@ import copy
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,12 +44,12 @@ from autopatch.datatypes import Answer as Answer  # re-exported: the types live 
 from autopatch.datatypes import GenerateResult as GenerateResult
 from autopatch.datatypes import PatchReport as PatchReport
 from autopatch.errors import PatchError
-from autopatch.gating import Gate, gated_generate
+from autopatch.gating import Gate, gated_generate, screens_before_proposals
 from autopatch.generate import continue_patched, token_budget
 from autopatch.plan import DECOMPOSERS as DECOMPOSERS  # re-exported: the planner owns the decomposers
 from autopatch.plan import Decomposer as Decomposer
 from autopatch.plan import Planner
-from autopatch.prefill import Prefill, RowPlan, capture_prefill
+from autopatch.prefill import Prefill, capture_prefill
 from autopatch.prefix_cache import register_prefix
 from autopatch.profile import PatchProfile
 from autopatch.report import attach_targets, finish, row_reports
@@ -112,24 +113,16 @@ class AutoPatcher:
 
     # ---- steps 1 and 2: plan, prefill ---------------------------------------------------------
 
-    def plan_row(self, ids: torch.Tensor, question: str | None, decomposition=None) -> RowPlan:
-        """Locate one unpadded prompt's question and map its parts to token indices (:class:`autopatch.plan.Planner`)."""
-        return self.planner.row(ids, question, decomposition)
-
-    def plan_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   questions: Sequence[str | None] | None = None, decompositions: Sequence[Any] | None = None,
-                   ) -> tuple[list[torch.Tensor], list[RowPlan], list[list[int]]]:
-        """Unpadded rows, their plans, and per row the capture positions in ``POSITION_KINDS`` order."""
-        return self.planner.batch(input_ids, attention_mask, questions, decompositions)
-
     @contextmanager
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
                 questions: Sequence[str | None] | None = None,
-                decompositions: Sequence[Any] | None = None, *, reuse_prefix: bool = False) -> Iterator[Prefill]:
+                decompositions: Sequence[Any] | None = None, *, reuse_prefix: bool = False,
+                defer_proposals: bool = False) -> Iterator[Prefill]:
         """Plan the batch and capture ``layers`` at the located positions of the next forward pass run inside:
         ``with patcher.prefill(ids, mask, [6]) as pre: model.generate(...)``; then ``pre.job(...)``
-        (:func:`autopatch.prefill.capture_prefill`)."""
-        rows, plans, positions = self.plan_batch(input_ids, attention_mask, questions, decompositions)
+        (:func:`autopatch.prefill.capture_prefill`; ``defer_proposals``: :meth:`autopatch.plan.Planner.batch`)."""
+        rows, plans, positions = self.planner.batch(input_ids, attention_mask, questions, decompositions,
+                                                    defer_proposals=defer_proposals)
         with capture_prefill(self.model, self.tokenizer.pad_token_id, rows, plans, positions, layers, attention_mask,
                              reuse_prefix=reuse_prefix) as pre:
             yield pre
@@ -211,9 +204,13 @@ class AutoPatcher:
         reuse = (self.reuse_prefix and prefix_allowed_tokens_fn is None
                  and not any(k in kwargs for k in _OWN_CACHE_ARGUMENTS) and kwargs.get("max_new_tokens") is not None
                  and (streamer is None or input_ids.shape[0] == 1))
-        with self.prefill(input_ids, attention_mask, layers, questions, decompositions, reuse_prefix=reuse) as pre:
+        # The model proposes decompositions after the screen, for the rows it passes, when the screen allows it.
+        defer = self.decomposer != "grammar" and screens_before_proposals(self.gate)
+        with self.prefill(input_ids, attention_mask, layers, questions, decompositions, reuse_prefix=reuse,
+                          defer_proposals=defer) as pre:
             main, decisions = gated_generate(self.model, pre, self.gate, layers, input_ids, attention_mask,
                                              pad_id=self.tokenizer.pad_token_id, unpatched=unpatched,
+                                             propose=partial(pre.propose, self.planner) if defer else None,
                                              logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                                              streamer=streamer, **passthrough, **kwargs)
         plans = pre.plans

@@ -90,11 +90,24 @@ class Planner:
             return RowPlan(question, location, why_not=f"cannot map the located span to tokens: {err}")
         return RowPlan(question, location, positions)
 
+    def window(self, ids: torch.Tensor, question: str) -> tuple[int, ...]:
+        """The token indices of ``ids`` that hold ``question`` (empty when its text is not found)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        at = text.rfind(question)
+        if at < 0:
+            return ()
+        ends = token_char_ends(self.tokenizer, ids)
+        return tuple(i for i, end in enumerate(ends) if end > at and (i == 0 or ends[i - 1] < at + len(question)))
+
     def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               questions: Sequence[str | None] | None = None, decompositions: Sequence[Any] | None = None,
-              ) -> tuple[list[torch.Tensor], list[RowPlan], list[list[int]]]:
+              *, defer_proposals: bool = False) -> tuple[list[torch.Tensor], list[RowPlan], list[list[int]]]:
         """Unpadded rows, their plans, and per row the capture positions in ``POSITION_KINDS`` order
-        (-1 where a row has none)."""
+        (-1 where a row has none).
+
+        ``defer_proposals``: rows the model would propose a decomposition for are planned by the grammar and
+        marked ``awaiting_proposal``, and their question's tokens are added to the capture positions (-1 pads
+        them to one width), so the proposal can be asked after the screen (:meth:`proposed`)."""
         size = input_ids.shape[0]
         rows = [input_ids[i][attention_mask[i].bool()].cpu() for i in range(size)]
         questions = list(questions) if questions is not None else [None] * size
@@ -102,22 +115,36 @@ class Planner:
         if len(questions) != size or len(decompositions) != size:
             raise PatchError(f"questions/decompositions need one entry per row ({size}).")
         plans = [self.row(rows[i], questions[i], decompositions[i]) for i in range(size)]
-        if self.decomposer != "grammar":
-            plans = self._with_proposals(rows, plans, decompositions)
-        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] for p in plans]
+        need = self._proposal_rows(plans, decompositions)
+        if defer_proposals:
+            for i in need:
+                plans[i] = replace(plans[i], awaiting_proposal=True,
+                                   window=self.window(rows[i], cast(str, plans[i].question)))
+        else:
+            for i, plan in self.proposed(rows, plans, need).items():
+                plans[i] = plan
+        width = max((len(p.window) for p in plans), default=0)
+        positions = [[p.positions.get(k, -1) for k in POSITION_KINDS] + [*p.window, *[-1] * (width - len(p.window))]
+                     for p in plans]
         return rows, plans, positions
 
-    def _with_proposals(self, rows: list[torch.Tensor], plans: list[RowPlan], given: list[Any]) -> list[RowPlan]:
-        """Plans re-made from the model's own decompositions: for every row with a question (``"model"``), or
-        only where the grammar located nothing (``"both"``); never over a caller's."""
+    def _proposal_rows(self, plans: Sequence[RowPlan], given: Sequence[Any]) -> list[int]:
+        """The rows the model proposes a decomposition for: every row with a question (``"model"``), or only
+        where the grammar located nothing (``"both"``); never over a caller's."""
+        if self.decomposer == "grammar":
+            return []
+        return [i for i, p in enumerate(plans) if p.question and given[i] is None
+                and (self.decomposer == "model" or p.location is None)]
+
+    def proposed(self, rows: Sequence[torch.Tensor], plans: Sequence[RowPlan], need: Sequence[int]) -> dict[int, RowPlan]:
+        """The plans of rows ``need`` re-made from the model's own decompositions (one batched generate); a row
+        whose proposal is unusable keeps the grammar's plan."""
         from autopatch.decomposer import propose_decompositions_counted
 
-        need = [i for i, p in enumerate(plans) if p.question and given[i] is None
-                and (self.decomposer == "model" or p.location is None)]
+        if not need:
+            return {}
         proposals = propose_decompositions_counted(self.model, self.tokenizer, self.prompt_format,
                                                    [cast(str, plans[i].question) for i in need])
-        plans = list(plans)
-        for i, (steps, n) in zip(need, proposals):
-            plans[i] = replace(plans[i] if steps is None else self.row(rows[i], plans[i].question, steps),
-                               proposal_tokens=n)
-        return plans
+        return {i: replace(plans[i] if steps is None else self.row(rows[i], plans[i].question, steps),
+                           proposal_tokens=n, awaiting_proposal=False, window=())
+                for i, (steps, n) in zip(need, proposals)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -73,6 +74,22 @@ class Prefill:
     @property
     def states(self) -> dict[int, torch.Tensor]:
         return self.capture.states
+
+    def propose(self, planner: Any, rows: list[int]) -> None:
+        """Re-plan ``rows`` (``awaiting_proposal``) from the model's own decompositions, asked now, and read
+        their located positions' states from the question tokens captured for them (``RowPlan.window``)."""
+        for row, plan in planner.proposed(self.rows, self.plans, rows).items():
+            window = self.plans[row].window
+            if plan.positions and not all(plan.positions[k] in window for k in POSITION_KINDS if k is not Position.LAST):
+                plan = RowPlan(plan.question, None, why_not="the proposed decomposition located tokens outside the "
+                               "question", proposal_tokens=plan.proposal_tokens)
+            for k, kind in enumerate(POSITION_KINDS):
+                if plan.positions and kind is not Position.LAST:
+                    column = len(POSITION_KINDS) + window.index(plan.positions[kind])
+                    for states in self.states.values():
+                        states[row, k] = states[row, column]
+                    self.positions[row][k] = plan.positions[kind]
+            self.plans[row] = plan
 
     def job(self, row: int, source_position: Position, source_layer: int) -> PatchJob:
         """The patch job of a located row: its prompt, source index and captured vector."""

@@ -84,17 +84,36 @@ class ScreenedGate:
             raise ConfigError(f"the screened {type(self.inner).__name__} has no single threshold to override")
         return replace(self, inner=inner_with(threshold))
 
-    def decide(self, inputs: Sequence[GateInput]) -> list[GateDecision]:
+    @property
+    def reads_last_token_only(self) -> bool:
+        """True when the screen's features do not depend on where the question was located (its states are the
+        last token's), so it can run before a decomposition is proposed (:func:`autopatch.gating.decide_rows`)."""
+        return not self.screen.spec.use_states or set(self.screen.spec.positions) == {"last"}
+
+    def prescreen(self, inputs: Sequence[GateInput]) -> list[GateDecision]:
+        """The screen's verdict per row: rows it turns away are decided (left alone); rows it passes carry
+        ``screen_passed=True`` and their score, for :meth:`decide_passed`."""
         if not inputs:
             return []
         scores = self.screen.scores(np.stack([self.screen.spec.vector(i) for i in inputs]))
         threshold = self.screen.threshold
-        passed = [i for i, s in enumerate(scores) if s >= threshold]
-        decisions = [GateDecision(False, None, f"screen: P(two-hop question)={s:.3f} < {threshold:.3f}: left alone",
-                                  screen_score=float(s), screen_passed=False) for s in scores]
-        for i, d in zip(passed, self.inner.decide([inputs[i] for i in passed])):
-            decisions[i] = replace(d, reason=f"screen: P(two-hop question)={scores[i]:.3f} >= {threshold:.3f}; "
-                                             f"{d.reason}", screen_score=float(scores[i]), screen_passed=True)
+        return [GateDecision(False, None, f"screen: P(two-hop question)={s:.3f} < {threshold:.3f}: left alone",
+                             screen_score=float(s), screen_passed=False) if s < threshold
+                else GateDecision(False, None, "screen passed", screen_score=float(s), screen_passed=True)
+                for s in scores]
+
+    def decide_passed(self, inputs: Sequence[GateInput], verdicts: Sequence[GateDecision]) -> list[GateDecision]:
+        """The inner gate's decisions on rows :meth:`prescreen` passed, each with the screen's verdict."""
+        threshold = self.screen.threshold
+        return [replace(d, reason=f"screen: P(two-hop question)={v.screen_score:.3f} >= {threshold:.3f}; {d.reason}",
+                        screen_score=v.screen_score, screen_passed=True)
+                for v, d in zip(verdicts, self.inner.decide(inputs))]
+
+    def decide(self, inputs: Sequence[GateInput]) -> list[GateDecision]:
+        decisions = self.prescreen(inputs)
+        passed = [i for i, d in enumerate(decisions) if d.screen_passed]
+        for i, d in zip(passed, self.decide_passed([inputs[i] for i in passed], [decisions[i] for i in passed])):
+            decisions[i] = d
         return decisions
 
     def save(self, directory: str | Path) -> Path:

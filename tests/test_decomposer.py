@@ -85,3 +85,97 @@ def test_the_patcher_asks_the_model_only_where_the_grammar_reads_nothing(monkeyp
     assert result.reports[0].to_dict() | {"answer": None} == plain.reports[0].to_dict() | {"answer": None}
     with pytest.raises(Exception, match="Unknown decomposer"):
         AutoPatcher(model, tok, profile, decomposer="oracle")
+
+
+def _screened_patchers(model, tok, profile, screen):
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from classifiers.screen import ScreenedGate
+
+    gate = ScreenedGate(screen, AlwaysPatch())
+    return (AutoPatcher(model, tok, profile, gate=gate, decomposer="model"),
+            AutoPatcher(model, tok, profile, gate=gate, decomposer="grammar"))
+
+
+def _scalar_screen(model, weights, threshold, fmt):
+    """A screen on the first-token scalars only (it reads no located state), logit ``weights . scalars``."""
+    import numpy as np
+
+    from autopatch.profile import PatchProfile
+    from classifiers.features import FeatureSpec
+    from classifiers.gate import PatchGate, model_fingerprint
+
+    arrays = {"scaler_mean": np.zeros(3), "scaler_scale": np.ones(3), "pca_mean": np.zeros(3),
+              "pca_components": np.eye(3), "coef": np.asarray(weights, float), "intercept": np.zeros(1)}
+    spec = FeatureSpec(layers=(1,), positions=("last",), use_states=False, use_scalars=True)
+    return PatchGate(arrays, threshold, spec, PatchProfile(source_layer=1, target_layer=1, prompt_format=fmt),
+                     model_fingerprint(model), {"kind": "screen"})
+
+
+PROPOSED = [{"question": "What is the tallest mountain in Africa?"}, {"question": "In which country is #1?"}]
+SCREENED_QUESTIONS = ["In which country is the tallest mountain in Africa?",
+                      "What is the capital of the country where the Colosseum is located?"]
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    import autopatch.decomposer as decomposer
+
+    questions: list[str] = []
+
+    def fake(model, tok, fmt, qs, **kwargs):
+        questions.extend(qs)
+        return [(PROPOSED if "Africa" in q else None, 5) for q in qs]
+
+    monkeypatch.setattr(decomposer, "propose_decompositions_counted", fake)
+    return questions
+
+
+def test_rows_the_screen_turns_away_cost_no_proposal_and_answer_as_the_grammar_does(asked):
+    from autopatch.profile import PatchProfile
+
+    model, tok, fmt = tiny_model_for_bytes("llama", seed=4), byte_tokenizer(), PromptFormat(demonstrations=())
+    profile = PatchProfile(source_layer=1, target_layer=1, prompt_format=fmt)
+    model_reader, grammar = _screened_patchers(model, tok, profile, _scalar_screen(model, [0.0, 0.0, 0.0], 0.9, fmt))
+    enc = grammar.encode(SCREENED_QUESTIONS)
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, questions=SCREENED_QUESTIONS)
+    result = model_reader.generate_with_reports(**enc, **kwargs)
+    assert asked == []  # the screen turned both away before any proposal
+    assert torch.equal(result.output, grammar.generate_with_reports(**enc, **kwargs).output)
+    assert [(r.screen_passed, r.proposal_tokens, r.patched) for r in result.reports] == [(False, 0, False)] * 2
+
+
+@pytest.mark.parametrize("strategy,demonstrations", [("reroute", ()), ("decompose", ()), ("reroute", None)])
+def test_a_passed_row_is_proposed_after_the_screen_and_patched_as_if_proposed_first(asked, monkeypatch, strategy,
+                                                                                    demonstrations):
+    import numpy as np
+
+    import autopatch.patcher
+    from autopatch.profile import PatchProfile
+
+    # with demonstrations, the prompts share a cached prefix and the captured positions are shifted into its layout
+    fmt = PromptFormat() if demonstrations is None else PromptFormat(demonstrations=demonstrations)
+    model, tok = tiny_model_for_bytes("llama", seed=4), byte_tokenizer()
+    profile = PatchProfile(strategy=strategy, source_position="subject_end", source_layer=1, target_layer=1,
+                           prompt_format=fmt)
+    probe, _ = _screened_patchers(model, tok, profile, _scalar_screen(model, [0.0, 0.0, 0.0], 0.9, fmt))
+    enc = probe.encode(SCREENED_QUESTIONS)
+    probs = torch.softmax(model(**enc).logits[:, -1].float(), -1).max(-1).values
+    sign = 1.0 if float(probs[0]) > float(probs[1]) else -1.0  # the screen passes row 0 (the proposal's row) only
+    threshold = 1 / (1 + np.exp(-sign * 8 * float(probs.mean())))
+    screen = _scalar_screen(model, [sign * 8.0, 0.0, 0.0], threshold, fmt)
+    model_reader, _ = _screened_patchers(model, tok, profile, screen)
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, questions=SCREENED_QUESTIONS)
+    after = model_reader.generate_with_reports(**enc, **kwargs)
+    assert asked == SCREENED_QUESTIONS[:1]
+    assert [r.screen_passed for r in after.reports] == [True, False] and after.reports[0].patched
+    assert after.reports[0].location["span"] == "the tallest mountain in Africa"
+    asked.clear()
+    monkeypatch.setattr(autopatch.patcher, "screens_before_proposals", lambda gate: False)  # propose first
+    first = model_reader.generate_with_reports(**enc, **kwargs)
+    assert asked == SCREENED_QUESTIONS  # every row paid for a proposal
+    assert torch.equal(after.output, first.output)
+    for (layer, at, vector), (layer_first, at_first, vector_first) in zip(after.targets[0].edits, first.targets[0].edits):
+        # the state read from the question's captured tokens is the one captured at the located position itself
+        assert (layer, at) == (layer_first, at_first) and torch.equal(vector, vector_first)
+    assert after.reports[0].to_dict() == first.reports[0].to_dict()

@@ -12,7 +12,7 @@ import json
 import logging
 
 from autopatch.cli import _add_model_arg, subcommand
-from autopatch.registry import STRATEGIES
+from autopatch.registry import DECOMPOSERS, STRATEGIES
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +25,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="use the shipped profile of this strategy for the model (its best swept configuration)")
     parser.add_argument("--profile", help="a patch profile JSON file (default: the shipped one for the model)")
     parser.add_argument("--gate", help="a gate directory (default: the gate shipped for the model)")
-    parser.add_argument("--decomposer", choices=("grammar", "model", "both"), default="grammar",
-                        help="who reads the question's first hop: the locator's grammar (default), the model's own "
-                             "decomposition, or both (the model where the grammar reads nothing)")
+    parser.add_argument("--decomposer", choices=DECOMPOSERS, default=None,
+                        help="who reads the question's first hop: the locator's grammar, the model's own "
+                             "decomposition, or both (the model where the grammar reads nothing); default: the one "
+                             "shipped for the model (chosen on calib), else the grammar")
 
 
 @subcommand("generate", "answer a question with autopatch; --explain prints what it did and why", _configure)

@@ -46,11 +46,11 @@ from autopatch.datatypes import PatchReport as PatchReport
 from autopatch.errors import PatchError
 from autopatch.gating import Gate, gated_generate, screens_before_proposals
 from autopatch.generate import continue_patched, token_budget
-from autopatch.plan import DECOMPOSERS as DECOMPOSERS  # re-exported: the planner owns the decomposers
-from autopatch.plan import Decomposer as Decomposer
 from autopatch.plan import Planner
 from autopatch.prefill import Prefill, capture_prefill
 from autopatch.prefix_cache import register_prefix
+from autopatch.profile import DECOMPOSERS as DECOMPOSERS  # re-exported
+from autopatch.profile import Decomposer as Decomposer
 from autopatch.profile import PatchProfile
 from autopatch.report import attach_targets, finish, row_reports
 from autopatch.resolve import Resolution, resolve
@@ -80,16 +80,18 @@ class AutoPatcher:
     uses the gate's profile, else the profile shipped for this model, else a default.
     ``decomposer``: who reads each question's first hop: ``"grammar"`` (the locator's rules, no model call),
     ``"model"`` (the model's own decomposition first, :mod:`autopatch.decomposer`) or ``"both"`` (the grammar,
-    and the model where the grammar reads nothing: one extra short generation for each such row).
+    and the model where the grammar reads nothing: one extra short generation for each such row); ``None``: the
+    one shipped for this model, else the grammar (``resolution.decomposer_source`` says which). Behind a screen
+    that reads only the last token, the model proposes only for the rows the screen passes.
     """
 
     def __init__(self, model, tokenizer, profile: PatchProfile | str | None = None, gate: Gate | str | None = None,
-                 *, control: Control | None = None, reuse_prefix: bool = True, decomposer: Decomposer = "grammar"):
+                 *, control: Control | None = None, reuse_prefix: bool = True, decomposer: Decomposer | None = None):
         self.model = model
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             raise PatchError("The tokenizer has no pad token; load it with autopatch.load_model or set tokenizer.pad_token.")
-        self.resolution: Resolution = resolve(model, tokenizer, profile=profile, gate=gate)
+        self.resolution: Resolution = resolve(model, tokenizer, profile=profile, gate=gate, decomposer=decomposer)
         self.resolution.profile.validate_for(num_layers(model))
         self.profile: PatchProfile = self.resolution.profile
         self.gate: Gate = self.resolution.gate
@@ -97,8 +99,8 @@ class AutoPatcher:
         self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix_cache); False: plain batches
         if reuse_prefix:
             register_prefix(self.model, self.profile.prompt_format.fixed_prefix(tokenizer))
-        self.planner = Planner(tokenizer, self.profile.prompt_format, decomposer, model)
-        self.decomposer = decomposer  # who reads the question: the grammar, the model, or both (grammar first)
+        self.decomposer: Decomposer = self.resolution.decomposer  # the grammar, the model, or both (grammar first)
+        self.planner = Planner(tokenizer, self.profile.prompt_format, self.decomposer, model)
         self._local = threading.local()  # last_report / last_targets belong to the calling thread
 
     @property

@@ -19,19 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
 
 import torch
 
 from autopatch.datatypes import POSITION_KINDS, RowPlan
 from autopatch.errors import PatchError
 from autopatch.locate import UnlocatableQuestion, locate
-from autopatch.profile import Position
+from autopatch.profile import DECOMPOSERS, Decomposer, Position
 from autopatch.prompts import PromptFormat, chat_question
 from autopatch.tokens import last_token_of_char_span, token_char_ends
-
-Decomposer = Literal["grammar", "model", "both"]
-DECOMPOSERS: tuple[str, ...] = get_args(Decomposer)
 
 __all__ = ["DECOMPOSERS", "Decomposer", "Planner", "locate_question"]
 

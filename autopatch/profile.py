@@ -37,6 +37,8 @@ from typing import Literal
 from autopatch import registry
 from autopatch.errors import ProfileError
 from autopatch.prompts import PromptFormat
+from autopatch.registry import DECOMPOSERS as DECOMPOSERS  # re-exported beside the profile's field
+from autopatch.registry import Decomposer as Decomposer
 
 Strategy = str  # a name registered in autopatch.registry.STRATEGIES
 
@@ -75,6 +77,7 @@ class PatchProfile:
     max_bridge_tokens: int = 6
     bridge_prompt: BridgePrompt = "identity"
     scale: float = 1.0  # the patched vector is scale * h (an amplified patch, as in Superscopes, when > 1)
+    decomposer: Decomposer | None = None  # chosen on calib and shipped for the model (None: not set here)
     model_type: str | None = None
     model_fingerprint: str | None = None  # set on swept profiles: they apply to that model only
     note: str = ""
@@ -97,6 +100,8 @@ class PatchProfile:
             raise ProfileError(f"Unknown bridge prompt {self.bridge_prompt!r}; choose one of {BRIDGE_PROMPTS}.")
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale != 0):
             raise ProfileError(f"scale must be a finite, non-zero number, not {self.scale!r}.")
+        if self.decomposer is not None and self.decomposer not in DECOMPOSERS:
+            raise ProfileError(f"Unknown decomposer {self.decomposer!r}; choose one of {DECOMPOSERS}.")
         if self.max_bridge_tokens < 1:
             raise ProfileError("max_bridge_tokens must be at least 1.")
 
@@ -111,6 +116,8 @@ class PatchProfile:
         data = asdict(self)
         if data["scale"] == 1.0:
             del data["scale"]  # written only when set, so profiles and run settings from before it still match
+        if data["decomposer"] is None:
+            del data["decomposer"]  # likewise
         data["prompt_format"] = self.prompt_format.to_dict()
         data["version"] = PROFILE_VERSION
         return data

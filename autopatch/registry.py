@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar, get_args
 
 from autopatch.errors import ConfigError
 
@@ -97,6 +97,11 @@ class Registry(dict[str, T], Generic[T]):
         except KeyError:
             raise ConfigError(f"Unknown {self.kind.lower()} {name!r}; choose one of {', '.join(self)}.") from None
 
+
+# Who reads each question's first hop: the locator's grammar, the model's own decomposition, or the grammar and
+# the model where the grammar reads nothing (autopatch.plan, autopatch.decomposer).
+Decomposer = Literal["grammar", "model", "both"]
+DECOMPOSERS: tuple[str, ...] = get_args(Decomposer)
 
 STRATEGIES: Registry[StrategySpec] = Registry("Strategy")
 CONTROLS: Registry[ControlSpec] = Registry("Control")

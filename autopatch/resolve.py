@@ -21,6 +21,9 @@ Rules, in order:
   source as the gate), else the profile shipped for this model's fingerprint
   (``"shipped"``), else a default with ℓ = n/2, ℓ* = n/4 (``"default"``, with
   one warning; a chat model's default uses its chat template).
+* ``decomposer`` (who reads each question's first hop, :mod:`autopatch.plan`): as given (``"argument"``); else
+  the chosen profile's, when it names one (its source); else the one chosen on calib and shipped in this model's
+  profile (``"shipped"``, ``python -m eval.choose_decomposer``); else ``"grammar"`` (``"default"``).
 
 Gate providers are plug-ins: the core never imports ``classifiers`` itself.
 They are found through the ``autopatch.gate_providers`` entry point group
@@ -39,7 +42,7 @@ from typing import Any, Literal, Protocol
 
 from autopatch.errors import AutopatchError, ConfigError
 from autopatch.gating import AlwaysPatch, Gate
-from autopatch.profile import PatchProfile
+from autopatch.profile import Decomposer, PatchProfile
 from autopatch.prompts import PromptFormat
 
 Source = Literal["argument", "file", "shipped", "default"]
@@ -85,10 +88,13 @@ class Resolution:
     gate: Gate
     gate_source: Source
     notes: tuple[str, ...] = field(default=())
+    decomposer: Decomposer = "grammar"
+    decomposer_source: Source = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile_source": self.profile_source, "gate_source": self.gate_source,
-                "gate": type(self.gate).__name__, "notes": list(self.notes)}
+                "gate": type(self.gate).__name__, "decomposer": self.decomposer,
+                "decomposer_source": self.decomposer_source, "notes": list(self.notes)}
 
 
 def _resolve_gate(model: Any, gate: Gate | str | os.PathLike[str] | None) -> tuple[Gate, Source, list[str]]:
@@ -131,17 +137,31 @@ def _resolve_profile(model: Any, tokenizer: Any, profile: PatchProfile | str | o
                                 "(run a sweep, see docs/sweep.md)"]
 
 
+def _resolve_decomposer(model: Any, decomposer: Decomposer | None, profile: PatchProfile,
+                        profile_source: Source) -> tuple[Decomposer, Source]:
+    if decomposer is not None:
+        return decomposer, "argument"
+    if profile.decomposer is not None:
+        return profile.decomposer, profile_source
+    shipped = PatchProfile.shipped_for(model)  # the model's own choice, whichever profile patches
+    if shipped is not None and shipped.decomposer is not None:
+        return shipped.decomposer, "shipped"
+    return "grammar", "default"
+
+
 def resolve(model: Any, tokenizer: Any, *, profile: PatchProfile | str | os.PathLike[str] | None = None,
-            gate: Gate | str | os.PathLike[str] | None = None) -> Resolution:
-    """Choose the profile and the gate for ``model`` by the rules of the module docstring."""
+            gate: Gate | str | os.PathLike[str] | None = None, decomposer: Decomposer | None = None) -> Resolution:
+    """Choose the profile, the gate and the decomposer for ``model`` by the rules of the module docstring."""
     chosen_gate, gate_source, notes = _resolve_gate(model, gate)
     chosen_profile, profile_source, profile_notes = _resolve_profile(model, tokenizer, profile, chosen_gate, gate_source)
+    chosen_decomposer, decomposer_source = _resolve_decomposer(model, decomposer, chosen_profile, profile_source)
     notes += profile_notes
     for note in notes:
         if (id(model), note) not in _WARNED:  # once per model and reason, however many patchers are built
             _WARNED.add((id(model), note))
             logger.warning("autopatch: %s", note)
-    return Resolution(chosen_profile, profile_source, chosen_gate, gate_source, tuple(notes))
+    return Resolution(chosen_profile, profile_source, chosen_gate, gate_source, tuple(notes), chosen_decomposer,
+                      decomposer_source)
 
 
 def model_profile(model: Any, tokenizer: Any) -> PatchProfile:

@@ -19,6 +19,9 @@ greedy decoding, so the ratios compare equal work. Modes:
   above 1.00x is autopatch's own work around the model.
 * ``batched``: AutoPatcher (AlwaysPatch, the model's profile) throughput at batch size ``--batch`` over its own
   batch size 1.
+* ``screen says no``: the model's shipped (screened) gate on ordinary requests (``bench.questions.ORDINARY``), batch
+  size 1: ``decomposer="model"`` over ``"grammar"``, and the same with the proposals asked before the screen
+  (how ``"model"`` ran before it waited for the screen). Skipped when the model ships no screen.
 
 Each timing is the median of ``--repeats`` passes over all prompts, with the
 methods interleaved so that machine noise hits them alike.
@@ -37,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from bench.questions import QUESTIONS  # noqa: E402
+from bench.questions import ORDINARY, QUESTIONS  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -128,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False,
                pad_token_id=tok.pad_token_id)
 
+    screened = _screened_runs(model, tok, gen)
     runs = {
+        **screened,
         "model.generate bs=1": lambda: [model.generate(**e, **gen) for e in singles],
         "autopatch no-patch bs=1": lambda: [never.generate(**e, **gen) for e in singles],
         "autopatch no-patch uncached bs=1": lambda: [never_uncached.generate(**e, **gen) for e in singles],
@@ -184,9 +189,49 @@ def main(argv: list[str] | None = None) -> int:
         (f"autopatch, gate says yes, bs={n}", median[f"autopatch patch bs={n}"],
          f"{median['autopatch patch bs=1'] / median[f'autopatch patch bs={n}']:.2f}x throughput vs autopatch bs=1"),
     ]
+    if screened:
+        grammar = median["screened grammar bs=1"]
+        rows += [("ordinary requests, shipped screened gate, decomposer=grammar, bs=1", grammar, "1.00x (reference)"),
+                 *((f"ordinary requests, shipped screened gate, decomposer=model{how}, bs=1", median[key],
+                    f"{median[key] / grammar:.2f}x vs decomposer=grammar")
+                   for key, how in (("screened model bs=1", ""),
+                                    ("screened model first bs=1", ", proposals before the screen (as before)")))]
     for name, seconds, ratio in rows:
         print(f"| {name} | {seconds:.2f} | {seconds / n:.3f} | {ratio} |")
+    if screened:
+        print(f"\nOrdinary requests: {len(ORDINARY)}; the screen passed {screened_stats['passed']} of them; proposal "
+              f"tokens per pass over them: {screened_stats['model']} with decomposer=model, "
+              f"{screened_stats['model first']} with the proposals before the screen.")
     return 0
+
+
+screened_stats: dict[str, int] = {}
+
+
+def _screened_runs(model, tok, gen: dict) -> dict:
+    """The ``screen says no`` runs (see the module docstring); empty when the model ships no screened gate."""
+    from autopatch.patcher import AutoPatcher
+    from classifiers.screen import ScreenedGate
+
+    grammar = AutoPatcher(model, tok, decomposer="grammar")
+    if not isinstance(grammar.gate, ScreenedGate):
+        return {}
+
+    class ProposeFirst(ScreenedGate):
+        reads_last_token_only = False  # type: ignore[assignment]  # the planner then proposes before the prefill
+
+    first_gate = ProposeFirst(grammar.gate.screen, grammar.gate.inner)
+    patchers = {"grammar": grammar, "model": AutoPatcher(model, tok, decomposer="model"),
+                "model first": AutoPatcher(model, tok, grammar.profile, first_gate, decomposer="model")}
+    fmt = grammar.profile.prompt_format
+    singles = [fmt.encode(tok, fmt.render(q, tok)).to(model.device) for q in ORDINARY]
+    for name, patcher in patchers.items():
+        reports = [patcher.generate_with_reports(**e, **gen, questions=[q]).reports[0] for e, q in zip(singles, ORDINARY)]
+        screened_stats[name] = sum(r.proposal_tokens for r in reports)
+        if name == "model":
+            screened_stats["passed"] = sum(bool(r.screen_passed) for r in reports)
+    return {f"screened {name} bs=1": (lambda p=p: [p.generate(**e, **gen, questions=[q]) for e, q in zip(singles, ORDINARY)])
+            for name, p in patchers.items()}
 
 
 if __name__ == "__main__":

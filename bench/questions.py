@@ -10,3 +10,15 @@ QUESTIONS = [
     "On which continent is the country whose capital is Lima?",
     "What is the capital of the country where the Taj Mahal is located?",
 ]
+
+# Ordinary requests (instructions and single-hop questions): what a screen in front of the model should leave alone.
+ORDINARY = [
+    "Write a two-line poem about the sea.",
+    "What is the boiling point of water in Fahrenheit?",
+    "Give me a synonym for happy.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "Who wrote Pride and Prejudice?",
+    "Name a primary colour.",
+    "What is 12 times 12?",
+]

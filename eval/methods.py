@@ -216,7 +216,7 @@ def _prompted(build: Callable[[EvalContext, QARecord], str], *, cot: bool = Fals
 
 
 def _patcher_method(profile_of: Callable[[EvalContext], PatchProfile], *, gated: bool = False,
-                    control: Control | None = None, decomposer: Decomposer = "grammar"):
+                    control: Control | None = None, decomposer: Decomposer | None = "grammar"):
     def run(ctx: EvalContext, records: Sequence[QARecord]) -> list[MethodResult]:
         from autopatch.gating import AlwaysPatch
         from autopatch.patcher import AutoPatcher
@@ -356,8 +356,11 @@ register(Method("cot-2stage", "baseline", "zero-shot CoT with Kojima et al.'s se
                 "(\"Therefore, the answer is\"); cot budget, then the direct budget", _cot_two_stage, cot=True))
 register(Method("patch", "patch", "always patch with the model's profile",
                 _patcher_method(lambda ctx: ctx.profile)))
-register(Method("autopatch", "patch", "patch when the gate says so (the deployable method)",
-                _patcher_method(lambda ctx: ctx.profile, gated=True), needs_gate=True))
+register(Method("autopatch", "patch", "patch when the gate says so, with the decomposer shipped for the model (the "
+                "deployable method: what AutoPatcher(model, tok) does)",
+                _patcher_method(lambda ctx: ctx.profile, gated=True, decomposer=None), needs_gate=True))
+register(Method("autopatch-grammar", "patch", "autopatch (the shipped screen and gate) with the grammar's location "
+                "only (decomposer='grammar')", _patcher_method(lambda ctx: ctx.profile, gated=True), needs_gate=True))
 
 
 def _strategy_methods() -> Iterator[Method]:
@@ -375,7 +378,7 @@ def _control_methods() -> Iterator[Method]:
 
 METHODS.add_derived(_strategy_methods)
 register(Method("autopatch-model", "patch", "autopatch (the shipped screen and gate) with the model's own decomposition "
-                "first (decomposer='model'); proposal tokens counted",
+                "(decomposer='model'; asked only for rows the screen passes); proposal tokens counted",
                 _patcher_method(lambda ctx: ctx.profile, gated=True, decomposer="model"), needs_gate=True))
 register(Method("decompose-model", "baseline", "decompose with the model's own decomposition (self-ask style, "
                 "autopatch.decomposer), the grammar where the model proposes none; proposal tokens counted",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autopatch import resolve as resolve_module
-from autopatch.errors import GateFileError
+from autopatch.errors import GateFileError, ProfileError
 from autopatch.gating import AlwaysPatch, GateDecision
 from autopatch.patcher import AutoPatcher
 from autopatch.profile import PatchProfile, shipped_profile_dir
@@ -220,3 +220,23 @@ def test_a_fallback_is_logged_once_however_many_patchers_are_built(providers, ca
         for _ in range(3):
             AutoPatcher(model, tok)
     assert len([r for r in caplog.records if "no gate is shipped" in r.getMessage()]) == 1
+
+
+def test_the_decomposer_is_the_argument_else_the_profile_s_else_the_one_shipped_for_the_model(monkeypatch):
+    from autopatch.gating import AlwaysPatch
+
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    plain = PatchProfile(source_layer=1, target_layer=1, prompt_format=PromptFormat(demonstrations=()))
+    assert (resolve(model, tok, profile=plain, gate=AlwaysPatch()).decomposer,
+            resolve(model, tok, profile=plain, gate=AlwaysPatch()).decomposer_source) == ("grammar", "default")
+    reads = replace(plain, decomposer="both")
+    r = resolve(model, tok, profile=reads, gate=AlwaysPatch())
+    assert (r.decomposer, r.decomposer_source) == ("both", "argument")
+    r = resolve(model, tok, profile=reads, gate=AlwaysPatch(), decomposer="grammar")
+    assert (r.decomposer, r.decomposer_source) == ("grammar", "argument")
+    monkeypatch.setattr(PatchProfile, "shipped_for", classmethod(lambda cls, m, variant=None: replace(plain, decomposer="model")))
+    patcher = AutoPatcher(model, tok, plain, gate=AlwaysPatch())
+    assert (patcher.decomposer, patcher.planner.decomposer, patcher.resolution.decomposer_source) == ("model", "model", "shipped")
+    assert patcher.resolution.to_dict()["decomposer"] == "model"
+    with pytest.raises(ProfileError, match="Unknown decomposer 'oracle'"):
+        replace(plain, decomposer="oracle")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -375,3 +376,29 @@ def test_an_overlong_question_is_refused_at_once_with_the_reason():
     with pytest.raises(UnlocatableQuestion, match=f"over the {MAX_QUESTION_CHARS} the locator reads"):
         locate(question)
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize("question, why", [
+    ("Where is the hospital where I was born located?", "refers to the user or the conversation ('I')"),
+    ("What is the population of the city where our company is headquartered?", "('our')"),
+    ("Tell me about the author of the book we discussed yesterday.", "('we')"),
+    ("What is the capital of the country where this poem was written?", "does not contain ('this poem')"),
+    ("Who wrote the function defined in the snippet above?", "does not contain ('above')"),
+    ("Summarize the plot of the film that won the Oscar for Best Picture in 1998.", "long-form answer"),
+    ("Can you describe the history of the country where the Colosseum is located?", "long-form answer"),
+])
+def test_first_hops_the_model_cannot_know_are_left_alone(question, why):
+    with pytest.raises(UnlocatableQuestion, match=re.escape(why)):
+        locate(question)
+
+
+@pytest.mark.parametrize("question", [
+    "Who is the spouse of the actor who starred in Now You See Me?",          # a title's capitalised "You", "Me"
+    "Who was the father of Queen Elizabeth I's father?",                      # a regnal "I"
+    "What is the capital of the country where Alejandro González Iñárritu was born?",  # "I" inside a name
+    "Which record label released the song \"You Belong to Me\" by the singer who recorded it first?",
+    "Can you tell me the capital of the country where the Colosseum is?",     # polite, and a fact of the world
+    "What is the capital of the US state where the Grand Canyon is?",         # "US" is the country
+])
+def test_names_titles_and_polite_questions_are_still_located(question):
+    assert locate(question).span

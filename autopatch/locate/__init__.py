@@ -20,12 +20,14 @@ MuSiQue-style decomposition (``#1``) against the question;
 r_of_e, r_prep_e, relative, reduced_relative, zero_relative,
 headless_relative). :func:`locate` tries the decomposition first, then the
 parser. All raise :class:`UnlocatableQuestion` rather than guess (also for
-one-hop questions). ``python -m eval.locator_coverage`` measures both.
+one-hop questions), and :func:`locate` also for first hops that are not the
+model's to answer (the user's own facts, context the request does not hold,
+long-form requests: ``reach``). ``python -m eval.locator_coverage`` measures both.
 
 Modules, bottom up: ``lexicon`` (word lists, verb forms), ``tokens``
 (tokenizer, word classes, names), ``location`` (:class:`Location`, errors),
 ``phrases`` (noun/verb groups, span ends), ``rules`` (parser candidates,
-:func:`locate_from_text`), ``align`` (decomposition alignment).
+:func:`locate_from_text`), ``align`` (decomposition alignment), ``reach`` (what is left alone).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from autopatch.locate.location import (
     Location,
     UnlocatableQuestion,
 )
+from autopatch.locate.reach import check_reach
 from autopatch.locate.rules import locate_from_text
 
 __all__ = [
@@ -68,10 +71,10 @@ def locate(question: str, decomposition: Sequence[Any] | None = None) -> Locatio
                                   f"{MAX_QUESTION_CHARS} the locator reads; left unpatched")
     if decomposition:
         try:
-            return locate_from_decomposition(question, decomposition)
+            return check_reach(locate_from_decomposition(question, decomposition))
         except UnlocatableQuestion as first:
             try:
-                return locate_from_text(question)
+                return check_reach(locate_from_text(question))
             except UnlocatableQuestion as second:
                 raise UnlocatableQuestion(question, f"{first.why}; and the text parser: {second.why}") from None
-    return locate_from_text(question)
+    return check_reach(locate_from_text(question))

@@ -19,6 +19,7 @@ import os
 import time
 
 from autopatch.cli import _add_model_arg, subcommand
+from server.screening import DEFAULT_SCREEN_MODEL
 
 logger = logging.getLogger("autopatch.server")
 
@@ -59,6 +60,12 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream-api-key-env", default="UPSTREAM_API_KEY", metavar="VAR",
                         help="environment variable holding the upstream's API key (never logged or echoed)")
     parser.add_argument("--upstream-model", default=None, help="the model name to send to the upstream")
+    parser.add_argument("--screen-model", default=None, metavar="NAME",
+                        help="with --upstream: the embedded model whose shipped two-hop screen decides which located "
+                             f"requests are decomposed (default: {DEFAULT_SCREEN_MODEL}, else the embedded default "
+                             "model when that is not installed)")
+    parser.add_argument("--no-screen", action="store_true",
+                        help="with --upstream: decompose every located request (no screen)")
 
 
 @subcommand("serve", "serve a model with autopatch over an OpenAI-compatible HTTP API", _configure_serve)
@@ -92,6 +99,23 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy_screen(name: str | None, quantize: str | None):
+    """The proxy's screen: ``name``'s, or the default screen model's, else the embedded default model's when the
+    default screen model is not installed (said in the log)."""
+    from autopatch.errors import AutopatchError
+    from autopatch.loading import EMBEDDED_MODEL_NAME
+    from server.screening import LocalScreen
+
+    if name is not None:
+        return LocalScreen.load(name, quantize=quantize)
+    try:
+        return LocalScreen.load(DEFAULT_SCREEN_MODEL, quantize=quantize)
+    except AutopatchError as err:
+        logger.warning("the proxy's screen: %s is not available (%s); using %s's screen instead",
+                       DEFAULT_SCREEN_MODEL, err, EMBEDDED_MODEL_NAME)
+        return LocalScreen.load(EMBEDDED_MODEL_NAME, quantize=quantize)
+
+
 def _serve_upstream(args: argparse.Namespace) -> int:
     """``--upstream``: the decomposition in front of another server (server.upstream); no model is loaded here."""
     import uvicorn
@@ -100,10 +124,12 @@ def _serve_upstream(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("AUTOPATCH_API_KEY") or None
     warn_if_exposed(args.host, api_key)
+    screen = None if args.no_screen else _proxy_screen(args.screen_model, args.quantize)
     app = create_proxy_app(args.upstream, api_key=api_key, upstream_api_key=os.environ.get(args.upstream_api_key_env),
-                           upstream_model=args.upstream_model, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes)
-    logger.info("decomposing through %s (hidden-state strategies are refused: the upstream exposes only text)",
-                app.state.upstream.url)
+                           upstream_model=args.upstream_model, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
+                           screen=screen)
+    logger.info("decomposing through %s (hidden-state strategies are refused: the upstream exposes only text); "
+                "screen: %s", app.state.upstream.url, screen.name if screen else "none, every located request")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_keep_alive=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency)
     return 0

@@ -17,9 +17,11 @@ short-answer instruction and demonstrations as chat turns: a chat model behind
 it sees what the local one sees). Requests the locator cannot read are passed
 through unchanged, streamed or not, and their answers come back untouched.
 
-What it cannot do: hidden-state strategies (refused with a 400 that says why),
-and the two-hop screen, which reads the model's own prefill; so every located
-question is decomposed. Failures of the upstream are the client's 502 (refused
+What it cannot do: hidden-state strategies (refused with a 400 that says why).
+The two-hop screen reads a model's own prefill, which the upstream does not
+expose, so a small embedded model's screen stands in for it
+(:mod:`server.screening`, on by default in ``serve --upstream``): a located
+request it turns away is passed through unchanged. Failures of the upstream are the client's 502 (refused
 connection, 5xx, malformed JSON, a stream cut short) or 504 (no answer within
 ``timeout_s``), in OpenAI's error shape; the upstream's API key is sent only
 upstream and never appears in a response or an error.
@@ -76,8 +78,10 @@ class UpstreamDecomposer:
     """
 
     def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None,
-                 timeout_s: float = 60.0, fmt: PromptFormat | None = None, transport: httpx.BaseTransport | None = None):
+                 timeout_s: float = 60.0, fmt: PromptFormat | None = None, transport: httpx.BaseTransport | None = None,
+                 screen: Any = None):
         root = base_url.rstrip("/")
+        self.screen = screen  # a server.screening.LocalScreen, or None: every located request is decomposed
         self.url = (root if root.endswith("/v1") else root + "/v1") + "/chat/completions"
         self.model = model
         self.timeout_s = timeout_s
@@ -165,16 +169,33 @@ class UpstreamDecomposer:
         data, report = self.handle(body)
         return str(data["choices"][0]["message"]["content"] or ""), report
 
+    def decide(self, messages: Sequence[dict[str, Any]]) -> tuple[RowPlan, dict[str, Any]]:
+        """The request's plan after the screen (a located request the screen turns away has no location), and the
+        screen's verdict for the report (empty where no screen ran)."""
+        p = plan(messages)
+        if p.location is None or self.screen is None:
+            return p, {}
+        score, passed = self.screen.verdict(messages)
+        verdict = {"screen_score": score, "screen_passed": passed}
+        if passed:
+            return p, verdict
+        return replace(p, location=None, why_not=f"screen ({self.screen.name}): P(two-hop question)={score:.3f} < "
+                                                 f"{self.screen.screen.threshold:.3f}: left alone"), verdict
+
+    def decomposed(self, body: dict[str, Any], location: Location) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The upstream's answer to the decomposed question, and the report."""
+        bridge = self.first_hop(location, {k: v for k, v in body.items() if k in ("model",)})
+        data = self.complete(self.second_hop_body(body, location, bridge))
+        return data, {"patched": True, "strategy": "decompose", "bridge": bridge, "span": location.span,
+                      "reason": "located; decomposed through the upstream"}
+
     def handle(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """A non-streamed request: the upstream's completion (passed through, or of the decomposed question)."""
-        p = plan(body["messages"])
+        p, verdict = self.decide(body["messages"])
         if p.location is None:
-            return self.complete(body), {"patched": False, "reason": p.why_not}
-        extra = {k: v for k, v in body.items() if k in ("model",)}
-        bridge = self.first_hop(p.location, extra)
-        data = self.complete(self.second_hop_body(body, p.location, bridge))
-        return data, {"patched": True, "strategy": "decompose", "bridge": bridge, "span": p.location.span,
-                      "reason": "located; decomposed through the upstream"}
+            return self.complete(body), {"patched": False, "reason": p.why_not, **verdict}
+        data, report = self.decomposed(body, p.location)
+        return data, {**report, **verdict}
 
 
 def _relayed(status: int, data: Any, secret: str | None) -> ApiError:
@@ -195,11 +216,12 @@ def _relayed(status: int, data: Any, secret: str | None) -> ApiError:
 
 def create_proxy_app(upstream_url: str, *, api_key: str | None = None, upstream_api_key: str | None = None,
                      upstream_model: str | None = None, timeout_s: float = 60.0, max_body_bytes: int = 4 * 2**20,
-                     fmt: PromptFormat | None = None, transport: httpx.BaseTransport | None = None):
+                     fmt: PromptFormat | None = None, transport: httpx.BaseTransport | None = None, screen: Any = None):
     """A FastAPI chat endpoint that decomposes through ``upstream_url`` (see the module docstring).
 
     ``fmt``: how the hops are asked (default: the chat format with the short-answer instruction and demonstrations,
-    as the embedded instruct models' ``decompose`` profiles ask them).
+    as the embedded instruct models' ``decompose`` profiles ask them). ``screen``: a
+    :class:`server.screening.LocalScreen` that located requests must pass (``None``: all are decomposed).
     """
     from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
@@ -209,7 +231,7 @@ def create_proxy_app(upstream_url: str, *, api_key: str | None = None, upstream_
     from server.guards import RequestGuard
 
     client = UpstreamDecomposer(upstream_url, api_key=upstream_api_key, model=upstream_model, timeout_s=timeout_s,
-                                fmt=fmt, transport=transport)
+                                fmt=fmt, transport=transport, screen=screen)
     app = FastAPI(title="autopatch (decomposition in front of an OpenAI-compatible server)")
     install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
@@ -226,13 +248,14 @@ def create_proxy_app(upstream_url: str, *, api_key: str | None = None, upstream_
         body = request.model_dump(exclude_none=True, exclude={"autopatch"})
         body["messages"] = [{"role": m["role"], "content": _text(m.get("content"))} for m in body["messages"]]
         enabled = options is None or options.enabled is not False
-        p = plan(body["messages"]) if enabled else RowPlan("", None, why_not="patching disabled by the request")
+        p, verdict = (await run_in_threadpool(client.decide, body["messages"]) if enabled
+                      else (RowPlan("", None, why_not="patching disabled by the request"), {}))
         if not request.stream:
             if p.location is None:
                 data = await run_in_threadpool(client.complete, body)
                 return JSONResponse(data)
-            data, report = await run_in_threadpool(client.handle, body)
-            return JSONResponse({**data, "autopatch": report})
+            data, report = await run_in_threadpool(client.decomposed, body, p.location)
+            return JSONResponse({**data, "autopatch": {**report, **verdict}})
         if p.location is not None:  # the first hop is asked first; the answer is the upstream's own stream
             bridge = await run_in_threadpool(client.first_hop, p.location, {k: v for k, v in body.items() if k == "model"})
             body = client.second_hop_body(body, p.location, bridge)

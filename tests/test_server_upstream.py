@@ -168,7 +168,7 @@ def test_the_client_object_answers_like_the_endpoint(upstream, proxy):
     client.close()
 
 
-def test_serve_upstream_from_the_command_line_loads_no_model_and_answers_502_for_a_dead_upstream():
+def test_serve_upstream_with_no_screen_loads_no_model_and_answers_502_for_a_dead_upstream():
     import os
     import subprocess
     import sys
@@ -176,7 +176,7 @@ def test_serve_upstream_from_the_command_line_loads_no_model_and_answers_502_for
     port = _closed_port()
     env = dict(os.environ, UPSTREAM_API_KEY=KEY)
     proc = subprocess.Popen([sys.executable, "-m", "autopatch", "serve", "--upstream", f"http://127.0.0.1:{_closed_port()}",
-                             "--port", str(port), "--timeout", "2", "--log-level", "warning"], env=env,
+                             "--port", str(port), "--timeout", "2", "--log-level", "warning", "--no-screen"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -194,3 +194,64 @@ def test_serve_upstream_from_the_command_line_loads_no_model_and_answers_502_for
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
     assert KEY not in output and "Loading weights" not in output
+
+
+class _Screen:
+    """A stand-in for server.screening.LocalScreen: passes the requests whose text contains ``passes``."""
+
+    name = "stub"
+
+    def __init__(self, passes: str):
+        self.passes, self.seen = passes, []
+        self.screen = type("Gate", (), {"threshold": 0.5})()
+
+    def verdict(self, messages):
+        self.seen.append(messages[-1]["content"])
+        return (0.9, True) if self.passes in messages[-1]["content"] else (0.1, False)
+
+
+def test_a_located_request_the_screen_turns_away_is_passed_through_unchanged(upstream):
+    other = "What is the capital of the country where the Eiffel Tower is located?"  # located; the stub turns it away
+    screen = _Screen(passes="Colosseum")
+    with BackgroundServer(create_proxy_app(upstream.url, upstream_api_key=KEY, timeout_s=60, fmt=FMT,
+                                           screen=screen)) as proxied:
+        turned = chat(proxied, other).json()
+        direct = httpx.post(upstream.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                            timeout=120, json={"messages": [{"role": "user", "content": other}], "max_tokens": 6,
+                                               "temperature": 0}).json()
+        assert turned["choices"][0]["message"] == direct["choices"][0]["message"]
+        assert turned.get("autopatch") == direct.get("autopatch")  # the upstream's own body, no proxy report
+        passed = chat(proxied, TWO_HOP).json()
+        assert passed["autopatch"]["patched"] and passed["autopatch"]["screen_passed"] is True
+        assert passed["autopatch"]["screen_score"] == 0.9
+        chat(proxied, PLAIN)  # not located: the screen is not even asked
+    assert screen.seen == [other, TWO_HOP]
+    client = UpstreamDecomposer(upstream.url, api_key=KEY, fmt=FMT, screen=_Screen(passes="Colosseum"))
+    text, report = client.answer([{"role": "user", "content": other}], max_tokens=6)
+    assert report["patched"] is False and report["screen_passed"] is False and "screen (stub)" in report["reason"]
+
+
+def test_the_local_screen_scores_a_request_on_its_model_s_prefill(model_and_tok):
+    import numpy as np
+
+    from classifiers.features import FeatureSpec, extract_prompt_features
+    from classifiers.gate import PatchGate, model_fingerprint
+    from server.screening import LocalScreen
+
+    model, tok = model_and_tok
+    spec = FeatureSpec(layers=(1,), positions=("last",), use_states=True, use_scalars=True)
+    width = spec.width(model.config.hidden_size)
+    rng = np.random.default_rng(0)
+    arrays = {"scaler_mean": np.zeros(width), "scaler_scale": np.ones(width), "pca_mean": np.zeros(width),
+              "pca_components": np.eye(width)[:4], "coef": rng.normal(size=4), "intercept": np.zeros(1)}
+    profile = PatchProfile(source_layer=1, target_layer=1, prompt_format=FMT)
+    gate = PatchGate(arrays, 0.5, spec, profile, model_fingerprint(model), {"kind": "screen"})
+    screen = LocalScreen(model, tok, gate, profile, "tiny")
+    messages = [{"role": "user", "content": TWO_HOP}]
+    score, passed = screen.verdict(messages)
+    from autopatch.prompts import render_chat
+
+    prompt = render_chat(messages, tok, FMT)
+    expected = float(gate.scores(extract_prompt_features(model, tok, [prompt.text], [prompt.question], spec,
+                                                         profile=profile)[0])[0])
+    assert score == pytest.approx(expected) and passed == (expected >= 0.5)

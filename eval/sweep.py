@@ -452,13 +452,19 @@ def stratified_sample(records: Sequence[QARecord], limit: int | None) -> list[QA
     """A deterministic sample that takes questions round-robin over compositions (or all, if ``limit`` is None)."""
     if not limit or limit >= len(records):
         return list(records)
+    return stratified_order(records)[:limit]
+
+
+def stratified_order(records: Sequence[QARecord]) -> list[QARecord]:
+    """Every record, round-robin over compositions (each by the SHA-256 of its id): its first N are
+    :func:`stratified_sample`'s N, which is how lm-eval's ``--limit N`` meets ``autopatch eval --limit N``."""
     groups: dict[str, list[QARecord]] = defaultdict(list)
     for rec in sorted(records, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest()):
         groups[str(rec.meta.get("composition", "all"))].append(rec)
     picked: list[QARecord] = []
-    while len(picked) < limit:
+    while len(picked) < len(records):
         for name in sorted(groups):
-            if groups[name] and len(picked) < limit:
+            if groups[name]:
                 picked.append(groups[name].pop(0))
     return picked
 

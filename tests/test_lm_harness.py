@@ -132,3 +132,36 @@ def test_lm_eval_exact_match_equals_autopatch_eval_em_on_16_two_hop_questions(tm
         scores = results["results"]["autopatch_twohop"]
         assert scores["exact_match,none"] == pytest.approx(summary["methods"][method]["all"]["em"]), method
         assert scores["contains,none"] == pytest.approx(summary["methods"][method]["all"]["contains"]), method
+
+
+@pytest.mark.gemma
+def test_lm_eval_local_chat_completions_against_autopatch_serve_agrees_with_the_in_process_model(gemma):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from eval.lm_harness import TASKS_DIR
+    from server import create_app
+    from server.runner import BackgroundServer
+
+    model, tok = gemma
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    local = lm_eval.simple_evaluate(model="autopatch", model_args={"method": "autopatch"}, tasks=["autopatch_twohop"],
+                                    limit=8, batch_size=1, task_manager=manager, log_samples=True)
+    with BackgroundServer(create_app(model, tok, model_name="gemma-3-270m")) as server:
+        served = lm_eval.simple_evaluate(
+            model="local-chat-completions", model_args={"base_url": server.url + "/v1/chat/completions",
+                                                         "model": "gemma-3-270m", "num_concurrent": 1,
+                                                         "tokenized_requests": False},
+            tasks=["autopatch_twohop"], limit=8, apply_chat_template=True, task_manager=manager, log_samples=True)
+    first_line = [[s["filtered_resps"][0].strip().split("\n")[0] for s in run["samples"]["autopatch_twohop"]]
+                  for run in (local, served)]
+    assert first_line[0] == first_line[1]  # the served answers are the in-process ones
+    assert (served["results"]["autopatch_twohop"]["exact_match,none"]
+            == local["results"]["autopatch_twohop"]["exact_match,none"])
+
+
+def test_lm_eval_s_own_models_stay_registered_beside_autopatch():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("autopatch") is AutopatchLM
+    assert get_model("dummy").__name__ == "DummyLM" and get_model("local-chat-completions") is not None

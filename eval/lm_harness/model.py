@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import lm_eval.models  # noqa: F401  lm-eval's own models: its registry loads them only while it is empty
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model

@@ -18,14 +18,16 @@ For one question (Patchscopes' diagnostic use, Ghandeharioun et al. 2024, §4):
 One forward pass captures every layer; each Patchscope is then one batched
 forward with one row per (layer, source), so the whole view costs three
 forward passes whatever the depth. With ``bridge`` (the gold first-hop answer,
-or the one ``decompose`` found) each reading also reports the probability of
-the bridge's first token, which is what the heat map shows.
+or the one ``decompose`` found) each reading also reports the probability that
+the model starts writing the bridge there (its first token after a space or at
+the start of a turn, :func:`bridge_token_ids`), which is what the heat map shows.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -46,7 +48,7 @@ READINGS = ("subject: identity", "span end: identity", "subject: span prompt", "
 
 @dataclass(frozen=True)
 class Reading:
-    """What one state decodes to: the top token, its probability, and the bridge's first token's probability."""
+    """What one state decodes to: the top token, its probability, and the probability of starting the bridge."""
 
     token: str
     prob: float
@@ -129,10 +131,23 @@ def _same_word(token: str, bridge: str) -> bool:
     return bool(t) and (b == t or b.startswith(t) and len(t) >= 3)
 
 
-def _readings(logits: torch.Tensor, tok: PreTrainedTokenizerBase, bridge_id: int | None) -> list[Reading]:
+def bridge_token_ids(tok: PreTrainedTokenizerBase, bridge: str) -> tuple[int, ...]:
+    """The tokens the model starts ``bridge`` with, however the slot is written: after a space (a few-shot answer,
+    the identity prompt's ``->``) or at the start of a turn (a chat model's answer). A variant whose first token is
+    only whitespace (a byte-level tokenizer's space) is left out: that token starts any word."""
+    ids: list[int] = []
+    for text in (" " + bridge.strip(), bridge.strip()):
+        first = tok(text, add_special_tokens=False).input_ids[:1]
+        if first and str(tok.decode(first)).strip() and first[0] not in ids:
+            ids.append(int(first[0]))
+    return tuple(ids)
+
+
+def _readings(logits: torch.Tensor, tok: PreTrainedTokenizerBase, bridge_ids: Sequence[int]) -> list[Reading]:
     probs = torch.softmax(logits.float(), dim=-1)
     top = probs.max(dim=-1)
-    return [Reading(cast(str, tok.decode([int(i)])), float(p), None if bridge_id is None else float(probs[r, bridge_id]))
+    bridge = probs[:, list(bridge_ids)].sum(-1) if bridge_ids else None
+    return [Reading(cast(str, tok.decode([int(i)])), float(p), None if bridge is None else float(bridge[r]))
             for r, (p, i) in enumerate(zip(top.values, top.indices))]
 
 
@@ -162,8 +177,7 @@ def explain(model, tok: PreTrainedTokenizerBase, question: str, *, fmt: PromptFo
     with capture(model, layers, positions) as cap:
         cast(Any, model)(input_ids=ids[None].to(device), logits_to_keep=1)
     subject, span_end, last = ([cap.states[layer][0, k] for layer in layers] for k in range(3))
-    bridge_ids = tok(" " + bridge.strip(), add_special_tokens=False).input_ids if bridge else []
-    bridge_id = int(bridge_ids[0]) if bridge_ids else None
+    bridge_ids = bridge_token_ids(tok, bridge) if bridge else ()
 
     identity = patched_prompt(tok, IDENTITY_PROMPT)
     rows = [(layer, v) for vectors in (subject, span_end, last) for layer, v in zip(layers, vectors)]
@@ -176,10 +190,10 @@ def explain(model, tok: PreTrainedTokenizerBase, question: str, *, fmt: PromptFo
 
     view = Explanation(question, location.span, location.subject, span_target.text, bridge, layers)
     view.readings = {
-        "subject: identity": _readings(id_logits[:n], tok, bridge_id),
-        "span end: identity": _readings(id_logits[n:2 * n], tok, bridge_id),
-        "subject: span prompt": _readings(span_logits, tok, bridge_id),
-        "last: logit lens": _readings(lens_logits, tok, bridge_id),
-        "last: identity": _readings(id_logits[2 * n:], tok, bridge_id),
+        "subject: identity": _readings(id_logits[:n], tok, bridge_ids),
+        "span end: identity": _readings(id_logits[n:2 * n], tok, bridge_ids),
+        "subject: span prompt": _readings(span_logits, tok, bridge_ids),
+        "last: logit lens": _readings(lens_logits, tok, bridge_ids),
+        "last: identity": _readings(id_logits[2 * n:], tok, bridge_ids),
     }
     return view

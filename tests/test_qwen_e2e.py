@@ -145,3 +145,18 @@ def test_decomposition_through_an_upstream_server_equals_the_local_decompose(qwe
             assert response.json()["autopatch"]["patched"]
             got.append(response.json()["choices"][0]["message"]["content"].strip())
     assert got == expected
+
+
+def test_the_explain_view_colours_the_bridge_as_a_chat_model_writes_it(qwen):
+    """A chat model answers at the start of its turn, without a leading space: the heat map must score "Argentina"
+    as it writes it there (it once took the space-prefixed token alone: p 0.97 shown as 0.009)."""
+    from autopatch.explain import bridge_token_ids, explain
+
+    model, tok = qwen
+    view = explain(model, tok, "On what continent is the country with Buenos Aires as its capital?", bridge="Argentina",
+                   layers=[2, 4, 6])
+    assert len(bridge_token_ids(tok, "Argentina")) == 2  # " Argentina" and "Argentina" start differently
+    for reading in view.readings["subject: span prompt"]:
+        if reading.token.strip() == "Argentina":
+            assert reading.bridge_prob is not None and reading.bridge_prob >= reading.prob - 1e-6
+    assert max(r.bridge_prob or 0.0 for r in view.readings["subject: span prompt"]) > 0.5

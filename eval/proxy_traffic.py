@@ -45,7 +45,7 @@ def _ask(url: str, record: QARecord, max_tokens: int) -> dict[str, Any]:
 def summarize(lines: list[dict], sets: list[str]) -> str:
     """The summary table (markdown) of ``lines``."""
     rows = ["| set | n | identical to the upstream | located | passed the screen | decomposed | EM upstream → proxy "
-            "(fixed/broken, McNemar p) |", "|---|---|---|---|---|---|---|"]
+            "(fixed/broken, McNemar p) | contains upstream → proxy |", "|---|---|---|---|---|---|---|---|"]
     for name in sets:
         mine = [line for line in lines if line["set"] == name]
         if not mine:
@@ -57,14 +57,17 @@ def summarize(lines: list[dict], sets: list[str]) -> str:
         screened = [line for line in mine if line["screen_passed"] is not None]
         passed = sum(bool(line["screen_passed"]) for line in screened) if screened else "–"
         gold = [line for line in mine if line["golds"]]
-        em = "–"
+        em = found = "–"
         if gold:
             before = [bool(score_continuation(line["direct"]["text"], line["golds"])["em"]) for line in gold]
             after = [bool(score_continuation(line["proxy"]["text"], line["golds"])["em"]) for line in gold]
             test = mcnemar(before, after)
             em = (f"{sum(before) / len(gold):.3f} → {sum(after) / len(gold):.3f} ({test['b_fixed']}/{test['b_broken']}, "
                   f"p={test['p_value']:.2g}; n={len(gold)})")
-        rows.append(f"| {name} | {n} | {same / n:.3f} ({same}) | {located} | {passed} | {decomposed} | {em} |")
+            share = {route: sum(float(score_continuation(line[route]["text"], line["golds"])["contains"]) for line in gold)
+                     / len(gold) for route in ("direct", "proxy")}
+            found = f"{share['direct']:.3f} → {share['proxy']:.3f}"
+        rows.append(f"| {name} | {n} | {same / n:.3f} ({same}) | {located} | {passed} | {decomposed} | {em} | {found} |")
     return "\n".join(rows) + "\n"
 
 
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_grad_enabled(False)
     sets = [s.strip() for s in args.datasets.split(",") if s.strip()]
-    records = [(name, r) for name in sets for r in select_records(name, split="test", hops=0 if name == "harm" else 2)[0]]
+    records = [(name, r) for name in sets for r in select_records(name, split="test", hops=None if name == "harm" else 2)[0]]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "lines.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

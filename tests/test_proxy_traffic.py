@@ -17,5 +17,5 @@ def test_the_summary_counts_what_the_proxy_changed():
              _line("harm", 2, "Watson", "Holmes", located=True, passed=True, patched=True, golds=["Watson"]),
              _line("handwritten", 0, "Paris", "Rome", located=True, passed=True, patched=True, golds=["Rome"])]
     table = summarize(lines, ["harm", "handwritten"])
-    assert "| harm | 3 | 0.667 (2) | 2 | 1 | 1 | 1.000 → 0.000 (0/1, p=1; n=1) |" in table
-    assert "| handwritten | 1 | 0.000 (0) | 1 | 1 | 1 | 0.000 → 1.000 (1/0, p=1; n=1) |" in table
+    assert "| harm | 3 | 0.667 (2) | 2 | 1 | 1 | 1.000 → 0.000 (0/1, p=1; n=1) | 1.000 → 0.000 |" in table
+    assert "| handwritten | 1 | 0.000 (0) | 1 | 1 | 1 | 0.000 → 1.000 (1/0, p=1; n=1) | 0.000 → 1.000 |" in table

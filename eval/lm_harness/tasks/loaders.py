@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 
-def _test_split(name: str, hops: int):
+def _test_split(name: str, hops: int | None):
     from datasets import Dataset, DatasetDict
 
     from eval.datasets import select_records
@@ -41,7 +41,7 @@ def musique(**_: Any):
 
 
 def harm(**_: Any):
-    return _test_split("harm", 0)
+    return _test_split("harm", None)  # every hop count: the chat requests and the single-hop questions
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float | None]:

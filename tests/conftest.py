@@ -18,6 +18,17 @@ def gemma():
     return autopatch.load_model()
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama and its byte tokenizer saved as a model directory (for ``--model PATH``)."""
+    from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model_for_bytes("llama").save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run far faster on one torch thread than on two (thread overhead, or a busy second core)."""

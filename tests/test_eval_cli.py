@@ -10,19 +10,10 @@ from autopatch.cli import main
 from eval.datasets import DatasetError
 from eval.runner import read_results
 from eval.twohop import generate_twohop
-from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 
 METHODS = "vanilla,patch,verbalize,control-zero,control-nopatch,cot"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model_for_bytes("llama").save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from eval.lm_harness.model import AutopatchLM, generation_methods
-from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 
 torch.set_grad_enabled(False)
 
@@ -19,14 +18,6 @@ torch.set_grad_enabled(False)
 class _Request:
     def __init__(self, *args):
         self.args = args
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model_for_bytes("llama").save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

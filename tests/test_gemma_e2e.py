@@ -127,7 +127,8 @@ def test_the_shipped_gate_and_profile_load_without_pickle_and_drive_autopatcher(
     assert report.located and report.gate_score is not None and 0.0 <= report.gate_score <= 1.0
     assert report.reason.startswith("screen: P(two-hop question)=") and ">=" in report.reason.split(";")[0]
     (request,) = patcher.answer("Write a Python function that returns the n-th Fibonacci number.")
-    assert request.report.located and not request.report.patched and "< " in request.report.reason  # left alone
+    # left alone: the locator no longer reads a long-form request (autopatch/locate/reach.py), before any screen
+    assert not request.report.located and not request.report.patched and "long-form" in request.report.reason
 
 
 @pytest.mark.gemma

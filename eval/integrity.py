@@ -24,6 +24,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from autopatch.errors import AutopatchError
 
@@ -36,6 +37,24 @@ class ResultsFileError(AutopatchError, ValueError):
 
 class RunDirLocked(AutopatchError, RuntimeError):
     """Another process is writing this results file."""
+
+
+class ResultsFileReplaced(AutopatchError, RuntimeError):
+    """The results file was replaced while this run wrote to it (a git checkout or stash, a copy over it)."""
+
+
+def check_same_file(sink: IO[str], path: Path) -> None:
+    """Raise :class:`ResultsFileReplaced` when ``path`` is no longer the file ``sink`` writes: lines written from
+    then on would go to a file nobody can read, so the run stops and the same command resumes it."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        current = None
+    mine = os.fstat(sink.fileno())
+    if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+        raise ResultsFileReplaced(f"{path} was replaced or removed while this run wrote to it (a git checkout, stash "
+                                  "or copy over a running run?); stopped so that no line is lost. Run the same command "
+                                  "again: it resumes from the lines in the file now.")
 
 
 def _digest(row: dict) -> str:

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from eval.datasets import QARecord
-from eval.integrity import read_checked, seal, writer_lock
+from eval.integrity import check_same_file, read_checked, seal, writer_lock
 from eval.integrity import repair as integrity_repair
 from eval.jsonl import repair_tail
 from eval.methods import METHODS, EvalContext, hop_questions, record_prompt
@@ -156,6 +156,7 @@ def _generate(ctx: EvalContext, records: Sequence[QARecord], methods: Sequence[s
                 if not missing:
                     continue
                 results = method.run(ctx, batch)  # the whole batch: same padding as an uninterrupted run
+                check_same_file(sink, path)
                 for record, result in zip(batch, results):
                     if (name, record.id) in done:
                         continue

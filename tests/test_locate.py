@@ -386,6 +386,7 @@ def test_an_overlong_question_is_refused_at_once_with_the_reason():
     ("Who wrote the function defined in the snippet above?", "does not contain ('above')"),
     ("Summarize the plot of the film that won the Oscar for Best Picture in 1998.", "long-form answer"),
     ("Can you describe the history of the country where the Colosseum is located?", "long-form answer"),
+    ("What is the name of Sherlock Holmes's friend who narrates most of the stories?", "stops before the relative clause"),
 ])
 def test_first_hops_the_model_cannot_know_are_left_alone(question, why):
     with pytest.raises(UnlocatableQuestion, match=re.escape(why)):

@@ -14,14 +14,17 @@ where the first hop is a fact of the world. Three kinds of request are refused, 
 * a first hop that points at context the request does not contain (*this snippet*, *the poem below*);
 * a request for a long-form answer about the bridge (*summarize*, *describe*, *tell me about*): the method is
   built and measured for short factual answers, and a model writing at length keeps its own reading of the
-  phrase in view, where a short first-hop answer, right or wrong, would replace it.
+  phrase in view, where a short first-hop answer, right or wrong, would replace it;
+* a phrase cut before the relative clause that describes it ("the name of [Sherlock Holmes's friend] who narrates
+  most of the stories"): the bridge is the phrase with its clause, so the first hop as parsed is not it (and with
+  the clause it is often all the question asks: one hop).
 """
 
 from __future__ import annotations
 
 import re
 
-from autopatch.locate.location import Location, UnlocatableQuestion
+from autopatch.locate.location import SLOT, Location, UnlocatableQuestion
 
 __all__ = ["check_reach"]
 
@@ -34,6 +37,7 @@ CONTENT = ("code", "snippet", "function", "program", "script", "query", "error",
            "dataset", "chart", "graph", "report", "letter", "note", "notes", "recipe", "screenshot", "output", "log")
 POINTERS = ("above", "below", "attached", "aforementioned")
 _WORDS = re.compile(r"[^\W\d_]+")  # letters, accented ones included ("Iñárritu" is one word)
+_CUT_BEFORE_CLAUSE = re.compile(re.escape(SLOT) + r"\s+(?:who|whom|whose|which|that)\b", re.IGNORECASE)
 _QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”|'[^']*'(?=\W|$)")
 _LONG_FORM = re.compile(
     r"^\s*(?:(?:can|could|would|will)\s+you\s+|please\s+)?"
@@ -58,6 +62,9 @@ def check_reach(location: Location) -> Location:
     if _LONG_FORM.match(location.second_hop):
         raise UnlocatableQuestion(location.question, "the request asks for a long-form answer about the bridge, not a "
                                   "short fact; left alone")
+    if _CUT_BEFORE_CLAUSE.search(location.second_hop):
+        raise UnlocatableQuestion(location.question, f"the phrase {location.span!r} stops before the relative clause "
+                                  "that describes it, so it is not the whole bridge; left alone")
     return location
 
 

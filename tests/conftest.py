@@ -30,6 +30,14 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny():
+    """``(model, tokenizer)``: a tiny random Llama and the byte tokenizer (a module's own ``tiny`` overrides it)."""
+    from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
+
+    return tiny_model_for_bytes("llama"), byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run far faster on one torch thread than on two (thread overhead, or a busy second core)."""
     import torch

@@ -30,17 +30,12 @@ from eval.methods import METHODS, build_context
 from eval.metrics import extract_answer, score_continuation
 from eval.report import summarise
 from eval.twohop import generate_twohop
-from tests.tiny_models import CHAT_TEMPLATE, byte_tokenizer, tiny_model_for_bytes
+from tests.tiny_models import CHAT_TEMPLATE, byte_tokenizer
 
 torch.set_grad_enabled(False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUESTION = "What is the capital of the country where the Colosseum is located?"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_for_bytes("llama"), byte_tokenizer()
 
 
 def _generate(patcher: AutoPatcher, questions: list[str]):

@@ -25,11 +25,6 @@ QUESTION = "What is the capital of the country where the Colosseum is located?"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_for_bytes("llama"), byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def tiny_chat():
     """A tiny Qwen2 whose tokenizer has a Qwen-style chat template."""
     tok = byte_tokenizer()

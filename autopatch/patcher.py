@@ -52,7 +52,7 @@ from autopatch.prefix_cache import register_prefix
 from autopatch.profile import DECOMPOSERS as DECOMPOSERS  # re-exported
 from autopatch.profile import Decomposer as Decomposer
 from autopatch.profile import PatchProfile
-from autopatch.report import attach_targets, finish, row_reports
+from autopatch.report import report_call
 from autopatch.resolve import Resolution, resolve
 from autopatch.stopping import StopOnText
 from autopatch.strategies import Control, Target, targets_for
@@ -215,23 +215,19 @@ class AutoPatcher:
                                              propose=partial(pre.propose, self.planner) if defer else None,
                                              logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                                              streamer=streamer, **passthrough, **kwargs)
-        plans = pre.plans
-        sequences = main if isinstance(main, torch.Tensor) else main.sequences
-        reports = row_reports(self.tokenizer, plans, decisions, sequences, width, self.profile, self.control)
         patched_rows = [i for i, d in enumerate(decisions) if d.patch]
-        if not patched_rows:
-            return GenerateResult(finish(self.tokenizer, main, reports, sequences, width), reports, {})
-
-        targets = targets_for(self.model, self.tokenizer, pre, decisions, patched_rows, self.profile, control=self.control)
-        target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
-        target_kwargs["max_new_tokens"] = token_budget(config, kwargs, width)
-        merged = continue_patched(self.model, self.tokenizer, main, targets, width, logits_processor=logits_processor,
-                                  stopping_criteria=stopping_criteria, streamer=streamer, reuse_prefix=reuse,
-                                  caller_ids=input_ids[[t.row for t in targets]], **passthrough, **target_kwargs)
-        attach_targets(reports, targets)
-        finished = finish(self.tokenizer, merged, reports, merged if isinstance(merged, torch.Tensor) else merged.sequences,
-                          width)
-        return GenerateResult(finished, reports, {t.row: t for t in targets})
+        targets = (targets_for(self.model, self.tokenizer, pre, decisions, patched_rows, self.profile, control=self.control)
+                   if patched_rows else [])
+        out = main
+        if targets:
+            target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
+            target_kwargs["max_new_tokens"] = token_budget(config, kwargs, width)
+            out = continue_patched(self.model, self.tokenizer, main, targets, width, logits_processor=logits_processor,
+                                   stopping_criteria=stopping_criteria, streamer=streamer, reuse_prefix=reuse,
+                                   caller_ids=input_ids[[t.row for t in targets]], **passthrough, **target_kwargs)
+        out, reports = report_call(self.tokenizer, out, main, pre.plans, decisions, targets, width, self.profile,
+                                   self.control)
+        return GenerateResult(out, reports, {t.row: t for t in targets})
 
     # ---- strings in, strings out --------------------------------------------------------------
 

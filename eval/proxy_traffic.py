@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from autopatch import load_model
     from server import create_app
-    from server.cli import _proxy_screen
     from server.runner import BackgroundServer
+    from server.screening import proxy_screen
     from server.upstream import create_proxy_app, plan
 
     torch.set_grad_enabled(False)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(line["set"], line["id"]) for line in lines}
     todo = [(name, r) for name, r in records if (name, r.id) not in done]
     model, tok = load_model(args.model)
-    screen = None if args.no_screen else _proxy_screen(args.screen_model, None)
+    screen = None if args.no_screen else proxy_screen(args.screen_model)
     with BackgroundServer(create_app(model, tok, model_name=args.model, patching_default=False)) as upstream, \
             BackgroundServer(create_proxy_app(upstream.url, timeout_s=600, screen=screen)) as proxy, \
             path.open("a") as sink, ThreadPoolExecutor(args.concurrency) as pool:

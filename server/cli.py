@@ -19,7 +19,7 @@ import os
 import time
 
 from autopatch.cli import _add_model_arg, subcommand
-from server.screening import DEFAULT_SCREEN_MODEL
+from server.screening import DEFAULT_SCREEN_MODEL, proxy_screen
 
 logger = logging.getLogger("autopatch.server")
 
@@ -99,23 +99,6 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _proxy_screen(name: str | None, quantize: str | None):
-    """The proxy's screen: ``name``'s, or the default screen model's, else the embedded default model's when the
-    default screen model is not installed (said in the log)."""
-    from autopatch.errors import AutopatchError
-    from autopatch.loading import EMBEDDED_MODEL_NAME
-    from server.screening import LocalScreen
-
-    if name is not None:
-        return LocalScreen.load(name, quantize=quantize)
-    try:
-        return LocalScreen.load(DEFAULT_SCREEN_MODEL, quantize=quantize)
-    except AutopatchError as err:
-        logger.warning("the proxy's screen: %s is not available (%s); using %s's screen instead",
-                       DEFAULT_SCREEN_MODEL, err, EMBEDDED_MODEL_NAME)
-        return LocalScreen.load(EMBEDDED_MODEL_NAME, quantize=quantize)
-
-
 def _serve_upstream(args: argparse.Namespace) -> int:
     """``--upstream``: the decomposition in front of another server (server.upstream); no model is loaded here."""
     import uvicorn
@@ -124,7 +107,7 @@ def _serve_upstream(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("AUTOPATCH_API_KEY") or None
     warn_if_exposed(args.host, api_key)
-    screen = None if args.no_screen else _proxy_screen(args.screen_model, args.quantize)
+    screen = None if args.no_screen else proxy_screen(args.screen_model, args.quantize)
     app = create_proxy_app(args.upstream, api_key=api_key, upstream_api_key=os.environ.get(args.upstream_api_key_env),
                            upstream_model=args.upstream_model, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
                            screen=screen)

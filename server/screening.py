@@ -17,12 +17,15 @@ at a time beside the proxy's threads.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autopatch.errors import ConfigError
+from autopatch.errors import AutopatchError, ConfigError
+
+logger = logging.getLogger("autopatch")
 
 DEFAULT_SCREEN_MODEL = "qwen2.5-coder-0.5b-instruct"  # the screen that passed fewest ordinary requests (docs/scale.md)
 
@@ -67,3 +70,18 @@ class LocalScreen:
                                                   self.screen.spec, profile=self.profile)
         score = float(self.screen.scores(features)[0])
         return score, score >= self.screen.threshold
+
+
+def proxy_screen(name: str | None = None, quantize: str | None = None) -> LocalScreen:
+    """The proxy's screen: ``name``'s; by default :data:`DEFAULT_SCREEN_MODEL`'s, else the embedded default
+    model's when that one is not installed (said in the log)."""
+    from autopatch.loading import EMBEDDED_MODEL_NAME
+
+    if name is not None:
+        return LocalScreen.load(name, quantize=quantize)
+    try:
+        return LocalScreen.load(DEFAULT_SCREEN_MODEL, quantize=quantize)
+    except AutopatchError as err:
+        logger.warning("the proxy's screen: %s is not available (%s); using %s's screen instead",
+                       DEFAULT_SCREEN_MODEL, err, EMBEDDED_MODEL_NAME)
+        return LocalScreen.load(EMBEDDED_MODEL_NAME, quantize=quantize)

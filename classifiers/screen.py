@@ -199,6 +199,9 @@ def screen_examples(model_tok: tuple[Any, Any], fmt, *, twohop_limit: int = 200,
     musique = sorted(load_musique(split="calib", hops=2), key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())
     for rec in musique[:musique_limit]:
         out += both(rec.id, rec.question, 1, "musique:calib")
+    handwritten, _ = select_records("handwritten", split="calib", hops=2)
+    for rec in handwritten:
+        out += both(rec.id, rec.question, 1, "handwritten:calib")
     harm, _ = select_records("harm", split="calib")
     used = {r.question.strip().lower() for r in harm}
     for rec in harm:
@@ -206,16 +209,25 @@ def screen_examples(model_tok: tuple[Any, Any], fmt, *, twohop_limit: int = 200,
             out.append(Example(rec.id, render_chat(rec.messages, tok, fmt).text, rec.question, 0, "harm:calib"))
         else:
             out += both(rec.id, rec.question, 0, "harm:calib")
-    singles = 0
-    for rec in musique:
+    out += _single_hops(handwritten, used, None, "handwritten-single-hop:calib", both)
+    out += _single_hops(musique, used, single_hop_limit, "musique-single-hop:calib", both)
+    return out
+
+
+def _single_hops(records, used: set[str], limit: int | None, source: str, both) -> list[Example]:
+    """Negatives: each two-hop record's first sub-question, and its second with the bridge filled in (one fact
+    answers each), skipping relation-only steps and questions already used."""
+    out: list[Example] = []
+    taken = 0
+    for rec in records:
         first, second = rec.question_decomposition
         for k, step in enumerate((first, second.filled(first.answer))):
             text = step.question.strip()
-            if step.is_relation or text.lower() in used or singles >= single_hop_limit:
+            if step.is_relation or text.lower() in used or (limit is not None and taken >= limit):
                 continue
             used.add(text.lower())
-            singles += 1
-            out += both(f"{rec.id}#{k + 1}", text, 0, "musique-single-hop:calib")
+            taken += 1
+            out += both(f"{rec.id}#{k + 1}", text, 0, source)
     return out
 
 
@@ -258,9 +270,48 @@ def pick_threshold(scores: np.ndarray, y: np.ndarray, max_fpr: float) -> float:
     return float(np.nextafter(bar, np.inf))
 
 
+def platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """``(a, b)`` such that ``sigmoid(a * logit(score) + b)`` is a calibrated probability on held-out ``scores``
+    (Platt scaling); ``(1, 0)`` when one class is missing."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not 0 < y.sum() < len(y):
+        return 1.0, 0.0
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(scores)[:, None], y)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def _calibrate(scores: np.ndarray, ab: tuple[float, float]) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(ab[0] * _logit(scores) + ab[1])))
+
+
+def held_out_sources(X: np.ndarray, y: np.ndarray, sources: Sequence[str], located: np.ndarray, *, threshold: float,
+                     ab: tuple[float, float], n_components: int) -> dict[str, float]:
+    """Share of each source's located prompts that pass a screen fitted on every *other* source (calibrated with
+    ``ab``, at ``threshold``): recall on two-hop forms, and pass rate on other requests, the screen never saw."""
+    from classifiers.gate import make_pipeline
+
+    src = np.asarray(sources)
+    out = {}
+    for source in sorted(set(sources)):
+        train, test = src != source, (src == source) & located
+        if not test.any() or not 0 < y[train].sum() < train.sum():
+            continue
+        pipe = make_pipeline("logreg", max(1, min(n_components, int(train.sum()) - 1, X.shape[1])))
+        pipe.fit(X[train], y[train])
+        out[source] = float((_calibrate(pipe.predict_proba(X[test])[:, 1], ab) >= threshold).mean())
+    return out
+
+
 def train_screen(model, tok, *, out: Path, layers: Sequence[int] | None = None, max_fpr: float = 0.05,
                  n_components: int = 64, batch_size: int = 16, examples: Sequence[Example] | None = None) -> PatchGate:
-    """Fit the screen for ``model``, set its threshold on cross-validated calib scores, write ``out/screen.md``."""
+    """Fit the screen for ``model``, calibrate its scores and set its threshold on cross-validated calib scores,
+    write ``out/screen.md``."""
     from autopatch.architectures import num_layers
     from autopatch.resolve import model_profile
     from classifiers.features import FeatureSpec
@@ -271,21 +322,32 @@ def train_screen(model, tok, *, out: Path, layers: Sequence[int] | None = None, 
     examples = list(examples) if examples is not None else screen_examples((model, tok), base.prompt_format)
     X, located = screen_features(model, tok, examples, spec, batch_size=batch_size)
     y = np.array([e.label for e in examples])
-    held = cv_scores(X, y, [e.id.split("@")[0] for e in examples], n_components=n_components)
-    threshold = pick_threshold(held[located], y[located], max_fpr)  # only located rows ever reach a gate
+    raw = cv_scores(X, y, [e.id.split("@")[0] for e in examples], n_components=n_components)
+    ab = platt(raw[located], y[located])  # only located rows ever reach a gate: calibrate on those
+    held = _calibrate(raw, ab)
+    threshold = pick_threshold(held[located], y[located], max_fpr)
     per_source = {}
     for source in sorted({e.source for e in examples}):
         rows = [i for i, e in enumerate(examples) if e.source == source]
-        per_source[source] = {"prompts": len(rows), "located": int(located[rows].sum()),
+        per_source[source] = {"prompts": len(rows), "label": int(examples[rows[0]].label),
+                              "located": int(located[rows].sum()),
                               "passed": int(sum(held[i] >= threshold for i in rows if located[i]))}
+    unseen = held_out_sources(X, y, [e.source for e in examples], located, threshold=threshold, ab=ab,
+                              n_components=n_components)
+    for source, rate in unseen.items():
+        per_source[source]["passed_source_held_out"] = rate
     yl, hl = y[located], held[located]
     summary = {"examples": len(examples), "located": int(located.sum()), "positives": int(y.sum()),
                "negatives": int(len(y) - y.sum()), "max_fpr": max_fpr, "threshold": threshold,
+               "platt": list(ab), "brier": float(np.mean((hl - yl) ** 2)) if len(yl) else None,
                "cv_recall": float((hl[yl == 1] >= threshold).mean()) if yl.sum() else None,
                "cv_fpr": float((hl[yl == 0] >= threshold).mean()) if (yl == 0).any() else None,
                "cv_auc": _auc(yl, hl), "per_source": per_source, "spec": spec.to_dict(), "n_components": n_components}
     screen = PatchGate.fit(X, y, None, spec=spec, profile=base, model=model, n_components=n_components,
                            meta={"kind": "screen", "summary": summary})
+    # Platt's map is affine in the logit, so it folds into the logistic head: scores() is calibrated as saved
+    screen.arrays["coef"] = screen.arrays["coef"] * ab[0]
+    screen.arrays["intercept"] = screen.arrays["intercept"] * ab[0] + ab[1]
     screen.threshold = threshold
     out.mkdir(parents=True, exist_ok=True)
     save_screen(screen, out)
@@ -302,16 +364,27 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
 
 
 def screen_markdown(summary: dict) -> str:
-    """What the screen was fitted on and how it did on held-out folds of calib."""
+    """What the screen was fitted on and how it did on held-out folds of calib, and on held-out sources."""
     auc = summary["cv_auc"]
+    platt_note = ""
+    if "platt" in summary:
+        a, b = summary["platt"]
+        platt_note = (f" Scores are calibrated (Platt scaling of the held-out scores on located prompts, a={a:.3f}, "
+                      f"b={b:.3f}, folded into the saved head; Brier score {summary['brier']:.3f}).")
     lines = ["# Two-hop screen", "",
              f"Training prompts: {summary['examples']} ({summary['positives']} two-hop, {summary['negatives']} not; "
-             f"{summary['located']} located). Features: {summary['spec']}, PCA to {summary['n_components']}.", "",
+             f"{summary['located']} located). Features: {summary['spec']}, PCA to {summary['n_components']}.{platt_note}", "",
              f"Threshold {summary['threshold']:.4f}: the lowest at which at most {summary['max_fpr']:.0%} of the located "
              f"negatives pass, on 5-fold cross-validated scores (folds grouped by question). Held out, on located "
              f"prompts: recall {summary['cv_recall']:.3f} on two-hop questions, {summary['cv_fpr']:.3f} of other "
              f"requests passed, ROC-AUC {'n/a' if auc is None else f'{auc:.3f}'}.", "",
-             "| source | prompts | located | passed the screen (held-out) |", "|---|---|---|---|"]
+             "Last column: the share of the source's located prompts passed by a screen fitted on every other source "
+             "(the forms of that source never seen), at the same threshold.", "",
+             "| source | two-hop | prompts | located | passed the screen (held-out folds) | passed, source held out |",
+             "|---|---|---|---|---|---|"]
     for source, row in summary["per_source"].items():
-        lines.append(f"| {source} | {row['prompts']} | {row['located']} | {row['passed']} |")
+        unseen = row.get("passed_source_held_out")
+        label = {1: "yes", 0: "no"}.get(row.get("label"), "")
+        lines.append(f"| {source} | {label} | {row['prompts']} | {row['located']} | {row['passed']} | "
+                     f"{'' if unseen is None else f'{unseen:.3f}'} |")
     return "\n".join(lines) + "\n"

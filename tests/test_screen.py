@@ -157,3 +157,47 @@ def test_a_per_request_threshold_moves_the_inner_gate_and_never_the_screen(model
     assert not hasattr(screened, "members")  # no attribute is answered by the inner gate in the screen's name
     with pytest.raises(ApiError, match="screened AlwaysPatch has no single threshold"):
         gate_with_threshold(ScreenedGate(screen, AlwaysPatch()), 0.9)
+
+
+def test_platt_scaling_turns_overconfident_held_out_scores_into_calibrated_ones():
+    from classifiers.screen import _calibrate, platt
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 4000)
+    true_p = np.where(y == 1, 0.7, 0.3)  # a score that ranks well but claims far more than it knows
+    claimed = np.where(rng.uniform(size=4000) < true_p, 0.99, 0.01)
+    a, b = platt(claimed, y)
+    calibrated = _calibrate(claimed, (a, b))
+    assert 0 < a < 1  # shrunk towards 0.5
+    assert abs(calibrated[claimed > 0.5].mean() - y[claimed > 0.5].mean()) < 0.02
+    assert np.mean((calibrated - y) ** 2) < np.mean((claimed - y) ** 2)
+    assert platt(claimed, np.ones(4000, int)) == (1.0, 0.0)  # one class: nothing to calibrate against
+
+
+def test_train_screen_saves_calibrated_scores_and_reports_every_source_held_out(model, tmp_path):
+    from classifiers.gate import make_pipeline
+    from classifiers.screen import Example, _calibrate, screen_features, train_screen
+    from eval.twohop import generate_twohop
+
+    tok = byte_tokenizer()
+    fmt = PromptFormat(demonstrations=())
+    twohop = [r.question for r in generate_twohop(split="train")[:60]]
+    ordinary = [f"What is the {w} of the {v} that {u}?" for w in ("color", "size", "age") for v in ("car", "house")
+                for u in ("I bought", "we saw", "you liked", "she painted", "he sold")]
+    examples = ([Example(f"p{i}", fmt.render(q), q, 1, "twohop-a" if i % 2 else "twohop-b") for i, q in enumerate(twohop)]
+                + [Example(f"n{i}", fmt.render(q), q, 0, "ordinary") for i, q in enumerate(ordinary)])
+    screen = train_screen(model, tok, out=tmp_path / "s", layers=(1,), n_components=4, examples=examples)
+    summary = screen.meta["summary"]
+    assert set(summary["per_source"]) == {"twohop-a", "twohop-b", "ordinary"}
+    # positives held out by source are still judged by a screen fitted on the other positive source; the only
+    # negative source cannot be held out (no negatives would remain to fit on)
+    assert "passed_source_held_out" in summary["per_source"]["twohop-a"]
+    assert "passed_source_held_out" not in summary["per_source"]["ordinary"]
+    assert "Platt scaling" in (tmp_path / "s" / "screen.md").read_text()
+    # the saved head scores exactly the calibrated probability of the fitted pipeline
+    X, _ = screen_features(model, tok, examples, screen.spec)
+    y = np.array([e.label for e in examples])
+    pipe = make_pipeline("logreg", 4).fit(X, y)
+    loaded = load_screen(tmp_path / "s", model=model)
+    assert np.allclose(loaded.scores(X), _calibrate(pipe.predict_proba(X)[:, 1], tuple(summary["platt"])), atol=1e-6)
+    assert loaded.threshold == screen.threshold

@@ -326,7 +326,7 @@ def train_screen(model, tok, *, out: Path, layers: Sequence[int] | None = None, 
     ab = platt(raw[located], y[located])  # only located rows ever reach a gate: calibrate on those
     held = _calibrate(raw, ab)
     threshold = pick_threshold(held[located], y[located], max_fpr)
-    per_source = {}
+    per_source: dict[str, dict[str, float]] = {}
     for source in sorted({e.source for e in examples}):
         rows = [i for i, e in enumerate(examples) if e.source == source]
         per_source[source] = {"prompts": len(rows), "label": int(examples[rows[0]].label),

@@ -105,7 +105,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
     after the prompt; when absent it is ``min(default_max_tokens, that)``.
     Prompts over ``max_prompt_tokens`` tokens get 400 (``None``: only the context limits them).
     ``patching_default`` applies when a request does not say ``autopatch.enabled``.
-    Greedy non-streamed requests arriving within ``batch_window_s`` of each other share one ``generate``
+    Greedy requests (streamed or not) arriving within ``batch_window_s`` of each other share one ``generate``
     call, up to ``max_batch_size`` (1 turns batching off; :mod:`server.batching`).
     ``api_key``: when set, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (401 otherwise);
     bodies over ``max_body_bytes`` get 413, and bodies that stall for ``body_timeout_s`` get 408

@@ -27,7 +27,7 @@ test models; ``bench/bench_server.py`` checks it on a real model).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -37,12 +37,12 @@ from autopatch.patcher import AutoPatcher
 from autopatch.prefix_cache import left_pad
 from autopatch.stopping import cut_at_stop
 from server.cancel import cancellable
-from server.jobs import Event, GenerationJob, GenerationResult, abandoned, timeout_error
+from server.jobs import Event, GenerationJob, GenerationResult, abandoned, safe_emit, timeout_error
 
 
 def batchable(job: GenerationJob) -> bool:
-    """Greedy and not streamed: may share a ``generate`` call with compatible jobs."""
-    return not job.stream and not job.sampling.get("do_sample", False)
+    """Greedy (streamed or not): may share a ``generate`` call with compatible jobs."""
+    return not job.sampling.get("do_sample", False)
 
 
 def compatible(first: GenerationJob, other: GenerationJob) -> bool:
@@ -51,18 +51,96 @@ def compatible(first: GenerationJob, other: GenerationJob) -> bool:
             and first.gate is other.gate and first.profile == other.profile)
 
 
+class AnswerStream:
+    """One answer's text as it grows: cuts at stop strings and emits text deltas.
+
+    :meth:`advance` is given the answer's tokens so far (a batch row's, from :class:`server.batching.RowHalt`);
+    as a ``generate`` streamer, :meth:`put` appends each step's tokens after skipping the first ``put`` (the
+    prompt), as HF's ``TextStreamer(skip_prompt=True)`` does. A delta is held back while it might be the start of
+    a stop string or ends in an incomplete UTF-8 sequence.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = (),
+                 on_delta: Callable[[str], None] | None = None):
+        self.tokenizer, self.stop, self.on_delta = tokenizer, [s for s in stop if s], on_delta
+        self.ids: list[int] = []
+        self.stopped = False  # a stop string was produced
+        self._prompt_skipped = False
+        self._sent = 0
+        self._final: str | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_skipped:
+            self._prompt_skipped = True
+            return
+        self.advance(self.ids + [int(i) for i in value.reshape(-1).tolist()])
+
+    def advance(self, ids: Sequence[int]) -> None:
+        """The answer is ``ids`` so far (it only ever grows); emit what is now certain."""
+        if self.stopped:
+            return
+        self.ids = list(ids)
+        if not self.stop and self.on_delta is None:
+            return
+        text = self._decode()
+        final, stopped = cut_at_stop(text, self.stop)
+        if stopped:
+            cut = len(final)
+            self.stopped, self._final = True, final
+            self._emit(self._final[self._sent:] if cut > self._sent else "")
+            self._sent = max(self._sent, cut)
+            return
+        safe = len(text.rstrip("\ufffd"))
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        if safe > self._sent:
+            self._emit(text[self._sent:safe])
+            self._sent = safe
+
+    def end(self) -> None:
+        pass  # the worker calls finish() once generate has returned
+
+    def finish(self) -> str:
+        """The answer text (cut at the first stop string); emits whatever was held back."""
+        if self._final is None:
+            self._final = self._decode()
+        if len(self._final) > self._sent:
+            self._emit(self._final[self._sent:])
+            self._sent = len(self._final)
+        return self._final
+
+    def _decode(self) -> str:
+        return cast(str, self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> None:
+        if text and self.on_delta is not None:
+            self.on_delta(text)
+
+
 class RowHalt(StoppingCriteria):
-    """Per row: stop at the row's ``max_new_tokens``, at a stop string, or once the row is abandoned.
+    """Per row: stop at the row's ``max_new_tokens``, at a stop string, or once the row is abandoned; and stream
+    the text of the rows whose job asked for a stream.
 
     ``prompts`` is the left-padded ``(batch, width)`` prompt tensor of ``jobs``. A call may see all rows (the
     main ``generate``) or only the patched ones (the patched continuation, through a caller view); see
     :meth:`rows_of`. Rows stopped because they were abandoned are remembered in ``abandoned_rows``.
+
+    A streamed row's text is emitted one token behind what the row holds (:func:`confirmed_ids`): a row the gate
+    patches makes exactly one unpatched token before it ends, and that token is never sent; its answer streams
+    from the patched continuation. :meth:`finish` sends what was held back.
     """
 
-    def __init__(self, jobs: Sequence[GenerationJob], prompts: torch.Tensor, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, jobs: Sequence[GenerationJob], prompts: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
+                 *, pad: int | None = None, eos: set[int] | None = None):
         self.jobs, self.prompts, self.tokenizer = list(jobs), prompts, tokenizer
         self.width = int(prompts.shape[1])
         self.abandoned_rows: set[int] = set()
+        self.pad, self.eos = pad, eos or set()
+        self.streams = {row: AnswerStream(tokenizer, job.stop, on_delta=_delta_to(job))
+                        for row, job in enumerate(self.jobs) if job.stream}
 
     def rows_of(self, input_ids: torch.Tensor) -> list[int]:
         """The batch row of each row of ``input_ids``, matched by prompt in order (patched rows keep their order).
@@ -81,9 +159,22 @@ class RowHalt(StoppingCriteria):
         return rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        flags = [True if row < 0 else self._done(row, input_ids[k, self.width :]) for k, row in
-                 enumerate(self.rows_of(input_ids))]
+        flags = []
+        for k, row in enumerate(self.rows_of(input_ids)):
+            if row < 0:
+                flags.append(True)
+                continue
+            new = input_ids[k, self.width :]
+            if row in self.streams:
+                self.streams[row].advance(confirmed_ids(new.tolist(), self.pad, self.eos))
+            flags.append(self._done(row, new))
         return cast(torch.BoolTensor, torch.tensor(flags, dtype=torch.bool, device=input_ids.device))
+
+    def finish(self, row: int, ids: list[int]) -> None:
+        """The row's answer is ``ids``: a streamed row sends the rest of its text."""
+        if row in self.streams:
+            self.streams[row].advance(ids)
+            self.streams[row].finish()
 
     def _done(self, row: int, new: torch.Tensor) -> bool:
         job = self.jobs[row]
@@ -100,6 +191,18 @@ class RowHalt(StoppingCriteria):
 
     def all_abandoned(self) -> bool:
         return all(abandoned(job) for job in self.jobs)
+
+
+def confirmed_ids(new: list[int], pad: int | None, eos: set[int]) -> list[int]:
+    """The tokens of a row that are certain to be its answer's: the row's tokens without trailing padding, less
+    the last one (the one token a patched row makes before the gate's choice ends it), up to the first EOS."""
+    while new and new[-1] == pad:
+        new = new[:-1]
+    return answer_ids(new[:-1], -1 if pad is None else pad, eos)
+
+
+def _delta_to(job: GenerationJob) -> Callable[[str], None]:
+    return lambda text: safe_emit(job, ("delta", text))
 
 
 def left_padded(jobs: Sequence[GenerationJob], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +246,7 @@ def run_batch(model, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[Generati
     pad = cast(int, tokenizer.pad_token_id)
     eos = eos if eos is not None else set()
     prompts, mask = left_padded(jobs, pad)
-    halt = RowHalt(jobs, prompts, tokenizer)
+    halt = RowHalt(jobs, prompts, tokenizer, pad=pad, eos=eos)
     device = next(model.parameters()).device
     patcher = AutoPatcher(model, tokenizer, first.profile, first.gate, control=control)
     if first.seed is not None and len(jobs) == 1:
@@ -165,5 +268,6 @@ def run_batch(model, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[Generati
         else:
             ids = answer_ids(sequences[i, halt.width :].tolist(), pad, eos)
             report = result.reports[i].to_dict() if i < len(result.reports) else {}
+            halt.finish(i, ids)
             events.append(("done", result_of(job, ids, tokenizer, eos, report)))
     return events

@@ -42,7 +42,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=4096,
                         help="longer prompts get 400 context_length_exceeded (0: only the model's context limits them)")
     parser.add_argument("--max-batch-size", type=int, default=8,
-                        help="greedy non-streamed requests generated together at most (1: no batching)")
+                        help="greedy requests (streamed or not) generated together at most (1: no batching)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
                         help="how long the worker waits for more requests to batch with the first one")
     parser.add_argument("--keep-alive-timeout", type=float, default=5.0,

@@ -14,6 +14,7 @@ back through ``job.emit``: ``("delta", str)`` while streaming, then
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from typing import Any
 from autopatch.gating import Gate
 from autopatch.profile import PatchProfile
 from server.errors import ApiError
+
+logger = logging.getLogger("autopatch.server")
 
 Event = tuple[str, Any]  # ("delta", str) | ("done", GenerationResult) | ("error", ApiError)
 
@@ -74,3 +77,11 @@ def expired(job: GenerationJob) -> bool:
 def abandoned(job: GenerationJob) -> bool:
     """Nobody will read this job's answer: cancelled (timeout, client gone) or past its deadline."""
     return job.cancelled.is_set() or expired(job)
+
+
+def safe_emit(job: GenerationJob, event: Event) -> None:
+    """Hand ``event`` to the job's receiver; a receiver that is gone (client left, server stopping) is not an error."""
+    try:
+        job.emit(event)
+    except Exception:
+        logger.debug("could not deliver a %s event", event[0], exc_info=True)

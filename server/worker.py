@@ -13,11 +13,12 @@ the event loop free of model work. Results and streamed text go back through
 ``job.emit`` (thread-safe; the app passes a function that hands each event to
 the event loop).
 
-Micro-batching: when the worker takes a greedy, non-streamed job, it waits up
-to ``batch_window_s`` for more jobs that can share its ``generate`` call
+Micro-batching: when the worker takes a greedy job, streamed or not, it waits
+up to ``batch_window_s`` for more jobs that can share its ``generate`` call
 (:func:`server.batching.compatible`) and runs up to ``max_batch_size`` of them
-as one left-padded batch (:func:`server.batching.run_batch`). Streamed and
-sampled jobs run alone. Jobs that cannot join stay queued, in order.
+as one left-padded batch (:func:`server.batching.run_batch`, which also streams
+the rows that asked for it). Sampled jobs run alone, through the same call.
+Jobs that cannot join stay queued, in order.
 
 A job's ``cancelled`` event (set on timeout or client disconnect) and its
 ``deadline`` make the worker skip the job if it has not started, stop its row
@@ -31,101 +32,19 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import cast
 
-import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedTokenizerBase
 
 from autopatch.errors import ConfigError
 from autopatch.kernels import release_openmp_pool
-from autopatch.patcher import AutoPatcher
-from autopatch.stopping import cut_at_stop
-from server.batching import batchable, compatible, finish_reason, run_batch
-from server.cancel import Cancelled, cancellable
+from server.batching import batchable, compatible, run_batch
+from server.cancel import Cancelled
 from server.errors import ApiError, internal_error
-from server.jobs import Event, GenerationJob, GenerationResult, abandoned, expired, timeout_error
+from server.jobs import Event, GenerationJob, GenerationResult, expired, safe_emit, timeout_error
 
 logger = logging.getLogger("autopatch.server")
 
-__all__ = ["AnswerStream", "Event", "GenerationJob", "GenerationResult", "GenerationWorker"]
-
-
-class AnswerStream:
-    """A ``generate`` streamer that collects the answer's tokens, cuts at stop strings and emits text deltas.
-
-    It skips the first ``put`` (the prompt), as HF's ``TextStreamer(skip_prompt=True)`` does.
-    AutoPatcher forwards the vanilla tokens when a row is not patched and the
-    patched continuation's tokens when it is, so this sees exactly the answer.
-    A delta is held back while it might be the start of a stop string or ends
-    in an incomplete UTF-8 sequence.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = (),
-                 on_delta: Callable[[str], None] | None = None):
-        self.tokenizer, self.stop, self.on_delta = tokenizer, [s for s in stop if s], on_delta
-        self.ids: list[int] = []
-        self.stopped = False  # a stop string was produced
-        self._prompt_skipped = False
-        self._sent = 0
-        self._final: str | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_skipped:
-            self._prompt_skipped = True
-            return
-        if self.stopped:
-            return
-        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
-        if not self.stop and self.on_delta is None:
-            return
-        text = self._decode()
-        final, stopped = cut_at_stop(text, self.stop)
-        if stopped:
-            cut = len(final)
-            self.stopped, self._final = True, final
-            self._emit(self._final[self._sent:] if cut > self._sent else "")
-            self._sent = max(self._sent, cut)
-            return
-        safe = len(text.rstrip("\ufffd"))
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        if safe > self._sent:
-            self._emit(text[self._sent:safe])
-            self._sent = safe
-
-    def end(self) -> None:
-        pass  # the worker calls finish() once generate has returned
-
-    def finish(self) -> str:
-        """The answer text (cut at the first stop string); emits whatever was held back."""
-        if self._final is None:
-            self._final = self._decode()
-        if len(self._final) > self._sent:
-            self._emit(self._final[self._sent:])
-            self._sent = len(self._final)
-        return self._final
-
-    def _decode(self) -> str:
-        return cast(str, self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def _emit(self, text: str) -> None:
-        if text and self.on_delta is not None:
-            self.on_delta(text)
-
-
-class _Halt(StoppingCriteria):
-    """Stops generation once ``should_stop()`` (stop string seen, request cancelled)."""
-
-    def __init__(self, should_stop: Callable[[], bool]):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return cast(torch.BoolTensor, torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool,
-                                                device=input_ids.device))
+__all__ = ["Event", "GenerationJob", "GenerationResult", "GenerationWorker"]
 
 
 def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -203,7 +122,7 @@ class GenerationWorker:
             self._pending.clear()
             self._cond.notify_all()
         for job in waiting:
-            _safe_emit(job, ("error", ApiError(503, "The server is shutting down.", type="unavailable_error",
+            safe_emit(job, ("error", ApiError(503, "The server is shutting down.", type="unavailable_error",
                                                code="shutting_down")))
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -257,17 +176,14 @@ class GenerationWorker:
         if job.cancelled.is_set():
             return True
         if expired(job):
-            _safe_emit(job, ("error", timeout_error()))
+            safe_emit(job, ("error", timeout_error()))
             return True
         return False
 
     def _run(self, jobs: list[GenerationJob]) -> None:
         """Run one batch and deliver its events; a failing batch of several is retried one job at a time."""
         try:
-            if len(jobs) == 1 and jobs[0].stream:
-                events: list[Event | None] = [self.run(jobs[0])]
-            else:
-                events = run_batch(self.model, self.tokenizer, jobs, control=self.control, eos=self._eos)
+            events = run_batch(self.model, self.tokenizer, jobs, control=self.control, eos=self._eos)
         except Cancelled:
             events = [None if job.cancelled.is_set() else ("error", timeout_error()) for job in jobs]
         except ApiError as err:
@@ -276,49 +192,15 @@ class GenerationWorker:
             if len(jobs) > 1:
                 logger.warning("a batch of %d requests failed; running them one at a time", len(jobs), exc_info=True)
                 for job in jobs:
-                    self._run([job])
+                    if job.stream:  # part of its text may have been sent: a second run would send it again
+                        safe_emit(job, ("error", internal_error()))
+                    else:
+                        self._run([job])
                 return
             logger.exception("generation failed")
             events = [("error", internal_error())]
         for job, event in zip(jobs, events):
             if event is not None:
-                _safe_emit(job, event)
-
-    def run(self, job: GenerationJob) -> Event | None:
-        """Generate one streamed answer (on the calling thread); ``None`` when the job was cancelled meanwhile."""
-        stream = AnswerStream(self.tokenizer, job.stop,
-                              on_delta=(lambda text: _safe_emit(job, ("delta", text))) if job.stream else None)
-        cut_short: list[bool] = []  # set when the deadline or a cancellation stopped generation
-
-        def should_stop() -> bool:
-            if abandoned(job):
-                cut_short.append(True)
-                return True
-            return stream.stopped
-
-        halt = _Halt(should_stop)
-        patcher = AutoPatcher(self.model, self.tokenizer, job.profile, job.gate, control=self.control)
-        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
-        if job.seed is not None:
-            torch.manual_seed(job.seed)
-        with cancellable(self.model, lambda: abandoned(job)):
-            result = patcher.generate_with_reports(ids, attention_mask=torch.ones_like(ids),
-                                                   max_new_tokens=job.max_new_tokens,
-                                                   pad_token_id=self.tokenizer.pad_token_id, streamer=stream,
-                                                   stopping_criteria=StoppingCriteriaList([halt]),
-                                                   questions=[job.question], patching=job.patching, **job.sampling)
-        if job.cancelled.is_set():
-            return None
-        if cut_short:
-            return ("error", timeout_error())  # stopped by the deadline: the answer is cut short
-        text = stream.finish()
-        finish = finish_reason(stream.ids, stopped=stream.stopped, eos=self._eos, max_new_tokens=job.max_new_tokens)
-        report = result.reports[0].to_dict() if result.reports else {}
-        return ("done", GenerationResult(text, finish, len(job.prompt_ids), len(stream.ids), report))
+                safe_emit(job, event)
 
 
-def _safe_emit(job: GenerationJob, event: Event) -> None:
-    try:
-        job.emit(event)
-    except Exception:  # the receiving loop may be gone (client left, server stopping)
-        logger.debug("could not deliver a %s event", event[0], exc_info=True)

@@ -21,7 +21,7 @@ import torch
 from autopatch.gating import GateDecision
 from autopatch.patcher import AutoPatcher
 from server import create_app
-from server.batching import RowHalt, compatible, left_padded
+from server.batching import RowHalt, compatible, confirmed_ids, left_padded
 from server.jobs import GenerationJob
 from server.runner import BackgroundServer
 from tests.test_server import FMT, MODEL, PROFILE, TWO_HOP, ask
@@ -152,13 +152,13 @@ def job(prompt: list[int], **kwargs) -> GenerationJob:
     return GenerationJob(prompt_ids=prompt, **{**defaults, **kwargs})  # type: ignore[arg-type]
 
 
-def test_only_greedy_unstreamed_jobs_with_the_same_settings_share_a_batch():
+def test_only_greedy_jobs_with_the_same_settings_share_a_batch_streamed_or_not():
     gate, other_gate = object(), object()
     base = job([5, 6], gate=gate)
     assert compatible(base, job([7], gate=gate, max_new_tokens=9, stop=["x"]))
+    assert compatible(base, job([7], gate=gate, stream=True))
     assert not compatible(base, job([7], gate=other_gate))  # e.g. a per-request threshold copies the gate
     assert not compatible(base, job([7], gate=gate, patching=False))
-    assert not compatible(base, job([7], gate=gate, stream=True))
     assert not compatible(base, job([7], gate=gate, sampling={"do_sample": True, "temperature": 0.7}))
     assert not compatible(base, job([7], gate=gate, profile=PROFILE.__class__(source_layer=3, target_layer=1,
                                                                           prompt_format=FMT)))
@@ -182,3 +182,50 @@ def test_row_halt_stops_rows_one_by_one_and_finds_patched_rows_by_prompt():
     assert halt.rows_of(patched) == [0, 1, 3]  # the same prompt twice: matched in order
     assert halt(patched, None).tolist() == [False, False, True]  # the patched continuation restarts the count
     assert halt.abandoned_rows == {3} and not halt.all_abandoned()
+
+
+def test_a_streamed_row_sends_only_what_is_certain_to_be_its_answer():
+    pad, eos = 0, {2}
+    assert confirmed_ids([7], pad, eos) == []  # the first token waits: the gate may end the row there
+    assert confirmed_ids([7, 0, 0], pad, eos) == []  # a row the gate patched: its one unpatched token is never sent
+    assert confirmed_ids([7, 8], pad, eos) == [7]
+    assert confirmed_ids([7, 8, 2, 0], pad, eos) == [7, 8]  # the last token (here EOS) waits for the end
+    assert confirmed_ids([7, 2, 9, 9], pad, eos) == [7, 2]  # nothing after EOS
+
+
+def stream_of(client: openai.OpenAI, spec: dict) -> tuple:
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": spec["q"]}], max_tokens=spec["max_tokens"], temperature=0,
+        stream=True, extra_body={"autopatch": {"enabled": spec["enabled"]}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+
+
+def test_streamed_requests_share_a_batch_and_stream_the_answer_they_get_alone(monkeypatch):
+    monkeypatch.setattr("server.batching.AutoPatcher", RecordingPatcher)
+    RecordingPatcher.calls = []
+    model, tok = tiny_model_for_bytes("llama", seed=1), byte_tokenizer()
+    gate = PermitGate()
+    app = create_app(model, tok, model_name=MODEL, profile=PROFILE, gate=gate, max_queue=32, max_batch_size=8)
+    specs = [{"q": q, "enabled": True, "max_tokens": n} for q, n in ((TWO_HOP, 9), (IPHONE, 5), (FILM, 12))]
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        gate.let_go()
+        alone = [answer_of(client, spec) for spec in specs]
+        vanilla = [answer_of(client, {**spec, "enabled": False}) for spec in specs]
+        assert all(a[3] for a in alone) and [a[0] for a in alone] != [v[0] for v in vanilla]  # patching changes them
+        RecordingPatcher.calls.clear()
+
+        gate.hold_from_now()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            blocker = pool.submit(answer_of, client, {"q": TWO_HOP, "enabled": True, "max_tokens": 2})
+            assert gate.entries.acquire(timeout=20)  # the blocker holds the worker
+            streamed = [pool.submit(stream_of, client, spec) for spec in specs]
+            plain = [pool.submit(answer_of, client, spec) for spec in specs]
+            wait_for(lambda: depth(srv) == 6)
+            gate.let_go()
+            assert [f.result() for f in streamed] == [a[:2] for a in alone]
+            assert [f.result() for f in plain] == alone
+            assert blocker.result()[0] is not None
+    sizes = sorted(len(questions) for questions, _ in RecordingPatcher.calls)
+    assert sizes == [1, 6]  # the blocker, then the three streams and their three non-streamed twins together

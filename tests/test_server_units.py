@@ -9,9 +9,9 @@ import torch
 
 from autopatch.prompts import PromptFormat
 from server.app import gate_with_threshold
+from server.batching import AnswerStream
 from server.errors import ApiError
 from server.prompting import build_prompt
-from server.batching import AnswerStream
 from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 
 Q = "What is the capital of the country where the Colosseum is located?"

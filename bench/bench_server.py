@@ -1,7 +1,7 @@
 """Server throughput at several concurrencies, as ratios to the same requests sent one at a time to ``AutoPatcher.generate``.
 
 Example:
-    $ python bench/bench_server.py --threads 1                       # embedded Gemma, 16 requests of 16 tokens
+    $ python bench/bench_server.py --threads 1                       # embedded Gemma, 32 requests of 16 tokens
     $ python bench/bench_server.py --tiny --requests 32 --threads 1  # tiny random model: mechanics only
 
 One process, one model. First every request runs sequentially through
@@ -9,12 +9,14 @@ One process, one model. First every request runs sequentially through
 server, greedy decoding, stopping at the format's stop strings with a
 stopping criterion as the server does): that is the one-at-a-time baseline. Then a real
 uvicorn server on 127.0.0.1 (micro-batching on: ``--max-batch-size``,
-``--batch-window-ms``) gets the same non-streamed requests from 1, 4 and 8
-client threads (``--concurrency``) through the ``openai`` client. For each
+``--batch-window-ms``) gets the same requests from 1, 4 and 8 client threads
+(``--concurrency``) through the ``openai`` client, every ``--stream-every``-th
+one streamed (default: every second; 0: none), read to its end. For each
 concurrency it prints wall time, requests per second, the throughput ratio
-server / one-at-a-time (above 1.00: batching gains more than HTTP costs),
-p50/p99 latency, and how many answers equal the baseline's (the baseline's
-text cut at the format's stop strings, as the server cuts it).
+server / one-at-a-time (above 1.00: batching gains more than HTTP costs), the
+ratio to the server's own throughput at one client, p50/p99 latency, and how
+many answers equal the baseline's (the baseline's text cut at the format's stop
+strings, as the server cuts it; a stream's text is its deltas joined).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default=None, help="local path or HF id (default: the embedded Gemma 3 270M)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead (mechanics only)")
-    parser.add_argument("--requests", type=int, default=16, help="requests per run")
+    parser.add_argument("--requests", type=int, default=32, help="requests per run")
+    parser.add_argument("--stream-every", type=int, default=2, help="stream every N-th request (0: none)")
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated client thread counts")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=8, help="the server's (1: batching off)")
@@ -108,29 +111,40 @@ def main(argv: list[str] | None = None) -> int:
     with BackgroundServer(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
 
-        def run_server(question: str) -> tuple[float, str]:
+        def run_server(job: tuple[int, str]) -> tuple[float, str]:
+            index, question = job
             start = time.perf_counter()
-            resp = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
-                                                  max_tokens=args.max_tokens, temperature=0)
+            messages = [{"role": "user", "content": question}]
+            if args.stream_every and index % args.stream_every == args.stream_every - 1:
+                chunks = client.chat.completions.create(model=name, messages=messages, max_tokens=args.max_tokens,
+                                                        temperature=0, stream=True)
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                return time.perf_counter() - start, text
+            resp = client.chat.completions.create(model=name, messages=messages, max_tokens=args.max_tokens,
+                                                  temperature=0)
             return time.perf_counter() - start, resp.choices[0].message.content or ""
 
-        run_server(questions[0])  # warm-up
+        run_server((1, questions[0]))  # warm-up (streamed when streams are on)
         for level in levels:
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=level) as pool:
-                served = list(pool.map(run_server, questions))
+                served = list(pool.map(run_server, enumerate(questions)))
             wall = time.perf_counter() - start
             same = sum(a == b for (_, a), (_, b) in zip(direct, served))
             rows.append((f"autopatch serve + openai client (batch <= {args.max_batch_size})", level, wall,
                          [t for t, _ in served], same))
 
-    print(f"model {name}, {args.requests} non-streamed requests, max_tokens {args.max_tokens}, greedy, "
+    streamed = f"every {args.stream_every} streamed" if args.stream_every else "none streamed"
+    print(f"model {name}, {args.requests} requests ({streamed}), max_tokens {args.max_tokens}, greedy, "
           f"torch threads {torch.get_num_threads()}, batch window {args.batch_window_ms:g} ms\n")
-    print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | p50 ms | p99 ms | answers identical |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | ratio to the server at 1 client | p50 ms "
+          "| p99 ms | answers identical |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    server_at_1 = next((wall for label, level, wall, *_ in rows[1:] if level == 1), None)
     for label, level, wall, latencies, same in rows:
+        to_server = f"{server_at_1 / wall:.2f}" if server_at_1 and label != rows[0][0] else "–"
         print(f"| {label} | {level} | {wall:.2f} | {len(latencies) / wall:.2f} | {direct_wall / wall:.2f} | "
-              f"{percentile(latencies, 50) * 1000:.0f} | {percentile(latencies, 99) * 1000:.0f} | "
+              f"{to_server} | {percentile(latencies, 50) * 1000:.0f} | {percentile(latencies, 99) * 1000:.0f} | "
               f"{same}/{args.requests} |")
     return 0 if all(same == args.requests for *_, same in rows) else 1
 

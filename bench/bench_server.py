@@ -101,6 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     direct = [run_direct(q) for q in questions]
     direct_wall = time.perf_counter() - start
     rows = [("AutoPatcher.generate, one at a time", 1, direct_wall, [t for t, _ in direct], args.requests)]
+    batch_tokens = []
+    if args.max_batch_size > 1:  # the server's batched call alone, in this process: what batching can give at most
+        from server.batching import run_batch
+        from server.jobs import GenerationJob
+
+        def job_of(question: str) -> GenerationJob:
+            prompt = build_prompt([{"role": "user", "content": question}], tok, patcher.profile.prompt_format)
+            ids = tok(prompt.text, add_special_tokens=prompt.add_special_tokens).input_ids
+            return GenerationJob(prompt_ids=ids, question=prompt.question, max_new_tokens=args.max_tokens,
+                                 profile=patcher.profile, gate=patcher.gate, patching=True, emit=lambda e: None,
+                                 stop=prompt.stop)
+
+        start, texts, latencies = time.perf_counter(), [], []
+        for k in range(0, len(questions), args.max_batch_size):
+            began = time.perf_counter()
+            events = run_batch(model, tok, [job_of(q) for q in questions[k:k + args.max_batch_size]])
+            results = [event[1] for event in events if event is not None and event[0] == "done"]
+            texts += [r.text for r in results]
+            batch_tokens.append([r.completion_tokens for r in results])
+            latencies += [time.perf_counter() - began] * len(results)
+        same = sum(a == b for (_, a), b in zip(direct, texts))
+        rows.append((f"server.batching.run_batch in this process, batches of {args.max_batch_size}", 1,
+                     time.perf_counter() - start, latencies, same))
 
     # As `autopatch serve` does when its worker starts on the thread that loaded the model: this thread is done
     # with torch, so its idle OpenMP pool goes (autopatch.kernels.release_openmp_pool).
@@ -140,12 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | ratio to the server at 1 client | p50 ms "
           "| p99 ms | answers identical |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    server_at_1 = next((wall for label, level, wall, *_ in rows[1:] if level == 1), None)
+    server_at_1 = next((wall for label, level, wall, *_ in rows if label.startswith("autopatch serve") and level == 1),
+                       None)
     for label, level, wall, latencies, same in rows:
-        to_server = f"{server_at_1 / wall:.2f}" if server_at_1 and label != rows[0][0] else "–"
+        to_server = f"{server_at_1 / wall:.2f}" if server_at_1 and label.startswith("autopatch serve") else "–"
         print(f"| {label} | {level} | {wall:.2f} | {len(latencies) / wall:.2f} | {direct_wall / wall:.2f} | "
               f"{to_server} | {percentile(latencies, 50) * 1000:.0f} | {percentile(latencies, 99) * 1000:.0f} | "
               f"{same}/{args.requests} |")
+    if batch_tokens:
+        print("\nTokens each row of the in-process batches made (a batch runs until its longest row ends): "
+              + "; ".join(", ".join(map(str, b)) for b in batch_tokens))
     return 0 if all(same == args.requests for *_, same in rows) else 1
 
 

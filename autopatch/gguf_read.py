@@ -1,0 +1,80 @@
+"""Read a GGUF file once and dequantize it in large chunks on every core: the embedded models' first load.
+
+Example:
+    >>> from autopatch.gguf_read import one_pass
+    >>> with one_pass():   # transformers' GGUF loaders, as they are, but sharing one reader and a faster dequantize
+    ...     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    ...     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+Why: transformers parses the whole GGUF file once for the tokenizer, once for the config and once for the
+weights (about 5 s each for the 1.5B's 151,936-token vocabulary on these cores), and the ``gguf`` package
+dequantizes 16 rows at a time from the memory map, so per-call overhead dominates. :func:`dequantize` runs
+``gguf``'s own block formulas on chunks of about four million values from an in-memory copy, on several
+threads (NumPy releases the GIL), with bit-identical results (``tests/test_gguf_read.py``). :func:`one_pass`
+puts both in place for the duration of a ``with`` block and restores the ``gguf`` module after, as the engine's
+hooks are removed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+__all__ = ["dequantize", "one_pass"]
+
+_PLAIN = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+
+
+def dequantize(data: np.ndarray, qtype: Any, *, chunk_values: int = 1 << 22, threads: int | None = None) -> np.ndarray:
+    """``gguf.dequantize(data, qtype)``, bit for bit, computed in chunks of about ``chunk_values`` outputs."""
+    import gguf
+
+    block_class = getattr(gguf.quants, qtype.name, None)
+    if qtype.name in _PLAIN or block_class is None or not hasattr(block_class, "dequantize_rows"):
+        return gguf.quants.dequantize(data, qtype)  # the module's own: gguf.dequantize may be this function
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = np.ascontiguousarray(data).reshape(-1, data.shape[-1])  # off the memory map, once
+    per_row = rows.shape[1] // size * block
+    out = np.empty((rows.shape[0], per_row), dtype=np.float32)
+    step = max(1, chunk_values // per_row)
+
+    def run(start: int) -> None:
+        out[start:start + step] = block_class.dequantize_rows(rows[start:start + step]).reshape(-1, per_row)
+
+    starts = range(0, rows.shape[0], step)
+    workers = min(len(starts), threads or os.cpu_count() or 1)
+    if workers <= 1:
+        for start in starts:
+            run(start)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, starts))
+    return out.reshape((*data.shape[:-1], per_row))
+
+
+@contextmanager
+def one_pass() -> Iterator[None]:
+    """Inside: ``gguf.GGUFReader`` returns one shared reader per file and ``gguf.dequantize`` is :func:`dequantize`
+    (transformers imports both from ``gguf`` when it loads a GGUF file). Restored on exit, however it exits."""
+    import gguf
+
+    original_reader, original_dequantize = gguf.GGUFReader, gguf.dequantize
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path: Any, mode: Any = "r") -> Any:
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.dequantize = shared_reader, dequantize  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.dequantize = original_reader, original_dequantize  # type: ignore[misc]
+        readers.clear()

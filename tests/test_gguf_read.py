@@ -1,0 +1,57 @@
+"""The first load's GGUF helpers: a chunked, threaded dequantize bit-identical to ``gguf``'s, and one shared reader."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from autopatch.gguf_read import dequantize, one_pass
+
+QUANTIZED = ("Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_0", "Q5_K")
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """A GGUF file of random blocks of every type the embedded models use (and two more), plus a float tensor."""
+    path = tmp_path_factory.mktemp("gguf") / "random.gguf"
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name in QUANTIZED:
+        qtype = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows, per_row = 37, 4 * 256  # 37 rows: chunks never divide it evenly
+        raw = rng.integers(0, 256, size=(rows, per_row // block * size), dtype=np.uint8)
+        writer.add_tensor(f"t.{name}", raw, raw_dtype=qtype)
+    writer.add_tensor("t.F32", rng.normal(size=(5, 64)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("chunk_values,threads", [(1 << 22, 1), (3000, 2), (1, 3)])
+def test_dequantize_is_bit_identical_to_gguf_s_over_any_chunking(gguf_file, chunk_values, threads):
+    reader = gguf.GGUFReader(gguf_file)
+    assert {t.name for t in reader.tensors} == {*(f"t.{n}" for n in QUANTIZED), "t.F32"}
+    for tensor in reader.tensors:
+        with np.errstate(all="ignore"):  # random scale bits include NaN and infinity
+            theirs = gguf.dequantize(tensor.data, tensor.tensor_type)
+            ours = dequantize(tensor.data, tensor.tensor_type, chunk_values=chunk_values, threads=threads)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, tensor.name
+        assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), tensor.name  # NaNs from random scales too
+
+
+def test_one_pass_shares_one_reader_per_file_and_restores_the_gguf_module(gguf_file):
+    reader_class, dequantize_function = gguf.GGUFReader, gguf.dequantize
+    with one_pass():
+        first, again = gguf.GGUFReader(gguf_file), gguf.GGUFReader(str(gguf_file))
+        assert first is again and gguf.dequantize is dequantize
+        for tensor in first.tensors:  # as transformers calls it; plain types go to gguf's own function
+            with np.errstate(all="ignore"):
+                assert gguf.dequantize(tensor.data, tensor.tensor_type).shape[0] == tensor.data.shape[0]
+    assert gguf.GGUFReader is reader_class and gguf.dequantize is dequantize_function
+    with pytest.raises(RuntimeError), one_pass():
+        raise RuntimeError("a failing load")
+    assert gguf.GGUFReader is reader_class and gguf.dequantize is dequantize_function

@@ -12,7 +12,7 @@ import json
 import logging
 
 from autopatch.cli import _add_model_arg, subcommand
-from autopatch.registry import DECOMPOSERS, STRATEGIES
+from autopatch.registry import DECOMPOSERS, standalone_strategies
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", action="store_true", help="print the per-row report as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--no-patch", action="store_true", help="plain model.generate, for comparison")
-    parser.add_argument("--strategy", choices=list(STRATEGIES),
+    parser.add_argument("--strategy", choices=list(standalone_strategies()),
                         help="use the shipped profile of this strategy for the model (its best swept configuration)")
     parser.add_argument("--profile", help="a patch profile JSON file (default: the shipped one for the model)")
     parser.add_argument("--gate", help="a gate directory (default: the gate shipped for the model)")

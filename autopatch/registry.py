@@ -2,7 +2,9 @@
 
 Example:
     >>> from autopatch.registry import STRATEGIES, CONTROLS, strategy
-    >>> tuple(STRATEGIES)                      # profile validation, CLI choices, server schema, eval methods
+    >>> tuple(STRATEGIES)                      # profile validation, eval methods
+    ('reroute', 'backpatch', 'verbalize', 'isolate', 'isolate-span', 'decompose', 'cross-model')
+    >>> standalone_strategies()                # CLI choices, server schema, default eval methods: one model alone
     ('reroute', 'backpatch', 'verbalize', 'isolate', 'isolate-span', 'decompose')
     >>> strategy("backpatch").target_before_source
     True
@@ -34,6 +36,7 @@ class StrategySpec:
     target_before_source: bool = False  # the target layer must precede the source layer (back-patching)
     uses_state: bool = True  # False for text-only baselines (``decompose``): the hidden state is never patched
     source: str | None = None  # "module:function" recomputing each job's state; None: the prefill's capture
+    needs_source_model: bool = False  # runs only with a second model attached (``cross-model``)
 
     def build(self) -> Callable[..., Any]:
         return _resolve(self.builder)
@@ -111,6 +114,12 @@ strategy = STRATEGIES.get_known
 control = CONTROLS.get_known
 
 
+def standalone_strategies() -> tuple[str, ...]:
+    """The strategies one model runs alone: every list a model is offered without a second one attached (the
+    server's schema, ``generate --strategy``, the default evaluation methods)."""
+    return tuple(name for name, spec in STRATEGIES.items() if not spec.needs_source_model)
+
+
 register_strategy(StrategySpec(
     "reroute", "Patchscopes §5: the state overwrites the placeholder of a fresh prompt asking only the second hop",
     "autopatch.strategies:build_reroute"))
@@ -131,6 +140,10 @@ register_strategy(StrategySpec(
     "decompose", "text only, no hidden state: the located first hop asked as a question, its short answer fills the "
     "second-hop slot (the baseline every patch method must beat)", "autopatch.strategies:build_decompose",
     uses_state=False))
+register_strategy(StrategySpec(
+    "cross-model", "Patchscopes §4.3: reroute from a smaller model's state of the same token, through a linear map "
+    "fitted on calib prompts (autopatch.crossmodel; needs the source model attached)",
+    "autopatch.strategies:build_reroute", source="autopatch.crossmodel:cross_model_jobs", needs_source_model=True))
 
 register_control(ControlSpec("random", "the profile's patch with a norm-matched random vector",
                              "autopatch.strategies:random_like"))

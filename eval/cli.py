@@ -58,6 +58,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, help="a patch profile JSON file (default: resolved for the model)")
     parser.add_argument("--gate", default=None,
                         help="a gate directory for `autopatch` (default: the gate shipped for the model)")
+    parser.add_argument("--source-model", default=None,
+                        help="a second model attached for the cross-model strategy (autopatch.crossmodel), in the "
+                             "same --quantize mode")
+    parser.add_argument("--state-map", default=None,
+                        help="the source-to-model state map directory (default: the one shipped for the pair)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--budget", type=int, default=16, help="new tokens for direct-answer methods")
     parser.add_argument("--cot-budget", type=int, default=48, help="new tokens for chain-of-thought methods")
@@ -69,6 +74,37 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="set damaged or edited result lines aside (into results*.jsonl.bak) and recompute them, "
                              "instead of stopping at the first one")
     parser.add_argument("--num-processes", type=int, default=1, help="data-parallel local worker processes")
+
+
+def _check_source_model(args: argparse.Namespace, methods: list[str]) -> None:
+    """A method whose strategy needs a second model is refused, before anything loads, when none is given."""
+    from autopatch.registry import STRATEGIES
+
+    needing = [m for m in methods if m in STRATEGIES and STRATEGIES[m].needs_source_model]
+    if needing and not args.source_model:
+        raise EvalConfigError(f"{', '.join(needing)} patches from a second model: pass --source-model NAME (and "
+                              "--state-map DIR unless a map is shipped for the pair).")
+    if args.state_map and not args.source_model:
+        raise EvalConfigError("--state-map maps a --source-model's states; pass --source-model too.")
+
+
+def _attach_source(model, args: argparse.Namespace) -> None:
+    """Load ``--source-model`` in the run's mode and attach it to ``model`` through its state map."""
+    from autopatch import load_model
+    from autopatch.crossmodel import StateMap, attach, shipped_map
+
+    source, _ = load_model(args.source_model, quantize=args.quantize)
+    if args.state_map:
+        state_map = StateMap.load(args.state_map, source=source, target=model)
+    else:
+        found = shipped_map(model, source)
+        if found is None:
+            raise EvalConfigError(f"No state map is shipped from {args.source_model} to this model: fit one with "
+                                  "`python -m eval.fit_state_map` and pass --state-map DIR.")
+        state_map = found[0]
+    attach(model, source, state_map)
+    print(f"cross-model: {args.source_model} layer {state_map.source_layer} -> layer {state_map.target_layer} "
+          f"(held-out R² {state_map.meta.get('held_out_r2', float('nan')):.3f})", file=sys.stderr)
 
 
 def _methods(spec: str, with_hops: bool) -> list[str]:
@@ -84,7 +120,7 @@ def _methods(spec: str, with_hops: bool) -> list[str]:
 
 
 SETTINGS = ("dataset", "split", "hops", "limit", "model", "quantize", "batch_size", "budget", "cot_budget",
-            "use_decomposition", "methods", "profile_file", "gate_file")
+            "use_decomposition", "methods", "profile_file", "gate_file", "source_model", "state_map")
 
 
 def _resolved_quantize(model: str | None, quantize: str | None) -> str | None:
@@ -161,7 +197,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
                 "model": args.model, "quantize": _resolved_quantize(args.model, args.quantize),
                 "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
                 "use_decomposition": args.use_decomposition, "methods": methods, "profile_file": args.profile,
-                "gate_file": args.gate}
+                "gate_file": args.gate, "source_model": args.source_model, "state_map": args.state_map}
+    _check_source_model(args, methods)
     methods = check_run_dir(out, settings, add_methods=args.add_methods)  # before anything slow
     if not args.repair:
         from eval.runner import read_results
@@ -208,6 +245,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         methods = [m for m in methods if m not in gated]
         settings["methods"] = methods
     profile = resolution.profile if resolution.profile_source in ("argument", "file") else None
+    if args.source_model:
+        _attach_source(model, args)
     ctx = build_context(model, tok, profile=profile, gate=gate, budget=args.budget, cot_budget=args.cot_budget,
                         use_decomposition=args.use_decomposition, gold_scores=not args.no_gold_scores)
     rank, world = shard_info()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from autopatch.errors import ConfigError
-from autopatch.registry import CONTROLS, STRATEGIES
+from autopatch.registry import CONTROLS, STRATEGIES, standalone_strategies
 from eval.datasets import QARecord
 
 if TYPE_CHECKING:  # the registry itself is imported by the CLI's parser, which must not load torch
@@ -398,7 +398,7 @@ register(Method("oracle-layers", "oracle", "ORACLE: correct if any configuration
 
 
 def default_methods() -> tuple[str, ...]:
-    """What ``autopatch eval`` runs when ``--methods`` is not given: the baselines, every strategy and control
-    registered now, and the oracle gate."""
-    return ("vanilla", "cot", "cot-fewshot", "cot-2stage", "patch", "autopatch", *STRATEGIES,
+    """What ``autopatch eval`` runs when ``--methods`` is not given: the baselines, every strategy that runs on one
+    model alone and every control registered now, and the oracle gate."""
+    return ("vanilla", "cot", "cot-fewshot", "cot-2stage", "patch", "autopatch", *standalone_strategies(),
             *(f"control-{c}" for c in CONTROLS), "oracle-gate")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from autopatch.registry import STRATEGIES
+from autopatch.registry import standalone_strategies
 
 Role = Literal["system", "developer", "user", "assistant"]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -85,7 +85,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]  # derived from autopatch.registry
+StrategyName = Literal[standalone_strategies()]  # type: ignore[valid-type]  # derived from autopatch.registry
 
 
 class AutopatchOptions(BaseModel):
@@ -94,7 +94,7 @@ class AutopatchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     enabled: bool | None = Field(default=None, description="Patch two-hop questions (default: the server's setting).")
     strategy: StrategyName | None = Field(  # type: ignore[valid-type]  # Literal built at runtime from the registry
-        default=None, description=f"Override the profile's strategy, one of {tuple(STRATEGIES)}.")
+        default=None, description=f"Override the profile's strategy, one of {standalone_strategies()}.")
     threshold: float | None = Field(default=None, description="Override the learned gate's threshold (needs a learned gate).")
 
 

@@ -32,9 +32,9 @@ DECOMPOSERS = ("grammar", "both")
 
 
 def _cases() -> list[tuple[str, str | None]]:
-    from autopatch.registry import CONTROLS, STRATEGIES
+    from autopatch.registry import CONTROLS, standalone_strategies
 
-    return [(name, None) for name in STRATEGIES] + [("reroute", name) for name in CONTROLS]
+    return [(name, None) for name in standalone_strategies()] + [("reroute", name) for name in CONTROLS]
 
 
 def _choosing_gate(model, fmt):

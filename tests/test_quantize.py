@@ -262,9 +262,9 @@ def test_quantized_tiny_models_keep_embeddings_and_match_their_dequantized_twin(
 
 
 def _strategies_and_controls() -> list[tuple[str, str | None]]:
-    from autopatch.registry import CONTROLS, STRATEGIES
+    from autopatch.registry import CONTROLS, standalone_strategies
 
-    return [(name, None) for name in STRATEGIES] + [("reroute", name) for name in CONTROLS]
+    return [(name, None) for name in standalone_strategies()] + [("reroute", name) for name in CONTROLS]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

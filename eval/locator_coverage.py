@@ -1,7 +1,7 @@
 """How often the text-only locator finds the first-hop span that a reference gives.
 
 Example:
-    $ python -m eval.locator_coverage --out docs/locator_coverage.md
+    $ python -m eval.locator_coverage --reach --out docs/locator_coverage.md
     >>> from eval.locator_coverage import coverage, span_match, token_f1
     >>> span_match("the Green performer", "Green performer."), round(token_f1("the author of X", "author of X Y"), 2)
     (True, 0.86)
@@ -265,11 +265,56 @@ def twohop_cases() -> list[Case] | None:
     return cases
 
 
+REACH_REASONS = (("refers to the user", "the user or the conversation"), ("points at context", "context the request lacks"),
+                 ("long-form answer", "a long-form answer"), ("stops before the relative clause", "a phrase cut before its clause"))
+
+
+def reach_cost(sets: Mapping[str, Sequence[str]]) -> str:
+    """A markdown table: per question set, how many questions the grammar locates and how many of those the reach
+    rules (:mod:`autopatch.locate.reach`) leave alone, by reason. On two-hop sets every one is a question lost."""
+    from autopatch.locate.reach import check_reach
+
+    lines = ["## What the reach rules leave alone", "",
+             "Questions the grammar locates (`locate_from_text`) that `autopatch.locate.reach.check_reach` then leaves "
+             "alone, by reason. On the two-hop sets each is a question autopatch no longer patches; on the do-no-harm "
+             "set, a request it no longer touches.", "",
+             "| set | questions | located | left alone | " + " | ".join(label for _, label in REACH_REASONS) + " |",
+             "|---|---|---|---|" + "---|" * len(REACH_REASONS)]
+    for name, questions in sets.items():
+        located, reasons = 0, Counter[str]()
+        for question in questions:
+            found = _text_location(question)
+            if found is None:
+                continue
+            located += 1
+            try:
+                check_reach(found)
+            except UnlocatableQuestion as why:
+                reasons[next((label for key, label in REACH_REASONS if key in str(why)), "other")] += 1
+        lines.append(f"| {name} | {len(questions)} | {located} | {sum(reasons.values())} | "
+                     + " | ".join(str(reasons[label]) for _, label in REACH_REASONS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bundled_question_sets() -> dict[str, list[str]]:
+    """Every bundled question set, whole (both splits): the generator's, hand-written, MuSiQue 2-hop, do-no-harm."""
+    from eval.datasets import load_musique, select_records
+    from eval.twohop import generate_twohop
+
+    return {"generated two-hop (train, dev, test)": [r.question for s in ("train", "dev", "test")
+                                                     for r in generate_twohop(split=s)],
+            "hand-written two-hop": [r.question for r in select_records("handwritten", hops=2)[0]],
+            "MuSiQue 2-hop dev": [r.question for r in load_musique(hops=2)],
+            "do-no-harm requests": [r.question for r in select_records("harm")[0]]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--musique", help="path to musique_ans_v1.0_dev.jsonl (default: shared data)")
     parser.add_argument("--misses", type=int, default=0, help="list the first N misses per set")
+    parser.add_argument("--reach", action="store_true",
+                        help="also count what the reach rules leave alone on every bundled question set")
     args = parser.parse_args(argv)
 
     reports = [coverage("MuSiQue 2-hop dev", musique_cases(args.musique), reference_from_decomposition=True)]
@@ -279,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         reports.append(coverage("bundled two-hop", two))
     text = render_markdown(reports, show_misses=args.misses)
+    if args.reach:
+        text += "\n" + reach_cost(bundled_question_sets())
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -403,3 +403,14 @@ def test_first_hops_the_model_cannot_know_are_left_alone(question, why):
 ])
 def test_names_titles_and_polite_questions_are_still_located(question):
     assert locate(question).span
+
+
+def test_the_reach_cost_table_counts_what_the_reach_rules_leave_alone_by_reason():
+    from eval.locator_coverage import reach_cost
+
+    table = reach_cost({"mixed": ["What is the capital of the country where the Colosseum is located?",
+                                  "What is the population of the city where my grandmother was born?",
+                                  "Describe the history of the country where the Colosseum is located.",
+                                  "What is 2+2?"]})
+    row = next(line for line in table.splitlines() if line.startswith("| mixed"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["mixed", "4", "3", "2", "1", "0", "1", "0"]

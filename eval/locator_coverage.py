@@ -265,8 +265,10 @@ def twohop_cases() -> list[Case] | None:
     return cases
 
 
-REACH_REASONS = (("refers to the user", "the user or the conversation"), ("points at context", "context the request lacks"),
-                 ("long-form answer", "a long-form answer"), ("stops before the relative clause", "a phrase cut before its clause"))
+REACH_REASONS = (("refers to the user", "the user or the conversation"),
+                 ("points at context", "context the request lacks"),
+                 ("long-form answer", "a long-form answer"),
+                 ("stops before the relative clause", "a phrase cut before its clause"))
 
 
 def reach_cost(sets: Mapping[str, Sequence[str]]) -> str:

@@ -36,6 +36,7 @@ import torch
 from autopatch.engine import capture
 from autopatch.errors import ConfigError
 from autopatch.fingerprint import model_fingerprint
+from autopatch.headers import read_header
 from autopatch.prefix_cache import left_pad
 
 __all__ = ["StateMap", "attach", "attached", "cross_model_jobs", "detach", "fit_state_map", "paired_states",
@@ -90,15 +91,9 @@ class StateMap:
                 raise ConfigError(f"{path} is missing: a state map is map.json and map.npz written by StateMap.save.")
             if path.stat().st_size > MAX_MAP_BYTES:
                 raise ConfigError(f"{path} is over the {MAX_MAP_BYTES}-byte limit for a state map.")
-        try:
-            header = json.loads((directory / "map.json").read_text())
-        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
-            raise ConfigError(f"Cannot read {directory}/map.json: {err}.") from err
-        if not isinstance(header, dict) or header.get("format") != "autopatch-state-map":
-            raise ConfigError(f"{directory}/map.json is not an autopatch state map.")
-        if header.get("version") != MAP_FORMAT_VERSION:
-            raise ConfigError(f"State map format version {header.get('version')} is not supported (this autopatch "
-                              f"reads version {MAP_FORMAT_VERSION}); fit it again.")
+        header = read_header(directory / "map.json", fmt="autopatch-state-map", versions=(MAP_FORMAT_VERSION,),
+                             what="state map", redo="fit it again with `python -m eval.fit_state_map`",
+                             error=ConfigError)
         blob = (directory / "map.npz").read_bytes()
         if hashlib.sha256(blob).hexdigest() != header.get("arrays_sha256"):
             raise ConfigError(f"{directory}/map.npz does not match the checksum in map.json: the map was modified "

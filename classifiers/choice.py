@@ -37,6 +37,7 @@ import torch
 
 from autopatch.errors import GateFileError
 from autopatch.gating import GateDecision, GateInput
+from autopatch.headers import read_header
 from autopatch.profile import PatchProfile
 from classifiers.gate import PatchGate
 
@@ -208,18 +209,10 @@ class ChoiceGate:
     @classmethod
     def load(cls, directory: str | Path, *, model: torch.nn.Module | None = None) -> ChoiceGate:
         directory = Path(directory)
-        if (directory / "choice.json").is_symlink():
-            raise GateFileError(f"{directory}/choice.json is a symbolic link; gates are read from plain files only.")
-        try:
-            header = json.loads((directory / "choice.json").read_text())
-        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
-            raise GateFileError(f"Cannot read a choice gate from {directory}: {err}.") from err
-        if not isinstance(header, dict) or header.get("format") != "autopatch-choice-gate":
-            raise GateFileError(f"{directory}/choice.json is not an autopatch choice-gate file.")
-        version = header.get("version")
-        if version not in READABLE_VERSIONS or isinstance(version, bool):
-            raise GateFileError(f"Choice-gate format version {version} is not supported (this autopatch reads versions "
-                                f"{list(READABLE_VERSIONS)}); retrain it with `autopatch train-gate --choose ...`.")
+        header = read_header(directory / "choice.json", fmt="autopatch-choice-gate", versions=READABLE_VERSIONS,
+                             what="choice-gate", redo="retrain it with `autopatch train-gate --choose ...`",
+                             error=GateFileError)
+        version = header["version"]
         names, digests = header.get("members"), header.get("member_sha256")
         if not isinstance(names, list) or not isinstance(digests, dict) or not names:
             raise GateFileError(f"{directory}/choice.json is malformed: it needs 'members' and 'member_sha256'.")

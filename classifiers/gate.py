@@ -34,6 +34,7 @@ import torch
 from autopatch.errors import GateFileError
 from autopatch.fingerprint import model_fingerprint
 from autopatch.gating import GateDecision, GateInput
+from autopatch.headers import read_header
 from autopatch.profile import PatchProfile
 from classifiers.features import FeatureSpec
 
@@ -168,17 +169,13 @@ class PatchGate:
             if path.is_file() and path.stat().st_size > MAX_GATE_BYTES:
                 raise GateFileError(f"{path} is {path.stat().st_size} bytes, over the {MAX_GATE_BYTES}-byte limit "
                                     "for a gate file.")
+        header = read_header(directory / "gate.json", fmt="autopatch-gate", versions=(GATE_FORMAT_VERSION,),
+                             what="gate", redo="retrain it with `autopatch train-gate`", error=GateFileError)
         try:
-            header = json.loads((directory / "gate.json").read_text())
             blob = (directory / "gate.npz").read_bytes()
-        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
+        except OSError as err:
             raise GateFileError(f"Cannot read a gate from {directory}: {err}. Expected gate.json and gate.npz "
                                 "written by PatchGate.save / `autopatch train-gate`.") from err
-        if not isinstance(header, dict) or header.get("format") != "autopatch-gate":
-            raise GateFileError(f"{directory}/gate.json is not an autopatch gate file.")
-        if header.get("version") != GATE_FORMAT_VERSION:
-            raise GateFileError(f"Gate format version {header.get('version')} is not supported (this autopatch reads "
-                                f"version {GATE_FORMAT_VERSION}); retrain it with `autopatch train-gate`.")
         if hashlib.sha256(blob).hexdigest() != header.get("arrays_sha256"):
             raise GateFileError(f"{directory}/gate.npz does not match the checksum in gate.json: the gate was "
                                 "modified or corrupted. Retrain it or restore the original files.")

@@ -51,6 +51,7 @@ import numpy as np
 
 from autopatch.errors import ConfigError, GateFileError
 from autopatch.gating import Gate, GateDecision, GateInput
+from autopatch.headers import read_header
 from classifiers.gate import PatchGate
 
 SCREEN_FORMAT_VERSION = 1
@@ -144,17 +145,10 @@ def load_screen(directory: str | Path, *, model: Any = None) -> PatchGate | None
     path = directory / "screen.json"
     if not path.exists():
         return None
-    if path.is_symlink() or (directory / "screen").is_symlink():
-        raise GateFileError(f"{path} or its screen/ folder is a symbolic link; gates are read from plain files only.")
-    try:
-        header = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as err:
-        raise GateFileError(f"Cannot read the screen in {directory}: {err}.") from err
-    if not isinstance(header, dict) or header.get("format") != "autopatch-screen":
-        raise GateFileError(f"{path} is not an autopatch screen file.")
-    if header.get("version") != SCREEN_FORMAT_VERSION:
-        raise GateFileError(f"Screen format version {header.get('version')} is not supported (this autopatch reads "
-                            f"version {SCREEN_FORMAT_VERSION}); retrain it with `autopatch train-screen`.")
+    if (directory / "screen").is_symlink():
+        raise GateFileError(f"{directory}/screen is a symbolic link; gates are read from plain files only.")
+    header = read_header(path, fmt="autopatch-screen", versions=(SCREEN_FORMAT_VERSION,), what="screen",
+                         redo="retrain it with `autopatch train-screen`", error=GateFileError)
     try:
         blob = (directory / "screen" / "gate.json").read_bytes()
     except OSError as err:

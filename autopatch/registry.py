@@ -3,9 +3,9 @@
 Example:
     >>> from autopatch.registry import STRATEGIES, CONTROLS, strategy
     >>> tuple(STRATEGIES)                      # profile validation, eval methods
-    ('reroute', 'backpatch', 'verbalize', 'isolate', 'isolate-span', 'decompose', 'cross-model')
+    ('reroute', 'backpatch', 'verbalize', 'isolate', 'isolate-span', 'decompose', 'second-opinion', 'cross-model')
     >>> standalone_strategies()                # CLI choices, server schema, default eval methods: one model alone
-    ('reroute', 'backpatch', 'verbalize', 'isolate', 'isolate-span', 'decompose')
+    ('reroute', 'backpatch', 'verbalize', 'isolate', 'isolate-span', 'decompose', 'second-opinion')
     >>> strategy("backpatch").target_before_source
     True
 
@@ -140,6 +140,10 @@ register_strategy(StrategySpec(
     "decompose", "text only, no hidden state: the located first hop asked as a question, its short answer fills the "
     "second-hop slot (the baseline every patch method must beat)", "autopatch.strategies:build_decompose",
     uses_state=False))
+register_strategy(StrategySpec(
+    "second-opinion", "decompose, with the hidden state as a second opinion: where the first hop asked in words and "
+    "the state's Patchscope readout disagree, the bridge whose second-hop answer the model gives more confidently",
+    "autopatch.strategies:build_second_opinion"))
 register_strategy(StrategySpec(
     "cross-model", "Patchscopes §4.3: reroute from a smaller model's state of the same token, through a linear map "
     "fitted on calib prompts (autopatch.crossmodel; needs the source model attached)",

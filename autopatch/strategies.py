@@ -162,6 +162,61 @@ def build_decompose(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob],
     return build_verbalize(model, tok, replace(profile, bridge_prompt="span"), text_jobs, [None] * len(jobs))
 
 
+def _same_bridge(a: str, b: str) -> bool:
+    """Two bridges name the same thing: equal once case, punctuation and a leading article are set aside."""
+    def norm(text: str) -> str:
+        words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+        return " ".join(words[1:] if words[:1] in (["the"], ["a"], ["an"]) else words)
+    return norm(a) == norm(b)
+
+
+@torch.no_grad()
+def answer_confidence(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: Sequence[Target],
+                      max_new_tokens: int) -> list[tuple[float, int]]:
+    """Per target, the mean log-probability of its greedy answer line (up to ``max_new_tokens`` tokens, to the first
+    line break or EOS) and the tokens generated to find it; ``-inf`` for an empty answer."""
+    if not targets:
+        return []
+    out, width = run_targets(model, tok, targets, do_sample=False, max_new_tokens=max_new_tokens,
+                             output_scores=True, return_dict_in_generate=True,
+                             eos_token_id=stop_token_ids(tok, BRIDGE_STOPS))
+    steps = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1)  # (rows, steps, vocab)
+    results = []
+    for i in range(len(targets)):
+        ids = generated_ids(out.sequences[i, width:], tok.pad_token_id)
+        kept = 0
+        while kept < len(ids) and "\n" not in tok.decode(ids[: kept + 1], skip_special_tokens=True):
+            kept += 1
+        chosen = [float(steps[i, k, ids[k]]) for k in range(kept)]
+        results.append((sum(chosen) / len(chosen) if chosen else float("-inf"), len(ids)))
+    return results
+
+
+def build_second_opinion(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
+    """Registered as ``second-opinion``: ``decompose``, with the hidden state as a second opinion.
+
+    The first hop is asked in words (``decompose``'s bridge) and read from the state (``verbalize``'s Patchscope,
+    under ``profile``). Where the two agree, or the state reads nothing, the words' bridge fills the slot, as in
+    ``decompose``. Where they disagree, the second hop is asked with each bridge, and the one whose answer line the
+    model gives with the higher mean log-probability wins. Every token spent (both bridges, both probes) counts in
+    the target's ``bridge_tokens``.
+    """
+    text_jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
+    said = decode_bridges_counted(model, tok, replace(profile, bridge_prompt="span"), text_jobs, [None] * len(jobs))
+    read = decode_bridges_counted(model, tok, profile, jobs, vectors)
+    disputed = [i for i, ((a, _), (b, _)) in enumerate(zip(said, read)) if b and not _same_bridge(a, b)]
+    probes = answer_confidence(model, tok, [verbalized_target(tok, profile, jobs[i], bridge)
+                                            for i in disputed for bridge in (said[i][0], read[i][0])],
+                               profile.max_bridge_tokens)
+    chosen = {i: (read[i][0] if probes[2 * k + 1][0] > probes[2 * k][0] else said[i][0],
+                  probes[2 * k][1] + probes[2 * k + 1][1]) for k, i in enumerate(disputed)}
+    targets = []
+    for i, job in enumerate(jobs):
+        bridge, probe_tokens = chosen.get(i, (said[i][0], 0))
+        targets.append(verbalized_target(tok, profile, job, bridge, said[i][1] + read[i][1] + probe_tokens))
+    return targets
+
+
 def _scaled(vector: torch.Tensor, profile: PatchProfile) -> torch.Tensor:
     return vector * profile.scale if profile.scale != 1 else vector
 

@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "UnsupportedArchitectureError": "autopatch.errors",
     "AlwaysPatch": "autopatch.gating", "Gate": "autopatch.gating", "GateDecision": "autopatch.gating",
     "GateInput": "autopatch.gating", "NeverPatch": "autopatch.gating",
-    "cache_dir": "autopatch.loading", "load_model": "autopatch.loading",
+    "cache_dir": "autopatch.cache", "load_model": "autopatch.loading",
     "Location": "autopatch.locate", "UnlocatableQuestion": "autopatch.locate", "locate": "autopatch.locate",
     "AutoPatcher": "autopatch.patcher", "PatchReport": "autopatch.patcher", "Answer": "autopatch.patcher",
     "Resolution": "autopatch.resolve",
@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:
     from autopatch.architectures import decoder_layers, final_norm, num_layers, unembedding
+    from autopatch.cache import cache_dir
     from autopatch.engine import CaptureResult, PatchEdit, capture, patch
     from autopatch.errors import (
         AutopatchError,
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
         UnsupportedArchitectureError,
     )
     from autopatch.gating import AlwaysPatch, Gate, GateDecision, GateInput, NeverPatch
-    from autopatch.loading import cache_dir, load_model
+    from autopatch.loading import load_model
     from autopatch.locate import Location, UnlocatableQuestion, locate
     from autopatch.patcher import Answer, AutoPatcher, PatchReport
     from autopatch.profile import PatchProfile

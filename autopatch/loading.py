@@ -30,6 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from autopatch.architectures import architecture_spec
+from autopatch.cache import cache_dir as cache_dir  # re-exported: loading is where users look for it
 from autopatch.errors import ModelNotFoundError, UnsupportedArchitectureError
 from autopatch.gguf_read import one_pass
 from autopatch.models import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, assemble_chunked, embedded_model
@@ -39,14 +40,6 @@ if TYPE_CHECKING:
 
 EMBEDDED_MODEL_NAME = DEFAULT_MODEL
 _HUB_HOST = ("huggingface.co", 443)
-
-
-def cache_dir() -> Path:
-    """Where autopatch keeps its caches (the dequantized embedded model, among others)."""
-    if os.environ.get("AUTOPATCH_CACHE"):
-        return Path(os.environ["AUTOPATCH_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "autopatch"
 
 
 def embedded_model_dir(name: str = EMBEDDED_MODEL_NAME) -> Path:

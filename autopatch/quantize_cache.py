@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autopatch.cache import cache_dir
+
 logger = logging.getLogger("autopatch")
 
 __all__ = ["CACHE_FORMAT", "cache_paths", "read_cache", "source_cache_key", "write_cache"]
@@ -46,8 +48,6 @@ def source_cache_key(source: str | Path) -> str | None:
 
 
 def cache_paths(cache_key: str, mode: str) -> tuple[Path, Path]:
-    from autopatch.loading import cache_dir
-
     root = Path(os.environ["AUTOPATCH_QUANTIZED_CACHE"]) if os.environ.get("AUTOPATCH_QUANTIZED_CACHE") else \
         cache_dir() / "quantized"
     folder = root / f"{cache_key}-{mode}-v{CACHE_FORMAT}"

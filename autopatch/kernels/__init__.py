@@ -18,7 +18,7 @@ Why a C file: the int8 kernels torch and torchao offer on the CPU either dequant
 the activations too (``quantized::linear_dynamic``, ``torch._int_mm``: fast, but it costs accuracy), see
 docs/quantization.md. ``w8.c`` and ``w4.c`` are about 120 lines each of AVX2/AVX-512 intrinsics, compiled once
 per machine into one library with the host's C compiler (``$CC``, else ``cc``/``gcc``) into
-:func:`autopatch.loading.cache_dir` ``/kernels/``, named by the hash of the sources, flags and CPU, and loaded
+:func:`autopatch.cache.cache_dir` ``/kernels/``, named by the hash of the sources, flags and CPU, and loaded
 with :mod:`ctypes` (which releases the GIL during a call).
 """
 
@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from autopatch.cache import cache_dir
 
 SOURCES = (Path(__file__).with_name("w8.c"), Path(__file__).with_name("w4.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -59,8 +61,6 @@ def _cpu_id() -> str:
 @functools.lru_cache(maxsize=1)
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
     """``(library, None)`` once built and loaded, else ``(None, why not)``."""
-    from autopatch.loading import cache_dir
-
     if platform.machine().lower() not in {"x86_64", "amd64"}:
         return None, f"the int8 kernel is written for x86-64 (AVX2 or AVX-512); this CPU is {platform.machine()}"
     compiler = _compiler()

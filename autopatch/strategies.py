@@ -151,6 +151,13 @@ def build_verbalize(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob],
     return [verbalized_target(tok, profile, job, bridge, n) for job, (bridge, n) in zip(jobs, bridges)]
 
 
+def spoken_bridges(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob]) -> list[tuple[str, int]]:
+    """``decompose``'s bridges: each job's first-hop span asked as a question, in words (the span prompt with the
+    subject's own words where ``verbalize`` patches its state), with the tokens each answer took."""
+    text_jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
+    return decode_bridges_counted(model, tok, replace(profile, bridge_prompt="span"), text_jobs, [None] * len(jobs))
+
+
 def build_decompose(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob], vectors) -> list[Target]:
     """Registered as ``decompose``: text only. The first-hop span is asked as a question ("What is the country
     where the Colosseum is located?"), and its short answer fills the second-hop slot; no state is patched.
@@ -158,8 +165,8 @@ def build_decompose(model, tok, profile: PatchProfile, jobs: Sequence[PatchJob],
     The same prompts and token budget as ``verbalize`` with the span prompt, with the subject's words where
     ``verbalize`` patches the subject's state, so the two differ only in what the hidden state adds.
     """
-    text_jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
-    return build_verbalize(model, tok, replace(profile, bridge_prompt="span"), text_jobs, [None] * len(jobs))
+    return [verbalized_target(tok, profile, job, bridge, n)
+            for job, (bridge, n) in zip(jobs, spoken_bridges(model, tok, profile, jobs))]
 
 
 def _same_bridge(a: str, b: str) -> bool:
@@ -201,8 +208,7 @@ def build_second_opinion(model, tok, profile: PatchProfile, jobs: Sequence[Patch
     model gives with the higher mean log-probability wins. Every token spent (both bridges, both probes) counts in
     the target's ``bridge_tokens``.
     """
-    text_jobs = [replace(job, placeholder=job.location.subject) for job in jobs]
-    said = decode_bridges_counted(model, tok, replace(profile, bridge_prompt="span"), text_jobs, [None] * len(jobs))
+    said = spoken_bridges(model, tok, profile, jobs)
     read = decode_bridges_counted(model, tok, profile, jobs, vectors)
     disputed = [i for i, ((a, _), (b, _)) in enumerate(zip(said, read)) if b and not _same_bridge(a, b)]
     probes = answer_confidence(model, tok, [verbalized_target(tok, profile, jobs[i], bridge)

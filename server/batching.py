@@ -54,10 +54,8 @@ def compatible(first: GenerationJob, other: GenerationJob) -> bool:
 class AnswerStream:
     """One answer's text as it grows: cuts at stop strings and emits text deltas.
 
-    :meth:`advance` is given the answer's tokens so far (a batch row's, from :class:`server.batching.RowHalt`);
-    as a ``generate`` streamer, :meth:`put` appends each step's tokens after skipping the first ``put`` (the
-    prompt), as HF's ``TextStreamer(skip_prompt=True)`` does. A delta is held back while it might be the start of
-    a stop string or ends in an incomplete UTF-8 sequence.
+    :meth:`advance` is given the answer's tokens so far (a batch row's, from :class:`RowHalt`), never the prompt's.
+    A delta is held back while it might be the start of a stop string or ends in an incomplete UTF-8 sequence.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = (),
@@ -65,15 +63,8 @@ class AnswerStream:
         self.tokenizer, self.stop, self.on_delta = tokenizer, [s for s in stop if s], on_delta
         self.ids: list[int] = []
         self.stopped = False  # a stop string was produced
-        self._prompt_skipped = False
         self._sent = 0
         self._final: str | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_skipped:
-            self._prompt_skipped = True
-            return
-        self.advance(self.ids + [int(i) for i in value.reshape(-1).tolist()])
 
     def advance(self, ids: Sequence[int]) -> None:
         """The answer is ``ids`` so far (it only ever grows); emit what is now certain."""
@@ -100,11 +91,9 @@ class AnswerStream:
             self._emit(text[self._sent:safe])
             self._sent = safe
 
-    def end(self) -> None:
-        pass  # the worker calls finish() once generate has returned
-
     def finish(self) -> str:
-        """The answer text (cut at the first stop string); emits whatever was held back."""
+        """The answer text (cut at the first stop string); emits whatever was held back (called once the row's
+        generation has ended)."""
         if self._final is None:
             self._final = self._decode()
         if len(self._final) > self._sent:

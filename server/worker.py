@@ -75,7 +75,6 @@ class GenerationWorker:
         self._thread = threading.Thread(target=self._loop, name="autopatch-generate", daemon=True)
         self._closed = False
         self._eos = _eos_ids(model, tokenizer)
-        self.device = next(model.parameters()).device
 
     # ---- control --------------------------------------------------------------------------
 

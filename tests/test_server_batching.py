@@ -229,3 +229,17 @@ def test_streamed_requests_share_a_batch_and_stream_the_answer_they_get_alone(mo
             assert blocker.result()[0] is not None
     sizes = sorted(len(questions) for questions, _ in RecordingPatcher.calls)
     assert sizes == [1, 6]  # the blocker, then the three streams and their three non-streamed twins together
+
+
+def test_a_streamed_row_sees_only_its_new_tokens_so_a_stop_string_inside_the_prompt_does_not_stop_it():
+    tok = byte_tokenizer()
+    deltas: list[str] = []
+    streamed = job(tok("Q: x\nA:").input_ids, stop=["A:"], stream=True, max_new_tokens=8,
+                   emit=lambda event: deltas.append(event[1]))
+    prompts, _ = left_padded([streamed], pad=0)
+    halt = RowHalt([streamed], prompts, tok, pad=0, eos=set())
+    answer = tok(" Rome").input_ids
+    for k in range(1, len(answer) + 1):
+        assert halt(torch.cat([prompts, torch.tensor([answer[:k]])], dim=1), None).tolist() == [False]
+    halt.finish(0, answer)
+    assert not halt.streams[0].stopped and "".join(deltas) == " Rome"

@@ -383,6 +383,9 @@ register(Method("autopatch-model", "patch", "autopatch (the shipped screen and g
 register(Method("decompose-model", "baseline", "decompose with the model's own decomposition (self-ask style, "
                 "autopatch.decomposer), the grammar where the model proposes none; proposal tokens counted",
                 _patcher_method(lambda ctx: ctx.strategy_profiles["decompose"], decomposer="model")))
+register(Method("second-opinion-model", "patch", "second-opinion with the model's own decomposition as the words' "
+                "first hop (decomposer='model', the grammar where it proposes none); proposal tokens counted",
+                _patcher_method(lambda ctx: ctx.strategy_profiles["second-opinion"], decomposer="model")))
 register(Method("decompose-both", "baseline", "decompose with the grammar's location, the model's own decomposition "
                 "where the grammar reads none; proposal tokens counted",
                 _patcher_method(lambda ctx: ctx.strategy_profiles["decompose"], decomposer="both")))

@@ -156,7 +156,7 @@ def test_direct_answers_keep_the_first_line_rule():
     assert extract_answer("The capital is Rome.") == "The capital is Rome"  # no copula rule outside CoT
 
 
-@pytest.mark.parametrize("name", ["decompose", "control-text", "cot-2stage"])
+@pytest.mark.parametrize("name", ["decompose", "control-text", "cot-2stage", "second-opinion-model"])
 def test_the_new_methods_run_in_the_harness(tiny, name):
     model, tok = tiny
     records = generate_twohop("test")[:3]

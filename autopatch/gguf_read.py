@@ -9,8 +9,9 @@ Example:
 Why: transformers parses the whole GGUF file once for the tokenizer, once for the config and once for the
 weights (about 5 s each for the 1.5B's 151,936-token vocabulary on these cores), and the ``gguf`` package
 dequantizes 16 rows at a time from the memory map, so per-call overhead dominates. :func:`dequantize` runs
-``gguf``'s own block formulas on chunks of about four million values from an in-memory copy, on several
-threads (NumPy releases the GIL), with bit-identical results (``tests/test_gguf_read.py``). :func:`one_pass`
+``gguf``'s block formulas in one C pass over the blocks on every core (``autopatch/kernels/gguf.c``), or, where
+that is not built, ``gguf``'s own NumPy formulas on chunks of about four million values from an in-memory copy,
+on several threads (NumPy releases the GIL); both are bit-identical to ``gguf`` (``tests/test_gguf_read.py``). :func:`one_pass`
 puts both in place for the duration of a ``with`` block and restores the ``gguf`` module after, as the engine's
 hooks are removed.
 """
@@ -25,13 +26,18 @@ from typing import Any
 
 import numpy as np
 
+from autopatch import kernels
+
 __all__ = ["dequantize", "one_pass"]
 
 _PLAIN = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
 
 
-def dequantize(data: np.ndarray, qtype: Any, *, chunk_values: int = 1 << 22, threads: int | None = None) -> np.ndarray:
-    """``gguf.dequantize(data, qtype)``, bit for bit, computed in chunks of about ``chunk_values`` outputs."""
+def dequantize(data: np.ndarray, qtype: Any, *, chunk_values: int = 1 << 22, threads: int | None = None,
+               native: bool = True) -> np.ndarray:
+    """``gguf.dequantize(data, qtype)``, bit for bit: by :func:`autopatch.kernels.gguf_dequant` where it is built
+    and knows the type (unless ``native=False``), else ``gguf``'s formulas in chunks of about ``chunk_values``
+    outputs on ``threads`` threads."""
     import gguf
 
     block_class = getattr(gguf.quants, qtype.name, None)
@@ -41,6 +47,8 @@ def dequantize(data: np.ndarray, qtype: Any, *, chunk_values: int = 1 << 22, thr
     rows = np.ascontiguousarray(data).reshape(-1, data.shape[-1])  # off the memory map, once
     per_row = rows.shape[1] // size * block
     out = np.empty((rows.shape[0], per_row), dtype=np.float32)
+    if native and kernels.gguf_dequant(qtype.name, rows.view(np.uint8), out):
+        return out.reshape((*data.shape[:-1], per_row))
     step = max(1, chunk_values // per_row)
 
     def run(start: int) -> None:
@@ -66,10 +74,23 @@ def one_pass() -> Iterator[None]:
     original_reader, original_dequantize = gguf.GGUFReader, gguf.dequantize
     readers: dict[tuple[str, str], Any] = {}
 
+    class PlainReader(original_reader):  # type: ignore[misc,valid-type]
+        """``gguf.GGUFReader`` over a plain ndarray view of its memory map: every field and tensor it slices is a
+        plain array, without ``np.memmap``'s Python-level ``__getitem__`` and ``__array_finalize__`` on each of the
+        million slices a large vocabulary makes (the same bytes, not copied)."""
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, mapped: np.ndarray) -> None:
+            self._plain = mapped.view(np.ndarray)
+
     def shared_reader(path: Any, mode: Any = "r") -> Any:
         key = (os.path.realpath(os.fspath(path)), mode)
         if key not in readers:
-            readers[key] = original_reader(path, mode)
+            readers[key] = PlainReader(path, mode)
         return readers[key]
 
     gguf.GGUFReader, gguf.dequantize = shared_reader, dequantize  # type: ignore[assignment,misc]

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -378,6 +380,7 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
     if spec.is_float:
         return 0
     names = quantizable_linears(model, spec)
+    started = time.perf_counter()
     cached = read_cache(cache_key, spec.name, [layer.__name__ for layer in spec.layers], names) if cache_key else None
     kinds = {layer.__name__: layer for layer in spec.layers}
     swapped: dict[str, Int8Linear] = {}
@@ -395,6 +398,8 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
         swapped[name] = layer
     if cache_key and cached is None and swapped:
         write_cache(cache_key, spec.name, swapped)
+        print(f"autopatch: quantized {len(swapped)} layers to {spec.name} once and cached them "
+              f"(+{time.perf_counter() - started:.0f}s; later loads read the cache)", file=sys.stderr, flush=True)
     if swapped:
         config = getattr(model, "config", None)
         if config is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from autopatch.gguf_read import dequantize, one_pass
+from autopatch.kernels import GGUF_BLOCKS, kernel_error
 
 QUANTIZED = ("Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_0", "Q5_K")
 
@@ -31,16 +33,24 @@ def gguf_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("chunk_values,threads", [(1 << 22, 1), (3000, 2), (1, 3)])
-def test_dequantize_is_bit_identical_to_gguf_s_over_any_chunking(gguf_file, chunk_values, threads):
+@pytest.mark.parametrize("chunk_values,threads,native", [(1 << 22, 1, False), (3000, 2, False), (1, 3, False),
+                                                          (0, 1, True), (0, 2, True)])
+def test_dequantize_is_bit_identical_to_gguf_s_over_any_chunking(gguf_file, chunk_values, threads, native):
+    if native:  # gguf.c, on every type the embedded models use
+        assert kernel_error() is None and set(QUANTIZED) <= set(GGUF_BLOCKS)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
     reader = gguf.GGUFReader(gguf_file)
     assert {t.name for t in reader.tensors} == {*(f"t.{n}" for n in QUANTIZED), "t.F32"}
     for tensor in reader.tensors:
         with np.errstate(all="ignore"):  # random scale bits include NaN and infinity
             theirs = gguf.dequantize(tensor.data, tensor.tensor_type)
-            ours = dequantize(tensor.data, tensor.tensor_type, chunk_values=chunk_values, threads=threads)
+            ours = dequantize(tensor.data, tensor.tensor_type, chunk_values=chunk_values or 1 << 22, threads=threads,
+                              native=native)
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, tensor.name
         assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), tensor.name  # NaNs from random scales too
+    if native:
+        torch.set_num_threads(previous)
 
 
 def test_one_pass_shares_one_reader_per_file_and_restores_the_gguf_module(gguf_file):
@@ -55,3 +65,18 @@ def test_one_pass_shares_one_reader_per_file_and_restores_the_gguf_module(gguf_f
     with pytest.raises(RuntimeError), one_pass():
         raise RuntimeError("a failing load")
     assert gguf.GGUFReader is reader_class and gguf.dequantize is dequantize_function
+
+
+def test_the_native_dequantize_runs_every_embedded_type_and_refuses_a_wrong_size(gguf_file):
+    from autopatch.kernels import gguf_dequant
+
+    reader = gguf.GGUFReader(gguf_file)
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name in QUANTIZED:
+            blocks = np.ascontiguousarray(tensor.data).view(np.uint8)
+            _, size, values = GGUF_BLOCKS[tensor.tensor_type.name]
+            out = np.empty(blocks.size // size * values, dtype=np.float32)
+            assert gguf_dequant(tensor.tensor_type.name, blocks, out), tensor.name
+            with pytest.raises(ValueError, match="gguf_dequant"):
+                gguf_dequant(tensor.tensor_type.name, blocks, out[:-1])
+    assert not gguf_dequant("IQ2_XXS", np.zeros(66, dtype=np.uint8), np.empty(256, dtype=np.float32))

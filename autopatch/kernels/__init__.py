@@ -1,5 +1,5 @@
 """Native kernels autopatch builds on first use: :func:`w8_matmul` and :func:`w4_matmul` (weight-only int8
-and int4 matmuls).
+and int4 matmuls), and :func:`gguf_dequant` (GGUF blocks to float32, for the embedded models' first load).
 
 Example:
     >>> from autopatch.kernels import kernel_error, pack, unpack, w8_matmul
@@ -39,7 +39,7 @@ import torch
 
 from autopatch.cache import cache_dir
 
-SOURCES = (Path(__file__).with_name("w8.c"), Path(__file__).with_name("w4.c"))
+SOURCES = (Path(__file__).with_name("w8.c"), Path(__file__).with_name("w4.c"), Path(__file__).with_name("gguf.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -92,6 +92,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
         dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
+    lib.autopatch_gguf_dequant.restype = ctypes.c_int
+    lib.autopatch_gguf_dequant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib, None
 
 
@@ -331,6 +333,29 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     if bias is not None:
         y.add_(bias)
     return y
+
+
+GGUF_BLOCKS = {"Q4_K": (0, 144, 256), "Q5_K": (1, 176, 256), "Q6_K": (2, 210, 256), "Q4_0": (3, 18, 32),
+               "Q5_0": (4, 22, 32), "Q8_0": (5, 34, 32)}  # name -> (kind in gguf.c, bytes, values) per block
+
+
+def gguf_dequant(qtype: str, blocks, out) -> bool:
+    """Dequantize the GGUF ``qtype`` blocks (a contiguous uint8 NumPy array) into ``out`` (contiguous float32
+    NumPy, ``values`` per block) with ``gguf.c``, bit-identical to the ``gguf`` package; ``False`` (``out``
+    untouched) when the type is not one it knows or the kernels are not built here."""
+    lib, _ = _build()
+    if lib is None or qtype not in GGUF_BLOCKS:
+        return False
+    kind, size, values = GGUF_BLOCKS[qtype]
+    n_blocks = blocks.size // size
+    if not (blocks.flags.c_contiguous and out.flags.c_contiguous and blocks.size == n_blocks * size
+            and out.size == n_blocks * values and str(out.dtype) == "float32" and str(blocks.dtype) == "uint8"):
+        raise ValueError(f"gguf_dequant: {blocks.size} bytes of {qtype} blocks into {out.size} {out.dtype} values")
+    threads = torch.get_num_threads()
+    if _THREADS[0] != threads:
+        lib.autopatch_set_threads(threads)
+        _THREADS[0] = threads
+    return lib.autopatch_gguf_dequant(kind, blocks.ctypes.data, n_blocks, out.ctypes.data) == 0
 
 
 def release_openmp_pool() -> bool:

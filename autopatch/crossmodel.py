@@ -58,11 +58,15 @@ class StateMap:
     source_fingerprint: str
     target_fingerprint: str
     meta: dict = field(default_factory=dict)
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> (weight, bias)
 
     def apply(self, states: torch.Tensor) -> torch.Tensor:
         """Map ``(..., source hidden)`` states into the target's space (float32, on ``states``' device)."""
-        weight = torch.from_numpy(self.weight).to(states.device)
-        return states.float() @ weight + torch.from_numpy(self.bias).to(states.device)
+        if states.device not in self._on:  # moved to a device once, not on every call
+            self._on[states.device] = (torch.from_numpy(self.weight).to(states.device),
+                                       torch.from_numpy(self.bias).to(states.device))
+        weight, bias = self._on[states.device]
+        return states.float() @ weight + bias
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

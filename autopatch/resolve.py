@@ -34,8 +34,10 @@ gate or ``None``) and ``load_gate(path, model)``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Literal, Protocol
@@ -118,7 +120,8 @@ def _resolve_gate(model: Any, gate: Gate | str | os.PathLike[str] | None) -> tup
 
 
 def _resolve_profile(model: Any, tokenizer: Any, profile: PatchProfile | str | os.PathLike[str] | None,
-                     gate: Gate, gate_source: Source) -> tuple[PatchProfile, Source, list[str]]:
+                     gate: Gate, gate_source: Source, shipped_profile: Callable[[], PatchProfile | None],
+                     ) -> tuple[PatchProfile, Source, list[str]]:
     if isinstance(profile, PatchProfile):
         return profile, "argument", []
     if profile is not None:
@@ -126,7 +129,7 @@ def _resolve_profile(model: Any, tokenizer: Any, profile: PatchProfile | str | o
     own = getattr(gate, "profile", None)
     if isinstance(own, PatchProfile):
         return own, gate_source, []
-    shipped = PatchProfile.shipped_for(model)
+    shipped = shipped_profile()
     if shipped is not None:
         return shipped, "shipped", []
     default = PatchProfile.default_for(model)
@@ -137,13 +140,13 @@ def _resolve_profile(model: Any, tokenizer: Any, profile: PatchProfile | str | o
                                 "(run a sweep, see docs/sweep.md)"]
 
 
-def _resolve_decomposer(model: Any, decomposer: Decomposer | None, profile: PatchProfile,
-                        profile_source: Source) -> tuple[Decomposer, Source]:
+def _resolve_decomposer(decomposer: Decomposer | None, profile: PatchProfile, profile_source: Source,
+                        shipped_profile: Callable[[], PatchProfile | None]) -> tuple[Decomposer, Source]:
     if decomposer is not None:
         return decomposer, "argument"
     if profile.decomposer is not None:
         return profile.decomposer, profile_source
-    shipped = PatchProfile.shipped_for(model)  # the model's own choice, whichever profile patches
+    shipped = shipped_profile()  # the model's own choice, whichever profile patches
     if shipped is not None and shipped.decomposer is not None:
         return shipped.decomposer, "shipped"
     return "grammar", "default"
@@ -152,9 +155,12 @@ def _resolve_decomposer(model: Any, decomposer: Decomposer | None, profile: Patc
 def resolve(model: Any, tokenizer: Any, *, profile: PatchProfile | str | os.PathLike[str] | None = None,
             gate: Gate | str | os.PathLike[str] | None = None, decomposer: Decomposer | None = None) -> Resolution:
     """Choose the profile, the gate and the decomposer for ``model`` by the rules of the module docstring."""
+    shipped_profile = functools.cache(lambda: PatchProfile.shipped_for(model))  # read once, if at all
     chosen_gate, gate_source, notes = _resolve_gate(model, gate)
-    chosen_profile, profile_source, profile_notes = _resolve_profile(model, tokenizer, profile, chosen_gate, gate_source)
-    chosen_decomposer, decomposer_source = _resolve_decomposer(model, decomposer, chosen_profile, profile_source)
+    chosen_profile, profile_source, profile_notes = _resolve_profile(model, tokenizer, profile, chosen_gate, gate_source,
+                                                                     shipped_profile)
+    chosen_decomposer, decomposer_source = _resolve_decomposer(decomposer, chosen_profile, profile_source,
+                                                               shipped_profile)
     notes += profile_notes
     for note in notes:
         if (id(model), note) not in _WARNED:  # once per model and reason, however many patchers are built

@@ -377,6 +377,10 @@ def select_records(
     * an existing file: :func:`load_records`, kept whole unless ``split`` is
       given (the record's ``meta["split"]`` when present, else the MuSiQue id
       rule, so MuSiQue files accept calib/test) or ``hops`` filters.
+
+    ``hops=None`` keeps every hop count; an integer keeps the records with exactly that many, so ``hops=0`` keeps
+    only requests without hops (the do-no-harm set's chat requests). The command line's ``--hops 0`` means "all"
+    and is passed here as ``None``.
     """
     key = os.fspath(name_or_path)
     lowered = key.strip().lower()

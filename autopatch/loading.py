@@ -17,6 +17,7 @@ place, so two processes loading at once cannot leave a half-written cache.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 EMBEDDED_MODEL_NAME = DEFAULT_MODEL
+logger = logging.getLogger("autopatch")
 _HUB_HOST = ("huggingface.co", 443)
 
 
@@ -164,6 +166,33 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
+def _direct_quantized(name_or_path: str | os.PathLike | None, mode) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """An embedded model in a quantized mode straight from its GGUF file (:mod:`autopatch.gguf_quantized`), unless
+    its float32 cache is already there (the float32 route then costs no more and gives the same model) or this
+    transformers cannot (``None``: the caller takes the float32 route)."""
+    from autopatch.gguf_quantized import DirectLoadUnavailable, embedded_cache_key, load_or_build
+    from autopatch.quantize_cache import cache_paths
+
+    spec = embedded_model(EMBEDDED_MODEL_NAME if name_or_path is None else str(name_or_path))
+    if spec is None or mode.is_float:
+        return None
+    built = (cache_paths(embedded_cache_key(spec), mode.name)[1]).exists()
+    if not built and (cache_dir() / spec.name / "model.safetensors").exists():
+        return None
+    if not built:
+        print(f"autopatch: first use of {spec.name} in {mode.name}: reading its GGUF file into {mode.name} once "
+              "(later loads take seconds)", file=sys.stderr, flush=True)
+    step = _Steps("unpack", 2)
+    try:
+        model, tokenizer = load_or_build(spec, mode, lambda: _assemble_gguf(spec, lambda msg: print(
+            f"autopatch: unpack: {msg}", file=sys.stderr, flush=True)), progress=step)
+    except DirectLoadUnavailable as err:
+        logger.warning("autopatch: %s: taking the float32 route (%s)", spec.name, err)
+        return None
+    architecture_spec(model)
+    return cast("PreTrainedModel", model), prepare_tokenizer(tokenizer)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -189,6 +218,9 @@ def load_model(
 
         raise ConfigError(f"quantize={mode.name!r} runs on the CPU in float32 activations; drop device=/dtype= "
                           f"(got device={device!r}, dtype={dtype!r}) or quantize.")
+    direct = _direct_quantized(name_or_path, mode)
+    if direct is not None:
+        return direct
     source, local_only = resolve_model_source(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

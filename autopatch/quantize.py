@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -382,20 +383,16 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
     names = quantizable_linears(model, spec)
     started = time.perf_counter()
     cached = read_cache(cache_key, spec.name, [layer.__name__ for layer in spec.layers], names) if cache_key else None
-    kinds = {layer.__name__: layer for layer in spec.layers}
-    swapped: dict[str, Int8Linear] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        if cached is not None:
-            state, kind = cached
-            layer = kinds[kind[name]](linear.in_features, linear.out_features, bias=linear.bias is not None)
+    if cached is not None:
+        state, kind = cached
+        swapped = empty_layers(model, names, spec, kind)
+        for name, layer in swapped.items():
             layer.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-        else:
-            layer = spec.layer_for(linear).from_linear(linear)
-        setattr(parent, child, layer)
-        swapped[name] = layer
+    else:
+        swapped = {}
+        for name in names:
+            linear = cast(nn.Linear, model.get_submodule(name))
+            swapped[name] = cast(Int8Linear, _replace(model, name, spec.layer_for(linear).from_linear(linear)))
     if cache_key and cached is None and swapped:
         write_cache(cache_key, spec.name, swapped)
         print(f"autopatch: quantized {len(swapped)} layers to {spec.name} once and cached them "
@@ -404,10 +401,28 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
         config = getattr(model, "config", None)
         if config is not None:
             config.autopatch_quantize = spec.name
-        counts = {kind: sum(type(layer).__name__ == kind for layer in swapped.values()) for kind in kinds}
+        counts = {kind.__name__: sum(type(layer) is kind for layer in swapped.values()) for kind in spec.layers}
         if len(spec.layers) > 1:
             logger.info("autopatch: %s: %s", spec.name, ", ".join(f"{n} {k}" for k, n in counts.items()))
     return len(swapped)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return module
+
+
+def empty_layers(model: nn.Module, names: list[str], mode: QuantMode, kinds: dict[str, str]) -> dict[str, Int8Linear]:
+    """Replace each Linear in ``names`` by a zeroed layer of its class in ``kinds`` (one of ``mode``'s), to be filled
+    from a cached state; returns them by name."""
+    classes = {layer.__name__: layer for layer in mode.layers}
+    swapped: dict[str, Int8Linear] = {}
+    for name in names:
+        linear = cast(nn.Linear, model.get_submodule(name))
+        layer = classes[kinds[name]](linear.in_features, linear.out_features, bias=linear.bias is not None)
+        swapped[name] = cast(Int8Linear, _replace(model, name, layer))
+    return swapped
 
 
 def model_quantization(model: nn.Module) -> str:

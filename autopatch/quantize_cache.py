@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -62,10 +62,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_cache(cache_key: str, mode: str, kinds_allowed: list[str], names: list[str],
+def read_cache(cache_key: str, mode: str, kinds_allowed: list[str], names: list[str], *, floats: bool = False,
                ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """The cached state of ``mode``'s layers ``names`` and each one's class name (one of ``kinds_allowed``), or
-    ``None`` (absent, or refused: a damaged file is removed, so the caller quantizes and writes it again)."""
+    ``None`` (absent, or refused: a damaged file is removed, so the caller quantizes and writes it again).
+    ``floats``: the cache must also hold the model's other parameters (written with ``floats=``), in the state."""
     from safetensors.torch import load_file
 
     weights, manifest = cache_paths(cache_key, mode)
@@ -77,7 +78,7 @@ def read_cache(cache_key: str, mode: str, kinds_allowed: list[str], names: list[
         kinds = meta.get("layers") if isinstance(meta, dict) else None
         ok = (isinstance(kinds, dict) and meta.get("format") == CACHE_FORMAT and meta.get("mode") == mode
               and list(kinds) == names and set(kinds.values()) <= set(kinds_allowed)
-              and meta.get("sha256") == sha256_of(weights))
+              and isinstance(meta.get("floats"), list) == floats and meta.get("sha256") == sha256_of(weights))
         state = (load_file(str(weights)), {str(k): str(v) for k, v in kinds.items()}) if ok and kinds else None
         why = "failed its check"
     except (OSError, ValueError) as err:
@@ -88,20 +89,28 @@ def read_cache(cache_key: str, mode: str, kinds_allowed: list[str], names: list[
     return state
 
 
-def write_cache(cache_key: str, mode: str, swapped: Mapping[str, nn.Module]) -> None:
-    """Write the int8 state atomically (a staging folder renamed into place); a failure only costs the cache."""
+def write_cache(cache_key: str, mode: str, swapped: Mapping[str, nn.Module], *,
+                floats: Mapping[str, torch.Tensor] | None = None, files: Callable[[Path], None] | None = None) -> None:
+    """Write the int8 state atomically (a staging folder renamed into place); a failure only costs the cache.
+
+    ``floats``: the model's other parameters, by name, stored beside the layers (a cache that holds a whole
+    model); ``files(folder)`` writes more files into the folder before it is renamed into place (its config)."""
     from safetensors.torch import save_file
 
     weights, manifest = cache_paths(cache_key, mode)
     state = {f"{name}.{k}": v.contiguous() for name, layer in swapped.items() for k, v in layer.state_dict().items()}
+    state.update({name: v.contiguous() for name, v in (floats or {}).items()})
     try:
         weights.parent.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{weights.parent.name}-", dir=weights.parent.parent))
         try:
             save_file(state, str(staging / weights.name))
+            if files is not None:
+                files(staging)
             (staging / manifest.name).write_text(json.dumps({
                 "format": CACHE_FORMAT, "mode": mode,
                 "layers": {name: type(layer).__name__ for name, layer in swapped.items()},
+                **({"floats": sorted(floats)} if floats is not None else {}),
                 "sha256": sha256_of(staging / weights.name)}, indent=1) + "\n")
             os.rename(staging, weights.parent)
         except OSError:

@@ -170,3 +170,29 @@ def test_the_cached_prefix_gives_the_uncached_tokens_on_gemma(gemma, strategy):
         result = patcher.generate_with_reports(**enc, max_new_tokens=8, do_sample=False, questions=questions)
         outputs.append((result.output, [r.bridge for r in result.reports]))
     assert torch.equal(outputs[0][0], outputs[1][0]) and outputs[0][1] == outputs[1][1]
+
+
+def test_the_first_load_straight_from_gguf_equals_the_float32_route_bit_for_bit(gemma, tmp_path, monkeypatch):
+    """autopatch.gguf_quantized builds the int4 model from the GGUF file with no float32 copy; it must be the model
+    the float32 cache and quantize_model give: every parameter and buffer, the generation config, the answers."""
+    import autopatch
+    from autopatch import gguf_quantized, loading
+    from autopatch.models import embedded_model
+    from autopatch.quantize import check_mode, model_quantization, quantize_model
+
+    spec = embedded_model("gemma-3-270m")
+    monkeypatch.setenv("AUTOPATCH_QUANTIZED_CACHE", str(tmp_path))
+    steps: list[str] = []
+    direct, tok = gguf_quantized.load_or_build(spec, check_mode("int4"), lambda: loading._assemble_gguf(spec, print),
+                                               progress=steps.append)
+    assert len(steps) == 2 and "without a float32 copy" in steps[1]  # built here, not read from a cache
+    monkeypatch.delenv("AUTOPATCH_QUANTIZED_CACHE")
+    reference, _ = autopatch.load_model(quantize="none")
+    quantize_model(reference, "int4")  # in memory: the float32 route's model
+    ours, theirs = direct.state_dict(), reference.state_dict()
+    assert sorted(ours) == sorted(theirs) and model_quantization(direct) == "int4"
+    assert [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])] == []
+    assert direct.generation_config.to_dict() == reference.generation_config.to_dict()
+    enc = tok(["The Colosseum is in the city of", "Paris is the capital of"], return_tensors="pt", padding=True)
+    assert torch.equal(direct.generate(**enc, max_new_tokens=6, do_sample=False),
+                       reference.generate(**enc, max_new_tokens=6, do_sample=False))

@@ -54,17 +54,21 @@ def test_dequantize_is_bit_identical_to_gguf_s_over_any_chunking(gguf_file, chun
 
 
 def test_one_pass_shares_one_reader_per_file_and_restores_the_gguf_module(gguf_file):
-    reader_class, dequantize_function = gguf.GGUFReader, gguf.dequantize
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    reader_class, dequantize_function, load_function = gguf.GGUFReader, gguf.dequantize, hf_gguf.load_gguf_checkpoint
     with one_pass():
         first, again = gguf.GGUFReader(gguf_file), gguf.GGUFReader(str(gguf_file))
-        assert first is again and gguf.dequantize is dequantize
+        assert first is again and gguf.dequantize is dequantize and hf_gguf.load_gguf_checkpoint is not load_function
         for tensor in first.tensors:  # as transformers calls it; plain types go to gguf's own function
             with np.errstate(all="ignore"):
                 assert gguf.dequantize(tensor.data, tensor.tensor_type).shape[0] == tensor.data.shape[0]
     assert gguf.GGUFReader is reader_class and gguf.dequantize is dequantize_function
+    assert hf_gguf.load_gguf_checkpoint is load_function
     with pytest.raises(RuntimeError), one_pass():
         raise RuntimeError("a failing load")
     assert gguf.GGUFReader is reader_class and gguf.dequantize is dequantize_function
+    assert hf_gguf.load_gguf_checkpoint is load_function
 
 
 def test_the_native_dequantize_runs_every_embedded_type_and_refuses_a_wrong_size(gguf_file):
@@ -80,3 +84,16 @@ def test_the_native_dequantize_runs_every_embedded_type_and_refuses_a_wrong_size
             with pytest.raises(ValueError, match="gguf_dequant"):
                 gguf_dequant(tensor.tensor_type.name, blocks, out[:-1])
     assert not gguf_dequant("IQ2_XXS", np.zeros(66, dtype=np.uint8), np.empty(256, dtype=np.float32))
+
+
+def test_dequantize_writes_into_a_scratch_buffer_that_is_large_enough(gguf_file):
+    reader = gguf.GGUFReader(gguf_file)
+    tensor = next(t for t in reader.tensors if t.tensor_type.name == "Q4_K")
+    with np.errstate(all="ignore"):
+        fresh = dequantize(tensor.data, tensor.tensor_type)
+        scratch = np.full(fresh.size + 7, 5.0, dtype=np.float32)
+        reused = dequantize(tensor.data, tensor.tensor_type, scratch=scratch)
+        small = dequantize(tensor.data, tensor.tensor_type, scratch=scratch[:10])
+    assert np.shares_memory(reused, scratch) and not np.shares_memory(small, scratch)
+    assert np.array_equal(reused.view(np.uint32), fresh.view(np.uint32)) and reused.shape == fresh.shape
+    assert np.array_equal(small.view(np.uint32), fresh.view(np.uint32))

@@ -119,3 +119,36 @@ def test_concurrent_conversion_keeps_the_first_complete_cache(monkeypatch, tmp_p
     loading._convert_embedded_gguf(target)
     assert (target / "model.safetensors").read_bytes() == b"winner"
     assert not staged[0].exists()  # the losing staging directory was cleaned up
+
+
+def test_the_direct_quantized_route_is_taken_only_for_an_embedded_model_in_a_quantized_mode(tmp_path, monkeypatch,
+                                                                                                caplog):
+    from autopatch import gguf_quantized, loading
+    from autopatch.quantize import check_mode
+
+    monkeypatch.setenv("AUTOPATCH_CACHE", str(tmp_path))
+    calls = []
+
+    def refuse(spec, mode, gguf_path, progress=None):
+        calls.append((spec.name, mode.name))
+        raise gguf_quantized.DirectLoadUnavailable("these transformers internals are not the expected ones")
+
+    monkeypatch.setattr(gguf_quantized, "load_or_build", refuse)
+    assert loading._direct_quantized(str(_save_tiny(tmp_path / "tiny")), check_mode("int8")) is None  # a local dir
+    assert loading._direct_quantized("gemma-3-270m", check_mode("none")) is None  # float32: its own cache
+    assert calls == []
+    with caplog.at_level("WARNING", logger="autopatch"):
+        assert loading._direct_quantized(None, check_mode("int8")) is None  # refused: the float32 route, warned
+    assert calls == [("gemma-3-270m", "int8")] and "taking the float32 route" in caplog.text
+    (tmp_path / "gemma-3-270m").mkdir()
+    (tmp_path / "gemma-3-270m" / "model.safetensors").write_bytes(b"")
+    assert loading._direct_quantized("gemma-3-270m", check_mode("int4")) is None  # its float32 cache is already here
+    assert len(calls) == 1
+
+
+def test_embedded_cache_keys_name_the_pinned_gguf():
+    from autopatch.gguf_quantized import embedded_cache_key
+    from autopatch.models import EMBEDDED_MODELS
+
+    keys = {embedded_cache_key(spec) for spec in EMBEDDED_MODELS.values()}
+    assert len(keys) == len(EMBEDDED_MODELS) and all(key.startswith(tuple(EMBEDDED_MODELS)) for key in keys)

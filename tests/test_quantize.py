@@ -156,6 +156,19 @@ def test_affine4_recovers_a_4bit_grid_and_rounds_anything_else():
     assert error.max() > 1e-5 and bool((error <= (noisy.amax() - noisy.amin()) / 30 + 1e-6).all())  # half a step at most
 
 
+def test_affine4_in_c_is_bit_identical_to_the_torch_operations():
+    g = torch.Generator().manual_seed(3)
+    q, a, b = _grid4(40, 256, g)
+    q[0, :32] = torch.randint(3, 9, (32,), generator=g, dtype=torch.uint8)
+    q[1, 32:64] = 7
+    grid = _dequant4(q, a, b)
+    for weight in (grid, grid + torch.randn(grid.shape, generator=g) * 1e-4, torch.randn(33, 96, generator=g) * 3,
+                   torch.zeros(4, 64), grid.t().contiguous()[:, :32].t().contiguous()):
+        ours, theirs = quantize_affine4(weight), quantize_affine4(weight, native=False)
+        for x, y in zip(ours, theirs):
+            assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
 @pytest.mark.parametrize("layer", [WeightOnlyInt8Linear, DynamicInt8Linear])
 def test_int8_layers_keep_shape_and_approximate_the_float_layer(layer):
     torch.manual_seed(0)

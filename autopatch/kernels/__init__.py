@@ -92,6 +92,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
         dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
+    lib.autopatch_affine4.restype = None
+    lib.autopatch_affine4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.autopatch_gguf_dequant.restype = ctypes.c_int
     lib.autopatch_gguf_dequant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib, None
@@ -162,13 +164,15 @@ def dequantize_groups(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.repeat_interleave(GROUP, dim=1)
 
 
-def quantize_affine4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_affine4(weight: torch.Tensor, *, native: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q uint8 [n, k] in 0..15, a float32 [n, k/32], b float32 [n, k/32])`` with ``weight ≈ a * q + b``
     per 32 weights of a row.
 
     A group already on a 4-bit grid (a weight dequantized from a GGUF Q4_K block: ``d*sc*q - dmin*m``) is
     recovered exactly: the finest step ``(max - min) / s``, s = 15..1, on which every weight lies gives
     ``a``, and ``b`` is the group's minimum. Any other group gets ``a = (max - min) / 15`` and rounding.
+    Computed by ``gguf.c`` where the kernels are built (unless ``native=False``), else by the torch operations
+    below, bit for bit the same.
     """
     n, k = weight.shape
     if not packable(k):
@@ -176,6 +180,12 @@ def quantize_affine4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     q = torch.empty(n, k, dtype=torch.uint8)
     a = torch.empty(n, k // GROUP, dtype=torch.float32)
     b = torch.empty(n, k // GROUP, dtype=torch.float32)
+    lib, _ = _build()
+    if lib is not None and native:  # gguf.c's autopatch_affine4: the same operations, one pass per group
+        x = weight.detach().float().contiguous()
+        _use_threads(lib)
+        lib.autopatch_affine4(x.data_ptr(), n * k // GROUP, q.data_ptr(), a.data_ptr(), b.data_ptr())
+        return q, a, b
     for start in range(0, n, 4096):
         groups = weight[start : start + 4096].detach().float().reshape(-1, GROUP)
         low = groups.amin(dim=1)
@@ -263,6 +273,14 @@ def kernel_error() -> str | None:
 _THREADS = [0]
 
 
+def _use_threads(lib: ctypes.CDLL) -> None:
+    """The kernels' OpenMP threads follow ``torch.get_num_threads()``."""
+    threads = torch.get_num_threads()
+    if _THREADS[0] != threads:
+        lib.autopatch_set_threads(threads)
+        _THREADS[0] = threads
+
+
 def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]) -> torch.Tensor:
     """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
@@ -281,10 +299,7 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     tensors = [t for t in (x, packed, scales, bias) if t is not None]
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError(f"w{bits}_matmul needs contiguous CPU tensors")
-    threads = torch.get_num_threads()
-    if _THREADS[0] != threads:
-        lib.autopatch_set_threads(threads)
-        _THREADS[0] = threads
+    _use_threads(lib)
     if m > GEMM_ROWS:
         return _dequantized_gemm(getattr(lib, f"autopatch_w{bits}_dequant"), x, packed, scales, bias, n)
     y = torch.empty(m, n, dtype=torch.float32)
@@ -351,10 +366,7 @@ def gguf_dequant(qtype: str, blocks, out) -> bool:
     if not (blocks.flags.c_contiguous and out.flags.c_contiguous and blocks.size == n_blocks * size
             and out.size == n_blocks * values and str(out.dtype) == "float32" and str(blocks.dtype) == "uint8"):
         raise ValueError(f"gguf_dequant: {blocks.size} bytes of {qtype} blocks into {out.size} {out.dtype} values")
-    threads = torch.get_num_threads()
-    if _THREADS[0] != threads:
-        lib.autopatch_set_threads(threads)
-        _THREADS[0] = threads
+    _use_threads(lib)
     return lib.autopatch_gguf_dequant(kind, blocks.ctypes.data, n_blocks, out.ctypes.data) == 0
 
 

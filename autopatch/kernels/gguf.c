@@ -6,6 +6,7 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 #include <omp.h>
 
@@ -120,4 +121,43 @@ int autopatch_gguf_dequant(int kind, const uint8_t *blocks, int64_t n_blocks, fl
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n_blocks; i++) fn(blocks + (size_t)i * size, out + (size_t)i * count);
     return 0;
+}
+
+/* autopatch.kernels.quantize_affine4, bit-identical to its torch operations (the same float32 operations on each
+ * group of 32, never fused; rintf rounds half to even as torch.round does), one pass per group: w [groups][32]
+ * -> q [groups][32] in 0..15, a and b [groups]. Groups on a 4-bit grid (a weight dequantized from Q4_K) get
+ * the finest step (max - min) / s, s = 15..1, on which every weight lies within 1e-3 of a level. */
+void autopatch_affine4(const float *w, int64_t groups, uint8_t *q, float *a, float *b) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const float *x = w + (size_t)g * 32;
+        float low = x[0], high = x[0], offset[32];
+        for (int i = 1; i < 32; i++) {
+            low = x[i] < low ? x[i] : low;
+            high = x[i] > high ? x[i] : high;
+        }
+        float span = high - low;
+        span = span < 1e-30f ? 1e-30f : span;
+        for (int i = 0; i < 32; i++) offset[i] = x[i] - low;
+        float levels = 15.0f;
+        for (int steps = 15; steps > 0; steps--) {
+            const float scale = (float)steps / span;
+            float worst = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                const float pos = offset[i] * scale, miss = fabsf(pos - rintf(pos));
+                worst = miss > worst ? miss : worst;
+            }
+            if (worst < 1e-3f) {
+                levels = (float)steps;
+                break;
+            }
+        }
+        const float step = span / levels;
+        for (int i = 0; i < 32; i++) {
+            const float level = rintf(offset[i] / step);
+            q[(size_t)g * 32 + i] = (uint8_t)(level < 0.0f ? 0.0f : level > 15.0f ? 15.0f : level);
+        }
+        a[g] = step;
+        b[g] = low;
+    }
 }

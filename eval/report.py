@@ -147,22 +147,29 @@ def summarise(out_dir: Path) -> dict:
     return summary
 
 
+READER_SUFFIXES = ("-model", "-both")  # a method that reads the question this way is set against decompose<suffix>
+
+
 def _versus(by_method: dict[str, dict[str, dict]], reference: str, ids: Sequence[str]) -> dict:
-    """Every patch method against ``reference`` (paired EM on ``ids``): is the hidden state worth more than text?"""
+    """Every patch method against ``reference`` (paired EM on ``ids``): is the hidden state worth more than text?
+    A method named with a reader's suffix (``second-opinion-model``) is set against the decomposition with the same
+    reader (``decompose-model``) where the run has it: the state must add something over that reader's words."""
     if reference not in by_method:
         return {}
-    ref = by_method[reference]
     out = {}
     for name, rows in by_method.items():
         method = METHODS.get(name)
         if method is None or method.kind != "patch":
             continue
+        against = next((reference + suffix for suffix in READER_SUFFIXES
+                        if name.endswith(suffix) and reference + suffix in by_method), reference)
+        ref = by_method[against]
         paired = [i for i in ids if i in rows and i in ref and rows[i].get("golds", True)]  # EM needs a gold
         if not paired:
             continue
         test = mcnemar([bool(ref[i]["em"]) for i in paired], [bool(rows[i]["em"]) for i in paired])
         out[name] = {"n": len(paired), "em": sum(rows[i]["em"] for i in paired) / len(paired),
-                     f"{reference}_em": sum(ref[i]["em"] for i in paired) / len(paired),
+                     f"{reference}_em": sum(ref[i]["em"] for i in paired) / len(paired), "reference": against,
                      "fixed": test["b_fixed"], "broken": test["b_broken"], "p_value": test["p_value"]}
     return out
 
@@ -245,7 +252,7 @@ def _decompose_lines(summary: dict) -> list[str]:
     for name, v in versus.items():
         verdict = ("beats" if v["em"] > v["decompose_em"] and v["p_value"] < 0.05 else
                    "does not beat" if v["em"] <= v["decompose_em"] else "is above but not significantly above")
-        lines.append(f"- `{name}` {verdict} `decompose`: EM {v['em']:.3f} vs {v['decompose_em']:.3f} "
+        lines.append(f"- `{name}` {verdict} `{v.get('reference', 'decompose')}`: EM {v['em']:.3f} vs {v['decompose_em']:.3f} "
                      f"({v['fixed']} fixed / {v['broken']} broken, McNemar p={v['p_value']:.3g}, n={v['n']}).")
     return lines
 

@@ -185,6 +185,23 @@ def test_the_report_says_whether_a_patch_method_beats_decompose(tmp_path):
     assert "`patch` does not beat `decompose`" in report_markdown(summary, "cmd")
 
 
+def test_a_patch_method_with_a_reader_suffix_is_set_against_the_decomposition_with_that_reader(tmp_path):
+    rows = []
+    for i in range(6):
+        for method, em in (("vanilla", 0.0), ("decompose", 0.0), ("decompose-model", float(i < 4)),
+                           ("second-opinion-model", float(i < 3)), ("second-opinion", float(i < 1))):
+            rows.append({"method": method, "id": f"q{i}", "em": em, "f1": em, "contains": em, "n_tokens": 3,
+                         "seconds": 0.1, "patched": True})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    versus = summarise(tmp_path)["vs_decompose"]
+    assert versus["second-opinion-model"]["reference"] == "decompose-model"
+    assert (versus["second-opinion-model"]["decompose_em"], versus["second-opinion-model"]["broken"]) == (4 / 6, 1)
+    assert versus["second-opinion"]["reference"] == "decompose" and versus["second-opinion"]["fixed"] == 1
+    from eval.report import report_markdown
+
+    assert "`second-opinion-model` does not beat `decompose-model`" in report_markdown(summarise(tmp_path), "cmd")
+
+
 def test_score_continuation_uses_the_cot_rule_only_for_cot():
     assert score_continuation("The capital is Rome.", ["Rome"], cot=True)["em"] == 1.0
     assert score_continuation("The capital is Rome.", ["Rome"])["em"] == 0.0

@@ -156,7 +156,7 @@ def test_affine4_recovers_a_4bit_grid_and_rounds_anything_else():
     assert error.max() > 1e-5 and bool((error <= (noisy.amax() - noisy.amin()) / 30 + 1e-6).all())  # half a step at most
 
 
-def test_affine4_in_c_is_bit_identical_to_the_torch_operations():
+def test_affine4_and_int8_groups_in_c_are_bit_identical_to_the_torch_operations():
     g = torch.Generator().manual_seed(3)
     q, a, b = _grid4(40, 256, g)
     q[0, :32] = torch.randint(3, 9, (32,), generator=g, dtype=torch.uint8)
@@ -164,9 +164,10 @@ def test_affine4_in_c_is_bit_identical_to_the_torch_operations():
     grid = _dequant4(q, a, b)
     for weight in (grid, grid + torch.randn(grid.shape, generator=g) * 1e-4, torch.randn(33, 96, generator=g) * 3,
                    torch.zeros(4, 64), grid.t().contiguous()[:, :32].t().contiguous()):
-        ours, theirs = quantize_affine4(weight), quantize_affine4(weight, native=False)
-        for x, y in zip(ours, theirs):
-            assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+        for quantizer in (quantize_affine4, quantize_groups):
+            ours, theirs = quantizer(weight), quantizer(weight, native=False)
+            for x, y in zip(ours, theirs):
+                assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
 
 
 @pytest.mark.parametrize("layer", [WeightOnlyInt8Linear, DynamicInt8Linear])

@@ -92,6 +92,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
         dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
+    lib.autopatch_groups8.restype = None
+    lib.autopatch_groups8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.autopatch_affine4.restype = None
     lib.autopatch_affine4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.autopatch_gguf_dequant.restype = ctypes.c_int
@@ -114,13 +116,21 @@ def packable(in_features: int) -> bool:
     return in_features % GROUP == 0
 
 
-def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(int8 [n, k], float32 [n, k/32])``: symmetric, one scale (absmax / 127) per 32 weights of a row."""
+def quantize_groups(weight: torch.Tensor, *, native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 [n, k], float32 [n, k/32])``: symmetric, one scale (absmax / 127) per 32 weights of a row.
+    Computed by ``gguf.c`` where the kernels are built (unless ``native=False``), else by the torch operations
+    below, bit for bit the same."""
     n, k = weight.shape
     if not packable(k):
         raise ValueError(f"quantize_groups: {k} columns is not a multiple of {GROUP}")
     q = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, k // GROUP, dtype=torch.float32)
+    lib, _ = _build()
+    if lib is not None and native:
+        x = weight.detach().float().contiguous()
+        _use_threads(lib)
+        lib.autopatch_groups8(x.data_ptr(), n * k // GROUP, q.data_ptr(), scales.data_ptr())
+        return q, scales
     for start in range(0, n, 4096):  # in slices, so a large LM head needs no float32 temporaries of its size
         groups = weight[start : start + 4096].detach().float().reshape(-1, k // GROUP, GROUP)
         part = groups.abs().amax(dim=2).clamp_(min=1e-12).div_(127.0)

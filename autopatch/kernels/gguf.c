@@ -161,3 +161,23 @@ void autopatch_affine4(const float *w, int64_t groups, uint8_t *q, float *a, flo
         b[g] = low;
     }
 }
+
+/* autopatch.kernels.quantize_groups, bit-identical to its torch operations: per group of 32, scale =
+ * max(absmax, 1e-12) / 127 and q = round-half-even(w / scale) clamped to -127..127. */
+void autopatch_groups8(const float *w, int64_t groups, int8_t *q, float *scales) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const float *x = w + (size_t)g * 32;
+        float top = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const float v = fabsf(x[i]);
+            top = v > top ? v : top;
+        }
+        const float scale = (top < 1e-12f ? 1e-12f : top) / 127.0f;
+        for (int i = 0; i < 32; i++) {
+            const float level = rintf(x[i] / scale);
+            q[(size_t)g * 32 + i] = (int8_t)(level < -127.0f ? -127.0f : level > 127.0f ? 127.0f : level);
+        }
+        scales[g] = scale;
+    }
+}

@@ -145,7 +145,9 @@ def _build(spec: EmbeddedModel, mode: QuantMode, path: Path, key: str) -> None:
             take(hf_name, value)
         if tied is not None and tied[0] in owner and tied[1] in floats:  # a tied head: quantized from the embeddings
             take(tied[0], floats[tied[1]])
-    missing = sorted(set(parts) | ({n for n in wanted if n not in owner and n not in floats} - _tied_names(tied)))
+    if tied is not None and tied[0] not in owner:
+        raise DirectLoadUnavailable(f"{mode.name} keeps the tied head in float32 (one tensor under two names)")
+    missing = sorted(set(parts) | {n for n in wanted if n not in owner and n not in floats})
     if missing:
         raise DirectLoadUnavailable(f"the GGUF file gave no tensor for {', '.join(missing[:5])}")
     if hasattr(config, "quantization_config"):
@@ -158,10 +160,6 @@ def _build(spec: EmbeddedModel, mode: QuantMode, path: Path, key: str) -> None:
         tokenizer.save_pretrained(folder)
 
     write_cache(key, mode.name, {name: layers[name] for name in names}, floats=floats, files=files)
-
-
-def _tied_names(tied: tuple[str, str] | None) -> set[str]:
-    return {tied[0]} if tied is not None else set()
 
 
 def _quantized(linear: nn.Linear, parts: dict[str, torch.Tensor], mode: QuantMode) -> nn.Module:

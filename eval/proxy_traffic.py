@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         def one(item: tuple[str, QARecord]) -> dict:
             name, record = item
             located = plan(_messages(record)).location is not None
-            direct, proxied = _ask(upstream.url, record, args.max_tokens), _ask(proxy.url, record, args.max_tokens)
-            verdict = (proxied["report"] or {}) if (screen is not None and located) else {}  # the proxy's own screen
+            # scored here too: a request the screen turns away comes back as the upstream's own, without the verdict
+            score, passed = screen.verdict(_messages(record)) if (screen is not None and located) else (None, None)
             return {"set": name, "id": record.id, "golds": list(record.golds) if record.answerable else [],
-                    "located": located, "screen_score": verdict.get("screen_score"),
-                    "screen_passed": verdict.get("screen_passed"), "direct": direct, "proxy": proxied}
+                    "located": located, "screen_score": score, "screen_passed": passed,
+                    "direct": _ask(upstream.url, record, args.max_tokens), "proxy": _ask(proxy.url, record, args.max_tokens)}
 
         for i, line in enumerate(pool.map(one, todo), 1):
             sink.write(json.dumps(line) + "\n")

@@ -108,7 +108,7 @@ def _gguf_tensors(path: Path, model: nn.Module, transient_names: set[str]) -> An
             yield key_map[result.name], torch.from_numpy(np.require(result.weights, np.float32, ["C", "W"]))
 
 
-def _build(spec: EmbeddedModel, mode: QuantMode, path: Path, key: str) -> None:
+def _build(mode: QuantMode, path: Path, key: str) -> None:
     """Read the GGUF file at ``path`` into ``mode``'s whole-model cache folder under ``key``."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -203,7 +203,7 @@ def load_or_build(spec: EmbeddedModel, mode: QuantMode, gguf_path: Callable[[], 
         path = gguf_path()
         if progress:
             progress(f"assembled and checked the GGUF file {path.name}")
-        _build(spec, mode, path, key)
+        _build(mode, path, key)
         if progress:
             progress(f"read it into {mode.name} without a float32 copy and cached the whole model in {folder}")
         path.unlink(missing_ok=True)

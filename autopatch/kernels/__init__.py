@@ -125,10 +125,9 @@ def quantize_groups(weight: torch.Tensor, *, native: bool = True) -> tuple[torch
         raise ValueError(f"quantize_groups: {k} columns is not a multiple of {GROUP}")
     q = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, k // GROUP, dtype=torch.float32)
-    lib, _ = _build()
-    if lib is not None and native:
+    lib = _native() if native else None
+    if lib is not None:
         x = weight.detach().float().contiguous()
-        _use_threads(lib)
         lib.autopatch_groups8(x.data_ptr(), n * k // GROUP, q.data_ptr(), scales.data_ptr())
         return q, scales
     for start in range(0, n, 4096):  # in slices, so a large LM head needs no float32 temporaries of its size
@@ -190,10 +189,9 @@ def quantize_affine4(weight: torch.Tensor, *, native: bool = True) -> tuple[torc
     q = torch.empty(n, k, dtype=torch.uint8)
     a = torch.empty(n, k // GROUP, dtype=torch.float32)
     b = torch.empty(n, k // GROUP, dtype=torch.float32)
-    lib, _ = _build()
-    if lib is not None and native:  # gguf.c's autopatch_affine4: the same operations, one pass per group
+    lib = _native() if native else None
+    if lib is not None:  # gguf.c's autopatch_affine4: the same operations, one pass per group
         x = weight.detach().float().contiguous()
-        _use_threads(lib)
         lib.autopatch_affine4(x.data_ptr(), n * k // GROUP, q.data_ptr(), a.data_ptr(), b.data_ptr())
         return q, a, b
     for start in range(0, n, 4096):
@@ -291,6 +289,14 @@ def _use_threads(lib: ctypes.CDLL) -> None:
         _THREADS[0] = threads
 
 
+def _native() -> ctypes.CDLL | None:
+    """The built library, its threads set for a call now; ``None`` where it is not built here."""
+    lib, _ = _build()
+    if lib is not None:
+        _use_threads(lib)
+    return lib
+
+
 def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]) -> torch.Tensor:
     """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
@@ -368,7 +374,7 @@ def gguf_dequant(qtype: str, blocks, out) -> bool:
     """Dequantize the GGUF ``qtype`` blocks (a contiguous uint8 NumPy array) into ``out`` (contiguous float32
     NumPy, ``values`` per block) with ``gguf.c``, bit-identical to the ``gguf`` package; ``False`` (``out``
     untouched) when the type is not one it knows or the kernels are not built here."""
-    lib, _ = _build()
+    lib = _native()
     if lib is None or qtype not in GGUF_BLOCKS:
         return False
     kind, size, values = GGUF_BLOCKS[qtype]
@@ -376,7 +382,6 @@ def gguf_dequant(qtype: str, blocks, out) -> bool:
     if not (blocks.flags.c_contiguous and out.flags.c_contiguous and blocks.size == n_blocks * size
             and out.size == n_blocks * values and str(out.dtype) == "float32" and str(blocks.dtype) == "uint8"):
         raise ValueError(f"gguf_dequant: {blocks.size} bytes of {qtype} blocks into {out.size} {out.dtype} values")
-    _use_threads(lib)
     return lib.autopatch_gguf_dequant(kind, blocks.ctypes.data, n_blocks, out.ctypes.data) == 0
 
 

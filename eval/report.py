@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from autopatch.registry import DECOMPOSERS
 from eval.methods import METHODS
 from eval.metrics import bootstrap_ci, contains, mcnemar
 from eval.runner import iter_methods_rows, read_results
@@ -147,7 +148,8 @@ def summarise(out_dir: Path) -> dict:
     return summary
 
 
-READER_SUFFIXES = ("-model", "-both")  # a method that reads the question this way is set against decompose<suffix>
+# A method named for a reader other than the grammar (decompose's own) is set against decompose with that reader.
+READER_SUFFIXES = tuple(f"-{reader}" for reader in DECOMPOSERS if reader != "grammar")
 
 
 def _versus(by_method: dict[str, dict[str, dict]], reference: str, ids: Sequence[str]) -> dict:

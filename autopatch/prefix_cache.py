@@ -95,6 +95,12 @@ def _cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _one_logit(model: torch.nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model takes it: a prefix's logits are never read, and on a large vocabulary
+    (Gemma's 262,144 tokens) the LM head over every position costs more than the prefix's layers."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def shared_prefix_len(rows: Sequence[torch.Tensor]) -> int:
     """The number of leading tokens every row has in common."""
     if not rows:
@@ -124,17 +130,25 @@ def _new_cache(model: torch.nn.Module):
 
 
 def _prefix_cache(model: torch.nn.Module, prefix: torch.Tensor):
-    """The batch-1 cache of ``prefix`` for ``model``, computed once and kept (a few per model, least recent out)."""
+    """The batch-1 cache of ``prefix`` for ``model``, computed once and kept (a few per model, least recent out).
+
+    A new prefix that extends one already cached, or a registered one (:func:`register_prefix`, computed then
+    and kept too), runs only its extra tokens on a copy of that cache: a batch's shared prefix is usually the
+    format's fixed start and a few words of the questions, and differs from batch to batch.
+    """
     key = tuple(int(t) for t in prefix)
     with _lock:
         entries = _store.setdefault(model, OrderedDict())
         if key in entries:
             entries.move_to_end(key)
             return entries[key]
+        bases = [k for k in (*entries, *(_known.get(model) or ())) if len(k) < len(key) and key[: len(k)] == k]
+    base = max(bases, key=len, default=())
     device = next(model.parameters()).device
-    cache = _new_cache(model)
+    cache = copy.deepcopy(_prefix_cache(model, prefix[: len(base)])) if base else _new_cache(model)
     with torch.no_grad():
-        model(input_ids=prefix[None].to(device), use_cache=True, **{_cache_argument(model): cache})
+        model(input_ids=prefix[None, len(base) :].to(device), use_cache=True, **{_cache_argument(model): cache},
+              **_one_logit(model))
     with _lock:
         entries = _store.setdefault(model, OrderedDict())
         entries[key] = cache

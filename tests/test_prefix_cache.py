@@ -196,3 +196,30 @@ def test_a_single_row_uses_only_a_prefix_seen_before():
     cached = model.generate(input_ids=reused.input_ids, attention_mask=reused.attention_mask,
                             **reused.generate_kwargs(model), **kwargs)[:, reused.width:]
     assert torch.equal(plain, cached)
+
+
+def test_a_longer_prefix_extends_the_cached_one_and_equals_one_computed_whole():
+    """A batch's shared prefix runs only its tokens past a cached (or registered) prefix, on a copy of that cache."""
+    from autopatch.prefix_cache import register_prefix
+
+    model = tiny_model_for_bytes("llama", seed=7)
+    clear_prefix_cache(model)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        register_prefix(model, list(range(3, 15)))
+        longer = _prefix_cache(model, torch.arange(3, 20))
+        assert calls == [12, 5]  # the registered prefix once, then only the 5 tokens past it
+        base = _prefix_cache(model, torch.arange(3, 15))
+        assert base.get_seq_length() == 12 and longer.get_seq_length() == 17  # the base was copied, not extended
+        calls.clear()
+        _prefix_cache(model, torch.arange(3, 22))
+        assert calls == [2]  # the longest cached prefix is the base
+    finally:
+        handle.remove()
+    clear_prefix_cache(model)
+    whole = _prefix_cache(model, torch.arange(3, 20))
+    for layer in range(len(whole.layers)):
+        assert torch.allclose(whole.layers[layer].keys, longer.layers[layer].keys, atol=1e-5)
+        assert torch.allclose(whole.layers[layer].values, longer.layers[layer].values, atol=1e-5)
+    clear_prefix_cache(model)

@@ -13,7 +13,7 @@ harness's baselines all go through it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -22,6 +22,7 @@ from autopatch.datatypes import Target
 from autopatch.engine import PatchEdit, patch
 from autopatch.merging import TargetStreamer, caller_views, merge_outputs
 from autopatch.prefix_cache import prefix_layout
+from autopatch.shrinking import shrinking_generate
 
 __all__ = ["continue_patched", "run_targets", "token_budget"]
 
@@ -46,8 +47,8 @@ def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: S
             generate_kwargs[name] = caller_views(generate_kwargs.get(name), caller_ids, lay.width)
     engine_edits = [PatchEdit(layer, i, lay.engine_position(pos), vec) for i, layer, pos, vec in edits]
     with patch(model, engine_edits, attention_mask=lay.engine_mask):
-        return (cast(Any, model).generate(input_ids=lay.input_ids.to(device), attention_mask=lay.attention_mask.to(device),
-                                          **lay.generate_kwargs(model), **generate_kwargs), lay.width)
+        return (shrinking_generate(model, input_ids=lay.input_ids.to(device), attention_mask=lay.attention_mask.to(device),
+                                   **lay.generate_kwargs(model), **generate_kwargs), lay.width)
 
 
 def token_budget(config: GenerationConfig, kwargs: dict, width: int) -> int:

@@ -29,6 +29,7 @@ from autopatch.gating import POSITION_KINDS
 from autopatch.merging import caller_views
 from autopatch.prefix_cache import PrefixLayout, position_ids, prefix_layout
 from autopatch.profile import Position
+from autopatch.shrinking import shrinking_generate
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,15 @@ class Prefill:
         logits processors and stopping criteria see that same sequence at every step (through caller views).
         """
         if self.layout is None:
-            return model.generate(input_ids, **kwargs)
+            return shrinking_generate(model, input_ids=input_ids, **{"attention_mask": None, **kwargs})
         device = input_ids.device
         kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         for name in ("logits_processor", "stopping_criteria"):
             if kwargs.get(name):
                 kwargs[name] = caller_views(kwargs[name], input_ids, self.layout.width)
-        out = model.generate(input_ids=self.layout.input_ids.to(device), attention_mask=self.layout.attention_mask.to(device),
-                             **self.layout.generate_kwargs(model), **kwargs)
+        out = shrinking_generate(model, input_ids=self.layout.input_ids.to(device),
+                                 attention_mask=self.layout.attention_mask.to(device),
+                                 **self.layout.generate_kwargs(model), **kwargs)
         if isinstance(out, torch.Tensor):
             return self.layout.caller_sequences(out, input_ids)
         out.sequences = self.layout.caller_sequences(out.sequences, input_ids)

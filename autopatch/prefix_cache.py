@@ -75,7 +75,7 @@ class PrefixLayout:
         """The cache argument for ``model.generate`` (``cache`` in transformers >= 5.24, else ``past_key_values``)."""
         if self.cache is None:
             return {}
-        return {_cache_argument(model): self.cache}
+        return {cache_argument(model): self.cache}
 
     def forward(self, model: torch.nn.Module, **kwargs):
         """One forward pass over the suffixes (the prefix comes from the cache), with the positions ``generate``
@@ -91,7 +91,8 @@ class PrefixLayout:
         return torch.cat([caller_ids.to(sequences.device), sequences[:, self.width :]], dim=1)
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name ``model.generate`` and ``model.forward`` take a KV cache under."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -147,7 +148,7 @@ def _prefix_cache(model: torch.nn.Module, prefix: torch.Tensor):
     device = next(model.parameters()).device
     cache = copy.deepcopy(_prefix_cache(model, prefix[: len(base)])) if base else _new_cache(model)
     with torch.no_grad():
-        model(input_ids=prefix[None, len(base) :].to(device), use_cache=True, **{_cache_argument(model): cache},
+        model(input_ids=prefix[None, len(base) :].to(device), use_cache=True, **{cache_argument(model): cache},
               **_one_logit(model))
     with _lock:
         entries = _store.setdefault(model, OrderedDict())

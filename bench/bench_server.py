@@ -40,6 +40,53 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+class ForwardLog:
+    """Every forward call of the model while on: (rows, tokens per row, seconds). Hooks, so ``forward``'s
+    signature (which ``generate`` inspects) stays the model's own."""
+
+    def __init__(self, model):
+        self.on, self.calls, self._start = False, [], 0.0
+        model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        model.register_forward_hook(self._post, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, kwargs, out):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.on and ids is not None:
+            self.calls.append((int(ids.shape[0]), int(ids.shape[1]), time.perf_counter() - self._start))
+
+    def take(self) -> list[tuple[int, int, float]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def ceiling(one: list[tuple[int, int, float]], batched: list[tuple[int, int, float]], size: int) -> list[str]:
+    """What the forward passes of the one-at-a-time run would cost if every decode step ran in a full batch
+    (at the cost of the batched run's largest decode steps) and every prefill token at the batched run's cost
+    per token: the most any scheduler could gain here, before HTTP and Python between the steps."""
+    def split(calls):
+        return [c for c in calls if c[1] > 1], [c for c in calls if c[1] == 1]
+
+    one_prefill, one_decode = split(one)
+    batch_prefill, batch_decode = split(batched)
+    widest = max((rows for rows, _, _ in batch_decode), default=1)
+    step = sum(t for rows, _, t in batch_decode if rows == widest) / max(1, sum(rows == widest for rows, _, _ in batch_decode))
+    per_token = sum(t for *_, t in batch_prefill) / max(1, sum(r * n for r, n, _ in batch_prefill))
+    ideal = sum(n for _, n, _ in one_prefill) * per_token + -(-len(one_decode) // size) * step
+    total = sum(t for *_, t in one)
+    lines = ["| run | prefill calls | prefill s | decode steps | decode s |", "| --- | ---: | ---: | ---: | ---: |"]
+    for label, (pre, dec) in (("one at a time", (one_prefill, one_decode)), (f"batches of {size}", (batch_prefill, batch_decode))):
+        lines.append(f"| {label} | {len(pre)} | {sum(t for *_, t in pre):.2f} | {len(dec)} | {sum(t for *_, t in dec):.2f} |")
+    lines.append(f"\nA decode step costs {step * 1000:.0f} ms at {widest} rows against "
+                 f"{sum(t for *_, t in one_decode) / max(1, len(one_decode)) * 1000:.0f} ms at 1; a prefill token "
+                 f"{per_token * 1000:.2f} ms batched against {sum(t for *_, t in one_prefill) / max(1, sum(n for _, n, _ in one_prefill)) * 1000:.2f} ms "
+                 f"alone. Every decode step in a full batch and every prefill token at the batched cost: "
+                 f"{ideal:.2f} s of forward passes against {total:.2f} s one at a time, at most {total / ideal:.2f}x.")
+    return lines
+
+
 def _load(args):
     if args.tiny:
         from autopatch.profile import PatchProfile
@@ -97,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - start, cut_at_stop(text, prompt.stop)[0]  # as the server cuts it
 
     run_direct(questions[0])  # warm-up
+    log = ForwardLog(model)
+    log.on = True
     start = time.perf_counter()
     direct = [run_direct(q) for q in questions]
     direct_wall = time.perf_counter() - start
+    forwards = {"one": log.take()}
     rows = [("AutoPatcher.generate, one at a time", 1, direct_wall, [t for t, _ in direct], args.requests)]
     batch_tokens = []
     if args.max_batch_size > 1:  # the server's batched call alone, in this process: what batching can give at most
@@ -121,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             texts += [r.text for r in results]
             batch_tokens.append([r.completion_tokens for r in results])
             latencies += [time.perf_counter() - began] * len(results)
+        forwards["batched"] = log.take()
         same = sum(a == b for (_, a), b in zip(direct, texts))
         rows.append((f"server.batching.run_batch in this process, batches of {args.max_batch_size}", 1,
                      time.perf_counter() - start, latencies, same))
 
+    log.on = False
     # As `autopatch serve` does when its worker starts on the thread that loaded the model: this thread is done
     # with torch, so its idle OpenMP pool goes (autopatch.kernels.release_openmp_pool).
     release_openmp_pool()
@@ -171,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{to_server} | {percentile(latencies, 50) * 1000:.0f} | {percentile(latencies, 99) * 1000:.0f} | "
               f"{same}/{args.requests} |")
     if batch_tokens:
-        print("\nTokens each row of the in-process batches made (a batch runs until its longest row ends): "
+        print("\nTokens each row of the in-process batches made (finished rows leave the batch, autopatch.shrinking): "
               + "; ".join(", ".join(map(str, b)) for b in batch_tokens))
+        print("\nForward passes of the model in the one-at-a-time and the in-process batched runs:\n")
+        print("\n".join(ceiling(forwards["one"], forwards["batched"], args.max_batch_size)))
     return 0 if all(same == args.requests for *_, same in rows) else 1
 
 

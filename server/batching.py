@@ -10,8 +10,9 @@ Example:
 The prompts are left-padded into one batch. Every row keeps its own
 ``max_tokens``, stop strings, cancellation and deadline through one stopping
 criterion (:class:`RowHalt`) that answers per row, so stopping or cancelling one
-request never touches the others: the batch runs to the largest budget and
-each row ends where it would have ended alone. A patched row is answered from a
+request never touches the others: each row ends where it would have ended
+alone, and once half of a batch's rows have ended the others go on without them
+(:mod:`autopatch.shrinking`). A patched row is answered from a
 second ``generate`` call over the patched rows only; ``autopatch.merging``'s
 caller views show the criterion the caller's prompt followed by that row's new
 tokens, and :meth:`RowHalt.rows_of` finds the row again by its prompt.

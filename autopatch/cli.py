@@ -49,9 +49,9 @@ def _add_model_arg(parser: argparse.ArgumentParser) -> None:
 def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
     """``--quantize MODE``: checked when the model loads, so a refusal names the modes that work on this machine."""
     parser.add_argument("--quantize", default=None, metavar="MODE",
-                        help="int4 (4-bit weights where exact, else int8; float32 activations; CPU), int8, "
-                             "int8-dynamic, or none (float32); default: the model's measured CPU default "
-                             "(docs/quantization.md)")
+                        help="int4 (4-bit weights where exact, else int8; float32 activations; CPU), int4-all "
+                             "(4-bit weights everywhere), int8, int8-dynamic, or none (float32); default: the "
+                             "model's measured CPU default (docs/quantization.md)")
 
 
 def physical_cores() -> int:

@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int4', 'int8', 'int8-dynamic', 'none']
+    ['int4', 'int4-all', 'int8', 'int8-dynamic', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -22,6 +22,8 @@ Why this design (measured in docs/quantization.md):
   least as faithful as int8, which is exactly where the weight already was 4-bit (the GGUF Q4_K tensors the
   embedded models ship), and in int8 elsewhere (their Q5/Q6/Q8 tensors); a float model the user trained
   mostly stays int8. It halves the bytes a decode step reads from the Q4_K tensors, losing nothing.
+* ``int4-all`` puts the other tensors at 4 bits too (the GGUF Q6_K ones: the LM head, half of the MLP
+  down-projections), rounding them: fewer bytes a step than ``int4``, at a cost measured per model.
 * ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
   channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
   ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with an outlying
@@ -256,12 +258,15 @@ class QuantMode:
 
     ``layers`` are tried in order for each Linear: it becomes the first that accepts it and holds its weight
     (:meth:`Int8Linear.holds`); the last one is the fallback and always holds. Empty: nothing is swapped.
+    ``rounds``: the first layer that accepts the Linear, whether or not it holds the weight as closely as the
+    next would (fewer bytes a step, at a measured cost in accuracy).
     """
 
     name: str
     description: str
     layers: tuple[type[Int8Linear], ...]
     quantize_head: bool = True  # the LM head too (on small models, most of the bytes a decode step reads)
+    rounds: bool = False
 
     @property
     def is_float(self) -> bool:
@@ -271,7 +276,7 @@ class QuantMode:
         """The layer class ``linear`` becomes."""
         fitting = [layer for layer in self.layers if layer.accepts(linear)]
         weight = linear.weight.detach()
-        return next((layer for layer in fitting[:-1] if layer.holds(weight)), fitting[-1])
+        return next((layer for layer in fitting[:-1] if self.rounds or layer.holds(weight)), fitting[-1])
 
 
 QUANT_MODES: dict[str, QuantMode] = {
@@ -283,6 +288,10 @@ QUANT_MODES: dict[str, QuantMode] = {
         QuantMode("int4", "4-bit weights (a scale and offset per 32) wherever they hold the weight at least "
                           "as closely as int8 would (a GGUF Q4_K tensor: exactly), int8 elsewhere; float32 "
                           "activations", (WeightOnlyInt4Linear, WeightOnlyInt8Linear)),
+        QuantMode("int4-all", "4-bit weights (a scale and offset per 32) in every Linear that takes them, rounding "
+                              "the ones int8 would hold more closely (a GGUF Q6_K tensor: the LM head, half of the "
+                              "MLP down-projections); int8 elsewhere; float32 activations",
+                  (WeightOnlyInt4Linear, WeightOnlyInt8Linear), rounds=True),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )

@@ -257,7 +257,15 @@ def test_int4_holds_4bit_weights_at_4_bits_and_everything_else_at_8():
     assert not any(isinstance(m, WeightOnlyInt4Linear) for m in plain.modules())
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int4_all_rounds_every_weight_to_4_bits_the_head_included():
+    model = tiny_model("qwen2")  # random weights, which int4 keeps at 8 bits
+    quantize_model(model, "int4-all")
+    linears = [m for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+    assert linears and all(isinstance(m, WeightOnlyInt4Linear) for m in linears)
+    assert isinstance(model.lm_head, WeightOnlyInt4Linear) and model_quantization(model) == "int4-all"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-all"])
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_quantized_tiny_models_keep_embeddings_and_match_their_dequantized_twin(arch, mode):
     from autopatch.fingerprint import model_fingerprint

@@ -46,13 +46,16 @@ def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: t
     config = _effective_config(model, kwargs)
     eos_ids = _ids(config.eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else _first(config.eos_token_id)
-    if not _restartable(input_ids, kwargs, config) or pad is None or not eos_ids or attention_mask is None:
+    key = cache_argument(model)
+    if key != "past_key_values" and kwargs.get("past_key_values") is not None and kwargs.get(key) is None:
+        kwargs[key] = kwargs.pop("past_key_values")  # the older name of the same argument
+    if not _restartable(input_ids, kwargs, config) or pad is None or not eos_ids or attention_mask is None \
+            or not _selectable_cache(model, kwargs.get(key)):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor,
                               stopping_criteria=stopping_criteria, **kwargs)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=input_ids.device)
     batch = input_ids.shape[0]
     budget = int(kwargs.pop("max_new_tokens"))
-    key = cache_argument(model)
     running = list(range(batch))
     finished: dict[int, torch.Tensor] = {}
     ids, mask = input_ids, attention_mask
@@ -114,12 +117,22 @@ def _restartable(input_ids: torch.Tensor, kwargs: dict, config: GenerationConfig
         return False
     if config.do_sample or (config.num_beams or 1) > 1 or (config.num_return_sequences or 1) > 1:
         return False
-    if config.return_dict_in_generate or config.output_scores or config.output_logits or config.use_cache is False:
+    if config.return_dict_in_generate or config.output_scores or config.output_logits or config.use_cache is False \
+            or config.cache_implementation is not None:  # a static cache cannot drop rows
         return False
     counted_from_the_start = (config.min_new_tokens, config.begin_suppress_tokens, config.forced_bos_token_id,
                               config.exponential_decay_length_penalty, config.watermarking_config,
                               getattr(config, "guidance_scale", None) if getattr(config, "guidance_scale", 1) != 1 else None)
     return not any(v for v in counted_from_the_start) and not config.min_length
+
+
+def _selectable_cache(model: Any, given: Any) -> bool:
+    """Whether the KV cache this call will use can drop rows: the one given, else the dynamic cache ``generate``
+    builds for most models (not for recurrent or hybrid ones, which bring their own)."""
+    if given is not None:
+        return callable(getattr(given, "batch_select_indices", None))
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    return bool(supports()) if callable(supports) else True
 
 
 class _WholeBatch:

@@ -120,3 +120,22 @@ def test_a_single_row_or_no_eos_is_plain_generate(monkeypatch):
     model.generation_config.eos_token_id = None
     shrinking_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
     assert len(calls) == 1
+
+
+def test_a_cache_that_cannot_drop_rows_or_a_static_cache_is_plain_generate(monkeypatch):
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    ids, mask = _batch(tok)
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, eos_token_id=[255])
+    from transformers import DynamicCache
+
+    class Unselectable(DynamicCache):
+        batch_select_indices = None
+
+    shrinking_generate(model, **args, past_key_values=Unselectable())
+    monkeypatch.setattr(model, "_supports_default_dynamic_cache", lambda: False, raising=False)
+    shrinking_generate(model, **args)
+    assert len(calls) == 2 and not any("return_dict_in_generate" in c for c in calls)
+    assert not shrinking._restartable(ids, {"max_new_tokens": 4}, type(model.generation_config)(cache_implementation="static"))

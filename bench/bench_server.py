@@ -7,7 +7,12 @@ Example:
 One process, one model. First every request runs sequentially through
 ``AutoPatcher.generate`` (same prompt rendering, gate and profile as the
 server, greedy decoding, stopping at the format's stop strings with a
-stopping criterion as the server does): that is the one-at-a-time baseline. Then a real
+stopping criterion as the server does): that is the one-at-a-time baseline. Then the
+server's batched call (``server.batching.run_batch``) in this process, no HTTP,
+twice: with finished rows kept to the end of each ``generate`` (as
+``model.generate`` alone keeps them) and as shipped (:mod:`autopatch.shrinking`);
+with every forward pass of the baseline and of the shipped batches logged, and the
+most any scheduler could gain from them. Then a real
 uvicorn server on 127.0.0.1 (micro-batching on: ``--max-batch-size``,
 ``--batch-window-ms``) gets the same requests from 1, 4 and 8 client threads
 (``--concurrency``) through the ``openai`` client, every ``--stream-every``-th
@@ -26,9 +31,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from autopatch import shrinking  # noqa: E402
 from autopatch.kernels import release_openmp_pool  # noqa: E402
 from autopatch.stopping import cut_at_stop  # noqa: E402
 from bench.questions import QUESTIONS  # noqa: E402
@@ -163,18 +170,25 @@ def main(argv: list[str] | None = None) -> int:
                                  profile=patcher.profile, gate=patcher.gate, patching=True, emit=lambda e: None,
                                  stop=prompt.stop)
 
-        start, texts, latencies = time.perf_counter(), [], []
-        for k in range(0, len(questions), args.max_batch_size):
-            began = time.perf_counter()
-            events = run_batch(model, tok, [job_of(q) for q in questions[k:k + args.max_batch_size]])
-            results = [event[1] for event in events if event is not None and event[0] == "done"]
-            texts += [r.text for r in results]
-            batch_tokens.append([r.completion_tokens for r in results])
-            latencies += [time.perf_counter() - began] * len(results)
+        def run_batches(label: str, tokens: list | None) -> None:
+            start, texts, latencies = time.perf_counter(), [], []
+            for k in range(0, len(questions), args.max_batch_size):
+                began = time.perf_counter()
+                events = run_batch(model, tok, [job_of(q) for q in questions[k:k + args.max_batch_size]])
+                results = [event[1] for event in events if event is not None and event[0] == "done"]
+                texts += [r.text for r in results]
+                if tokens is not None:
+                    tokens.append([r.completion_tokens for r in results])
+                latencies += [time.perf_counter() - began] * len(results)
+            same = sum(a == b for (_, a), b in zip(direct, texts))
+            rows.append((label, 1, time.perf_counter() - start, latencies, same))
+
+        label = f"server.batching.run_batch in this process, batches of {args.max_batch_size}"
+        with mock.patch.object(shrinking, "MIN_BUDGET_LEFT", sys.maxsize):  # no round ends early: one generate
+            run_batches(label + ", finished rows kept to the end", None)
+        log.take()
+        run_batches(label, batch_tokens)
         forwards["batched"] = log.take()
-        same = sum(a == b for (_, a), b in zip(direct, texts))
-        rows.append((f"server.batching.run_batch in this process, batches of {args.max_batch_size}", 1,
-                     time.perf_counter() - start, latencies, same))
 
     log.on = False
     # As `autopatch serve` does when its worker starts on the thread that loaded the model: this thread is done

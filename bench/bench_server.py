@@ -2,6 +2,7 @@
 
 Example:
     $ python bench/bench_server.py --threads 1                       # embedded Gemma, 32 requests of 16 tokens
+    $ python bench/bench_server.py --ordinary-every 3 --max-tokens 64  # a third of them ordinary requests
     $ python bench/bench_server.py --tiny --requests 32 --threads 1  # tiny random model: mechanics only
 
 One process, one model. First every request runs sequentially through
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from autopatch import shrinking  # noqa: E402
 from autopatch.kernels import release_openmp_pool  # noqa: E402
 from autopatch.stopping import cut_at_stop  # noqa: E402
-from bench.questions import QUESTIONS  # noqa: E402
+from bench.questions import ORDINARY, QUESTIONS  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead (mechanics only)")
     parser.add_argument("--requests", type=int, default=32, help="requests per run")
     parser.add_argument("--stream-every", type=int, default=2, help="stream every N-th request (0: none)")
+    parser.add_argument("--ordinary-every", type=int, default=0,
+                        help="every N-th request an ordinary one (bench.questions.ORDINARY), the rest two-hop (0: none)")
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated client thread counts")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=8, help="the server's (1: batching off)")
@@ -137,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model, tok, name, profile = _load(args)
     patcher = AutoPatcher(model, tok, profile)
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
+    questions = [ORDINARY[i // args.ordinary_every % len(ORDINARY)] if args.ordinary_every
+                 and i % args.ordinary_every == args.ordinary_every - 1 else QUESTIONS[i % len(QUESTIONS)]
+                 for i in range(args.requests)]
     device = next(model.parameters()).device
 
     def run_direct(question: str) -> tuple[float, str]:
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                          [t for t, _ in served], same))
 
     streamed = f"every {args.stream_every} streamed" if args.stream_every else "none streamed"
+    if args.ordinary_every:
+        streamed += f", every {args.ordinary_every} an ordinary request"
     print(f"model {name}, {args.requests} requests ({streamed}), max_tokens {args.max_tokens}, greedy, "
           f"torch threads {torch.get_num_threads()}, batch window {args.batch_window_ms:g} ms\n")
     print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | ratio to the server at 1 client | p50 ms "

@@ -165,6 +165,34 @@ def _hooks(modules_and_fns: Sequence[tuple[nn.Module, Callable]], *, prepend: bo
             handle.remove()
 
 
+_every_call_lock = threading.Lock()
+_every_call: dict[tuple[int, int], int] = {}  # (id(model), thread) -> its open contexts with prefill_only=False
+
+
+def acts_on_every_call(model: nn.Module) -> bool:
+    """Whether this thread has a capture or patch open on ``model`` with ``prefill_only=False``: its hooks count
+    the batch's rows at every forward call, so the batch must keep every row to the end
+    (:mod:`autopatch.shrinking` asks)."""
+    with _every_call_lock:
+        return _every_call.get((id(model), threading.get_ident()), 0) > 0
+
+
+@contextmanager
+def _every_call_open(model: nn.Module, prefill_only: bool) -> Iterator[None]:
+    key = (id(model), threading.get_ident())
+    if not prefill_only:
+        with _every_call_lock:
+            _every_call[key] = _every_call.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        if not prefill_only:
+            with _every_call_lock:
+                _every_call[key] -= 1
+                if not _every_call[key]:
+                    del _every_call[key]
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -206,7 +234,7 @@ def capture(
 
         return hook
 
-    with _hooks([(blocks[layer], make_hook(layer)) for layer in sorted(set(layers))]):
+    with _every_call_open(model, prefill_only), _hooks([(blocks[layer], make_hook(layer)) for layer in sorted(set(layers))]):
         yield result
 
 
@@ -257,5 +285,6 @@ def patch(
         return hook
 
     # prepend: other hooks on the block (captures, HF's output_hidden_states recorder) see the patched value
-    with _hooks([(blocks[layer], make_hook(layer_edits)) for layer, layer_edits in by_layer.items()], prepend=True):
+    with _every_call_open(model, prefill_only), \
+            _hooks([(blocks[layer], make_hook(layer_edits)) for layer, layer_edits in by_layer.items()], prepend=True):
         yield

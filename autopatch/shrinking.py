@@ -16,8 +16,9 @@ Callbacks see what ``model.generate`` would show them: in a later round, the cal
 stopping criteria get the whole batch (finished rows padded, as ``generate`` pads them) and answer for the
 running rows only. Only the calls this is exact for take rounds: greedy, one sequence per prompt, tensor output,
 no streamer, ``max_new_tokens`` given, and none of the generation settings that count from the start of a call
-(``min_new_tokens`` and the like). Every other call is ``model.generate`` itself. The engine's contexts act on
-the first forward call (the prefill), which stays in the first round.
+(``min_new_tokens`` and the like), and no capture or patch of this thread acting on every forward call
+(:func:`autopatch.engine.acts_on_every_call`). Every other call is ``model.generate`` itself. The engine's
+contexts act on the first forward call (the prefill) by default, which stays in the first round.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, cast
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from autopatch.engine import acts_on_every_call
 from autopatch.prefix_cache import cache_argument
 
 __all__ = ["shrinking_generate"]
@@ -50,7 +52,7 @@ def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: t
     if key != "past_key_values" and kwargs.get("past_key_values") is not None and kwargs.get(key) is None:
         kwargs[key] = kwargs.pop("past_key_values")  # the older name of the same argument
     if not _restartable(input_ids, kwargs, config) or pad is None or not eos_ids or attention_mask is None \
-            or not _selectable_cache(model, kwargs.get(key)):
+            or not _selectable_cache(model, kwargs.get(key)) or acts_on_every_call(model):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor,
                               stopping_criteria=stopping_criteria, **kwargs)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=input_ids.device)

@@ -139,3 +139,21 @@ def test_a_cache_that_cannot_drop_rows_or_a_static_cache_is_plain_generate(monke
     shrinking_generate(model, **args)
     assert len(calls) == 2 and not any("return_dict_in_generate" in c for c in calls)
     assert not shrinking._restartable(ids, {"max_new_tokens": 4}, type(model.generation_config)(cache_implementation="static"))
+
+
+def test_a_capture_on_every_forward_call_keeps_every_row(monkeypatch):
+    """A capture with prefill_only=False records the whole batch at each step: no rows may leave under it."""
+    from autopatch.engine import acts_on_every_call, capture
+
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    ids, mask = _batch(tok)
+    budgets = StoppingCriteriaList([RowBudgets(ids.shape[1], [1, 1, 1, 6, 6])])
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                eos_token_id=[255], stopping_criteria=budgets)
+    with capture(model, [1], prefill_only=False) as cap:
+        assert acts_on_every_call(model)
+        shrinking_generate(model, **args)
+    assert cap.states[1].shape[0] == len(PROMPTS) and not acts_on_every_call(model)
+    with capture(model, [1]) as cap:  # the default, prefill only: rounds as usual
+        assert not acts_on_every_call(model)
+        shrinking_generate(model, **args)

@@ -122,10 +122,10 @@ def _restartable(input_ids: torch.Tensor, kwargs: dict, config: GenerationConfig
     if config.return_dict_in_generate or config.output_scores or config.output_logits or config.use_cache is False \
             or config.cache_implementation is not None:  # a static cache cannot drop rows
         return False
-    counted_from_the_start = (config.min_new_tokens, config.begin_suppress_tokens, config.forced_bos_token_id,
-                              config.exponential_decay_length_penalty, config.watermarking_config,
-                              getattr(config, "guidance_scale", None) if getattr(config, "guidance_scale", 1) != 1 else None)
-    return not any(v for v in counted_from_the_start) and not config.min_length
+    counted_from_the_start = (config.min_new_tokens, config.min_length, config.begin_suppress_tokens,
+                              config.forced_bos_token_id, config.exponential_decay_length_penalty,
+                              config.watermarking_config)
+    return not any(counted_from_the_start) and (getattr(config, "guidance_scale", None) or 1) == 1
 
 
 def _selectable_cache(model: Any, given: Any) -> bool:

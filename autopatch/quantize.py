@@ -23,7 +23,7 @@ Why this design (measured in docs/quantization.md):
   embedded models ship), and in int8 elsewhere (their Q5/Q6/Q8 tensors); a float model the user trained
   mostly stays int8. It halves the bytes a decode step reads from the Q4_K tensors, losing nothing.
 * ``int4-all`` puts the other tensors at 4 bits too (the GGUF Q6_K ones: the LM head, half of the MLP
-  down-projections), rounding them: fewer bytes a step than ``int4``, at a cost measured per model.
+  down-projections and of the value projections), rounding them: fewer bytes a step than ``int4``, at a cost measured per model.
 * ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
   channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
   ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with an outlying
@@ -290,7 +290,7 @@ QUANT_MODES: dict[str, QuantMode] = {
                           "activations", (WeightOnlyInt4Linear, WeightOnlyInt8Linear)),
         QuantMode("int4-all", "4-bit weights (a scale and offset per 32) in every Linear that takes them, rounding "
                               "the ones int8 would hold more closely (a GGUF Q6_K tensor: the LM head, half of the "
-                              "MLP down-projections); int8 elsewhere; float32 activations",
+                              "MLP down- and value projections); int8 elsewhere; float32 activations",
                   (WeightOnlyInt4Linear, WeightOnlyInt8Linear), rounds=True),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),

@@ -179,18 +179,19 @@ def acts_on_every_call(model: nn.Module) -> bool:
 
 @contextmanager
 def _every_call_open(model: nn.Module, prefill_only: bool) -> Iterator[None]:
+    if prefill_only:
+        yield
+        return
     key = (id(model), threading.get_ident())
-    if not prefill_only:
-        with _every_call_lock:
-            _every_call[key] = _every_call.get(key, 0) + 1
+    with _every_call_lock:
+        _every_call[key] = _every_call.get(key, 0) + 1
     try:
         yield
     finally:
-        if not prefill_only:
-            with _every_call_lock:
-                _every_call[key] -= 1
-                if not _every_call[key]:
-                    del _every_call[key]
+        with _every_call_lock:
+            _every_call[key] -= 1
+            if not _every_call[key]:
+                del _every_call[key]
 
 
 @contextmanager

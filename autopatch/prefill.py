@@ -59,7 +59,7 @@ class Prefill:
         logits processors and stopping criteria see that same sequence at every step (through caller views).
         """
         if self.layout is None:
-            return shrinking_generate(model, input_ids=input_ids, **{"attention_mask": None, **kwargs})
+            return shrinking_generate(model, input_ids=input_ids, **kwargs)
         device = input_ids.device
         kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         for name in ("logits_processor", "stopping_criteria"):

@@ -91,15 +91,19 @@ class PrefixLayout:
         return torch.cat([caller_ids.to(sequences.device), sequences[:, self.width :]], dim=1)
 
 
+def _forward_takes(model: torch.nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """The name ``model.generate`` and ``model.forward`` take a KV cache under."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if _forward_takes(model, "cache") else "past_key_values"
 
 
 def _one_logit(model: torch.nn.Module) -> dict[str, int]:
     """``logits_to_keep=1`` where the model takes it: a prefix's logits are never read, and on a large vocabulary
     (Gemma's 262,144 tokens) the LM head over every position costs more than the prefix's layers."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if _forward_takes(model, "logits_to_keep") else {}
 
 
 def shared_prefix_len(rows: Sequence[torch.Tensor]) -> int:

@@ -41,7 +41,7 @@ _OTHER_CALLS = ("streamer", "assistant_model", "prefix_allowed_tokens_fn", "stop
                 "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus")
 
 
-def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        logits_processor: LogitsProcessorList | None = None,
                        stopping_criteria: StoppingCriteriaList | None = None, **kwargs) -> Any:
     """``model.generate(input_ids=..., attention_mask=..., ...)``, with finished rows leaving the batch."""
@@ -73,15 +73,16 @@ def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: t
             for k, row in enumerate(running):
                 finished[row] = out.sequences[k]
             break
-        done = halt.done.tolist() if halt.done is not None else [False] * len(running)
-        keep = [k for k in range(len(running)) if not done[k]]
-        for k in range(len(running)):
-            if done[k]:
-                finished[running[k]] = out.sequences[k]
+        keep = []
+        for k, (row, done) in enumerate(zip(running, cast(torch.Tensor, halt.done).tolist())):
+            if done:
+                finished[row] = out.sequences[k]
+            else:
+                keep.append(k)
         index = torch.tensor(keep, dtype=torch.long, device=out.sequences.device)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.24
         cache.batch_select_indices(index)
-        running[:] = [running[k] for k in keep]
+        running[:] = [running[k] for k in keep]  # in place: ``whole`` reads the same list
         ids = out.sequences[index]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)[index]
         kwargs[key] = cache

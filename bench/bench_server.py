@@ -49,20 +49,25 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class ForwardLog:
-    """Every forward call of the model while on: (rows, tokens per row, seconds). Hooks, so ``forward``'s
-    signature (which ``generate`` inspects) stays the model's own."""
+    """Every forward call of the model until :meth:`close`: (rows, tokens per row, seconds). Hooks, so
+    ``forward``'s signature (which ``generate`` inspects) stays the model's own."""
 
     def __init__(self, model):
-        self.on, self.calls, self._start = False, [], 0.0
-        model.register_forward_pre_hook(self._pre, with_kwargs=True)
-        model.register_forward_hook(self._post, with_kwargs=True)
+        self.calls, self._start = [], 0.0
+        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         model.register_forward_hook(self._post, with_kwargs=True)]
+
+    def close(self) -> None:
+        """Remove the hooks (the server's rows run without them)."""
+        for handle in self._handles:
+            handle.remove()
 
     def _pre(self, module, args, kwargs):
         self._start = time.perf_counter()
 
     def _post(self, module, args, kwargs, out):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.on and ids is not None:
+        if ids is not None:
             self.calls.append((int(ids.shape[0]), int(ids.shape[1]), time.perf_counter() - self._start))
 
     def take(self) -> list[tuple[int, int, float]]:
@@ -157,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
     run_direct(questions[0])  # warm-up
     log = ForwardLog(model)
-    log.on = True
     start = time.perf_counter()
     direct = [run_direct(q) for q in questions]
     direct_wall = time.perf_counter() - start
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         run_batches(label, batch_tokens)
         forwards["batched"] = log.take()
 
-    log.on = False
+    log.close()
     # As `autopatch serve` does when its worker starts on the thread that loaded the model: this thread is done
     # with torch, so its idle OpenMP pool goes (autopatch.kernels.release_openmp_pool).
     release_openmp_pool()

@@ -44,6 +44,14 @@ class BanPreviousToken(LogitsProcessor):
         return scores
 
 
+def _generate_calls(model, monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``model.generate`` call from now on (each still runs)."""
+    calls: list[dict] = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    return calls
+
+
 def _batch(tok):
     return left_pad([tok(p, return_tensors="pt").input_ids[0] for p in PROMPTS], tok.pad_token_id)
 
@@ -62,11 +70,10 @@ def _both(model, ids, mask, budgets, **kwargs):
 def test_rows_of_different_lengths_give_generates_output_and_callbacks_see_the_same(tiny, monkeypatch):
     model, tok = tiny
     ids, mask = _batch(tok)
-    rounds = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: rounds.append(kw["input_ids"].shape[0]) or real(**kw))
+    calls = _generate_calls(model, monkeypatch)
     (plain, shrunk), (seen_plain, seen_shrunk) = _both(model, ids, mask, [2, 1, 9, 3, 12], pad_token_id=0,
                                                        eos_token_id=[255])
+    rounds = [c["input_ids"].shape[0] for c in calls]
     assert rounds[0] == 5 and len(rounds) >= 3 and rounds[-1] < 5  # it did drop rows (first call: the plain run)
     assert torch.equal(plain, shrunk)
     assert len(seen_plain) == len(seen_shrunk) and all(torch.equal(a, b) for a, b in zip(seen_plain, seen_shrunk))
@@ -100,9 +107,7 @@ def test_a_cached_prefix_continues_across_rounds(tiny):
 def test_calls_that_cannot_restart_are_plain_generate(kwargs, monkeypatch):
     model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
     ids, mask = _batch(tok)
-    calls = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    calls = _generate_calls(model, monkeypatch)
     args = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=[255], **kwargs)
     if "max_length" in kwargs:
         args.pop("max_new_tokens")
@@ -114,9 +119,7 @@ def test_a_single_row_or_no_eos_is_plain_generate(monkeypatch):
     model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
     ids, mask = _batch(tok)
     assert not shrinking._restartable(ids[:1], {"max_new_tokens": 4}, model.generation_config)
-    calls = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    calls = _generate_calls(model, monkeypatch)
     model.generation_config.eos_token_id = None
     shrinking_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
     assert len(calls) == 1
@@ -125,9 +128,7 @@ def test_a_single_row_or_no_eos_is_plain_generate(monkeypatch):
 def test_a_cache_that_cannot_drop_rows_or_a_static_cache_is_plain_generate(monkeypatch):
     model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
     ids, mask = _batch(tok)
-    calls = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    calls = _generate_calls(model, monkeypatch)
     args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, eos_token_id=[255])
     from transformers import DynamicCache
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from autopatch.gguf_read import dequantize, one_pass
 from autopatch.models import EmbeddedModel
-from autopatch.quantize import QuantMode, empty_layers, quantizable_linears
+from autopatch.quantize import QuantMode, apply_mode, empty_layers, quantizable_linears
 from autopatch.quantize_cache import cache_paths, read_cache, write_cache
 
 __all__ = ["DirectLoadUnavailable", "embedded_cache_key", "load_or_build"]
@@ -152,14 +152,14 @@ def _build(mode: QuantMode, path: Path, key: str) -> None:
         raise DirectLoadUnavailable(f"the GGUF file gave no tensor for {', '.join(missing[:5])}")
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # GGUF's: the model is autopatch's own mode
-    config.autopatch_quantize = mode.name
+    config.autopatch_quantize = mode.cache_name  # the weights' mode; apply_mode names the one loaded
 
     def files(folder: Path) -> None:
         config.save_pretrained(folder)
         GenerationConfig.from_model_config(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    write_cache(key, mode.name, {name: layers[name] for name in names}, floats=floats, files=files)
+    write_cache(key, mode.cache_name, {name: layers[name] for name in names}, floats=floats, files=files)
 
 
 def _quantized(linear: nn.Linear, parts: dict[str, torch.Tensor], mode: QuantMode) -> nn.Module:
@@ -180,7 +180,7 @@ def _load(folder: Path, mode: QuantMode, key: str) -> tuple[Any, Any] | None:
     config = AutoConfig.from_pretrained(folder)
     model: Any = _skeleton(config)
     names = quantizable_linears(model, mode)
-    cached = read_cache(key, mode.name, [layer.__name__ for layer in mode.layers], names, floats=True)
+    cached = read_cache(key, mode.cache_name, [layer.__name__ for layer in mode.layers], names, floats=True)
     if cached is None:
         return None
     state, kinds = cached
@@ -197,7 +197,7 @@ def load_or_build(spec: EmbeddedModel, mode: QuantMode, gguf_path: Callable[[], 
     """``(model, tokenizer)`` of ``spec`` in ``mode``, from its whole-model cache, built from the GGUF file that
     ``gguf_path()`` assembles on first use (the file is removed after). Raises :class:`DirectLoadUnavailable`."""
     key = embedded_cache_key(spec)
-    folder = cache_paths(key, mode.name)[0].parent
+    folder = cache_paths(key, mode.cache_name)[0].parent
     loaded = _load(folder, mode, key)
     if loaded is None:
         path = gguf_path()
@@ -211,5 +211,6 @@ def load_or_build(spec: EmbeddedModel, mode: QuantMode, gguf_path: Callable[[], 
         if loaded is None:
             raise DirectLoadUnavailable(f"the model written to {folder} could not be read back")
     model, tokenizer = loaded
+    apply_mode(model, mode)
     model.config._name_or_path = spec.name  # what names its shipped files (autopatch.profile.ship_name)
     return model, tokenizer

@@ -176,7 +176,7 @@ def _direct_quantized(name_or_path: str | os.PathLike | None, mode) -> tuple[Pre
     spec = embedded_model(EMBEDDED_MODEL_NAME if name_or_path is None else str(name_or_path))
     if spec is None or mode.is_float:
         return None
-    built = (cache_paths(embedded_cache_key(spec), mode.name)[1]).exists()
+    built = (cache_paths(embedded_cache_key(spec), mode.cache_name)[1]).exists()
     if not built and (cache_dir() / spec.name / "model.safetensors").exists():
         return None
     if not built:

@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int4', 'int4-all', 'int8', 'int8-dynamic', 'none']
+    ['int4', 'int4-all', 'int4-bf16', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -58,7 +58,7 @@ from autopatch.quantize_cache import read_cache, source_cache_key, write_cache
 logger = logging.getLogger("autopatch")
 
 __all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt4Linear",
-           "WeightOnlyInt8Linear", "available_modes", "check_mode", "default_mode", "model_quantization",
+           "WeightOnlyInt8Linear", "apply_mode", "available_modes", "check_mode", "default_mode", "model_quantization",
            "quantize_model", "runs_on_cpu_float32", "source_cache_key"]
 
 
@@ -118,6 +118,7 @@ class _PackedLinear(Int8Linear):
     qweight: torch.Tensor
     gscale: torch.Tensor
     matmul: Callable[..., torch.Tensor]  # kernels.w8_matmul or kernels.w4_matmul
+    prefill: torch.dtype = torch.float32  # what a prefill's GEMM multiplies in (set by the mode: apply_mode)
 
     @classmethod
     def accepts(cls, linear: nn.Linear) -> bool:
@@ -125,7 +126,7 @@ class _PackedLinear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features)
+        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features, prefill=self.prefill)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -260,6 +261,10 @@ class QuantMode:
     (:meth:`Int8Linear.holds`); the last one is the fallback and always holds. Empty: nothing is swapped.
     ``rounds``: the first layer that accepts the Linear, whether or not it holds the weight as closely as the
     next would (fewer bytes a step, at a measured cost in accuracy).
+    ``prefill``: the dtype a prefill's matmuls multiply in (above :data:`autopatch.kernels.GEMM_ROWS` rows; a
+    decode step always multiplies float32 activations); ``torch.bfloat16`` needs :func:`kernels.fast_bfloat16`.
+    ``weights``: the mode whose quantized weights this one shares (and whose cache it reads), where only
+    ``prefill`` differs.
     """
 
     name: str
@@ -267,10 +272,17 @@ class QuantMode:
     layers: tuple[type[Int8Linear], ...]
     quantize_head: bool = True  # the LM head too (on small models, most of the bytes a decode step reads)
     rounds: bool = False
+    prefill: torch.dtype = torch.float32
+    weights: str | None = None
 
     @property
     def is_float(self) -> bool:
         return not self.layers
+
+    @property
+    def cache_name(self) -> str:
+        """The name its quantized weights are cached under (shared by the modes with the same weights)."""
+        return self.weights or self.name
 
     def layer_for(self, linear: nn.Linear) -> type[Int8Linear]:
         """The layer class ``linear`` becomes."""
@@ -292,6 +304,12 @@ QUANT_MODES: dict[str, QuantMode] = {
                               "the ones int8 would hold more closely (a GGUF Q6_K tensor: the LM head, half of the "
                               "MLP down- and value projections); int8 elsewhere; float32 activations",
                   (WeightOnlyInt4Linear, WeightOnlyInt8Linear), rounds=True),
+        QuantMode("int8-bf16", "int8's weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 units (AMX or "
+                               "AVX512-BF16; refused elsewhere), decode steps as int8", (WeightOnlyInt8Linear,),
+                  prefill=torch.bfloat16, weights="int8"),
+        QuantMode("int4-bf16", "int4's weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 units (AMX or "
+                               "AVX512-BF16; refused elsewhere), decode steps as int4",
+                  (WeightOnlyInt4Linear, WeightOnlyInt8Linear), prefill=torch.bfloat16, weights="int4"),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )
@@ -320,7 +338,12 @@ def _kernel_error() -> str | None:
 def _why_not(mode: QuantMode) -> str | None:
     if mode.is_float:
         return None
-    return _int_mm_error() if DynamicInt8Linear in mode.layers else _kernel_error()
+    if DynamicInt8Linear in mode.layers:
+        return _int_mm_error()
+    if mode.prefill != torch.float32 and not kernels.fast_bfloat16():
+        return ("this CPU has no bfloat16 matrix units (AMX or AVX512-BF16), so a bfloat16 prefill would be slower "
+                "than float32 here")
+    return _kernel_error()
 
 
 def available_modes() -> list[str]:
@@ -391,7 +414,7 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
         return 0
     names = quantizable_linears(model, spec)
     started = time.perf_counter()
-    cached = read_cache(cache_key, spec.name, [layer.__name__ for layer in spec.layers], names) if cache_key else None
+    cached = read_cache(cache_key, spec.cache_name, [layer.__name__ for layer in spec.layers], names) if cache_key else None
     if cached is not None:
         state, kind = cached
         swapped = empty_layers(model, names, spec, kind)
@@ -403,17 +426,26 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
             linear = cast(nn.Linear, model.get_submodule(name))
             swapped[name] = cast(Int8Linear, _replace(model, name, spec.layer_for(linear).from_linear(linear)))
     if cache_key and cached is None and swapped:
-        write_cache(cache_key, spec.name, swapped)
+        write_cache(cache_key, spec.cache_name, swapped)
         print(f"autopatch: quantized {len(swapped)} layers to {spec.name} once and cached them "
               f"(+{time.perf_counter() - started:.0f}s; later loads read the cache)", file=sys.stderr, flush=True)
     if swapped:
-        config = getattr(model, "config", None)
-        if config is not None:
-            config.autopatch_quantize = spec.name
+        apply_mode(model, spec)
         counts = {kind.__name__: sum(type(layer) is kind for layer in swapped.values()) for kind in spec.layers}
         if len(spec.layers) > 1:
             logger.info("autopatch: %s: %s", spec.name, ", ".join(f"{n} {k}" for k, n in counts.items()))
     return len(swapped)
+
+
+def apply_mode(model: nn.Module, mode: QuantMode) -> None:
+    """Mark ``model`` (its quantized layers already in place) as quantized by ``mode``: the config's record
+    (:func:`model_quantization`) and the dtype each packed layer's prefill multiplies in."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.autopatch_quantize = mode.name
+    for module in model.modules():
+        if isinstance(module, _PackedLinear):
+            module.prefill = mode.prefill
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -196,3 +196,9 @@ def test_the_first_load_straight_from_gguf_equals_the_float32_route_bit_for_bit(
     enc = tok(["The Colosseum is in the city of", "Paris is the capital of"], return_tensors="pt", padding=True)
     assert torch.equal(direct.generate(**enc, max_new_tokens=6, do_sample=False),
                        reference.generate(**enc, max_new_tokens=6, do_sample=False))
+
+    monkeypatch.setenv("AUTOPATCH_QUANTIZED_CACHE", str(tmp_path))  # int4-bf16 shares int4's cache: nothing built
+    monkeypatch.setattr(autopatch.kernels, "fast_bfloat16", lambda: True)
+    fast, _ = gguf_quantized.load_or_build(spec, check_mode("int4-bf16"), lambda: pytest.fail("rebuilt"))
+    assert model_quantization(fast) == "int4-bf16" and model_quantization(direct) == "int4"
+    assert [k for k, v in fast.state_dict().items() if not torch.equal(v, ours[k])] == []

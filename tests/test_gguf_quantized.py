@@ -44,6 +44,17 @@ def test_a_whole_model_cache_reads_back_the_same_model(tmp_path, monkeypatch):
     assert not again.training and tok.decode(tok("abc").input_ids, skip_special_tokens=True) == "abc"
 
 
+def test_a_bf16_mode_reads_the_whole_model_cache_of_its_weights(tmp_path, monkeypatch):
+    import autopatch.kernels as kernels
+
+    monkeypatch.setattr(kernels, "fast_bfloat16", lambda: True)
+    model, folder, key = _cached_tiny(tmp_path, monkeypatch)  # written as int8
+    loaded = _load(folder, check_mode("int8-bf16"), key)
+    assert loaded is not None
+    ours, theirs = loaded[0].state_dict(), model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_a_tampered_whole_model_cache_is_refused_and_removed(tmp_path, monkeypatch):
     _, folder, key = _cached_tiny(tmp_path, monkeypatch)
     weights = folder / "weights.safetensors"

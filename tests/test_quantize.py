@@ -423,3 +423,98 @@ def test_releasing_the_openmp_pool_leaves_torch_and_the_kernels_working():
     assert isinstance(release_openmp_pool(), bool)  # True where torch runs on libgomp (CI's and this machine's)
     assert torch.equal(w8_matmul(x, pack(q), pack_scales(scales), None), before)  # the pool comes back by itself
     assert torch.allclose(x @ x.t(), (x.double() @ x.double().t()).float(), atol=1e-4)
+
+
+# bfloat16 prefill (int8-bf16, int4-bf16). Tolerance: against float32 operands, bfloat16 rounds each operand and
+# each product to 8 bits of mantissa, so outputs of order 1 move by up to a few hundredths; exact where stated.
+
+def _bf16_here(monkeypatch) -> None:
+    """Let the bfloat16 modes run on any CPU (on one without bfloat16 units they are only slower, not wrong)."""
+    import autopatch.kernels as kernels
+
+    monkeypatch.setattr(kernels, "fast_bfloat16", lambda: True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_bf16_dequant_is_torchs_rounding_of_the_float32_weight_bit_for_bit(bits):
+    from autopatch.kernels import _build, dequantize_affine4, dequantize_groups
+
+    lib, _ = _build()
+    g = torch.Generator().manual_seed(bits)
+    weight = torch.randn(40, 96, generator=g) * 0.05
+    if bits == 8:
+        q, s = quantize_groups(weight)
+        packed, scales, want = pack(q), pack_scales(s), dequantize_groups(q, s)
+    else:
+        q4, a, b = quantize_affine4(weight)
+        packed, scales, want = pack4(q4), pack4_scales(a, b), dequantize_affine4(q4, a, b)
+    for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, "_bf16")):
+        out = torch.empty(40, 96, dtype=dtype)
+        getattr(lib, f"autopatch_w{bits}_dequant{suffix}")(96, packed.data_ptr(), scales.data_ptr(), 0, 40,
+                                                           out.data_ptr())
+        assert torch.equal(out, want.to(dtype))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_bf16_prefill_multiplies_bfloat16_operands_and_a_decode_step_stays_float32(bits):
+    g = torch.Generator().manual_seed(10 + bits)
+    weight, bias = torch.randn(70, 64, generator=g) * 0.1, torch.randn(70, generator=g)
+    if bits == 8:
+        from autopatch.kernels import dequantize_groups
+
+        q, s = quantize_groups(weight)
+        args, dense, matmul = (pack(q), pack_scales(s)), dequantize_groups(q, s), w8_matmul
+    else:
+        from autopatch.kernels import dequantize_affine4
+
+        q4, a, b = quantize_affine4(weight)
+        args, dense, matmul = (pack4(q4), pack4_scales(a, b)), dequantize_affine4(q4, a, b), w4_matmul
+    prefill = torch.randn(60, 64, generator=g)  # above GEMM_ROWS: torch's GEMM
+    got = matmul(prefill, *args, bias, n=70, prefill=torch.bfloat16)
+    want = (prefill.bfloat16() @ dense.bfloat16().t()).float() + bias
+    assert torch.allclose(got, want, atol=2e-2)
+    assert not torch.allclose(got, prefill @ dense.t() + bias, atol=1e-5)  # bfloat16 did change the product
+    step = prefill[:3].contiguous()  # a decode step: autopatch's float32 kernel, whatever the prefill dtype
+    assert torch.equal(matmul(step, *args, bias, n=70, prefill=torch.bfloat16), matmul(step, *args, bias, n=70))
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        matmul(prefill, *args, bias, n=70, prefill=torch.float16)
+
+
+def test_bf16_modes_are_refused_on_a_cpu_without_bfloat16_units(monkeypatch):
+    import autopatch.kernels as kernels
+
+    monkeypatch.setattr(kernels, "fast_bfloat16", lambda: False)
+    with pytest.raises(ConfigError, match=r"'int4-bf16' cannot run here: this CPU has no bfloat16 matrix units.*"
+                                          r"work on this machine: none, int8, int4, int4-all, int8-dynamic"):
+        check_mode("int4-bf16")
+    assert "int8-bf16" not in available_modes() and "int4" in available_modes()
+
+
+@pytest.mark.parametrize("mode,weights", [("int8-bf16", "int8"), ("int4-bf16", "int4")])
+def test_a_bf16_mode_reads_the_cache_of_its_weights_and_only_its_prefill_differs(monkeypatch, tmp_path, mode, weights):
+    import autopatch.quantize_cache as quantize_cache
+
+    _bf16_here(monkeypatch)
+    monkeypatch.setenv("AUTOPATCH_CACHE", str(tmp_path))
+
+    def model():
+        fresh = tiny_model("qwen2")
+        _on_a_4bit_grid(fresh)
+        return fresh
+
+    plain = model()
+    quantize_model(plain, weights, cache_key="tiny-qwen2")
+    calls = []
+    for cls in QUANT_MODES[mode].layers:
+        monkeypatch.setattr(cls, "from_linear", classmethod(lambda c, linear: calls.append(1)))
+    fast = model()
+    assert quantize_model(fast, mode, cache_key="tiny-qwen2") > 0
+    assert calls == [] and not quantize_cache.cache_paths("tiny-qwen2", mode)[0].exists()  # int4's own cache
+    assert model_quantization(fast) == mode and model_quantization(plain) == weights
+    packed = [m for m in fast.modules() if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear))]
+    assert packed and all(m.prefill == torch.bfloat16 for m in packed)
+    short, long = torch.randint(3, 90, (1, 7)), torch.randint(3, 90, (1, 60))
+    with torch.no_grad():
+        assert torch.equal(fast(short).logits, plain(short).logits)  # 7 rows: the float32 kernel, bit for bit
+        fast_long, plain_long = fast(long).logits, plain(long).logits
+    assert not torch.equal(fast_long, plain_long) and torch.allclose(fast_long, plain_long, atol=5e-2)

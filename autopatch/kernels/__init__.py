@@ -87,10 +87,13 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     except OSError as err:
         return None, f"could not load the built kernel {target}: {err}"
     for bits in (8, 4):
-        matmul, dequant = getattr(lib, f"autopatch_w{bits}_matmul"), getattr(lib, f"autopatch_w{bits}_dequant")
-        matmul.restype = dequant.restype = None
+        matmul = getattr(lib, f"autopatch_w{bits}_matmul")
+        matmul.restype = None
         matmul.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
-        dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+        for suffix in DEQUANT_SUFFIX.values():
+            dequant = getattr(lib, f"autopatch_w{bits}_dequant{suffix}")
+            dequant.restype = None
+            dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
     lib.autopatch_groups8.restype = None
     lib.autopatch_groups8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
@@ -101,6 +104,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+DEQUANT_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # a prefill's GEMM dtype -> its dequant function
 CHUNK = 16  # columns per chunk of a panel row (CH in w8.c)
 GROUP = 32  # columns per scale (GROUP in w8.c): the width of a GGUF Q4_K block
 PANEL = 4  # weight rows per panel
@@ -298,7 +302,8 @@ def _native() -> ctypes.CDLL | None:
 
 
 def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-          n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+          n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]],
+          prefill: torch.dtype) -> torch.Tensor:
     """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
     lib, why = _build()
     if lib is None:
@@ -315,9 +320,12 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     tensors = [t for t in (x, packed, scales, bias) if t is not None]
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError(f"w{bits}_matmul needs contiguous CPU tensors")
+    if prefill not in DEQUANT_SUFFIX:
+        raise ValueError(f"w{bits}_matmul: prefill must be one of {list(DEQUANT_SUFFIX)}, got {prefill}")
     _use_threads(lib)
     if m > GEMM_ROWS:
-        return _dequantized_gemm(getattr(lib, f"autopatch_w{bits}_dequant"), x, packed, scales, bias, n)
+        dequant = getattr(lib, f"autopatch_w{bits}_dequant{DEQUANT_SUFFIX[prefill]}")
+        return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill)
     y = torch.empty(m, n, dtype=torch.float32)
     getattr(lib, f"autopatch_w{bits}_matmul")(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
                                               None if bias is None else bias.data_ptr(), y.data_ptr())
@@ -325,45 +333,72 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
 
 
 def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack(q)``, ``scales = pack_scales(s)`` and
-    ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU."""
+    ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
+    ``prefill``: the dtype torch's GEMM multiplies in above :data:`GEMM_ROWS` rows (see :func:`_dequantized_gemm`)."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(8, x, packed, scales, bias, n,
-                 (torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)))
+                 (torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)),
+                 prefill)
 
 
 def w4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack4(q)``, ``scales = pack4_scales(a, b)`` and
-    ``W = a * q + b`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU."""
+    ``W = a * q + b`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
+    ``prefill``: as in :func:`w8_matmul`."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(4, x, packed, scales, bias, n, (torch.uint8, (panels(n), k // GROUP, PANEL, GROUP // 2),
-                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)))
+                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill)
 
 
 GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply
 GEMM_SLICE = 1024  # weight rows dequantized at a time: a bounded float32 buffer (4 KiB per input column)
+GEMM_SLICE_BYTES = 8 << 20  # the bfloat16 prefill's buffer: 2730 rows of 1536 columns
 
 
 def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                      bias: torch.Tensor | None, n: int) -> torch.Tensor:
+                      bias: torch.Tensor | None, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x @ W.T`` for many rows: the matmul is compute-bound there, so the float GEMM's blocking wins, and
-    reading the quantized weight once per slice costs little beside it."""
+    reading the quantized weight once per slice costs little beside it.
+
+    In ``torch.bfloat16`` both operands are rounded to bfloat16 (``dequant`` writes the weight's slices in it)
+    and each product comes back rounded to bfloat16 (torch's CPU GEMM has no float32 output for bfloat16
+    operands), then widened into the float32 result: on a CPU with bfloat16 matrix units (AMX, AVX512-BF16)
+    several times faster than float32 (:func:`fast_bfloat16`)."""
     m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
     padded = panels(n) * PANEL
-    buffer = torch.empty(min(padded, GEMM_SLICE), k, dtype=torch.float32)
-    for n0 in range(0, n, GEMM_SLICE):
-        rows = min(GEMM_SLICE, padded - n0)
-        dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
-        width = min(rows, n - n0)
-        torch.matmul(x, buffer[:width].t(), out=y[:, n0 : n0 + width])
+    if dtype == torch.float32:
+        y = torch.empty(m, n, dtype=torch.float32)
+        buffer = torch.empty(min(padded, GEMM_SLICE), k, dtype=torch.float32)
+        for n0 in range(0, n, GEMM_SLICE):
+            rows = min(GEMM_SLICE, padded - n0)
+            dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
+            width = min(rows, n - n0)
+            torch.matmul(x, buffer[:width].t(), out=y[:, n0 : n0 + width])
+    else:  # larger slices (a bounded buffer, GEMM_SLICE_BYTES): the bfloat16 GEMM is fast enough that small ones cost
+        step = max(PANEL, GEMM_SLICE_BYTES // (k * dtype.itemsize) // PANEL * PANEL)
+        rows_in, low = x.to(dtype), torch.empty(m, n, dtype=dtype)
+        buffer = torch.empty(min(padded, step), k, dtype=dtype)
+        for n0 in range(0, n, step):
+            rows = min(step, padded - n0)
+            dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
+            width = min(rows, n - n0)
+            torch.matmul(rows_in, buffer[:width].t(), out=low[:, n0 : n0 + width])
+        y = low.float()
     if bias is not None:
         y.add_(bias)
     return y
+
+
+def fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles or AVX512-BF16), where torch's
+    bfloat16 GEMM runs several times faster than float32; elsewhere it is emulated and slower."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's capability checks (private)
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
 GGUF_BLOCKS = {"Q4_K": (0, 144, 256), "Q5_K": (1, 176, 256), "Q6_K": (2, 210, 256), "Q4_0": (3, 18, 32),

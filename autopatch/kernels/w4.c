@@ -39,6 +39,9 @@ static inline vf vzero(void) { return _mm512_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vset(float s) { return _mm512_set1_ps(s); }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline vf vnib_lo(vi v) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); }
+static inline vf vnib_hi(vi v) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }
+#define VSTORE _mm512_storeu_ps
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VW 8
 typedef __m256 vf;
@@ -54,6 +57,9 @@ static inline float vsum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
 }
+static inline vf vnib_lo(vi v) { return vlo(v); }
+static inline vf vnib_hi(vi v) { return vhi(v); }
+#define VSTORE _mm256_storeu_ps
 #else
 #error "autopatch's int4 kernel needs AVX2 with FMA, or AVX-512"
 #endif
@@ -122,21 +128,44 @@ void autopatch_w4_matmul(int M, int N, int K, const float *x, const uint8_t *pac
     }
 }
 
-/* out[r, k] = W[n0 + r, k] for r < rows (n0 and rows multiples of 4): float32 rows for a prefill's GEMM. */
-void autopatch_w4_dequant(int K, const uint8_t *packed, const float *ab, int n0, int rows, float *out) {
-    #pragma omp parallel for schedule(static)
-    for (int p = n0 / 4; p < (n0 + rows) / 4; p++) {
-        const uint8_t *panel = packed + (size_t)p * 2 * K;
-        const float *pab = ab + (size_t)p * 8 * (K / GROUP);
-        float *dst = out + (size_t)(p * 4 - n0) * K;
-        for (int k = 0; k < K; k += GROUP, panel += 4 * HALF, pab += 8)
-            for (int c = 0; c < 4; c++) {
-                const float a = pab[c], b = pab[4 + c];
-                for (int j = 0; j < HALF; j++) {
-                    const uint8_t byte = panel[c * HALF + j];
-                    dst[(size_t)c * K + k + j] = __builtin_fmaf((float)(byte & 15), a, b);
-                    dst[(size_t)c * K + k + HALF + j] = __builtin_fmaf((float)(byte >> 4), a, b);
-                }
-            }
-    }
+/* bfloat16 bits of f, rounded to nearest even (torch's float -> bfloat16 conversion; NaN stays a quiet NaN) */
+static inline uint16_t w4_bf16(float f) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
+static inline void vstore_f32(float *p, vf v) { VSTORE(p, v); }
+static inline void vstore_bf16(uint16_t *p, vf v) {
+#if defined(__AVX512BF16__) && VW == 16
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); /* the same rounding, in hardware */
+#else
+    float t[VW];
+    VSTORE(t, v);
+    for (int i = 0; i < VW; i++) p[i] = w4_bf16(t[i]);
+#endif
+}
+
+/* out[r, k] = W[n0 + r, k] for r < rows (n0 and rows multiples of 4), as float32 (autopatch_w4_dequant) or as
+ * bfloat16 bits (autopatch_w4_dequant_bf16): the rows of a slice for a prefill's GEMM. a * q + b is one fused
+ * multiply-add, as in the matmul. */
+#define W4_DEQUANT(NAME, T, STORE)                                                                      \
+    void NAME(int K, const uint8_t *packed, const float *ab, int n0, int rows, T *out) {                \
+        _Pragma("omp parallel for schedule(static)")                                                    \
+        for (int p = n0 / 4; p < (n0 + rows) / 4; p++) {                                                \
+            const uint8_t *panel = packed + (size_t)p * 2 * K;                                          \
+            const float *pab = ab + (size_t)p * 8 * (K / GROUP);                                        \
+            T *dst = out + (size_t)(p * 4 - n0) * K;                                                    \
+            for (int k = 0; k < K; k += GROUP, panel += 4 * HALF, pab += 8)                             \
+                for (int c = 0; c < 4; c++) {                                                           \
+                    const vf a = vset(pab[c]), b = vset(pab[4 + c]);                                    \
+                    for (int j = 0; j < HALF; j += VW) {                                                \
+                        const vi v = vload_u8(panel + c * HALF + j);                                    \
+                        STORE(dst + (size_t)c * K + k + j, vfma(vnib_lo(v), a, b));                     \
+                        STORE(dst + (size_t)c * K + k + HALF + j, vfma(vnib_hi(v), a, b));              \
+                    }                                                                                   \
+                }                                                                                       \
+        }                                                                                               \
+    }
+W4_DEQUANT(autopatch_w4_dequant, float, vstore_f32)
+W4_DEQUANT(autopatch_w4_dequant_bf16, uint16_t, vstore_bf16)

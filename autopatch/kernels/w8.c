@@ -34,6 +34,7 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vset(float s) { return _mm512_set1_ps(s); }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#define VSTORE _mm512_storeu_ps
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VW 8
 typedef __m256 vf;
@@ -47,6 +48,7 @@ static inline float vsum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s); s = _mm_hadd_ps(s, s); return _mm_cvtss_f32(s);
 }
+#define VSTORE _mm256_storeu_ps
 #else
 #error "autopatch's int8 kernel needs AVX2 with FMA, or AVX-512"
 #endif
@@ -107,16 +109,39 @@ void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *pack
 
 /* out[r, k] = W[n0 + r, k] (scaled) for r < rows: float32 rows of the weight, for a float GEMM when M is large
  * enough that the matmul, not the weight's bytes, is the cost (prefill). n0 and rows are multiples of 4. */
-void autopatch_w8_dequant(int K, const int8_t *packed, const float *scales, int n0, int rows, float *out) {
-    #pragma omp parallel for schedule(static)
-    for (int p = n0 / 4; p < (n0 + rows) / 4; p++) {
-        const int8_t *panel = packed + (size_t)p * 4 * K;
-        const float *ps = scales + (size_t)p * 4 * (K / GROUP);
-        float *dst = out + (size_t)(p * 4 - n0) * K;
-        for (int k = 0; k < K; k += CH, panel += 4 * CH)
-            for (int c = 0; c < 4; c++) {
-                const float s = ps[(k / GROUP) * 4 + c];
-                for (int j = 0; j < CH; j++) dst[(size_t)c * K + k + j] = (float)panel[c * CH + j] * s;
-            }
-    }
+/* bfloat16 bits of f, rounded to nearest even (torch's float -> bfloat16 conversion; NaN stays a quiet NaN) */
+static inline uint16_t w8_bf16(float f) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
+static inline void vstore_f32(float *p, vf v) { VSTORE(p, v); }
+static inline void vstore_bf16(uint16_t *p, vf v) {
+#if defined(__AVX512BF16__) && VW == 16
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); /* the same rounding, in hardware */
+#else
+    float t[VW];
+    VSTORE(t, v);
+    for (int i = 0; i < VW; i++) p[i] = w8_bf16(t[i]);
+#endif
+}
+
+/* out[r, k] = W[n0 + r, k] for r < rows (n0 and rows multiples of 4), as float32 (autopatch_w8_dequant) or as
+ * bfloat16 bits (autopatch_w8_dequant_bf16): the rows of a slice for a prefill's GEMM. */
+#define W8_DEQUANT(NAME, T, STORE)                                                                      \
+    void NAME(int K, const int8_t *packed, const float *scales, int n0, int rows, T *out) {             \
+        _Pragma("omp parallel for schedule(static)")                                                    \
+        for (int p = n0 / 4; p < (n0 + rows) / 4; p++) {                                                \
+            const int8_t *panel = packed + (size_t)p * 4 * K;                                           \
+            const float *ps = scales + (size_t)p * 4 * (K / GROUP);                                     \
+            T *dst = out + (size_t)(p * 4 - n0) * K;                                                    \
+            for (int k = 0; k < K; k += CH, panel += 4 * CH)                                            \
+                for (int c = 0; c < 4; c++) {                                                           \
+                    const vf s = vset(ps[(k / GROUP) * 4 + c]);                                         \
+                    for (int j = 0; j < CH; j += VW) STORE(dst + (size_t)c * K + k + j, vmul(vload_w(panel + c * CH + j), s)); \
+                }                                                                                       \
+        }                                                                                               \
+    }
+W8_DEQUANT(autopatch_w8_dequant, float, vstore_f32)
+W8_DEQUANT(autopatch_w8_dequant_bf16, uint16_t, vstore_bf16)

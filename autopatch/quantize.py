@@ -370,17 +370,17 @@ def runs_on_cpu_float32(device: object = None, dtype: object = None) -> bool:
 
 
 def default_mode(name_or_path: object = None, device: object = None, dtype: object = None) -> str:
-    """The mode ``load_model`` uses when ``quantize`` is not given: the embedded model's measured CPU default
-    (:attr:`autopatch.models.EmbeddedModel.cpu_quantize`) on the CPU in float32 where this machine can run it,
+    """The mode ``load_model`` uses when ``quantize`` is not given: the first of the embedded model's measured CPU
+    defaults (:attr:`autopatch.models.EmbeddedModel.cpu_quantize`) this machine can run, on the CPU in float32,
     else ``"none"``. Any other model stays float32 unless asked: its accuracy under int8 was never measured.
     """
     from autopatch.models import DEFAULT_MODEL, embedded_model
 
     spec = embedded_model(str(name_or_path) if name_or_path is not None else DEFAULT_MODEL)
-    if spec is None or spec.cpu_quantize is None or not runs_on_cpu_float32(device, dtype):
+    if spec is None or not runs_on_cpu_float32(device, dtype):
         return "none"
-    mode = QUANT_MODES.get(spec.cpu_quantize)
-    return spec.cpu_quantize if mode is not None and _why_not(mode) is None else "none"
+    runnable = (name for name in spec.cpu_quantize if name in QUANT_MODES and _why_not(QUANT_MODES[name]) is None)
+    return next(runnable, "none")
 
 
 def quantizable_linears(model: nn.Module, mode: QuantMode) -> list[str]:

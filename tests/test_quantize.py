@@ -404,9 +404,14 @@ def test_the_default_mode_is_the_embedded_models_measured_one_on_the_cpu_only(mo
     import autopatch.quantize as quantize
     from autopatch.quantize import default_mode
 
+    assert all(m in QUANT_MODES for spec in models.EMBEDDED_MODELS.values() for m in spec.cpu_quantize)
     name = "qwen2.5-coder-1.5b-instruct"
-    monkeypatch.setitem(models.EMBEDDED_MODELS, name, replace(models.EMBEDDED_MODELS[name], cpu_quantize="int8"))
-    assert default_mode(name) == "int8"
+    monkeypatch.setitem(models.EMBEDDED_MODELS, name,
+                        replace(models.EMBEDDED_MODELS[name], cpu_quantize=("int8-bf16", "int8")))
+    monkeypatch.setattr(quantize.kernels, "fast_bfloat16", lambda: True)
+    assert default_mode(name) == "int8-bf16"
+    monkeypatch.setattr(quantize.kernels, "fast_bfloat16", lambda: False)
+    assert default_mode(name) == "int8"  # the first default this machine runs
     assert default_mode(name, device="cuda") == "none"
     assert default_mode(name, dtype=torch.bfloat16) == "none"
     assert default_mode("/some/local/model") == "none"  # never measured: float32 unless asked

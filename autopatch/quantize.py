@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int4', 'int4-all', 'int4-bf16', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
+    ['int4', 'int4-all', 'int4-bf16', 'int4-vnni', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -24,6 +24,10 @@ Why this design (measured in docs/quantization.md):
   mostly stays int8. It halves the bytes a decode step reads from the Q4_K tensors, losing nothing.
 * ``int4-all`` puts the other tensors at 4 bits too (the GGUF Q6_K ones: the LM head, half of the MLP
   down-projections and of the value projections), rounding them: fewer bytes a step than ``int4``, at a cost measured per model.
+* ``int4-bf16`` and ``int8-bf16`` keep those weights (and their cache) and multiply a prefill (above
+  :data:`autopatch.kernels.GEMM_ROWS` rows, where the matmul is compute-bound) in bfloat16, on the CPU's bfloat16
+  units (AMX, AVX512-BF16): several times faster than float32, with the answers of the float32-activation modes
+  (docs/quantization.md). A decode step stays float32. Refused on a CPU without those units, where it is slower.
 * ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
   channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
   ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with an outlying
@@ -119,6 +123,7 @@ class _PackedLinear(Int8Linear):
     gscale: torch.Tensor
     matmul: Callable[..., torch.Tensor]  # kernels.w8_matmul or kernels.w4_matmul
     prefill: torch.dtype = torch.float32  # what a prefill's GEMM multiplies in (set by the mode: apply_mode)
+    decode: torch.dtype = torch.float32  # what a decode step's activations are rounded to (apply_mode)
 
     @classmethod
     def accepts(cls, linear: nn.Linear) -> bool:
@@ -126,7 +131,8 @@ class _PackedLinear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features, prefill=self.prefill)
+        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features, prefill=self.prefill,
+                                decode=self.decode)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -261,10 +267,12 @@ class QuantMode:
     (:meth:`Int8Linear.holds`); the last one is the fallback and always holds. Empty: nothing is swapped.
     ``rounds``: the first layer that accepts the Linear, whether or not it holds the weight as closely as the
     next would (fewer bytes a step, at a measured cost in accuracy).
-    ``prefill``: the dtype a prefill's matmuls multiply in (above :data:`autopatch.kernels.GEMM_ROWS` rows; a
-    decode step always multiplies float32 activations); ``torch.bfloat16`` needs :func:`kernels.fast_bfloat16`.
+    ``prefill``: the dtype a prefill's matmuls multiply in (above :data:`autopatch.kernels.GEMM_ROWS` rows);
+    ``torch.bfloat16`` needs :func:`kernels.fast_bfloat16`.
+    ``decode``: what the activations of a call of at most ``GEMM_ROWS`` rows (a decode step) are rounded to:
+    ``torch.int8`` (one scale per 32 inputs, :func:`kernels.q8_error`) or kept float32.
     ``weights``: the mode whose quantized weights this one shares (and whose cache it reads), where only
-    ``prefill`` differs.
+    ``prefill`` and ``decode`` differ.
     """
 
     name: str
@@ -273,6 +281,7 @@ class QuantMode:
     quantize_head: bool = True  # the LM head too (on small models, most of the bytes a decode step reads)
     rounds: bool = False
     prefill: torch.dtype = torch.float32
+    decode: torch.dtype = torch.float32
     weights: str | None = None
 
     @property
@@ -310,6 +319,10 @@ QUANT_MODES: dict[str, QuantMode] = {
         QuantMode("int4-bf16", "int4's weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 units (AMX or "
                                "AVX512-BF16; refused elsewhere), decode steps as int4",
                   (WeightOnlyInt4Linear, WeightOnlyInt8Linear), prefill=torch.bfloat16, weights="int4"),
+        QuantMode("int4-vnni", "int4-bf16, and a decode step's activations rounded to int8 with a scale per 32 "
+                               "inputs (llama.cpp's Q8_0), summed in int32 by AVX512-VNNI (refused elsewhere)",
+                  (WeightOnlyInt4Linear, WeightOnlyInt8Linear), prefill=torch.bfloat16, decode=torch.int8,
+                  weights="int4"),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )
@@ -335,6 +348,11 @@ def _kernel_error() -> str | None:
     return kernels.kernel_error()
 
 
+@functools.lru_cache(maxsize=1)
+def _q8_error() -> str | None:
+    return kernels.q8_error()
+
+
 def _why_not(mode: QuantMode) -> str | None:
     if mode.is_float:
         return None
@@ -343,7 +361,7 @@ def _why_not(mode: QuantMode) -> str | None:
     if mode.prefill != torch.float32 and not kernels.fast_bfloat16():
         return ("this CPU has no bfloat16 matrix units (AMX or AVX512-BF16), so a bfloat16 prefill would be slower "
                 "than float32 here")
-    return _kernel_error()
+    return _kernel_error() or (_q8_error() if mode.decode == torch.int8 else None)
 
 
 def available_modes() -> list[str]:
@@ -445,7 +463,7 @@ def apply_mode(model: nn.Module, mode: QuantMode) -> None:
         config.autopatch_quantize = mode.name
     for module in model.modules():
         if isinstance(module, _PackedLinear):
-            module.prefill = mode.prefill
+            module.prefill, module.decode = mode.prefill, mode.decode
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -38,7 +38,17 @@ def _ms(fn, repeats: int) -> float:
 
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
-    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
+    from autopatch.kernels import (
+        pack,
+        pack4,
+        pack4_scales,
+        pack_scales,
+        q8_error,
+        quantize_affine4,
+        quantize_groups,
+        w4_matmul,
+        w8_matmul,
+    )
     from autopatch.quantize import quantize_per_channel, quantize_per_token
 
     n, k = weight.shape
@@ -50,6 +60,9 @@ def kernels(weight: torch.Tensor) -> dict:
     q4, a4, b4 = quantize_affine4(weight)
     packed4, scales4 = pack4(q4), pack4_scales(a4, b4)
     out["autopatch int4 (weight-only, a scale and offset per 32)"] = lambda x: w4_matmul(x, packed4, scales4, None)
+    if q8_error() is None:
+        out["autopatch int4, int8 activations per 32 (VNNI; up to 48 rows)"] = (
+            lambda x: w4_matmul(x, packed4, scales4, None, decode=torch.int8))
 
     def dynamic(x):
         xq, xs = quantize_per_token(x)
@@ -92,7 +105,17 @@ def kernels(weight: torch.Tensor) -> dict:
 def out_of_cache(weight: torch.Tensor, copies: int, repeats: int) -> None:
     """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
     step does (the tables above reuse one weight, which the last-level cache may hold)."""
-    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
+    from autopatch.kernels import (
+        pack,
+        pack4,
+        pack4_scales,
+        pack_scales,
+        q8_error,
+        quantize_affine4,
+        quantize_groups,
+        w4_matmul,
+        w8_matmul,
+    )
 
     q8, s8 = quantize_groups(weight)
     q4, a4, b4 = quantize_affine4(weight)
@@ -101,6 +124,11 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int) -> None:
         "autopatch int8": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None)),
         "autopatch int4": ((pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None)),
     }
+    if q8_error() is None:
+        layouts["autopatch int8, int8 activations (VNNI)"] = (
+            (pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None, decode=torch.int8))
+        layouts["autopatch int4, int8 activations (VNNI)"] = (
+            (pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None, decode=torch.int8))
     x = torch.randn(1, weight.shape[1])
     print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m=1\n")
     print("| kernel | MB per copy | ms per call | GB/s read |")

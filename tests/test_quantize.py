@@ -395,6 +395,8 @@ def test_every_model_loading_subcommand_takes_quantize(command):
     sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # type: ignore[union-attr]
     options = {o for action in sub.choices[command]._actions for o in action.option_strings}
     assert "--quantize" in options
+    helps = " ".join(a.help or "" for a in sub.choices[command]._actions if "--quantize" in a.option_strings)
+    assert all(mode in helps for mode in QUANT_MODES)  # the help names every mode of the table
 
 
 def test_the_default_mode_is_the_embedded_models_measured_one_on_the_cpu_only(monkeypatch):
@@ -523,3 +525,77 @@ def test_a_bf16_mode_reads_the_cache_of_its_weights_and_only_its_prefill_differs
         assert torch.equal(fast(short).logits, plain(short).logits)  # 7 rows: the float32 kernel, bit for bit
         fast_long, plain_long = fast(long).logits, plain(long).logits
     assert not torch.equal(fast_long, plain_long) and torch.allclose(fast_long, plain_long, atol=5e-2)
+
+
+# int8 activations in a decode step (int4-vnni). Tolerance: against the product of the same rounded activations the
+# kernels sum exactly in int32, so they agree to float32 rounding (1e-4 here).
+
+def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each group of 32 inputs of a row rounded to int8 steps of max|x| / 127, as q8.c rounds it."""
+    groups = x.view(x.shape[0], -1, 32)
+    step = groups.abs().amax(dim=2, keepdim=True) / 127
+    return ((groups / step.clamp(min=1e-30)).round() * step).view_as(x)
+
+
+def _needs_q8() -> None:
+    from autopatch.kernels import q8_error
+
+    if q8_error() is not None:
+        pytest.skip(f"int8 activations cannot run here: {q8_error()}")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4, 32), (3, 37, 64), (9, 70, 96)])
+def test_int8_activation_kernels_sum_the_rounded_rows_exactly(m, n, k):
+    from autopatch.kernels import dequantize_groups
+
+    _needs_q8()
+    g = torch.Generator().manual_seed(m * 7 + n)
+    weight, bias, x = torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g), torch.randn(m, k, generator=g)
+    q, s = quantize_groups(weight)
+    want8 = _rounded_rows(x) @ dequantize_groups(q, s).t() + bias
+    got8 = w8_matmul(x, pack(q), pack_scales(s), bias, n=n, decode=torch.int8)
+    assert torch.allclose(got8, want8, atol=1e-4)
+    q4, a, b = quantize_affine4(weight)
+    # W = a q + b: a multiplies the rounded inputs, b the group's float32 sum (exact)
+    sums = x.view(m, -1, 32).sum(dim=2)
+    want4 = _rounded_rows(x) @ (a.repeat_interleave(32, dim=1) * q4.float()).t() + sums @ b.t() + bias
+    got4 = w4_matmul(x, pack4(q4), pack4_scales(a, b), bias, n=n, decode=torch.int8)
+    assert torch.allclose(got4, want4, atol=1e-4)
+    assert not torch.allclose(got4, w4_matmul(x, pack4(q4), pack4_scales(a, b), bias, n=n), atol=1e-6)
+
+
+def test_an_int8_activation_rows_output_does_not_depend_on_its_batch():
+    _needs_q8()
+    g = torch.Generator().manual_seed(3)
+    q4, a, b = quantize_affine4(torch.randn(12, 64, generator=g))
+    packed, scales = pack4(q4), pack4_scales(a, b)
+    x = torch.randn(7, 64, generator=g)
+    batched = w4_matmul(x, packed, scales, None, decode=torch.int8)
+    for i in range(7):
+        assert torch.equal(w4_matmul(x[i : i + 1].contiguous(), packed, scales, None, decode=torch.int8)[0], batched[i])
+
+
+def test_int4_vnni_is_refused_without_vnni_and_otherwise_differs_from_int4_bf16_only_in_decode_steps(monkeypatch,
+                                                                                                    tmp_path):
+    import autopatch.kernels as kernels
+    import autopatch.quantize as quantize
+
+    _bf16_here(monkeypatch)
+    monkeypatch.setattr(quantize, "_q8_error", lambda: "this CPU has no AVX512-VNNI")
+    with pytest.raises(ConfigError, match=r"'int4-vnni' cannot run here: this CPU has no AVX512-VNNI"):
+        check_mode("int4-vnni")
+    monkeypatch.undo()
+    _needs_q8()
+    monkeypatch.setattr(kernels, "fast_bfloat16", lambda: True)
+    monkeypatch.setenv("AUTOPATCH_CACHE", str(tmp_path))
+    models = {}
+    for mode in ("int4-bf16", "int4-vnni"):
+        models[mode] = tiny_model("qwen2")
+        _on_a_4bit_grid(models[mode])
+        quantize_model(models[mode], mode, cache_key="tiny-qwen2")
+    assert model_quantization(models["int4-vnni"]) == "int4-vnni"
+    short, long = torch.randint(3, 90, (1, 7)), torch.randint(3, 90, (1, 60))
+    with torch.no_grad():
+        assert torch.equal(models["int4-vnni"](long).logits, models["int4-bf16"](long).logits)  # a prefill: bf16
+        vnni, plain = models["int4-vnni"](short).logits, models["int4-bf16"](short).logits
+    assert not torch.equal(vnni, plain) and torch.allclose(vnni, plain, atol=5e-2)

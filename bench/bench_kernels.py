@@ -102,7 +102,7 @@ def kernels(weight: torch.Tensor) -> dict:
     return out
 
 
-def out_of_cache(weight: torch.Tensor, copies: int, repeats: int) -> None:
+def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) -> None:
     """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
     step does (the tables above reuse one weight, which the last-level cache may hold)."""
     from autopatch.kernels import (
@@ -129,8 +129,8 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int) -> None:
             (pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None, decode=torch.int8))
         layouts["autopatch int4, int8 activations (VNNI)"] = (
             (pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None, decode=torch.int8))
-    x = torch.randn(1, weight.shape[1])
-    print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m=1\n")
+    x = torch.randn(m, weight.shape[1])
+    print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m={m}\n")
     print("| kernel | MB per copy | ms per call | GB/s read |")
     print("|---|---|---|---|")
     for name, (tensors, fn) in layouts.items():
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--copies", type=int, default=48,
                         help="copies of the weight cycled through for the out-of-cache table (0: skip it)")
+    parser.add_argument("--copies-rows", default="1", help="rows of x in the out-of-cache tables, comma-separated")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{by_rows[m]:.2f} ({base[m] / by_rows[m]:.2f}x)" for m in rows)
         print(f"| {name} | {cells} |")
     if args.copies:
-        out_of_cache(weight, args.copies, max(3, args.repeats // 3))
+        for m in (int(r) for r in args.copies_rows.split(",")):
+            out_of_cache(weight, args.copies, max(3, args.repeats // 3), m)
     return 0
 
 

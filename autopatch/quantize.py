@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int4', 'int4-all', 'int4-bf16', 'int4-vnni', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
+    ['int4', 'int4-all', 'int4-bf16', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -123,7 +123,6 @@ class _PackedLinear(Int8Linear):
     gscale: torch.Tensor
     matmul: Callable[..., torch.Tensor]  # kernels.w8_matmul or kernels.w4_matmul
     prefill: torch.dtype = torch.float32  # what a prefill's GEMM multiplies in (set by the mode: apply_mode)
-    decode: torch.dtype = torch.float32  # what a decode step's activations are rounded to (apply_mode)
 
     @classmethod
     def accepts(cls, linear: nn.Linear) -> bool:
@@ -131,8 +130,7 @@ class _PackedLinear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features, prefill=self.prefill,
-                                decode=self.decode)
+        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features, prefill=self.prefill)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -269,10 +267,8 @@ class QuantMode:
     next would (fewer bytes a step, at a measured cost in accuracy).
     ``prefill``: the dtype a prefill's matmuls multiply in (above :data:`autopatch.kernels.GEMM_ROWS` rows);
     ``torch.bfloat16`` needs :func:`kernels.fast_bfloat16`.
-    ``decode``: what the activations of a call of at most ``GEMM_ROWS`` rows (a decode step) are rounded to:
-    ``torch.int8`` (one scale per 32 inputs, :func:`kernels.q8_error`) or kept float32.
     ``weights``: the mode whose quantized weights this one shares (and whose cache it reads), where only
-    ``prefill`` and ``decode`` differ.
+    ``prefill`` differs.
     """
 
     name: str
@@ -281,7 +277,6 @@ class QuantMode:
     quantize_head: bool = True  # the LM head too (on small models, most of the bytes a decode step reads)
     rounds: bool = False
     prefill: torch.dtype = torch.float32
-    decode: torch.dtype = torch.float32
     weights: str | None = None
 
     @property
@@ -319,10 +314,6 @@ QUANT_MODES: dict[str, QuantMode] = {
         QuantMode("int4-bf16", "int4's weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 units (AMX or "
                                "AVX512-BF16; refused elsewhere), decode steps as int4",
                   (WeightOnlyInt4Linear, WeightOnlyInt8Linear), prefill=torch.bfloat16, weights="int4"),
-        QuantMode("int4-vnni", "int4-bf16, and a decode step's activations rounded to int8 with a scale per 32 "
-                               "inputs (llama.cpp's Q8_0), summed in int32 by AVX512-VNNI (refused elsewhere)",
-                  (WeightOnlyInt4Linear, WeightOnlyInt8Linear), prefill=torch.bfloat16, decode=torch.int8,
-                  weights="int4"),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )
@@ -348,10 +339,6 @@ def _kernel_error() -> str | None:
     return kernels.kernel_error()
 
 
-@functools.lru_cache(maxsize=1)
-def _q8_error() -> str | None:
-    return kernels.q8_error()
-
 
 def _why_not(mode: QuantMode) -> str | None:
     if mode.is_float:
@@ -361,7 +348,7 @@ def _why_not(mode: QuantMode) -> str | None:
     if mode.prefill != torch.float32 and not kernels.fast_bfloat16():
         return ("this CPU has no bfloat16 matrix units (AMX or AVX512-BF16), so a bfloat16 prefill would be slower "
                 "than float32 here")
-    return _kernel_error() or (_q8_error() if mode.decode == torch.int8 else None)
+    return _kernel_error()
 
 
 def available_modes() -> list[str]:
@@ -463,7 +450,7 @@ def apply_mode(model: nn.Module, mode: QuantMode) -> None:
         config.autopatch_quantize = mode.name
     for module in model.modules():
         if isinstance(module, _PackedLinear):
-            module.prefill, module.decode = mode.prefill, mode.decode
+            module.prefill = mode.prefill
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -43,7 +43,6 @@ def kernels(weight: torch.Tensor) -> dict:
         pack4,
         pack4_scales,
         pack_scales,
-        q8_error,
         quantize_affine4,
         quantize_groups,
         w4_matmul,
@@ -60,9 +59,6 @@ def kernels(weight: torch.Tensor) -> dict:
     q4, a4, b4 = quantize_affine4(weight)
     packed4, scales4 = pack4(q4), pack4_scales(a4, b4)
     out["autopatch int4 (weight-only, a scale and offset per 32)"] = lambda x: w4_matmul(x, packed4, scales4, None)
-    if q8_error() is None:
-        out["autopatch int4, int8 activations per 32 (VNNI; up to 48 rows)"] = (
-            lambda x: w4_matmul(x, packed4, scales4, None, decode=torch.int8))
 
     def dynamic(x):
         xq, xs = quantize_per_token(x)
@@ -110,7 +106,6 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) ->
         pack4,
         pack4_scales,
         pack_scales,
-        q8_error,
         quantize_affine4,
         quantize_groups,
         w4_matmul,
@@ -124,11 +119,7 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) ->
         "autopatch int8": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None)),
         "autopatch int4": ((pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None)),
     }
-    if q8_error() is None:
-        layouts["autopatch int8, int8 activations (VNNI)"] = (
-            (pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None, decode=torch.int8))
-        layouts["autopatch int4, int8 activations (VNNI)"] = (
-            (pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None, decode=torch.int8))
+
     x = torch.randn(m, weight.shape[1])
     print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m={m}\n")
     print("| kernel | MB per copy | ms per call | GB/s read |")

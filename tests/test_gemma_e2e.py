@@ -154,21 +154,30 @@ def test_answer_on_gemma_is_short_and_reported(gemma):
 
 @pytest.mark.parametrize("strategy", ["verbalize", "reroute", "decompose"])
 def test_the_cached_prefix_gives_the_uncached_tokens_on_gemma(gemma, strategy):
+    """Exact with float32 activations. A bfloat16 prefill (the default where the CPU has bfloat16 units) rounds
+    each product to bfloat16 after a sum whose order depends on the GEMM's shape, so there the prefix cache, like
+    any change of batch shape, can move a token; docs/runs/harm_test_*_int4bf16 measures what that costs."""
     from dataclasses import replace
 
     from autopatch.gating import AlwaysPatch
     from autopatch.patcher import AutoPatcher
+    from autopatch.quantize import QUANT_MODES, apply_mode, model_quantization
     from eval.twohop import generate_twohop
 
     model, tok = gemma
+    loaded = QUANT_MODES[model_quantization(model)]
     questions = [r.question for r in generate_twohop("dev")[:8]]
     outputs = []
-    for reuse in (False, True):
-        patcher = AutoPatcher(model, tok, gate=AlwaysPatch(), reuse_prefix=reuse)
-        patcher.profile = replace(patcher.profile, strategy=strategy)
-        enc = patcher.encode(questions)
-        result = patcher.generate_with_reports(**enc, max_new_tokens=8, do_sample=False, questions=questions)
-        outputs.append((result.output, [r.bridge for r in result.reports]))
+    apply_mode(model, QUANT_MODES[loaded.cache_name])  # the same weights, float32 activations
+    try:
+        for reuse in (False, True):
+            patcher = AutoPatcher(model, tok, gate=AlwaysPatch(), reuse_prefix=reuse)
+            patcher.profile = replace(patcher.profile, strategy=strategy)
+            enc = patcher.encode(questions)
+            result = patcher.generate_with_reports(**enc, max_new_tokens=8, do_sample=False, questions=questions)
+            outputs.append((result.output, [r.bridge for r in result.reports]))
+    finally:
+        apply_mode(model, loaded)
     assert torch.equal(outputs[0][0], outputs[1][0]) and outputs[0][1] == outputs[1][1]
 
 

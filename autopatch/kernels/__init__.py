@@ -1,6 +1,5 @@
 """Native kernels autopatch builds on first use: :func:`w8_matmul` and :func:`w4_matmul` (weight-only int8
-and int4 matmuls, with int8 activations in a decode step where asked: ``q8.c``), and :func:`gguf_dequant` (GGUF
-blocks to float32, for the embedded models' first load).
+and int4 matmuls), and :func:`gguf_dequant` (GGUF blocks to float32, for the embedded models' first load).
 
 Example:
     >>> from autopatch.kernels import kernel_error, pack, unpack, w8_matmul
@@ -40,7 +39,7 @@ import torch
 
 from autopatch.cache import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("w8.c", "w4.c", "gguf.c", "q8.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("w8.c", "w4.c", "gguf.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -95,11 +94,6 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             dequant = getattr(lib, f"autopatch_w{bits}_dequant{suffix}")
             dequant.restype = None
             dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
-    for bits in (8, 4):
-        q8 = getattr(lib, f"autopatch_w{bits}_matmul_q8")
-        q8.restype = ctypes.c_int
-        q8.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
-    lib.autopatch_q8_available.restype = ctypes.c_int
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
     lib.autopatch_groups8.restype = None
     lib.autopatch_groups8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
@@ -309,7 +303,7 @@ def _native() -> ctypes.CDLL | None:
 
 def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]],
-          prefill: torch.dtype, decode: torch.dtype) -> torch.Tensor:
+          prefill: torch.dtype) -> torch.Tensor:
     """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
     lib, why = _build()
     if lib is None:
@@ -328,46 +322,37 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
         raise ValueError(f"w{bits}_matmul needs contiguous CPU tensors")
     if prefill not in DEQUANT_SUFFIX:
         raise ValueError(f"w{bits}_matmul: prefill must be one of {list(DEQUANT_SUFFIX)}, got {prefill}")
-    if decode not in (torch.float32, torch.int8):
-        raise ValueError(f"w{bits}_matmul: decode must be torch.float32 or torch.int8, got {decode}")
     _use_threads(lib)
     if m > GEMM_ROWS:
         dequant = getattr(lib, f"autopatch_w{bits}_dequant{DEQUANT_SUFFIX[prefill]}")
         return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill)
     y = torch.empty(m, n, dtype=torch.float32)
-    name = f"autopatch_w{bits}_matmul" + ("_q8" if decode == torch.int8 else "")
-    failed = getattr(lib, name)(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
-                                None if bias is None else bias.data_ptr(), y.data_ptr())
-    if decode == torch.int8 and failed:
-        raise RuntimeError(f"{name}: this CPU has no AVX512-VNNI (see q8_error), or memory ran out")
+    getattr(lib, f"autopatch_w{bits}_matmul")(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                                              None if bias is None else bias.data_ptr(), y.data_ptr())
     return y
 
 
 def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None, prefill: torch.dtype = torch.float32,
-              decode: torch.dtype = torch.float32) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack(q)``, ``scales = pack_scales(s)`` and
     ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
-    ``prefill``: the dtype torch's GEMM multiplies in above :data:`GEMM_ROWS` rows (see :func:`_dequantized_gemm`).
-    ``decode``: up to :data:`GEMM_ROWS` rows, ``torch.int8`` rounds each row of ``x`` to int8 per group of 32
-    (``q8.c``: AVX512-VNNI, :func:`q8_error`); ``torch.float32`` multiplies it as it is."""
+    ``prefill``: the dtype torch's GEMM multiplies in above :data:`GEMM_ROWS` rows (see :func:`_dequantized_gemm`)."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(8, x, packed, scales, bias, n,
                  (torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)),
-                 prefill, decode)
+                 prefill)
 
 
 def w4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None, prefill: torch.dtype = torch.float32,
-              decode: torch.dtype = torch.float32) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack4(q)``, ``scales = pack4_scales(a, b)`` and
     ``W = a * q + b`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
-    ``prefill``, ``decode``: as in :func:`w8_matmul` (with int8 rows, ``b`` multiplies the group's float32 sum)."""
+    ``prefill``: as in :func:`w8_matmul`."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(4, x, packed, scales, bias, n, (torch.uint8, (panels(n), k // GROUP, PANEL, GROUP // 2),
-                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill, decode)
+                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill)
 
 
 GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply
@@ -407,27 +392,6 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     if bias is not None:
         y.add_(bias)
     return y
-
-
-def q8_error() -> str | None:
-    """``None`` where the int8-activation kernels (``q8.c``) run here and give the product they promise on a
-    known input, else why not."""
-    lib, why = _build()
-    if lib is None:
-        return why
-    if not lib.autopatch_q8_available():
-        return "this CPU has no AVX512-VNNI (the int8 dot products the int8-activation kernels use)"
-    x = torch.tensor([[1.0, -2.0, 0.5, 0.25] * 16] * 2)  # exactly on int8 grids: 127 / 2 per step
-    w = (torch.arange(5 * 64) % 255 - 127).to(torch.int8).reshape(5, 64)
-    scales = torch.tensor([[0.5, 0.25]] * 5)
-    dense = dequantize_groups(w, scales)
-    groups = x.view(2, 2, 32)
-    step = groups.abs().amax(dim=2, keepdim=True) / 127
-    want = ((groups / step).round() * step).view(2, 64) @ dense.t()
-    got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5, decode=torch.int8)
-    if not torch.allclose(got, want, rtol=1e-5, atol=1e-3):
-        return f"the built int8-activation kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
-    return None
 
 
 def fast_bfloat16() -> bool:

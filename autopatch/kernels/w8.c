@@ -107,8 +107,6 @@ void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *pack
     }
 }
 
-/* out[r, k] = W[n0 + r, k] (scaled) for r < rows: float32 rows of the weight, for a float GEMM when M is large
- * enough that the matmul, not the weight's bytes, is the cost (prefill). n0 and rows are multiples of 4. */
 /* bfloat16 bits of f, rounded to nearest even (torch's float -> bfloat16 conversion; NaN stays a quiet NaN) */
 static inline uint16_t w8_bf16(float f) {
     uint32_t bits;

@@ -38,16 +38,7 @@ def _ms(fn, repeats: int) -> float:
 
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
-    from autopatch.kernels import (
-        pack,
-        pack4,
-        pack4_scales,
-        pack_scales,
-        quantize_affine4,
-        quantize_groups,
-        w4_matmul,
-        w8_matmul,
-    )
+    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
     from autopatch.quantize import quantize_per_channel, quantize_per_token
 
     n, k = weight.shape
@@ -101,16 +92,7 @@ def kernels(weight: torch.Tensor) -> dict:
 def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) -> None:
     """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
     step does (the tables above reuse one weight, which the last-level cache may hold)."""
-    from autopatch.kernels import (
-        pack,
-        pack4,
-        pack4_scales,
-        pack_scales,
-        quantize_affine4,
-        quantize_groups,
-        w4_matmul,
-        w8_matmul,
-    )
+    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
 
     q8, s8 = quantize_groups(weight)
     q4, a4, b4 = quantize_affine4(weight)
@@ -119,7 +101,6 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) ->
         "autopatch int8": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None)),
         "autopatch int4": ((pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None)),
     }
-
     x = torch.randn(m, weight.shape[1])
     print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m={m}\n")
     print("| kernel | MB per copy | ms per call | GB/s read |")

@@ -40,6 +40,7 @@ import torch
 from autopatch.cache import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("w8.c", "w4.c", "gguf.c"))
+HEADERS = (Path(__file__).with_name("store.h"),)  # included by the sources: part of the build's key, not compiled
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -66,7 +67,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set $CC, or install gcc) to build the int8 kernel"
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"w8-{key}.so"
     if not target.exists():

@@ -107,23 +107,7 @@ void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *pack
     }
 }
 
-/* bfloat16 bits of f, rounded to nearest even (torch's float -> bfloat16 conversion; NaN stays a quiet NaN) */
-static inline uint16_t w8_bf16(float f) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-static inline void vstore_f32(float *p, vf v) { VSTORE(p, v); }
-static inline void vstore_bf16(uint16_t *p, vf v) {
-#if defined(__AVX512BF16__) && VW == 16
-    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); /* the same rounding, in hardware */
-#else
-    float t[VW];
-    VSTORE(t, v);
-    for (int i = 0; i < VW; i++) p[i] = w8_bf16(t[i]);
-#endif
-}
+#include "store.h"
 
 /* out[r, k] = W[n0 + r, k] for r < rows (n0 and rows multiples of 4), as float32 (autopatch_w8_dequant) or as
  * bfloat16 bits (autopatch_w8_dequant_bf16): the rows of a slice for a prefill's GEMM. */

@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int4', 'int4-all', 'int4-bf16', 'int4-fit', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
+    ['int4', 'int4-all', 'int4-bf16', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -61,7 +61,7 @@ from autopatch.quantize_cache import read_cache, source_cache_key, write_cache
 
 logger = logging.getLogger("autopatch")
 
-__all__ = ["QUANT_MODES", "DynamicInt8Linear", "FittedInt4Linear", "Int8Linear", "QuantMode", "WeightOnlyInt4Linear",
+__all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt4Linear",
            "WeightOnlyInt8Linear", "apply_mode", "available_modes", "check_mode", "default_mode", "model_quantization",
            "quantize_model", "runs_on_cpu_float32", "source_cache_key"]
 
@@ -190,59 +190,6 @@ class WeightOnlyInt4Linear(_PackedLinear):
                                           *kernels.unpack4_scales(self.gscale, self.out_features))
 
 
-class FittedInt4Linear(WeightOnlyInt4Linear):
-    """:class:`WeightOnlyInt4Linear` whose groups that are not on a 4-bit grid get ``(a, b)`` and levels from a
-    least-squares search (:func:`fit_affine4`, the search llama.cpp's Q4_K quantizer makes) instead of the group's
-    minimum and range; a group already on a grid stays exact."""
-
-    def _store(self, weight: torch.Tensor) -> None:
-        q, a, b = fit_affine4(weight)
-        self.qweight.copy_(kernels.pack4(q))
-        self.gscale.copy_(kernels.pack4_scales(a, b))
-
-
-def fit_affine4(weight: torch.Tensor, *, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, a, b)`` as :func:`kernels.quantize_affine4`, each group then refitted where that lowers its error.
-
-    For each group of 32, ``steps + 1`` scales around ``15 / (max - min)`` (``(14 + 0.1 s) / (max - min)``) give
-    levels ``q``, and for each the weighted least-squares ``a, b`` of ``W ≈ a q + b`` (weights ``rms + |w|``,
-    as llama.cpp weighs a Q4_K block); a group keeps whichever of these and :func:`kernels.quantize_affine4`'s
-    answer has the lowest weighted squared error; a group on a 4-bit grid (error 0 up to float32 rounding) is kept
-    exactly.
-    """
-    q, a, b = kernels.quantize_affine4(weight)
-    n, k = weight.shape
-    groups_q, groups_a, groups_b = q.view(-1, kernels.GROUP), a.view(-1), b.view(-1)
-    flat = weight.detach().float().reshape(-1, kernels.GROUP)
-    for start in range(0, flat.shape[0], 1 << 16):
-        x = flat[start : start + (1 << 16)]
-        w = x.pow(2).mean(dim=1, keepdim=True).sqrt() + x.abs()
-        best_q = groups_q[start : start + len(x)].float()
-        best_a, best_b = groups_a[start : start + len(x)].clone(), groups_b[start : start + len(x)].clone()
-        best = (w * (best_a[:, None] * best_q + best_b[:, None] - x).pow(2)).sum(dim=1)
-        exact = best <= 1e-9 * (w * x * x).sum(dim=1)  # on a 4-bit grid: float32 rounding only, kept as it is
-        low = x.amin(dim=1, keepdim=True)
-        span = (x.amax(dim=1, keepdim=True) - low).clamp(min=1e-30)
-        sw = w.sum(dim=1)
-        swx = (w * x).sum(dim=1)
-        for step in range(steps + 1):
-            levels = ((14.0 + 0.1 * step) / span * (x - low)).round().clamp(0, 15)
-            wq = w * levels
-            swq, swq2, swqx = wq.sum(dim=1), (wq * levels).sum(dim=1), (wq * x).sum(dim=1)
-            det = sw * swq2 - swq * swq
-            ok = det > 0
-            det = torch.where(ok, det, torch.ones_like(det))
-            fa, fb = (sw * swqx - swq * swx) / det, (swq2 * swx - swq * swqx) / det
-            err = (w * (fa[:, None] * levels + fb[:, None] - x).pow(2)).sum(dim=1)
-            better = ok & ~exact & (err < best)
-            best = torch.where(better, err, best)
-            best_a, best_b = torch.where(better, fa, best_a), torch.where(better, fb, best_b)
-            best_q = torch.where(better[:, None], levels, best_q)
-        groups_q[start : start + len(x)] = best_q.to(torch.uint8)
-        groups_a[start : start + len(x)], groups_b[start : start + len(x)] = best_a, best_b
-    return q, a, b
-
-
 HOLDS_SAMPLE = 512  # rows of a weight that decide whether it is held at 4 bits
 
 
@@ -367,10 +314,6 @@ QUANT_MODES: dict[str, QuantMode] = {
         QuantMode("int4-bf16", "int4's weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 units (AMX or "
                                "AVX512-BF16; refused elsewhere), decode steps as int4",
                   (WeightOnlyInt4Linear, WeightOnlyInt8Linear), prefill=torch.bfloat16, weights="int4"),
-        QuantMode("int4-fit", "4-bit weights in every Linear as int4-all, each group not on a 4-bit grid fitted by "
-                              "least squares (llama.cpp's Q4_K search) instead of its range; a prefill in bfloat16 "
-                              "as int4-bf16", (FittedInt4Linear, WeightOnlyInt8Linear), rounds=True,
-                  prefill=torch.bfloat16),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )

@@ -526,29 +526,3 @@ def test_a_bf16_mode_reads_the_cache_of_its_weights_and_only_its_prefill_differs
         fast_long, plain_long = fast(long).logits, plain(long).logits
     assert not torch.equal(fast_long, plain_long) and torch.allclose(fast_long, plain_long, atol=5e-2)
 
-
-
-def test_fit_affine4_keeps_4bit_grids_and_lowers_the_error_elsewhere():
-    from autopatch.kernels import dequantize_affine4
-    from autopatch.quantize import fit_affine4
-
-    g = torch.Generator().manual_seed(5)
-    grid = _dequant4(*quantize_affine4(torch.randn(16, 256, generator=g)))
-    assert all(torch.equal(x, y) for x, y in zip(fit_affine4(grid), quantize_affine4(grid)))
-    weight = torch.randn(64, 256, generator=g) * 0.02
-    ranged, fitted = dequantize_affine4(*quantize_affine4(weight)), dequantize_affine4(*fit_affine4(weight))
-    assert (fitted - weight).pow(2).sum() < 0.9 * (ranged - weight).pow(2).sum()
-
-
-def test_int4_fit_puts_every_linear_at_4_bits_fitted(monkeypatch):
-    from autopatch.quantize import FittedInt4Linear
-
-    _bf16_here(monkeypatch)
-    model, reference = tiny_model("qwen2"), tiny_model("qwen2")
-    quantize_model(model, "int4-fit")
-    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    assert linears and all(type(m) is FittedInt4Linear for m in linears) and model_quantization(model) == "int4-fit"
-    twin = _dequantized_twin(reference, model)
-    ids = torch.randint(3, 90, (2, 9))
-    with torch.no_grad():
-        assert torch.allclose(model(ids).logits, twin(ids).logits, atol=1e-3)

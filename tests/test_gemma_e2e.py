@@ -154,9 +154,11 @@ def test_answer_on_gemma_is_short_and_reported(gemma):
 
 @pytest.mark.parametrize("strategy", ["verbalize", "reroute", "decompose"])
 def test_the_cached_prefix_gives_the_uncached_tokens_on_gemma(gemma, strategy):
-    """Exact with float32 activations. A bfloat16 prefill (the default where the CPU has bfloat16 units) rounds
-    each product to bfloat16 after a sum whose order depends on the GEMM's shape, so there the prefix cache, like
-    any change of batch shape, can move a token; docs/runs/harm_test_*_int4bf16 measures what that costs."""
+    """Exact with float32 activations. Under a bfloat16 prefill (the default where the CPU has bfloat16 units) a
+    prompt token's result depends on how many rows its call had: calls of at most ``kernels.GEMM_ROWS`` rows run in
+    float32, larger ones in torch's bfloat16 GEMM, whose kernel (and so its sum's order, before each product is
+    rounded to bfloat16) changes with the row count. So the prefix cache, like any change of batch shape, can move
+    a token there (reroute moved one); docs/runs/harm_test_*_int4bf16 measures what that costs."""
     from dataclasses import replace
 
     from autopatch.gating import AlwaysPatch

@@ -1,6 +1,7 @@
 /* Stores shared by w8.c and w4.c (included after each defines its vector type vf, its width VW and VSTORE):
  * VW float32 values as they are, or as bfloat16 bits rounded to nearest even, torch's float -> bfloat16
- * conversion (a NaN stays a quiet NaN), for a prefill's slices of the weight. */
+ * conversion (a NaN stays a quiet NaN), for a prefill's slices of the weight. One difference: AVX512-BF16's
+ * conversion flushes a float32 subnormal (below 1.2e-38, no weight's size) to zero, where torch keeps it. */
 static inline uint16_t bf16_bits(float f) {
     uint32_t bits;
     __builtin_memcpy(&bits, &f, sizeof bits);

@@ -49,7 +49,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import torch
@@ -288,6 +288,12 @@ class QuantMode:
         """The name its quantized weights are cached under (shared by the modes with the same weights)."""
         return self.weights or self.name
 
+    def with_bf16_prefill(self) -> QuantMode:
+        """This mode's weights (and cache), a prefill's matmuls in bfloat16: ``<name>-bf16``."""
+        return replace(self, name=f"{self.name}-bf16", prefill=torch.bfloat16, weights=self.name,
+                       description=f"{self.name}'s weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 "
+                                   f"units (AMX or AVX512-BF16; refused elsewhere), decode steps as {self.name}")
+
     def layer_for(self, linear: nn.Linear) -> type[Int8Linear]:
         """The layer class ``linear`` becomes."""
         fitting = [layer for layer in self.layers if layer.accepts(linear)]
@@ -295,25 +301,23 @@ class QuantMode:
         return next((layer for layer in fitting[:-1] if self.rounds or layer.holds(weight)), fitting[-1])
 
 
+_INT8 = QuantMode("int8", "int8 weights with a scale per 32 weights of a row, float32 activations (autopatch's C "
+                          "kernel), in every decoder block and the LM head", (WeightOnlyInt8Linear,))
+_INT4 = QuantMode("int4", "4-bit weights (a scale and offset per 32) wherever they hold the weight at least as closely "
+                          "as int8 would (a GGUF Q4_K tensor: exactly), int8 elsewhere; float32 activations",
+                  (WeightOnlyInt4Linear, WeightOnlyInt8Linear))
 QUANT_MODES: dict[str, QuantMode] = {
     m.name: m
     for m in (
         QuantMode("none", "float32 weights and activations (the reference)", ()),
-        QuantMode("int8", "int8 weights with a scale per 32 weights of a row, float32 activations (autopatch's C "
-                          "kernel), in every decoder block and the LM head", (WeightOnlyInt8Linear,)),
-        QuantMode("int4", "4-bit weights (a scale and offset per 32) wherever they hold the weight at least "
-                          "as closely as int8 would (a GGUF Q4_K tensor: exactly), int8 elsewhere; float32 "
-                          "activations", (WeightOnlyInt4Linear, WeightOnlyInt8Linear)),
+        _INT8,
+        _INT4,
         QuantMode("int4-all", "4-bit weights (a scale and offset per 32) in every Linear that takes them, rounding "
                               "the ones int8 would hold more closely (a GGUF Q6_K tensor: the LM head, half of the "
                               "MLP down- and value projections); int8 elsewhere; float32 activations",
                   (WeightOnlyInt4Linear, WeightOnlyInt8Linear), rounds=True),
-        QuantMode("int8-bf16", "int8's weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 units (AMX or "
-                               "AVX512-BF16; refused elsewhere), decode steps as int8", (WeightOnlyInt8Linear,),
-                  prefill=torch.bfloat16, weights="int8"),
-        QuantMode("int4-bf16", "int4's weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 units (AMX or "
-                               "AVX512-BF16; refused elsewhere), decode steps as int4",
-                  (WeightOnlyInt4Linear, WeightOnlyInt8Linear), prefill=torch.bfloat16, weights="int4"),
+        _INT8.with_bf16_prefill(),
+        _INT4.with_bf16_prefill(),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )
@@ -337,7 +341,6 @@ def _int_mm_error() -> str | None:
 @functools.lru_cache(maxsize=1)
 def _kernel_error() -> str | None:
     return kernels.kernel_error()
-
 
 
 def _why_not(mode: QuantMode) -> str | None:

@@ -372,24 +372,17 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     several times faster than float32 (:func:`fast_bfloat16`)."""
     m, k = x.shape
     padded = panels(n) * PANEL
-    if dtype == torch.float32:
-        y = torch.empty(m, n, dtype=torch.float32)
-        buffer = torch.empty(min(padded, GEMM_SLICE), k, dtype=torch.float32)
-        for n0 in range(0, n, GEMM_SLICE):
-            rows = min(GEMM_SLICE, padded - n0)
-            dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
-            width = min(rows, n - n0)
-            torch.matmul(x, buffer[:width].t(), out=y[:, n0 : n0 + width])
-    else:  # larger slices (a bounded buffer, GEMM_SLICE_BYTES): the bfloat16 GEMM is fast enough that small ones cost
-        step = max(PANEL, GEMM_SLICE_BYTES // (k * dtype.itemsize) // PANEL * PANEL)
-        rows_in, low = x.to(dtype), torch.empty(m, n, dtype=dtype)
-        buffer = torch.empty(min(padded, step), k, dtype=dtype)
-        for n0 in range(0, n, step):
-            rows = min(step, padded - n0)
-            dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
-            width = min(rows, n - n0)
-            torch.matmul(rows_in, buffer[:width].t(), out=low[:, n0 : n0 + width])
-        y = low.float()
+    # float32: slices of GEMM_SLICE rows; bfloat16: larger ones in a buffer of GEMM_SLICE_BYTES, since its GEMM is
+    # fast enough that small slices cost
+    step = GEMM_SLICE if dtype == torch.float32 else max(PANEL, GEMM_SLICE_BYTES // (k * dtype.itemsize) // PANEL * PANEL)
+    rows_in, product = x.to(dtype), torch.empty(m, n, dtype=dtype)
+    buffer = torch.empty(min(padded, step), k, dtype=dtype)
+    for n0 in range(0, n, step):
+        rows = min(step, padded - n0)
+        dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
+        width = min(rows, n - n0)
+        torch.matmul(rows_in, buffer[:width].t(), out=product[:, n0 : n0 + width])
+    y = product.float()  # the float32 product itself (no copy) when dtype is float32
     if bias is not None:
         y.add_(bias)
     return y

@@ -38,7 +38,17 @@ def _ms(fn, repeats: int) -> float:
 
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
-    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
+    from autopatch.kernels import (
+        fast_bfloat16,
+        pack,
+        pack4,
+        pack4_scales,
+        pack_scales,
+        quantize_affine4,
+        quantize_groups,
+        w4_matmul,
+        w8_matmul,
+    )
     from autopatch.quantize import quantize_per_channel, quantize_per_token
 
     n, k = weight.shape
@@ -50,6 +60,11 @@ def kernels(weight: torch.Tensor) -> dict:
     q4, a4, b4 = quantize_affine4(weight)
     packed4, scales4 = pack4(q4), pack4_scales(a4, b4)
     out["autopatch int4 (weight-only, a scale and offset per 32)"] = lambda x: w4_matmul(x, packed4, scales4, None)
+    if fast_bfloat16():  # the int4-bf16 mode: above GEMM_ROWS rows, a bfloat16 GEMM
+        out["autopatch int4, bfloat16 prefill (int4-bf16; float32 up to 48 rows)"] = (
+            lambda x: w4_matmul(x, packed4, scales4, None, prefill=torch.bfloat16))
+        out["torch bfloat16 F.linear (weight already bfloat16)"] = (
+            lambda w: lambda x: F.linear(x.bfloat16(), w))(weight.bfloat16())
 
     def dynamic(x):
         xq, xs = quantize_per_token(x)

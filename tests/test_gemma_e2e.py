@@ -154,32 +154,24 @@ def test_answer_on_gemma_is_short_and_reported(gemma):
 
 @pytest.mark.parametrize("strategy", ["verbalize", "reroute", "decompose"])
 def test_the_cached_prefix_gives_the_uncached_tokens_on_gemma(gemma, strategy):
-    """Exact with float32 activations. Under a bfloat16 prefill (the default where the CPU has bfloat16 units) a
-    prompt token's result depends on how many rows its call had: calls of at most ``kernels.GEMM_ROWS`` rows run in
-    float32, larger ones in torch's bfloat16 GEMM, whose kernel (and so its sum's order, before each product is
-    rounded to bfloat16) changes with the row count. So the prefix cache, like any change of batch shape, can move
-    a token there (reroute moved one); docs/runs/harm_test_*_int4bf16 measures what that costs."""
+    """Exact in the loaded mode, the bfloat16 prefill included: every call of two positions or more multiplies in
+    fixed blocks of ``kernels.GEMM_BLOCK`` rows, so a prompt token's arithmetic does not depend on how many rows its
+    call had (a cached prefix's suffix of one token would take the float32 kernel instead; these have longer ones)."""
     from dataclasses import replace
 
     from autopatch.gating import AlwaysPatch
     from autopatch.patcher import AutoPatcher
-    from autopatch.quantize import QUANT_MODES, apply_mode, model_quantization
     from eval.twohop import generate_twohop
 
     model, tok = gemma
-    loaded = QUANT_MODES[model_quantization(model)]
     questions = [r.question for r in generate_twohop("dev")[:8]]
     outputs = []
-    apply_mode(model, QUANT_MODES[loaded.cache_name])  # the same weights, float32 activations
-    try:
-        for reuse in (False, True):
-            patcher = AutoPatcher(model, tok, gate=AlwaysPatch(), reuse_prefix=reuse)
-            patcher.profile = replace(patcher.profile, strategy=strategy)
-            enc = patcher.encode(questions)
-            result = patcher.generate_with_reports(**enc, max_new_tokens=8, do_sample=False, questions=questions)
-            outputs.append((result.output, [r.bridge for r in result.reports]))
-    finally:
-        apply_mode(model, loaded)
+    for reuse in (False, True):
+        patcher = AutoPatcher(model, tok, gate=AlwaysPatch(), reuse_prefix=reuse)
+        patcher.profile = replace(patcher.profile, strategy=strategy)
+        enc = patcher.encode(questions)
+        result = patcher.generate_with_reports(**enc, max_new_tokens=8, do_sample=False, questions=questions)
+        outputs.append((result.output, [r.bridge for r in result.reports]))
     assert torch.equal(outputs[0][0], outputs[1][0]) and outputs[0][1] == outputs[1][1]
 
 
@@ -213,3 +205,27 @@ def test_the_first_load_straight_from_gguf_equals_the_float32_route_bit_for_bit(
     fast, _ = gguf_quantized.load_or_build(spec, check_mode("int4-bf16"), lambda: pytest.fail("rebuilt"))
     assert model_quantization(fast) == "int4-bf16" and model_quantization(direct) == "int4"
     assert [k for k, v in fast.state_dict().items() if not torch.equal(v, ours[k])] == []
+
+
+def test_under_a_bfloat16_prefill_a_batched_answer_is_its_lone_answer_bit_for_bit(gemma):
+    """The bfloat16 GEMM's fixed blocks and the row-invariant attention (autopatch.invariance) make a row's forward
+    passes independent of its batch: each row's greedy tokens and every step's scores equal its own run alone (with
+    torch's whole-batch attention, 4 answers of 32 moved in bench/bench_server.py)."""
+    from autopatch.patcher import AutoPatcher
+    from autopatch.quantize import QUANT_MODES, model_quantization
+    from eval.twohop import generate_twohop
+
+    model, tok = gemma
+    if QUANT_MODES[model_quantization(model)].prefill != torch.bfloat16:
+        pytest.skip("the model was loaded with float32 activations here (no bfloat16 units): batches are not exact")
+    patcher = AutoPatcher(model, tok)
+    questions = [r.question for r in generate_twohop("dev")[8:16]]
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate(**patcher.encode(questions), **kwargs)
+    width = patcher.encode(questions)["input_ids"].shape[1]
+    for row, question in enumerate(questions):
+        enc = patcher.encode([question])
+        alone = model.generate(**enc, **kwargs)
+        steps = alone.sequences.shape[1] - enc["input_ids"].shape[1]
+        assert torch.equal(batched.sequences[row, width : width + steps], alone.sequences[0, enc["input_ids"].shape[1] :])
+        assert all(torch.equal(batched.scores[s][row], alone.scores[s][0]) for s in range(steps))

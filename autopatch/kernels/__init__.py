@@ -304,7 +304,7 @@ def _native() -> ctypes.CDLL | None:
 
 def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]],
-          prefill: torch.dtype) -> torch.Tensor:
+          prefill: torch.dtype, gemm: bool | None) -> torch.Tensor:
     """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
     lib, why = _build()
     if lib is None:
@@ -324,7 +324,7 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     if prefill not in DEQUANT_SUFFIX:
         raise ValueError(f"w{bits}_matmul: prefill must be one of {list(DEQUANT_SUFFIX)}, got {prefill}")
     _use_threads(lib)
-    if m > GEMM_ROWS:
+    if (m > GEMM_ROWS) if gemm is None else gemm:
         dequant = getattr(lib, f"autopatch_w{bits}_dequant{DEQUANT_SUFFIX[prefill]}")
         return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill)
     y = torch.empty(m, n, dtype=torch.float32)
@@ -334,31 +334,38 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
 
 
 def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None, prefill: torch.dtype = torch.float32) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32, gemm: bool | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack(q)``, ``scales = pack_scales(s)`` and
     ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
-    ``prefill``: the dtype torch's GEMM multiplies in above :data:`GEMM_ROWS` rows (see :func:`_dequantized_gemm`)."""
+    ``gemm``: multiply in torch's GEMM, from the weight dequantized in slices (``True``), or in autopatch's kernel
+    (``False``); by default the GEMM above :data:`GEMM_ROWS` rows. ``prefill``: the dtype that GEMM multiplies in
+    (see :func:`_dequantized_gemm`)."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(8, x, packed, scales, bias, n,
                  (torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)),
-                 prefill)
+                 prefill, gemm)
 
 
 def w4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None, prefill: torch.dtype = torch.float32) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32, gemm: bool | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack4(q)``, ``scales = pack4_scales(a, b)`` and
     ``W = a * q + b`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
-    ``prefill``: as in :func:`w8_matmul`."""
+    ``gemm`` and ``prefill``: as in :func:`w8_matmul`."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(4, x, packed, scales, bias, n, (torch.uint8, (panels(n), k // GROUP, PANEL, GROUP // 2),
-                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill)
+                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill, gemm)
 
 
 GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply
 GEMM_SLICE = 1024  # weight rows dequantized at a time: a bounded float32 buffer (4 KiB per input column)
 GEMM_SLICE_BYTES = 8 << 20  # the bfloat16 prefill's buffer: 2730 rows of 1536 columns
+# A bfloat16 GEMM multiplies exactly this many rows per call (the last block padded with zero rows). oneDNN picks its
+# kernel, and so each sum's order, by the row count; at a fixed count a row's result depends on that row alone, not on
+# its position or its neighbours (bench/bench_batch_invariance.py), so a prompt gets the same arithmetic alone or in any
+# batch, at a measured cost (docs/quantization.md).
+GEMM_BLOCK = 128
 
 
 def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
@@ -369,20 +376,25 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     In ``torch.bfloat16`` both operands are rounded to bfloat16 (``dequant`` writes the weight's slices in it)
     and each product comes back rounded to bfloat16 (torch's CPU GEMM has no float32 output for bfloat16
     operands), then widened into the float32 result: on a CPU with bfloat16 matrix units (AMX, AVX512-BF16)
-    several times faster than float32 (:func:`fast_bfloat16`)."""
+    several times faster than float32 (:func:`fast_bfloat16`); in blocks of exactly :data:`GEMM_BLOCK` rows, so
+    that a row's result does not depend on the other rows."""
     m, k = x.shape
     padded = panels(n) * PANEL
     # float32: slices of GEMM_SLICE rows; bfloat16: larger ones in a buffer of GEMM_SLICE_BYTES, since its GEMM is
     # fast enough that small slices cost
     step = GEMM_SLICE if dtype == torch.float32 else max(PANEL, GEMM_SLICE_BYTES // (k * dtype.itemsize) // PANEL * PANEL)
-    rows_in, product = x.to(dtype), torch.empty(m, n, dtype=dtype)
+    block = m if dtype == torch.float32 else GEMM_BLOCK
+    height = -(-m // block) * block
+    rows_in = x.to(dtype) if height == m else torch.cat((x.to(dtype), x.new_zeros(height - m, k, dtype=dtype)))
+    product = torch.empty(height, n, dtype=dtype)
     buffer = torch.empty(min(padded, step), k, dtype=dtype)
     for n0 in range(0, n, step):
         rows = min(step, padded - n0)
         dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
         width = min(rows, n - n0)
-        torch.matmul(rows_in, buffer[:width].t(), out=product[:, n0 : n0 + width])
-    y = product.float()  # the float32 product itself (no copy) when dtype is float32
+        for r0 in range(0, height, block):
+            torch.matmul(rows_in[r0 : r0 + block], buffer[:width].t(), out=product[r0 : r0 + block, n0 : n0 + width])
+    y = product[:m].float()  # the float32 product itself (no copy) when dtype is float32
     if bias is not None:
         y.add_(bias)
     return y

@@ -14,9 +14,7 @@ every row must come out the same at every ``m`` and offset. Last, milliseconds o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from autopatch.kernels import GEMM_BLOCK  # noqa: E402
+from bench.bench_kernels import median_ms  # noqa: E402
 
 SHAPES = ((8960, 1536), (1536, 8960), (1536, 1536), (256, 1536),  # Qwen2.5-1.5B: MLP up/gate, down, q/o, k/v
           (4864, 896), (896, 4864), (896, 896), (128, 896),  # Qwen2.5-0.5B
@@ -38,16 +37,6 @@ def blocked(x: torch.Tensor, wt: torch.Tensor, block: int) -> torch.Tensor:
     for r0 in range(0, height, block):
         torch.matmul(rows[r0 : r0 + block], wt, out=out[r0 : r0 + block])
     return out[: x.shape[0]]
-
-
-def _ms(fn, repeats: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for m in (16, 40, 100, 300, 512):
             x = torch.randn(m, k).bfloat16()
-            one = _ms(lambda x=x, wt=wt: x @ wt)
-            blocks = _ms(lambda x=x, wt=wt: blocked(x, wt, GEMM_BLOCK))
+            one = median_ms(lambda x=x, wt=wt: x @ wt, 9)
+            blocks = median_ms(lambda x=x, wt=wt: blocked(x, wt, GEMM_BLOCK), 9)
             cells.append(f"{one:.2f} / {blocks:.2f} ({one / blocks:.2f}x)")
         print(f"| {n} x {k} | " + " | ".join(cells) + " |", flush=True)
     return 1 if varies else 0

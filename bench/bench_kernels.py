@@ -26,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
-def _ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
+    """Milliseconds of ``fn()``, the median of ``repeats`` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     table = kernels(weight)
     inputs = {m: torch.randn(m, args.k) for m in rows}
-    timings = {name: {m: _ms(lambda fn=fn, m=m: fn(inputs[m]), args.repeats) for m in rows} for name, fn in table.items()}
+    timings = {name: {m: median_ms(lambda fn=fn, m=m: fn(inputs[m]), args.repeats) for m in rows} for name, fn in table.items()}
     base = timings["float32 F.linear"]
     print(f"Linear {args.k} -> {args.n}, threads: {torch.get_num_threads()}, torch {torch.__version__}\n")
     print("| kernel | " + " | ".join(f"m={m} ms (vs float32)" for m in rows) + " |")

@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["ROWS", "row_invariant_attention"]
+__all__ = ["ROWS", "batch_invariant", "row_invariant_attention"]
 
 ROWS = "autopatch_rows"  # the attention implementation's name in transformers' registry
 _BASE = "sdpa"
@@ -131,3 +131,9 @@ def row_invariant_attention(model: Any, on: bool = True) -> None:
     wanted = ROWS if on else _BASE
     if current != wanted:
         model.set_attn_implementation(wanted)
+
+
+def batch_invariant(model: Any) -> bool:
+    """Whether ``model`` runs the row-invariant attention (a bfloat16-prefill mode): then anything else that shapes a
+    row's computation by its batch (:mod:`autopatch.prefix_cache`'s split point) must not either."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == ROWS

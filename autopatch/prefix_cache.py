@@ -39,6 +39,8 @@ from typing import Any, cast
 
 import torch
 
+from autopatch.invariance import batch_invariant
+
 MIN_PREFIX_TOKENS = 8  # below this, a cached prefix saves less than its copy costs
 MAX_PREFIXES_PER_MODEL = 8
 
@@ -181,12 +183,13 @@ def register_prefix(model: torch.nn.Module, prefix: Sequence[int]) -> None:
             _known.setdefault(model, set()).add(tuple(int(t) for t in prefix))
 
 
-def _reusable_len(model: torch.nn.Module, row: torch.Tensor, limit: int) -> int:
-    """The longest cached or registered prefix of at most ``limit`` tokens that ``row`` starts with (0: none).
-    A single row's own start is only worth caching when it will be seen again: a prefix computed for one row
-    alone is a second forward pass, not a saving."""
+def _reusable_len(model: torch.nn.Module, row: torch.Tensor, limit: int, *, registered_only: bool = False) -> int:
+    """The longest cached or registered (``registered_only``: registered) prefix of at most ``limit`` tokens that
+    ``row`` starts with (0: none). A single row's own start is only worth caching when it will be seen again: a
+    prefix computed for one row alone is a second forward pass, not a saving."""
     with _lock:
-        keys = [k for k in (*(_store.get(model) or {}), *(_known.get(model) or ())) if len(k) <= limit]
+        cached = () if registered_only else tuple(_store.get(model) or {})
+        keys = [k for k in (*cached, *(_known.get(model) or ())) if len(k) <= limit]
     head = tuple(int(t) for t in row[: max((len(k) for k in keys), default=0)])
     return max((len(k) for k in keys if head[: len(k)] == k), default=0)
 
@@ -214,11 +217,19 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
     ``protect``: non-negative row positions that a capture or patch will touch; the cached prefix stops before
     the earliest. The last token of every row always stays in the suffix (its logits start the answer). A batch
     of one row uses only a prefix already cached or registered (:func:`register_prefix`), where the cache pays.
+    A batch-invariant model (:func:`autopatch.invariance.batch_invariant`) reuses only a registered prefix that every
+    row starts with, so that a row's split between prefix and suffix, and so its arithmetic, never depends on its batch.
     """
     rows = [r.cpu() for r in rows]
     limit = min([min(len(r) for r in rows) - 1, *(p for p in protect if p >= 0)]) if rows else 0
     if not enabled or not rows:
         length = 0
+    elif batch_invariant(model):
+        # Where a split point that moved with the batch (or with what was cached before) would move a row's
+        # arithmetic (autopatch.invariance), only a registered start, the same for every row, is reused.
+        ends = {_reusable_len(model, r, min([len(r) - 1, *(p for p in protect if p >= 0)]), registered_only=True)
+                for r in rows}
+        length = ends.pop() if len(ends) == 1 else 0
     elif len(rows) > 1:  # several rows share their prefix's computation
         length = min(shared_prefix_len(rows), limit)
     else:  # one row only gains from a prefix seen before

@@ -223,3 +223,28 @@ def test_a_longer_prefix_extends_the_cached_one_and_equals_one_computed_whole():
         assert torch.allclose(whole.layers[layer].keys, longer.layers[layer].keys, atol=1e-5)
         assert torch.allclose(whole.layers[layer].values, longer.layers[layer].values, atol=1e-5)
     clear_prefix_cache(model)
+
+
+def test_a_batch_invariant_model_splits_a_row_where_it_splits_alone():
+    """With the row-invariant attention on (the bfloat16 modes), a row's prefix is the registered format start
+    whatever its batch mates share or what was cached before; a batch of several formats reuses none."""
+    from autopatch.invariance import row_invariant_attention
+
+    model, tok = tiny_model_for_bytes("llama", seed=8), byte_tokenizer()
+    model.set_attn_implementation("sdpa")
+    clear_prefix_cache(model)
+    same_start = _rows(tok, [FMT.render(q) for q in ("What is the capital of France?", "What is the capital of Peru?")])
+    shared = prefix_layout(model, same_start, tok.pad_token_id).prefix_len  # the batch's own shared start: longer
+    AutoPatcher(model, tok, PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT))  # registers FMT's start
+    registered = len(FMT.fixed_prefix(tok))
+    assert shared > registered
+    row_invariant_attention(model)
+    try:
+        alone = prefix_layout(model, same_start[:1], tok.pad_token_id).prefix_len
+        together = prefix_layout(model, same_start, tok.pad_token_id).prefix_len
+        other = _rows(tok, ["Some text in another format entirely, long enough to matter."])
+        mixed = prefix_layout(model, [same_start[0], *other], tok.pad_token_id).prefix_len
+    finally:
+        row_invariant_attention(model, on=False)
+    assert alone == together == registered and mixed == 0
+    assert prefix_layout(model, same_start, tok.pad_token_id).prefix_len == shared  # off again: the shared start

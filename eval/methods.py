@@ -95,11 +95,16 @@ class Method:
 def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate | None = None, budget: int = 16,
                   cot_budget: int = 48, use_decomposition: bool = False, gold_scores: bool = True) -> EvalContext:
     """The run context: the model's shipped profile and the best shipped profile of each strategy."""
+    from autopatch.prefix_cache import register_prefix
     from autopatch.profile import strategy_profile
     from autopatch.resolve import model_profile
 
     base = profile or model_profile(model, tok)
     per_strategy = {s: strategy_profile(model, s, base, use_shipped=profile is None)[0] for s in STRATEGIES}
+    # before any generation, as AutoPatcher does: which start a row reuses must not depend on what ran before it
+    # (a batch-invariant model reuses only a registered start; autopatch.prefix_cache)
+    for fmt in {p.prompt_format for p in (base, *per_strategy.values())}:
+        register_prefix(model, fmt.fixed_prefix(tok))
     return EvalContext(model, tok, base, per_strategy, gate, budget, cot_budget, use_decomposition, gold_scores)
 
 

@@ -53,6 +53,9 @@ def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
                              "(4-bit weights everywhere), int8, int4-bf16 and int8-bf16 (their weights, a prefill's "
                              "matmuls in bfloat16 on a CPU with AMX or AVX512-BF16), int8-dynamic, or none "
                              "(float32); default: the model's measured CPU default (docs/quantization.md)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="in a bfloat16-prefill mode, give every prompt the answer it gets alone, whatever its "
+                             "batch (fixed GEMM blocks, attention per row); costs prefill time")
 
 
 def physical_cores() -> int:
@@ -105,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from autopatch.patchscope import IDENTITY_PROMPT, decode_state
 
     started = time.perf_counter()
-    model, tok = load_model(args.model, quantize=args.quantize)
+    model, tok = load_model(args.model, quantize=args.quantize, batch_invariant=args.batch_invariant)
     print(f"loaded {model.config.model_type} ({num_layers(model)} layers) in {time.perf_counter() - started:.1f}s")
     layers = [int(x) for x in args.layers.split(",")]
     texts = args.text or ["I visited Paris", "The Colosseum is located in the country of"]

@@ -37,7 +37,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from autopatch.patcher import AutoPatcher
     from autopatch.profile import strategy_profile
 
-    model, tok = load_model(args.model, quantize=args.quantize)
+    model, tok = load_model(args.model, quantize=args.quantize, batch_invariant=args.batch_invariant)
     patcher = AutoPatcher(model, tok, args.profile, args.gate, decomposer=args.decomposer)
     if args.strategy and args.profile is None:
         profile, swept = strategy_profile(model, args.strategy, patcher.profile)
@@ -70,7 +70,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from autopatch.patcher import AutoPatcher
     from autopatch.profile import strategy_profile
 
-    model, tok = load_model(args.model, quantize=args.quantize)
+    model, tok = load_model(args.model, quantize=args.quantize, batch_invariant=args.batch_invariant)
     patcher = AutoPatcher(model, tok)
     bridge = args.bridge
     if bridge is None:  # what the text decomposition finds: the reading the hidden state is compared with

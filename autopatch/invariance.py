@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["ROWS", "batch_invariant", "row_invariant_attention"]
+__all__ = ["ROWS", "batch_invariant", "row_invariant_attention", "set_batch_invariant"]
 
 ROWS = "autopatch_rows"  # the attention implementation's name in transformers' registry
 _BASE = "sdpa"
@@ -137,3 +137,23 @@ def batch_invariant(model: Any) -> bool:
     """Whether ``model`` runs the row-invariant attention (a bfloat16-prefill mode): then anything else that shapes a
     row's computation by its batch (:mod:`autopatch.prefix_cache`'s split point) must not either."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == ROWS
+
+
+def set_batch_invariant(model: Any, on: bool = True) -> bool:
+    """Make ``model``'s answers independent of its batch (``on``), or go back to the faster batch-dependent path;
+    returns whether it is on. Needs a bfloat16-prefill mode (``int4-bf16``, ``int8-bf16``), whose prefill otherwise
+    rounds differently with its batch's shape; elsewhere it changes nothing and returns ``False``.
+
+    On: every call of two positions or more multiplies in the bfloat16 GEMM's fixed blocks
+    (:data:`autopatch.kernels.GEMM_BLOCK`), attention runs per row (:func:`row_invariant_attention`) and the prefix
+    cache reuses only a registered start (:mod:`autopatch.prefix_cache`). It costs prefill time, most on short
+    calls, which then pay the bfloat16 path's dequantizing instead of the float32 kernel (docs/quantization.md).
+    """
+    from autopatch.quantize import _PackedLinear
+
+    packed = [m for m in model.modules() if isinstance(m, _PackedLinear)]
+    on = on and any(m.prefill != torch.float32 for m in packed)
+    for module in packed:
+        module.invariant = on
+    row_invariant_attention(model, on=on)
+    return on and batch_invariant(model)

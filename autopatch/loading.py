@@ -199,6 +199,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode; ``None`` loads the embedded Gemma 3 270M.
 
@@ -208,8 +209,19 @@ def load_model(
     activations; ``"int4"``: 4-bit weights where that is exact, int8 elsewhere; ``"none"``: float32); CPU only.
     ``None`` takes the model's measured CPU default
     (:func:`autopatch.quantize.default_mode`). An unknown mode, or one this machine cannot run, is refused
-    before anything loads, naming the modes that work.
+    before anything loads, naming the modes that work. ``batch_invariant``: a bfloat16-prefill mode's answers then
+    do not depend on the batch (:func:`autopatch.invariance.set_batch_invariant`), at a cost in prefill time.
     """
+    model, tokenizer = _load_model(name_or_path, device=device, dtype=dtype, quantize=quantize)
+    if batch_invariant:
+        from autopatch.invariance import set_batch_invariant
+
+        set_batch_invariant(model)
+    return model, tokenizer
+
+
+def _load_model(name_or_path: str | os.PathLike | None, *, device: str | torch.device | None,
+                dtype: torch.dtype | str | None, quantize: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from autopatch.quantize import check_mode, default_mode, quantize_model, runs_on_cpu_float32, source_cache_key
 
     mode = check_mode(quantize if quantize is not None else default_mode(name_or_path, device, dtype))

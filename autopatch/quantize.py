@@ -57,7 +57,6 @@ from torch import nn
 
 from autopatch import kernels
 from autopatch.errors import ConfigError
-from autopatch.invariance import row_invariant_attention
 from autopatch.quantize_cache import read_cache, source_cache_key, write_cache
 
 logger = logging.getLogger("autopatch")
@@ -124,6 +123,7 @@ class _PackedLinear(Int8Linear):
     gscale: torch.Tensor
     matmul: Callable[..., torch.Tensor]  # kernels.w8_matmul or kernels.w4_matmul
     prefill: torch.dtype = torch.float32  # what a prefill's GEMM multiplies in (set by the mode: apply_mode)
+    invariant: bool = False  # a bfloat16 prefill that does not depend on the batch (autopatch.invariance)
 
     @classmethod
     def accepts(cls, linear: nn.Linear) -> bool:
@@ -131,12 +131,12 @@ class _PackedLinear(Int8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        # Under a bfloat16 prefill, a call with more than one position per sequence (a prefill, however few its rows)
-        # multiplies in the bfloat16 GEMM, so a prompt's tokens get the same arithmetic alone and in any batch; a
-        # decode step (one position) stays in the float32 kernel up to kernels.GEMM_ROWS rows.
-        gemm = True if self.prefill != torch.float32 and x.dim() >= 3 and x.shape[-2] > 1 else None
+        # Batch-invariant under a bfloat16 prefill: every call of more than one position per sequence (a prefill,
+        # however few its rows) multiplies in the bfloat16 GEMM's fixed blocks, so a prompt's tokens get the same
+        # arithmetic alone and in any batch; a decode step (one position) stays in the float32 kernel.
+        invariant = self.invariant and self.prefill != torch.float32 and x.dim() >= 3 and x.shape[-2] > 1
         out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features, prefill=self.prefill,
-                                gemm=gemm)
+                                gemm=True if invariant else None, blocks=invariant)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -453,9 +453,7 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
 
 def apply_mode(model: nn.Module, mode: QuantMode) -> None:
     """Mark ``model`` (its quantized layers already in place) as quantized by ``mode``: the config's record
-    (:func:`model_quantization`), the dtype each packed layer's prefill multiplies in, and, under a bfloat16
-    prefill, the row-invariant attention that keeps a request's answer independent of its batch
-    (:mod:`autopatch.invariance`)."""
+    (:func:`model_quantization`) and the dtype each packed layer's prefill multiplies in."""
     config = getattr(model, "config", None)
     if config is not None:
         config.autopatch_quantize = mode.name
@@ -465,7 +463,6 @@ def apply_mode(model: nn.Module, mode: QuantMode) -> None:
         if isinstance(module, _PackedLinear):
             # the LM head's logits over many positions (scoring, a logit lens) keep float32's precision
             module.prefill = torch.float32 if module is head else mode.prefill
-    row_invariant_attention(model, on=mode.prefill != torch.float32)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

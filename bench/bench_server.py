@@ -110,7 +110,7 @@ def _load(args):
         return tiny_model_for_bytes("llama"), byte_tokenizer(), "tiny-llama", profile
     from autopatch.loading import EMBEDDED_MODEL_NAME, load_model
 
-    model, tok = load_model(args.model, quantize=args.quantize)
+    model, tok = load_model(args.model, quantize=args.quantize, batch_invariant=args.batch_invariant)
     return model, tok, args.model or EMBEDDED_MODEL_NAME, None  # None: the profile of the gate shipped for it
 
 
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quantize", default=None, help="a mode of autopatch.quantize (default: the model's CPU default)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="answers independent of the batch (autopatch.invariance.set_batch_invariant)")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -236,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     streamed = f"every {args.stream_every} streamed" if args.stream_every else "none streamed"
     if args.ordinary_every:
         streamed += f", every {args.ordinary_every} an ordinary request"
+    from autopatch.invariance import batch_invariant
     from autopatch.quantize import model_quantization
 
-    print(f"model {name} ({model_quantization(model)}), {args.requests} requests ({streamed}), max_tokens {args.max_tokens}, greedy, "
+    invariant = ", batch-invariant" if batch_invariant(model) else ""
+    print(f"model {name} ({model_quantization(model)}{invariant}), {args.requests} requests ({streamed}), max_tokens {args.max_tokens}, greedy, "
           f"torch threads {torch.get_num_threads()}, batch window {args.batch_window_ms:g} ms\n")
     print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | ratio to the server at 1 client | p50 ms "
           "| p99 ms | answers identical |")

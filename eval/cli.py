@@ -197,7 +197,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
                 "model": args.model, "quantize": _resolved_quantize(args.model, args.quantize),
                 "batch_size": args.batch_size, "budget": args.budget, "cot_budget": args.cot_budget,
                 "use_decomposition": args.use_decomposition, "methods": methods, "profile_file": args.profile,
-                "gate_file": args.gate, "source_model": args.source_model, "state_map": args.state_map}
+                "gate_file": args.gate, "source_model": args.source_model, "state_map": args.state_map,
+                **({"batch_invariant": True} if args.batch_invariant else {})}  # absent in runs made without it
     _check_source_model(args, methods)
     methods = check_run_dir(out, settings, add_methods=args.add_methods)  # before anything slow
     if not args.repair:
@@ -229,7 +230,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     torch.set_grad_enabled(False)
     explicit_methods = args.methods != ",".join(default_methods())
-    model, tok = load_model(args.model, quantize=args.quantize)
+    model, tok = load_model(args.model, quantize=args.quantize, batch_invariant=args.batch_invariant)
     from autopatch.resolve import resolve
 
     resolution = resolve(model, tok, profile=args.profile, gate=args.gate)

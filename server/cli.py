@@ -79,7 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.upstream:
         return _serve_upstream(args)
     started = time.perf_counter()
-    model, tok = load_model(args.model, quantize=args.quantize)
+    model, tok = load_model(args.model, quantize=args.quantize, batch_invariant=args.batch_invariant)
     name = args.served_model_name or (str(args.model) if args.model else EMBEDDED_MODEL_NAME)
     api_key = args.api_key or os.environ.get("AUTOPATCH_API_KEY") or None
     warn_if_exposed(args.host, api_key)

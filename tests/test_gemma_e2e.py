@@ -214,25 +214,29 @@ def test_the_first_load_straight_from_gguf_equals_the_float32_route_bit_for_bit(
     assert [k for k, v in fast.state_dict().items() if not torch.equal(v, ours[k])] == []
 
 
-def test_under_a_bfloat16_prefill_a_batched_answer_is_its_lone_answer_bit_for_bit(gemma):
-    """The bfloat16 GEMM's fixed blocks and the row-invariant attention (autopatch.invariance) make a row's forward
-    passes independent of its batch: each row's greedy tokens and every step's scores equal its own run alone (with
-    torch's whole-batch attention, 4 answers of 32 moved in bench/bench_server.py)."""
+def test_batch_invariant_a_batched_answer_is_its_lone_answer_bit_for_bit(gemma):
+    """autopatch.invariance.set_batch_invariant (the bfloat16 GEMM's fixed blocks, the row-invariant attention): a
+    row's forward passes do not depend on its batch, so each row's greedy tokens and every step's scores equal its
+    own run alone (without it, 4 answers of 32 moved in bench/bench_server.py)."""
+    from autopatch.invariance import set_batch_invariant
     from autopatch.patcher import AutoPatcher
-    from autopatch.quantize import QUANT_MODES, model_quantization
     from eval.twohop import generate_twohop
 
     model, tok = gemma
-    if QUANT_MODES[model_quantization(model)].prefill != torch.bfloat16:
-        pytest.skip("the model was loaded with float32 activations here (no bfloat16 units): batches are not exact")
-    patcher = AutoPatcher(model, tok)
-    questions = [r.question for r in generate_twohop("dev")[8:16]]
-    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    batched = model.generate(**patcher.encode(questions), **kwargs)
-    width = patcher.encode(questions)["input_ids"].shape[1]
-    for row, question in enumerate(questions):
-        enc = patcher.encode([question])
-        alone = model.generate(**enc, **kwargs)
-        steps = alone.sequences.shape[1] - enc["input_ids"].shape[1]
-        assert torch.equal(batched.sequences[row, width : width + steps], alone.sequences[0, enc["input_ids"].shape[1] :])
-        assert all(torch.equal(batched.scores[s][row], alone.scores[s][0]) for s in range(steps))
+    if not set_batch_invariant(model):
+        pytest.skip("the model was loaded with float32 activations here (no bfloat16 units): nothing to make invariant")
+    try:
+        patcher = AutoPatcher(model, tok)
+        questions = [r.question for r in generate_twohop("dev")[8:16]]
+        kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        batched = model.generate(**patcher.encode(questions), **kwargs)
+        width = patcher.encode(questions)["input_ids"].shape[1]
+        for row, question in enumerate(questions):
+            enc = patcher.encode([question])
+            alone = model.generate(**enc, **kwargs)
+            start = enc["input_ids"].shape[1]
+            steps = alone.sequences.shape[1] - start
+            assert torch.equal(batched.sequences[row, width : width + steps], alone.sequences[0, start:])
+            assert all(torch.equal(batched.scores[s][row], alone.scores[s][0]) for s in range(steps))
+    finally:
+        set_batch_invariant(model, on=False)

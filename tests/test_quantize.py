@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from autopatch.errors import ConfigError
+from autopatch.invariance import set_batch_invariant
 from autopatch.kernels import (
     kernel_error,
     pack,
@@ -523,18 +524,17 @@ def test_a_bf16_mode_reads_the_cache_of_its_weights_and_only_its_prefill_differs
     head = fast.get_output_embeddings()
     assert packed and all(m.prefill == (torch.float32 if m is head else torch.bfloat16) for m in packed)
     assert isinstance(head, (WeightOnlyInt8Linear, WeightOnlyInt4Linear))  # the head's logits keep float32
-    steps, prompt = torch.randint(3, 90, (3, 1)), torch.randint(3, 90, (1, 7))
+    short, long = torch.randint(3, 90, (1, 7)), torch.randint(3, 90, (1, 60))
     with torch.no_grad():
-        assert torch.equal(fast(steps).logits, plain(steps).logits)  # one position a row: the float32 kernel, exactly
-        fast_prompt, plain_prompt = fast(prompt).logits, plain(prompt).logits
-    # a prompt of two positions or more, however few its rows: the bfloat16 GEMM
-    assert not torch.equal(fast_prompt, plain_prompt) and torch.allclose(fast_prompt, plain_prompt, atol=5e-2)
+        assert torch.equal(fast(short).logits, plain(short).logits)  # 7 rows: the float32 kernel, bit for bit
+        fast_long, plain_long = fast(long).logits, plain(long).logits
+    assert not torch.equal(fast_long, plain_long) and torch.allclose(fast_long, plain_long, atol=5e-2)
 
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_bf16_gemm_rows_result_does_not_depend_on_the_rows_beside_it(bits):
-    """The bfloat16 GEMM multiplies fixed blocks of kernels.GEMM_BLOCK rows, so a row comes out the same alone, at
+    """With blocks=True the bfloat16 GEMM multiplies fixed blocks of kernels.GEMM_BLOCK rows: a row comes out the same alone, at
     any position and beside any rows (torch's GEMM alone picks its kernel by the row count; at this shape, the 1.5B's
     value projection, 12 rows of 300 came out different in one call of their own before the blocks)."""
     g = torch.Generator().manual_seed(30 + bits)
@@ -546,22 +546,24 @@ def test_a_bf16_gemm_rows_result_does_not_depend_on_the_rows_beside_it(bits):
         q4, a, b = quantize_affine4(weight)
         args, matmul = (pack4(q4), pack4_scales(a, b)), w4_matmul
     rows = torch.randn(300, 1536, generator=g)
-    whole = matmul(rows, *args, None, n=256, prefill=torch.bfloat16, gemm=True)
+    whole = matmul(rows, *args, None, n=256, prefill=torch.bfloat16, gemm=True, blocks=True)
     for start, count in ((0, 1), (5, 7), (3, 12), (40, 60), (130, 170)):
-        part = matmul(rows[start : start + count].contiguous(), *args, None, n=256, prefill=torch.bfloat16, gemm=True)
+        part = matmul(rows[start : start + count].contiguous(), *args, None, n=256, prefill=torch.bfloat16, gemm=True,
+                      blocks=True)
         assert torch.equal(part, whole[start : start + count])
     assert not torch.equal(whole[:7], matmul(rows[:7].contiguous(), *args, None, n=256))  # 7 rows: the kernel's own
 
 
 def test_under_a_bf16_prefill_a_prompt_gets_the_same_logits_alone_and_in_a_padded_batch(monkeypatch):
-    """Fixed GEMM blocks and the row-invariant attention (autopatch.invariance, on in the bfloat16 modes): a
-    prompt's next-token logits do not depend on its batch."""
+    """autopatch.invariance.set_batch_invariant (fixed GEMM blocks, the row-invariant attention): a prompt's
+    next-token logits do not depend on its batch."""
     _bf16_here(monkeypatch)
     model = tiny_model("qwen2")
     model.set_attn_implementation("sdpa")
     _on_a_4bit_grid(model)
     quantize_model(model, "int4-bf16")
-    assert model.config._attn_implementation == "autopatch_rows"
+    assert model.config._attn_implementation == "sdpa"  # batch-dependent, and faster, unless asked
+    assert set_batch_invariant(model) and model.config._attn_implementation == "autopatch_rows"
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 90, (length,), generator=g) for length in (9, 30, 4)]
     width = max(len(p) for p in prompts)
@@ -573,5 +575,6 @@ def test_under_a_bf16_prefill_a_prompt_gets_the_same_logits_alone_and_in_a_padde
         batched = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1).logits[:, -1]
         for row, prompt in enumerate(prompts):
             assert torch.equal(model(input_ids=prompt[None], logits_to_keep=1).logits[0, -1], batched[row])
+    assert not set_batch_invariant(model, on=False) and model.config._attn_implementation == "sdpa"
     apply_mode(model, QUANT_MODES["int4"])
-    assert model.config._attn_implementation == "sdpa"
+    assert not set_batch_invariant(model)  # float32 activations: nothing to make invariant

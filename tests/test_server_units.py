@@ -145,16 +145,16 @@ def test_serve_subcommand_loads_once_and_runs_uvicorn(monkeypatch):
 
     loads, runs = [], []
     monkeypatch.setattr(autopatch.loading, "load_model",
-                        lambda name=None, quantize=None: loads.append((name, quantize))
+                        lambda name=None, quantize=None, batch_invariant=False: loads.append((name, quantize, batch_invariant))
                         or (tiny_model_for_bytes("llama"), byte_tokenizer()))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
     args = build_parser().parse_args(["serve", "--model", "/models/tiny", "--quantize", "int8", "--port", "9123", "--max-queue", "3",
                                       "--timeout", "5", "--no-patching", "--max-batch-size", "4",
-                                      "--batch-window-ms", "20", "--max-prompt-tokens", "0"])
+                                      "--batch-window-ms", "20", "--max-prompt-tokens", "0", "--batch-invariant"])
     assert args.run(args) == 0
     (app, kwargs), = runs
     served = app.state.served
-    assert loads == [("/models/tiny", "int8")] and served.name == "/models/tiny"
+    assert loads == [("/models/tiny", "int8", True)] and served.name == "/models/tiny"
     assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 9123)
     assert served.worker.max_queue == 3 and served.request_timeout_s == 5 and not served.patching_default
     assert (served.worker.max_batch_size, served.worker.batch_window_s, served.max_prompt_tokens) == (4, 0.02, None)

@@ -304,7 +304,7 @@ def _native() -> ctypes.CDLL | None:
 
 def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]],
-          prefill: torch.dtype, gemm: bool | None) -> torch.Tensor:
+          prefill: torch.dtype, gemm: bool | None, blocks: bool = False) -> torch.Tensor:
     """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
     lib, why = _build()
     if lib is None:
@@ -326,7 +326,7 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     _use_threads(lib)
     if (m > GEMM_ROWS) if gemm is None else gemm:
         dequant = getattr(lib, f"autopatch_w{bits}_dequant{DEQUANT_SUFFIX[prefill]}")
-        return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill)
+        return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill, blocks)
     y = torch.empty(m, n, dtype=torch.float32)
     getattr(lib, f"autopatch_w{bits}_matmul")(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
                                               None if bias is None else bias.data_ptr(), y.data_ptr())
@@ -334,56 +334,59 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
 
 
 def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None, prefill: torch.dtype = torch.float32, gemm: bool | None = None) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32, gemm: bool | None = None,
+              blocks: bool = False) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack(q)``, ``scales = pack_scales(s)`` and
     ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
     ``gemm``: multiply in torch's GEMM, from the weight dequantized in slices (``True``), or in autopatch's kernel
     (``False``); by default the GEMM above :data:`GEMM_ROWS` rows. ``prefill``: the dtype that GEMM multiplies in
-    (see :func:`_dequantized_gemm`)."""
+    (see :func:`_dequantized_gemm`); ``blocks``: a bfloat16 GEMM in fixed blocks of :data:`GEMM_BLOCK` rows."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(8, x, packed, scales, bias, n,
                  (torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)),
-                 prefill, gemm)
+                 prefill, gemm, blocks)
 
 
 def w4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-              n: int | None = None, prefill: torch.dtype = torch.float32, gemm: bool | None = None) -> torch.Tensor:
+              n: int | None = None, prefill: torch.dtype = torch.float32, gemm: bool | None = None,
+              blocks: bool = False) -> torch.Tensor:
     """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack4(q)``, ``scales = pack4_scales(a, b)`` and
     ``W = a * q + b`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
-    ``gemm`` and ``prefill``: as in :func:`w8_matmul`."""
+    ``gemm``, ``prefill`` and ``blocks``: as in :func:`w8_matmul`."""
     n = packed.shape[0] * PANEL if n is None else n
     k = x.shape[-1]
     return _call(4, x, packed, scales, bias, n, (torch.uint8, (panels(n), k // GROUP, PANEL, GROUP // 2),
-                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill, gemm)
+                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill, gemm, blocks)
 
 
 GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply
 GEMM_SLICE = 1024  # weight rows dequantized at a time: a bounded float32 buffer (4 KiB per input column)
 GEMM_SLICE_BYTES = 8 << 20  # the bfloat16 prefill's buffer: 2730 rows of 1536 columns
-# A bfloat16 GEMM multiplies exactly this many rows per call (the last block padded with zero rows). oneDNN picks its
-# kernel, and so each sum's order, by the row count; at a fixed count a row's result depends on that row alone, not on
-# its position or its neighbours (bench/bench_batch_invariance.py), so a prompt gets the same arithmetic alone or in any
-# batch, at a measured cost (docs/quantization.md).
+# A batch-invariant bfloat16 GEMM (blocks=True) multiplies exactly this many rows a call, the last block padded
+# with zero rows. oneDNN picks its kernel, and so each sum's order, by the row count; at a fixed count a row's result
+# depends on that row alone, not on its position or its neighbours (bench/bench_batch_invariance.py), so a prompt
+# gets the same arithmetic alone or in any batch, at a measured cost (docs/quantization.md).
 GEMM_BLOCK = 128
 
 
 def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                      bias: torch.Tensor | None, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      bias: torch.Tensor | None, n: int, dtype: torch.dtype = torch.float32,
+                      blocks: bool = False) -> torch.Tensor:
     """``x @ W.T`` for many rows: the matmul is compute-bound there, so the float GEMM's blocking wins, and
     reading the quantized weight once per slice costs little beside it.
 
     In ``torch.bfloat16`` both operands are rounded to bfloat16 (``dequant`` writes the weight's slices in it)
     and each product comes back rounded to bfloat16 (torch's CPU GEMM has no float32 output for bfloat16
     operands), then widened into the float32 result: on a CPU with bfloat16 matrix units (AMX, AVX512-BF16)
-    several times faster than float32 (:func:`fast_bfloat16`); in blocks of exactly :data:`GEMM_BLOCK` rows, so
-    that a row's result does not depend on the other rows."""
+    several times faster than float32 (:func:`fast_bfloat16`). ``blocks``: in blocks of exactly :data:`GEMM_BLOCK`
+    rows, so that a row's result does not depend on the other rows (:mod:`autopatch.invariance`)."""
     m, k = x.shape
     padded = panels(n) * PANEL
     # float32: slices of GEMM_SLICE rows; bfloat16: larger ones in a buffer of GEMM_SLICE_BYTES, since its GEMM is
     # fast enough that small slices cost
     step = GEMM_SLICE if dtype == torch.float32 else max(PANEL, GEMM_SLICE_BYTES // (k * dtype.itemsize) // PANEL * PANEL)
-    block = m if dtype == torch.float32 else GEMM_BLOCK
+    block = GEMM_BLOCK if blocks and dtype != torch.float32 else m
     height = -(-m // block) * block
     rows_in = x.to(dtype) if height == m else torch.cat((x.to(dtype), x.new_zeros(height - m, k, dtype=dtype)))
     product = torch.empty(height, n, dtype=dtype)

@@ -386,7 +386,7 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     # float32: slices of GEMM_SLICE rows; bfloat16: larger ones in a buffer of GEMM_SLICE_BYTES, since its GEMM is
     # fast enough that small slices cost
     step = GEMM_SLICE if dtype == torch.float32 else max(PANEL, GEMM_SLICE_BYTES // (k * dtype.itemsize) // PANEL * PANEL)
-    block = GEMM_BLOCK if blocks and dtype != torch.float32 else m
+    block = GEMM_BLOCK if blocks and dtype != torch.float32 else max(m, 1)
     height = -(-m // block) * block
     rows_in = x.to(dtype) if height == m else torch.cat((x.to(dtype), x.new_zeros(height - m, k, dtype=dtype)))
     product = torch.empty(height, n, dtype=dtype)

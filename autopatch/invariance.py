@@ -1,9 +1,11 @@
 """Batch-invariant attention: each row of a batch attends over its own tokens only, exactly as it would alone.
 
 Example:
-    >>> from autopatch.invariance import row_invariant_attention
-    >>> row_invariant_attention(model)             # model.config._attn_implementation == "autopatch_rows"
-    >>> row_invariant_attention(model, on=False)   # back to torch's SDPA
+    >>> from autopatch.invariance import set_batch_invariant
+    >>> set_batch_invariant(model)                 # True in a bfloat16-prefill mode with SDPA attention
+    >>> model.config._attn_implementation
+    'autopatch_rows'
+    >>> set_batch_invariant(model, on=False)       # back to torch's SDPA and the faster, batch-dependent prefill
 
 Why: a left-padded row runs torch's attention kernel over its pad keys too. They are masked and add exact zeros, but
 they shift where the row's own keys fall in the kernel's blocks and vector lanes, so its sums round differently now
@@ -68,12 +70,11 @@ def _rows(mask: torch.Tensor) -> list[_Row] | None:
         index = row[first_query:].any(dim=0).nonzero().flatten()
         first, count = int(index[0]), len(index)
         keys: slice | torch.Tensor = slice(first, k_len) if first + count == k_len else index
-        own = mask[i : i + 1, :, first_query:][..., keys].contiguous()
         queries = q_len - first_query
         # transformers' own rule for leaving SDPA's mask out (then it is causal, aligned at the start): a lone
         # prompt's call has none then either
-        causal = (queries == 1 or queries == count) and _causal(own, count - queries)
-        rows.append(_Row(first_query, keys, None if causal else own))
+        causal = (queries == 1 or queries == count) and _causal(row[first_query:][:, keys], count - queries)
+        rows.append(_Row(first_query, keys, None if causal else mask[i : i + 1, :, first_query:][..., keys].contiguous()))
     return rows
 
 
@@ -94,12 +95,10 @@ def _rows_of(mask: torch.Tensor) -> list[_Row] | None:
     return rows
 
 
-def _causal(mask: torch.Tensor, offset: int) -> bool:
-    """Whether ``mask`` ``[1, heads, q, k]`` says only "query i sees keys up to i + offset" (as ``None`` would)."""
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    q, k = allowed.shape[-2:]
-    pattern = torch.ones(q, k, dtype=torch.bool, device=mask.device).tril(offset)
-    return bool((allowed == pattern).all())
+def _causal(allowed: torch.Tensor, offset: int) -> bool:
+    """Whether ``allowed`` (bool ``[q, k]``) says only "query i sees keys up to i + offset" (as ``None`` would)."""
+    q, k = allowed.shape
+    return bool((allowed == torch.ones(q, k, dtype=torch.bool, device=allowed.device).tril(offset)).all())
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -142,7 +141,7 @@ def batch_invariant(model: Any) -> bool:
 def set_batch_invariant(model: Any, on: bool = True) -> bool:
     """Make ``model``'s answers independent of its batch (``on``), or go back to the faster batch-dependent path;
     returns whether it is on. Needs a bfloat16-prefill mode (``int4-bf16``, ``int8-bf16``), whose prefill otherwise
-    rounds differently with its batch's shape; elsewhere it changes nothing and returns ``False``.
+    rounds differently with its batch's shape, and SDPA attention; elsewhere it changes nothing and returns ``False``.
 
     On: every call of two positions or more multiplies in the bfloat16 GEMM's fixed blocks
     (:data:`autopatch.kernels.GEMM_BLOCK`), attention runs per row (:func:`row_invariant_attention`) and the prefix
@@ -152,8 +151,9 @@ def set_batch_invariant(model: Any, on: bool = True) -> bool:
     from autopatch.quantize import _PackedLinear
 
     packed = [m for m in model.modules() if isinstance(m, _PackedLinear)]
-    on = on and any(m.prefill != torch.float32 for m in packed)
+    sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) in (_BASE, ROWS)
+    on = on and sdpa and any(m.prefill != torch.float32 for m in packed)  # all of it or none: half would not do
     for module in packed:
         module.invariant = on
     row_invariant_attention(model, on=on)
-    return on and batch_invariant(model)
+    return on

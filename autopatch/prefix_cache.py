@@ -221,14 +221,14 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
     row starts with, so that a row's split between prefix and suffix, and so its arithmetic, never depends on its batch.
     """
     rows = [r.cpu() for r in rows]
-    limit = min([min(len(r) for r in rows) - 1, *(p for p in protect if p >= 0)]) if rows else 0
+    protected = [p for p in protect if p >= 0]
+    limit = min([min(len(r) for r in rows) - 1, *protected]) if rows else 0
     if not enabled or not rows:
         length = 0
     elif batch_invariant(model):
         # Where a split point that moved with the batch (or with what was cached before) would move a row's
         # arithmetic (autopatch.invariance), only a registered start, the same for every row, is reused.
-        ends = {_reusable_len(model, r, min([len(r) - 1, *(p for p in protect if p >= 0)]), registered_only=True)
-                for r in rows}
+        ends = {_reusable_len(model, r, min([len(r) - 1, *protected]), registered_only=True) for r in rows}
         length = ends.pop() if len(ends) == 1 else 0
     elif len(rows) > 1:  # several rows share their prefix's computation
         length = min(shared_prefix_len(rows), limit)

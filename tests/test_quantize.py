@@ -578,3 +578,15 @@ def test_under_a_bf16_prefill_a_prompt_gets_the_same_logits_alone_and_in_a_padde
     assert not set_batch_invariant(model, on=False) and model.config._attn_implementation == "sdpa"
     apply_mode(model, QUANT_MODES["int4"])
     assert not set_batch_invariant(model)  # float32 activations: nothing to make invariant
+
+
+def test_batch_invariance_is_all_or_nothing_on_a_model_with_eager_attention(monkeypatch):
+    """Attention that cannot go per row (eager, kept for attention weights) leaves the GEMM blocks off too."""
+    _bf16_here(monkeypatch)
+    model = tiny_model("qwen2")
+    _on_a_4bit_grid(model)
+    quantize_model(model, "int4-bf16")
+    assert model.config._attn_implementation == "eager"
+    assert not set_batch_invariant(model)
+    packed = [m for m in model.modules() if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear))]
+    assert packed and not any(m.invariant for m in packed) and model.config._attn_implementation == "eager"

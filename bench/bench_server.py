@@ -15,7 +15,7 @@ twice: with finished rows kept to the end of each ``generate`` (as
 with every forward pass of the baseline and of the shipped batches logged, and the
 most any scheduler could gain from them. Then a real
 uvicorn server on 127.0.0.1 (micro-batching on: ``--max-batch-size``,
-``--batch-window-ms``) gets the same requests from 1, 4 and 8 client threads
+``--batch-window-ms``, ``--max-batch-wait-ms``) gets the same requests from 1, 4 and 8 client threads
 (``--concurrency``) through the ``openai`` client, every ``--stream-every``-th
 one streamed (default: every second; 0: none), read to its end. For each
 concurrency it prints wall time, requests per second, the throughput ratio
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=8, help="the server's (1: batching off)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's")
+    parser.add_argument("--max-batch-wait-ms", type=float, default=100.0, help="the server's (0: the gap alone)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quantize", default=None, help="a mode of autopatch.quantize (default: the model's CPU default)")
     parser.add_argument("--batch-invariant", action="store_true",
@@ -206,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     # As `autopatch serve` does when its worker starts on the thread that loaded the model: this thread is done
     # with torch, so its idle OpenMP pool goes (autopatch.kernels.release_openmp_pool).
     release_openmp_pool()
+    worker_batches: list[str] = []
     app = create_app(model, tok, model_name=name, profile=patcher.profile, gate=patcher.gate,
                      max_queue=max(32, args.requests), request_timeout_s=3600, max_batch_size=args.max_batch_size,
-                     batch_window_s=args.batch_window_ms / 1000)
+                     batch_window_s=args.batch_window_ms / 1000, max_batch_wait_s=args.max_batch_wait_ms / 1000)
     with BackgroundServer(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
 
@@ -226,11 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             return time.perf_counter() - start, resp.choices[0].message.content or ""
 
         run_server((1, questions[0]))  # warm-up (streamed when streams are on)
+        sizes = app.state.served.worker.batch_sizes
         for level in levels:
+            before = sizes.copy()
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=level) as pool:
                 served = list(pool.map(run_server, enumerate(questions)))
             wall = time.perf_counter() - start
+            ran = sizes - before
+            worker_batches.append(f"{level} client(s): " + ", ".join(f"{ran[k]}×{k}" for k in sorted(ran)))
             same = sum(a == b for (_, a), (_, b) in zip(direct, served))
             rows.append((f"autopatch serve + openai client (batch <= {args.max_batch_size})", level, wall,
                          [t for t, _ in served], same))
@@ -243,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     invariant = ", batch-invariant" if batch_invariant(model) else ""
     print(f"model {name} ({model_quantization(model)}{invariant}), {args.requests} requests ({streamed}), max_tokens {args.max_tokens}, greedy, "
-          f"torch threads {torch.get_num_threads()}, batch window {args.batch_window_ms:g} ms\n")
+          f"torch threads {torch.get_num_threads()}, batch window {args.batch_window_ms:g} ms"
+          f" (held up to {args.max_batch_wait_ms:g} ms for the last batch's size)\n")
     print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | ratio to the server at 1 client | p50 ms "
           "| p99 ms | answers identical |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -254,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {level} | {wall:.2f} | {len(latencies) / wall:.2f} | {direct_wall / wall:.2f} | "
               f"{to_server} | {percentile(latencies, 50) * 1000:.0f} | {percentile(latencies, 99) * 1000:.0f} | "
               f"{same}/{args.requests} |")
+    print("\nBatches the server's worker ran (count×size): " + "; ".join(worker_batches))
     if batch_tokens:
         print("\nTokens each row of the in-process batches made (finished rows leave the batch, autopatch.shrinking): "
               + "; ".join(", ".join(map(str, b)) for b in batch_tokens))

@@ -44,7 +44,7 @@ from server.guards import RequestGuard
 from server.jobs import Event, GenerationJob, GenerationResult, timeout_error
 from server.planning import SAMPLING_EPS, Served, context_length_of, gate_with_threshold, plan, unknown_model
 from server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
-from server.worker import GenerationWorker
+from server.worker import BatchWindow, GenerationWorker
 
 logger = logging.getLogger("autopatch.server")
 
@@ -96,7 +96,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
                request_timeout_s: float = 120.0, max_tokens_cap: int = 1024, default_max_tokens: int = 256,
                context_length: int | None = None, patching_default: bool = True, api_key: str | None = None,
                max_body_bytes: int = 4 * 2**20, max_prompt_tokens: int | None = 4096, max_batch_size: int = 8,
-               batch_window_s: float = 0.01, body_timeout_s: float = 30.0) -> FastAPI:
+               batch_window_s: float = 0.01, max_batch_wait_s: float = 0.1, body_timeout_s: float = 30.0) -> FastAPI:
     """An app serving ``model`` as ``model_name``; ``profile``/``gate``/``control`` go to :class:`AutoPatcher`.
 
     ``max_queue`` requests may wait while a batch generates; more get 503.
@@ -106,7 +106,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
     Prompts over ``max_prompt_tokens`` tokens get 400 (``None``: only the context limits them).
     ``patching_default`` applies when a request does not say ``autopatch.enabled``.
     Greedy requests (streamed or not) arriving within ``batch_window_s`` of each other share one ``generate``
-    call, up to ``max_batch_size`` (1 turns batching off; :mod:`server.batching`).
+    call, up to ``max_batch_size`` (1 turns batching off; :mod:`server.batching`); a batch smaller than the one
+    that just ended waits up to ``max_batch_wait_s`` for more (:class:`server.worker.BatchWindow`).
     ``api_key``: when set, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (401 otherwise);
     bodies over ``max_body_bytes`` get 413, and bodies that stall for ``body_timeout_s`` get 408
     (:mod:`server.guards`). The interactive ``/docs`` page is off: it loads its assets from a CDN, which an
@@ -114,7 +115,7 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
     """
     base = AutoPatcher(model, tokenizer, profile, gate, control=control)
     worker = GenerationWorker(model, tokenizer, control=control, max_queue=max_queue, max_batch_size=max_batch_size,
-                              batch_window_s=batch_window_s)
+                              window=BatchWindow(gap_s=batch_window_s, max_wait_s=max_batch_wait_s))
     served = Served(
         name=model_name, created=int(time.time()), base=base, tokenizer=copy.deepcopy(tokenizer), worker=worker,
         context_length=context_length or context_length_of(model, tokenizer), max_tokens_cap=max_tokens_cap,

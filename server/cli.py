@@ -44,7 +44,10 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="greedy requests (streamed or not) generated together at most (1: no batching)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
-                        help="how long the worker waits for more requests to batch with the first one")
+                        help="the worker closes a batch once no request has joined it for this long")
+    parser.add_argument("--max-batch-wait-ms", type=float, default=100.0,
+                        help="while a batch is smaller than the one that just ended, the worker holds it open for "
+                             "up to this long (its clients are likely on their way back)")
     parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
                         help="seconds an idle keep-alive connection stays open between requests")
     parser.add_argument("--body-timeout", type=float, default=30.0,
@@ -87,7 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
                      max_queue=args.max_queue, request_timeout_s=args.timeout, max_tokens_cap=args.max_tokens_cap,
                      patching_default=not args.no_patching, api_key=api_key, max_body_bytes=args.max_body_bytes,
                      max_prompt_tokens=args.max_prompt_tokens or None, max_batch_size=args.max_batch_size,
-                     batch_window_s=args.batch_window_ms / 1000, body_timeout_s=args.body_timeout)
+                     batch_window_s=args.batch_window_ms / 1000, max_batch_wait_s=args.max_batch_wait_ms / 1000,
+                     body_timeout_s=args.body_timeout)
     served = app.state.served
     resolution = served.base.resolution
     logger.info("loaded %s in %.1fs: strategy=%s (profile: %s) gate=%s (%s) context=%d prompt=%s", name,

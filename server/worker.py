@@ -1,7 +1,7 @@
 """The one generation thread: every request's ``AutoPatcher.generate`` runs here, alone or in a micro-batch.
 
 Example:
-    >>> worker = GenerationWorker(model, tok, max_queue=32, max_batch_size=8, batch_window_s=0.01)
+    >>> worker = GenerationWorker(model, tok, max_queue=32, max_batch_size=8, window=BatchWindow(gap_s=0.01))
     >>> worker.start()
     >>> worker.submit(job)            # raises ApiError(503) when max_queue jobs are already waiting
     >>> worker.close()
@@ -13,12 +13,16 @@ the event loop free of model work. Results and streamed text go back through
 ``job.emit`` (thread-safe; the app passes a function that hands each event to
 the event loop).
 
-Micro-batching: when the worker takes a greedy job, streamed or not, it waits
-up to ``batch_window_s`` for more jobs that can share its ``generate`` call
+Micro-batching: when the worker takes a greedy job, streamed or not, it holds
+the batch open for more jobs that can share its ``generate`` call
 (:func:`server.batching.compatible`) and runs up to ``max_batch_size`` of them
 as one left-padded batch (:func:`server.batching.run_batch`, which also streams
-the rows that asked for it). Sampled jobs run alone, through the same call.
-Jobs that cannot join stay queued, in order.
+the rows that asked for it). How long it holds it is :class:`BatchWindow`'s
+rule: until no job has joined for ``gap_s``, but while the batch is smaller
+than the one that just ended, up to ``max_wait_s`` (that batch's clients are
+likely on their way back; a lone client still waits only ``gap_s``). Sampled
+jobs run alone, through the same call. Jobs that cannot join stay queued, in
+order.
 
 A job's ``cancelled`` event (set on timeout or client disconnect) and its
 ``deadline`` make the worker skip the job if it has not started, stop its row
@@ -31,7 +35,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -44,7 +49,42 @@ from server.jobs import Event, GenerationJob, GenerationResult, expired, safe_em
 
 logger = logging.getLogger("autopatch.server")
 
-__all__ = ["Event", "GenerationJob", "GenerationResult", "GenerationWorker"]
+__all__ = ["BatchWindow", "Event", "GenerationJob", "GenerationResult", "GenerationWorker"]
+
+
+@dataclass(frozen=True)
+class BatchWindow:
+    """When a forming batch closes: ``gap_s`` after the last job joined, or, while it is smaller than a batch that
+    ended less than ``recent_s`` ago, ``max_wait_s`` after its first job; never later than that.
+
+    Example:
+        >>> window = BatchWindow(gap_s=0.01, max_wait_s=0.1)
+        >>> window.closes_at(opened=0.0, joined=0.0, size=1, expected=1)   # a lone request waits the gap only
+        0.01
+        >>> window.closes_at(opened=0.0, joined=0.02, size=3, expected=8)  # 8 clients just had their answers
+        0.1
+
+    Why the expected size: clients whose answers just came back send their next requests over the next tens of
+    milliseconds (more under load: their HTTP round trip shares the cores with the model); a fixed gap closes
+    the batch before most of them arrive, and they wait for the next whole batch instead.
+    """
+
+    gap_s: float = 0.01
+    max_wait_s: float = 0.1
+    recent_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if min(self.gap_s, self.max_wait_s, self.recent_s) < 0:
+            raise ConfigError("batch window times must be 0 or more seconds")
+
+    def closes_at(self, *, opened: float, joined: float, size: int, expected: int) -> float:
+        """The time the batch closes, given when its first job was taken (``opened``) and its last joined."""
+        cap = opened + max(self.gap_s, self.max_wait_s)
+        return cap if size < expected else min(cap, joined + self.gap_s)
+
+    def expected(self, last_size: int, last_ended: float, now: float) -> int:
+        """The size to wait for: the last batch's, when it ended within ``recent_s``; else 1."""
+        return last_size if now - last_ended <= self.recent_s else 1
 
 
 def _eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -61,15 +101,15 @@ class GenerationWorker:
     """Runs :class:`GenerationJob` s on a single background thread, compatible greedy ones in micro-batches."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, *, control=None, max_queue: int = 32,
-                 max_batch_size: int = 8, batch_window_s: float = 0.01):
+                 max_batch_size: int = 8, window: BatchWindow | None = None):
         if max_queue < 1:
             raise ConfigError("max_queue must be at least 1")
         if max_batch_size < 1:
             raise ConfigError("max_batch_size must be at least 1 (1 turns batching off)")
-        if batch_window_s < 0:
-            raise ConfigError("batch_window_s must be 0 or more seconds")
         self.model, self.tokenizer, self.control = model, tokenizer, control
-        self.max_queue, self.max_batch_size, self.batch_window_s = max_queue, max_batch_size, batch_window_s
+        self.max_queue, self.max_batch_size, self.window = max_queue, max_batch_size, window or BatchWindow()
+        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran (benchmarks read it)
+        self._last = (0, float("-inf"))  # the last batch's size and when it ended
         self._pending: deque[GenerationJob] = deque()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="autopatch-generate", daemon=True)
@@ -135,9 +175,12 @@ class GenerationWorker:
                 return
             if batch:
                 self._run(batch)
+                self.batch_sizes[len(batch)] += 1
+                self._last = (len(batch), time.monotonic())
 
     def _next_batch(self) -> list[GenerationJob] | None:
-        """The next job and the compatible ones that arrive within the batch window; ``None`` once closed."""
+        """The next job and the compatible ones that join it before :class:`BatchWindow` closes it; ``None`` once
+        closed."""
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
@@ -149,10 +192,15 @@ class GenerationWorker:
             batch = [first]
             if not batchable(first) or self.max_batch_size == 1:
                 return batch
-            end = time.monotonic() + self.batch_window_s
+            opened = joined = time.monotonic()
+            expected = min(self.max_batch_size, self.window.expected(*self._last, now=opened))
             while True:
+                size = len(batch)
                 self._take_compatible(batch)
-                remaining = end - time.monotonic()
+                now = time.monotonic()
+                joined = now if len(batch) > size else joined
+                remaining = self.window.closes_at(opened=opened, joined=joined, size=len(batch),
+                                                  expected=expected) - now
                 if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:
                     return batch
                 self._cond.wait(remaining)

@@ -18,12 +18,14 @@ import openai
 import pytest
 import torch
 
+from autopatch.errors import ConfigError
 from autopatch.gating import GateDecision
 from autopatch.patcher import AutoPatcher
 from server import create_app
 from server.batching import RowHalt, compatible, confirmed_ids, left_padded
 from server.jobs import GenerationJob
 from server.runner import BackgroundServer
+from server.worker import BatchWindow, GenerationWorker
 from tests.test_server import FMT, MODEL, PROFILE, TWO_HOP, ask
 from tests.tiny_models import byte_tokenizer, tiny_model_for_bytes
 
@@ -243,3 +245,38 @@ def test_a_streamed_row_sees_only_its_new_tokens_so_a_stop_string_inside_the_pro
         assert halt(torch.cat([prompts, torch.tensor([answer[:k]])], dim=1), None).tolist() == [False]
     halt.finish(0, answer)
     assert not halt.streams[0].stopped and "".join(deltas) == " Rome"
+
+
+# ---- the batch window ------------------------------------------------------------------------
+
+
+def test_the_batch_window_closes_a_gap_after_the_last_join_unless_it_waits_for_the_last_batch_size():
+    window = BatchWindow(gap_s=0.01, max_wait_s=0.1)
+    assert window.closes_at(opened=0.0, joined=0.0, size=1, expected=1) == pytest.approx(0.01)
+    assert window.closes_at(opened=0.0, joined=0.05, size=3, expected=1) == pytest.approx(0.06)  # each join extends
+    assert window.closes_at(opened=0.0, joined=0.095, size=3, expected=1) == pytest.approx(0.1)  # never past the cap
+    assert window.closes_at(opened=0.0, joined=0.02, size=3, expected=8) == pytest.approx(0.1)   # waits for 8
+    assert window.closes_at(opened=0.0, joined=0.02, size=8, expected=8) == pytest.approx(0.03)
+    assert BatchWindow(gap_s=0.2, max_wait_s=0.1).closes_at(opened=0.0, joined=0.0, size=1, expected=4) == 0.2
+    assert window.expected(8, last_ended=5.0, now=5.5) == 8 and window.expected(8, last_ended=5.0, now=6.5) == 1
+    with pytest.raises(ConfigError):
+        BatchWindow(gap_s=-1)
+
+
+@pytest.mark.parametrize("last_size, batched", [(0, 1), (3, 3)])
+def test_the_worker_holds_a_batch_for_the_clients_of_the_last_one(last_size, batched):
+    """Two jobs arrive 0.3 s after the first, far past the 10 ms gap: they join only when the batch that just
+    ended had 3 jobs (its clients are expected back); with no recent batch the first job runs alone."""
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    worker = GenerationWorker(model, tok, window=BatchWindow(gap_s=0.01, max_wait_s=5.0))  # not started
+    if last_size:
+        worker._last = (last_size, time.monotonic())
+    gate = object()
+    worker.submit(job([5], gate=gate))
+    late = threading.Timer(0.3, lambda: [worker.submit(job([6], gate=gate)) for _ in range(2)])
+    late.start()
+    try:
+        assert len(worker._next_batch() or []) == batched
+    finally:
+        late.join()
+    assert worker.depth == 3 - batched

@@ -150,14 +150,15 @@ def test_serve_subcommand_loads_once_and_runs_uvicorn(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
     args = build_parser().parse_args(["serve", "--model", "/models/tiny", "--quantize", "int8", "--port", "9123", "--max-queue", "3",
                                       "--timeout", "5", "--no-patching", "--max-batch-size", "4",
-                                      "--batch-window-ms", "20", "--max-prompt-tokens", "0", "--batch-invariant"])
+                                      "--batch-window-ms", "20", "--max-batch-wait-ms", "250", "--max-prompt-tokens", "0", "--batch-invariant"])
     assert args.run(args) == 0
     (app, kwargs), = runs
     served = app.state.served
     assert loads == [("/models/tiny", "int8", True)] and served.name == "/models/tiny"
     assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 9123)
     assert served.worker.max_queue == 3 and served.request_timeout_s == 5 and not served.patching_default
-    assert (served.worker.max_batch_size, served.worker.batch_window_s, served.max_prompt_tokens) == (4, 0.02, None)
+    assert (served.worker.max_batch_size, served.max_prompt_tokens) == (4, None)
+    assert (served.worker.window.gap_s, served.worker.window.max_wait_s) == (0.02, 0.25)
     assert (kwargs["timeout_keep_alive"], kwargs["limit_concurrency"]) == (5.0, 256)
     assert type(served.base.gate).__name__ == "AlwaysPatch"
     served.worker.close()

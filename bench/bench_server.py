@@ -15,8 +15,9 @@ twice: with finished rows kept to the end of each ``generate`` (as
 with every forward pass of the baseline and of the shipped batches logged, and the
 most any scheduler could gain from them. Then a real
 uvicorn server on 127.0.0.1 (micro-batching on: ``--max-batch-size``,
-``--batch-window-ms``, ``--max-batch-wait-ms``) gets the same requests from 1, 4 and 8 client threads
-(``--concurrency``) through the ``openai`` client, every ``--stream-every``-th
+``--batch-window-ms``, ``--max-batch-wait-ms``) gets the same requests from 1, 4 and 8 clients
+(``--concurrency``; client processes of their own, or threads of this process with ``--clients threads``)
+through the ``openai`` client, every ``--stream-every``-th
 one streamed (default: every second; 0: none), read to its end. For each
 concurrency it prints wall time, requests per second, the throughput ratio
 server / one-at-a-time (above 1.00: batching gains more than HTTP costs), the
@@ -28,6 +29,7 @@ strings, as the server cuts it; a stream's text is its deltas joined).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,11 +37,7 @@ from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from autopatch import shrinking  # noqa: E402
-from autopatch.kernels import release_openmp_pool  # noqa: E402
-from autopatch.stopping import cut_at_stop  # noqa: E402
-from bench.questions import ORDINARY, QUESTIONS  # noqa: E402
+# Nothing heavy at the top: each client process imports this file (torch, autopatch and the model stay in main).
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,6 +98,72 @@ def ceiling(one: list[tuple[int, int, float]], batched: list[tuple[int, int, flo
     return lines
 
 
+_CLIENTS: dict[str, object] = {}
+
+
+def ask_server(job: tuple[str, str, str, int, bool]) -> tuple[float, str]:
+    """One chat request through the ``openai`` client (one client per process, reused): ``(seconds, text)``.
+    A module-level function, so that a client process can run it."""
+    url, name, question, max_tokens, stream = job
+    client = _client(url)
+    start = time.perf_counter()
+    messages = [{"role": "user", "content": question}]
+    if stream:
+        chunks = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens,  # type: ignore[attr-defined]
+                                                temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # read to its end first
+        return time.perf_counter() - start, text
+    resp = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens, temperature=0)  # type: ignore[attr-defined]
+    return time.perf_counter() - start, resp.choices[0].message.content or ""
+
+
+def _client(url: str):
+    import openai
+
+    if url not in _CLIENTS:
+        _CLIENTS[url] = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+    return _CLIENTS[url]
+
+
+def _client_loop(url: str, jobs: list, go, out) -> None:
+    """One client process: warm up (the client, its connection and the ``openai`` package's lazy imports, through
+    ``/v1/models``, which runs no model), say so, wait for the start, then send its jobs one after another."""
+    _client(url).models.list()
+    out.put(None)
+    go.wait()
+    out.put([(index, *ask_server(job)) for index, job in jobs])
+
+
+def run_clients(kind: str, level: int, url: str, jobs: list) -> tuple[float, list[tuple[float, str]]]:
+    """``jobs`` sent by ``level`` closed-loop clients; ``(wall seconds, (latency, text) per job)``.
+
+    ``processes``: client ``k`` is a process of its own (as real clients are: it does not share the server's
+    interpreter lock) that sends jobs ``k, k + level, ...`` in turn; all are started and warm before the clock
+    starts. ``threads``: a pool of ``level`` threads of this process takes the jobs in order.
+    """
+    if kind == "threads":
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=level) as pool:
+            served = list(pool.map(ask_server, jobs))
+        return time.perf_counter() - start, served
+    context = multiprocessing.get_context("spawn")
+    go, out = context.Event(), context.Queue()
+    shares = [[(i, jobs[i]) for i in range(k, len(jobs), level)] for k in range(level)]
+    clients = [context.Process(target=_client_loop, args=(url, share, go, out), daemon=True) for share in shares]
+    for client in clients:
+        client.start()
+    for _ in clients:
+        out.get()
+    start = time.perf_counter()
+    go.set()
+    done = [out.get() for _ in clients]
+    wall = time.perf_counter() - start
+    for client in clients:
+        client.join()
+    by_index = {index: (latency, text) for results in done for index, latency, text in results}
+    return wall, [by_index[i] for i in range(len(jobs))]
+
+
 def _load(args):
     if args.tiny:
         from autopatch.profile import PatchProfile
@@ -122,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-every", type=int, default=2, help="stream every N-th request (0: none)")
     parser.add_argument("--ordinary-every", type=int, default=0,
                         help="every N-th request an ordinary one (bench.questions.ORDINARY), the rest two-hop (0: none)")
-    parser.add_argument("--concurrency", default="1,4,8", help="comma-separated client thread counts")
+    parser.add_argument("--concurrency", default="1,4,8", help="comma-separated client counts")
+    parser.add_argument("--clients", choices=("processes", "threads"), default="processes",
+                        help="clients in processes of their own (as real clients are), or threads of this process "
+                             "(they share the server's interpreter lock; the only way before --clients)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=8, help="the server's (1: batching off)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's")
@@ -134,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    import openai
     import torch
     from transformers import StoppingCriteriaList
 
+    from autopatch import shrinking
+    from autopatch.kernels import release_openmp_pool
     from autopatch.patcher import AutoPatcher
-    from autopatch.stopping import StopOnText
+    from autopatch.stopping import StopOnText, cut_at_stop
+    from bench.questions import ORDINARY, QUESTIONS
     from server.app import create_app
     from server.prompting import build_prompt
     from server.runner import BackgroundServer
@@ -212,33 +281,18 @@ def main(argv: list[str] | None = None) -> int:
                      max_queue=max(32, args.requests), request_timeout_s=3600, max_batch_size=args.max_batch_size,
                      batch_window_s=args.batch_window_ms / 1000, max_batch_wait_s=args.max_batch_wait_ms / 1000)
     with BackgroundServer(app) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
-
-        def run_server(job: tuple[int, str]) -> tuple[float, str]:
-            index, question = job
-            start = time.perf_counter()
-            messages = [{"role": "user", "content": question}]
-            if args.stream_every and index % args.stream_every == args.stream_every - 1:
-                chunks = client.chat.completions.create(model=name, messages=messages, max_tokens=args.max_tokens,
-                                                        temperature=0, stream=True)
-                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                return time.perf_counter() - start, text
-            resp = client.chat.completions.create(model=name, messages=messages, max_tokens=args.max_tokens,
-                                                  temperature=0)
-            return time.perf_counter() - start, resp.choices[0].message.content or ""
-
-        run_server((1, questions[0]))  # warm-up (streamed when streams are on)
+        jobs = [(srv.url, name, question, args.max_tokens,
+                 bool(args.stream_every and i % args.stream_every == args.stream_every - 1))
+                for i, question in enumerate(questions)]
+        ask_server((srv.url, name, questions[0], args.max_tokens, bool(args.stream_every)))  # warm-up
         sizes = app.state.served.worker.batch_sizes
         for level in levels:
             before = sizes.copy()
-            start = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=level) as pool:
-                served = list(pool.map(run_server, enumerate(questions)))
-            wall = time.perf_counter() - start
+            wall, served = run_clients(args.clients, level, srv.url, jobs)
             ran = sizes - before
             worker_batches.append(f"{level} client(s): " + ", ".join(f"{ran[k]}×{k}" for k in sorted(ran)))
             same = sum(a == b for (_, a), (_, b) in zip(direct, served))
-            rows.append((f"autopatch serve + openai client (batch <= {args.max_batch_size})", level, wall,
+            rows.append((f"autopatch serve + openai client {args.clients} (batch <= {args.max_batch_size})", level, wall,
                          [t for t, _ in served], same))
 
     streamed = f"every {args.stream_every} streamed" if args.stream_every else "none streamed"

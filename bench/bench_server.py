@@ -245,23 +245,31 @@ def main(argv: list[str] | None = None) -> int:
         from server.batching import run_batch
         from server.jobs import GenerationJob
 
-        def job_of(question: str) -> GenerationJob:
+        def job_of(question: str, emit) -> GenerationJob:
             prompt = build_prompt([{"role": "user", "content": question}], tok, patcher.profile.prompt_format)
             ids = tok(prompt.text, add_special_tokens=prompt.add_special_tokens).input_ids
             return GenerationJob(prompt_ids=ids, question=prompt.question, max_new_tokens=args.max_tokens,
-                                 profile=patcher.profile, gate=patcher.gate, patching=True, emit=lambda e: None,
+                                 profile=patcher.profile, gate=patcher.gate, patching=True, emit=emit,
                                  stop=prompt.stop)
 
         def run_batches(label: str, tokens: list | None) -> None:
+            """Each request's latency is from its batch's start to its answer (rows the gate leaves alone are
+            answered before the batch ends: server.batching.run_batch's ``on_final``)."""
             start, texts, latencies = time.perf_counter(), [], []
             for k in range(0, len(questions), args.max_batch_size):
                 began = time.perf_counter()
-                events = run_batch(model, tok, [job_of(q) for q in questions[k:k + args.max_batch_size]])
-                results = [event[1] for event in events if event is not None and event[0] == "done"]
-                texts += [r.text for r in results]
+                batch = questions[k:k + args.max_batch_size]
+                answers: list[list] = [[] for _ in batch]
+                jobs = [job_of(q, lambda e, got=got: got.append((time.perf_counter(), e)))
+                        for q, got in zip(batch, answers)]
+                for got, event in zip(answers, run_batch(model, tok, jobs)):
+                    if event is not None:
+                        got.append((time.perf_counter(), event))
+                done = [(at, event[1]) for got in answers for at, event in got if event[0] == "done"]
+                texts += [r.text for _, r in done]
                 if tokens is not None:
-                    tokens.append([r.completion_tokens for r in results])
-                latencies += [time.perf_counter() - began] * len(results)
+                    tokens.append([r.completion_tokens for _, r in done])
+                latencies += [at - began for at, _ in done]
             same = sum(a == b for (_, a), b in zip(direct, texts))
             rows.append((label, 1, time.perf_counter() - start, latencies, same))
 
@@ -316,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{to_server} | {percentile(latencies, 50) * 1000:.0f} | {percentile(latencies, 99) * 1000:.0f} | "
               f"{same}/{args.requests} |")
     print("\nBatches the server's worker ran (count×size): " + "; ".join(worker_batches))
+    if args.ordinary_every:
+        ordinary = {i for i in range(args.requests) if i % args.ordinary_every == args.ordinary_every - 1}
+        print("\np50 latency ms, ordinary / two-hop requests: " + "; ".join(
+            f"{label.split(' (')[0].split(',')[0]} at {level}: "
+            f"{percentile([t for i, t in enumerate(latencies) if i in ordinary], 50) * 1000:.0f} / "
+            f"{percentile([t for i, t in enumerate(latencies) if i not in ordinary], 50) * 1000:.0f}"
+            for label, level, wall, latencies, same in rows))
     if batch_tokens:
         print("\nTokens each row of the in-process batches made (finished rows leave the batch, autopatch.shrinking): "
               + "; ".join(", ".join(map(str, b)) for b in batch_tokens))

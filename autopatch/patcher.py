@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -52,10 +52,13 @@ from autopatch.prefix_cache import register_prefix
 from autopatch.profile import DECOMPOSERS as DECOMPOSERS  # re-exported
 from autopatch.profile import Decomposer as Decomposer
 from autopatch.profile import PatchProfile
-from autopatch.report import report_call
+from autopatch.report import attach_targets, finish, row_reports
 from autopatch.resolve import Resolution, resolve
 from autopatch.stopping import StopOnText
 from autopatch.strategies import Control, Target, targets_for
+
+# on_final's signature: the rows the gate left alone, the unpatched sequences, every row's report
+FinalRows = Callable[[list[int], torch.Tensor, list[PatchReport]], None]
 
 
 def _check_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
@@ -167,12 +170,19 @@ class AutoPatcher:
                               synced_gpus: bool | None = None, assistant_model=None, streamer=None, *,
                               questions: Sequence[str | None] | None = None,
                               decompositions: Sequence[Any] | None = None, patching: bool = True,
-                              unpatched: Sequence[Sequence[int]] | None = None, **kwargs) -> GenerateResult:
+                              unpatched: Sequence[Sequence[int]] | None = None,
+                              on_final: FinalRows | None = None, **kwargs) -> GenerateResult:
         """:meth:`generate`, returning its output with this call's reports and targets (thread-safe).
 
         ``unpatched``: each row's new tokens as greedy ``model.generate`` gives them on these very rows and budget,
         when the caller already has them (the harness runs vanilla first). Then only the prefill runs, for the
         gate, and rows left alone get these tokens instead of being generated again; tensor output only.
+
+        ``on_final(rows, sequences, reports)``: called once the rows the gate left alone are answered, before the
+        patched rows' own generations run, with those rows' indices, the unpatched generation's sequences (prompt
+        width first, as in the output) and every row's report (those rows' ``answer`` filled in); a server hands
+        those answers back without waiting for the patched rows. Called only when the call patches (not with
+        ``patching=False`` or a mode it leaves to ``model.generate``) and some row was left alone.
         """
         passthrough = dict(generation_config=generation_config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
                            synced_gpus=synced_gpus, assistant_model=assistant_model)
@@ -216,6 +226,13 @@ class AutoPatcher:
                                              logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                                              streamer=streamer, **passthrough, **kwargs)
         patched_rows = [i for i, d in enumerate(decisions) if d.patch]
+        first = main if isinstance(main, torch.Tensor) else main.sequences
+        reports = row_reports(self.tokenizer, pre.plans, decisions, first, width, self.profile, self.control)
+        left_alone = [i for i, d in enumerate(decisions) if not d.patch]
+        if on_final is not None and left_alone:
+            for i in left_alone:
+                reports[i].answer = self.tokenizer.decode(first[i, width:], skip_special_tokens=True)
+            on_final(left_alone, first, reports)
         targets = (targets_for(self.model, self.tokenizer, pre, decisions, patched_rows, self.profile, control=self.control)
                    if patched_rows else [])
         out = main
@@ -225,8 +242,8 @@ class AutoPatcher:
             out = continue_patched(self.model, self.tokenizer, main, targets, width, logits_processor=logits_processor,
                                    stopping_criteria=stopping_criteria, streamer=streamer, reuse_prefix=reuse,
                                    caller_ids=input_ids[[t.row for t in targets]], **passthrough, **target_kwargs)
-        out, reports = report_call(self.tokenizer, out, main, pre.plans, decisions, targets, width, self.profile,
-                                   self.control)
+        attach_targets(reports, targets)
+        out = finish(self.tokenizer, out, reports, out if isinstance(out, torch.Tensor) else out.sequences, width)
         return GenerateResult(out, reports, {t.row: t for t in targets})
 
     # ---- strings in, strings out --------------------------------------------------------------

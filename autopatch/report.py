@@ -1,35 +1,26 @@
 """Step 5 of a call: one :class:`PatchReport` per row, saying what autopatch did and why.
 
 Example:
-    >>> out, reports = report_call(tok, out, main, plans, decisions, targets, width, profile, control=None)
+    >>> reports = row_reports(tok, plans, decisions, main_sequences, width, profile, control=None)
+    >>> attach_targets(reports, targets)
+    >>> out = finish(tok, out, reports, out_sequences, width)
 
-:func:`report_call` is the step, run once after the call's generation: :func:`row_reports` (a report per row from
-its plan and the gate's decision), :func:`attach_targets` (the patched rows' prompts and bridges), :func:`finish`
-(answers decoded; dict outputs carry the reports as ``out.autopatch``).
+Three parts, in the order a call runs them: :func:`row_reports` (a report per row from its plan and the gate's
+decision, right after the unpatched generation, so the rows the gate left alone can be reported before the patched
+rows are generated), :func:`attach_targets` (the patched rows' prompts and bridges), :func:`finish` (answers
+decoded; dict outputs carry the reports as ``out.autopatch``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 
 from autopatch.datatypes import GateDecision, PatchReport, RowPlan, Target
 from autopatch.profile import PatchProfile
 
-__all__ = ["attach_targets", "finish", "report_call", "row_reports"]
-
-
-def report_call(tokenizer, out: Any, main: Any, plans: Sequence[RowPlan], decisions: Sequence[GateDecision],
-                targets: Sequence[Target], width: int, profile: PatchProfile, control: str | None,
-                ) -> tuple[Any, list[PatchReport]]:
-    """The call's output with its reports: ``main`` is the unpatched generation (its first tokens are reported),
-    ``out`` the merged output (``main`` itself when no row was patched)."""
-    first = main if isinstance(main, torch.Tensor) else main.sequences
-    reports = row_reports(tokenizer, plans, decisions, first, width, profile, control)
-    attach_targets(reports, targets)
-    return finish(tokenizer, out, reports, out if isinstance(out, torch.Tensor) else out.sequences, width), reports
+__all__ = ["attach_targets", "finish", "row_reports"]
 
 
 def row_reports(tokenizer, plans: Sequence[RowPlan], decisions: Sequence[GateDecision], sequences: torch.Tensor,

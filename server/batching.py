@@ -227,7 +227,12 @@ def finish_reason(ids: Sequence[int], *, stopped: bool, eos: set[int], max_new_t
 
 def run_batch(model, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[GenerationJob], *, control=None,
               eos: set[int] | None = None) -> list[Event | None]:
-    """Generate every job in one call; per job ``("done", result)``, ``("error", 504)`` or ``None`` (cancelled).
+    """Generate every job in one call; per job ``("done", result)``, ``("error", 504)`` or ``None`` (cancelled, or
+    already answered).
+
+    A row the gate leaves alone is answered as soon as the unpatched generation ends (``on_final`` of
+    :meth:`AutoPatcher.generate_with_reports`): its ``done`` event is emitted there, the job is marked
+    ``answered``, and its place in the returned list is ``None``. The patched rows are answered at the end.
 
     The jobs must be :func:`compatible` with the first (a single job may also sample). Raises
     :class:`server.cancel.Cancelled` when every job was abandoned mid-forward.
@@ -242,22 +247,33 @@ def run_batch(model, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[Generati
     if first.seed is not None and len(jobs) == 1:
         torch.manual_seed(first.seed)
     sampling: dict[str, Any] = first.sampling if len(jobs) == 1 else {"do_sample": False}
+    answered: set[int] = set()
+
+    def event_of(i: int, sequences: torch.Tensor, report: dict) -> Event | None:
+        job = jobs[i]
+        if job.cancelled.is_set():
+            return None
+        if i in halt.abandoned_rows:
+            return ("error", timeout_error())
+        ids = answer_ids(sequences[i, halt.width :].tolist(), pad, eos)
+        halt.finish(i, ids)
+        return ("done", result_of(job, ids, tokenizer, eos, report))
+
+    def deliver_now(rows: list[int], sequences: torch.Tensor, reports: list) -> None:
+        """The rows the gate left alone are answered: their clients need not wait for the patched rows."""
+        for i in rows:
+            event = event_of(i, sequences, reports[i].to_dict())
+            if event is not None and event[0] == "done":
+                jobs[i].answered = True
+                answered.add(i)
+                safe_emit(jobs[i], event)
+
     with cancellable(model, halt.all_abandoned):
         result = patcher.generate_with_reports(prompts.to(device), attention_mask=mask.to(device),
                                                max_new_tokens=max(job.max_new_tokens for job in jobs),
                                                pad_token_id=pad, stopping_criteria=StoppingCriteriaList([halt]),
                                                questions=[job.question for job in jobs], patching=first.patching,
-                                               **sampling)
+                                               on_final=deliver_now, **sampling)
     sequences = result.output if isinstance(result.output, torch.Tensor) else result.output.sequences
-    events: list[Event | None] = []
-    for i, job in enumerate(jobs):
-        if job.cancelled.is_set():
-            events.append(None)
-        elif i in halt.abandoned_rows:
-            events.append(("error", timeout_error()))
-        else:
-            ids = answer_ids(sequences[i, halt.width :].tolist(), pad, eos)
-            report = result.reports[i].to_dict() if i < len(result.reports) else {}
-            halt.finish(i, ids)
-            events.append(("done", result_of(job, ids, tokenizer, eos, report)))
-    return events
+    return [None if i in answered else event_of(i, sequences, result.reports[i].to_dict() if i < len(result.reports) else {})
+            for i in range(len(jobs))]

@@ -51,6 +51,7 @@ class GenerationJob:
     stream: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None
+    answered: bool = False  # its "done" event was emitted (a batch may answer some rows before the others)
 
 
 @dataclass(frozen=True)

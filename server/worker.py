@@ -228,7 +228,8 @@ class GenerationWorker:
         return False
 
     def _run(self, jobs: list[GenerationJob]) -> None:
-        """Run one batch and deliver its events; a failing batch of several is retried one job at a time."""
+        """Run one batch and deliver its events (those of the rows it answered early are already out); a failing
+        batch of several is retried one job at a time, but for the jobs already answered."""
         try:
             events = run_batch(self.model, self.tokenizer, jobs, control=self.control, eos=self._eos)
         except Cancelled:
@@ -239,6 +240,8 @@ class GenerationWorker:
             if len(jobs) > 1:
                 logger.warning("a batch of %d requests failed; running them one at a time", len(jobs), exc_info=True)
                 for job in jobs:
+                    if job.answered:  # answered before the failure (a row the gate left alone)
+                        continue
                     if job.stream:  # part of its text may have been sent: a second run would send it again
                         safe_emit(job, ("error", internal_error()))
                     else:
@@ -247,7 +250,7 @@ class GenerationWorker:
             logger.exception("generation failed")
             events = [("error", internal_error())]
         for job, event in zip(jobs, events):
-            if event is not None:
+            if event is not None and not job.answered:
                 safe_emit(job, event)
 
 

@@ -95,6 +95,34 @@ def test_patched_rows_answer_from_the_patched_target_and_others_continue(setup):
     assert out[0, width:width + len(expected)].tolist() == expected.tolist()
 
 
+def test_on_final_hands_over_the_rows_left_alone_before_the_patched_rows_are_generated(setup):
+    model, tok, enc = setup
+    patcher = AutoPatcher(model, tok, profile(), gate=RowGate("Colosseum"))
+    width = enc.input_ids.shape[1]
+    forwards: list[int] = []
+    handle = model.register_forward_hook(lambda *args: forwards.append(1))
+    seen = []
+
+    def on_final(rows, sequences, reports):
+        seen.append((rows, sequences.clone(), [r.to_dict() for r in reports], len(forwards)))
+
+    try:
+        result = patcher.generate_with_reports(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                               on_final=on_final)
+    finally:
+        handle.remove()
+    (rows, sequences, reports, at), = seen
+    assert rows == [1, 2] and at < len(forwards)  # the patched row's own generation ran after
+    for i in rows:
+        assert sequences[i, width:].tolist() == result.output[i, width:sequences.shape[1]].tolist()
+        assert reports[i] == result.reports[i].to_dict()  # answer included
+    assert result.reports[0].patched and not reports[0]["answer"]
+    none_left = []
+    patcher.generate_with_reports(enc.input_ids[:1], attention_mask=enc.attention_mask[:1], max_new_tokens=3,
+                                  do_sample=False, pad_token_id=0, on_final=lambda *a: none_left.append(a))
+    assert none_left == []  # the one row was patched: nothing to hand over early
+
+
 def test_dict_output_merges_scores_and_carries_reports(setup):
     model, tok, enc = setup
     patcher = AutoPatcher(model, tok, profile(), gate=RowGate("iPhone"))

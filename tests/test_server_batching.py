@@ -22,7 +22,7 @@ from autopatch.errors import ConfigError
 from autopatch.gating import GateDecision
 from autopatch.patcher import AutoPatcher
 from server import create_app
-from server.batching import RowHalt, compatible, confirmed_ids, left_padded
+from server.batching import RowHalt, compatible, confirmed_ids, left_padded, run_batch
 from server.jobs import GenerationJob
 from server.runner import BackgroundServer
 from server.worker import BatchWindow, GenerationWorker
@@ -280,3 +280,54 @@ def test_the_worker_holds_a_batch_for_the_clients_of_the_last_one(last_size, bat
     finally:
         late.join()
     assert worker.depth == 3 - batched
+
+
+# ---- rows answered before their batch ends -----------------------------------------------------
+
+
+def test_a_row_the_gate_leaves_alone_is_answered_before_its_batch_mates_are_patched():
+    """An ordinary request batched with a two-hop one gets its answer when the unpatched generation ends, not
+    after the two-hop row's patched generation; it is the answer the request gets alone, and it comes once."""
+    model, tok = tiny_model_for_bytes("llama", seed=1), byte_tokenizer()
+    forwards: list[int] = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    log: list[tuple[int, tuple, int]] = []  # (job index, event, forward passes so far)
+    gate = PermitGate()  # patches every located row: the two-hop one; "Name a colour." is not located
+
+    def make(question: str, index: int, stream: bool = False) -> GenerationJob:
+        return job(tok(FMT.render(question)).input_ids, question=question, max_new_tokens=6, gate=gate,
+                   stream=stream, emit=lambda event: log.append((index, event, len(forwards))))
+
+    assert run_batch(model, tok, [make("Name a colour.", 9)]) == [None]  # answered early, even alone
+    ((kind, alone),) = [event for index, event, _ in log if index == 9]
+    assert kind == "done" and not alone.report["patched"]
+    for stream in (False, True):
+        log.clear()
+        jobs = [make(TWO_HOP, 0), make("Name a colour.", 1, stream=stream)]
+        events = run_batch(model, tok, jobs)
+        (event, at), = [(event, at) for index, event, at in log if index == 1 and event[0] == "done"]
+        assert event[1] == alone and at < len(forwards)  # the patched row's own forward passes ran after it
+        assert events[1] is None and jobs[1].answered and not jobs[0].answered
+        assert events[0] is not None and events[0][0] == "done" and events[0][1].report["patched"]
+        if stream:
+            assert "".join(e[1] for i, e, _ in log if i == 1 and e[0] == "delta") == alone.text
+
+
+def test_a_batch_that_fails_after_answering_a_row_retries_only_the_others(monkeypatch):
+    import autopatch.patcher as patcher_module
+
+    model, tok = tiny_model_for_bytes("llama", seed=1), byte_tokenizer()
+    log: list[tuple[int, str]] = []
+    gate = PermitGate()
+
+    def make(question: str, index: int) -> GenerationJob:
+        return job(tok(FMT.render(question)).input_ids, question=question, max_new_tokens=4, gate=gate,
+                   emit=lambda event: log.append((index, event[0])))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a patched stage failed")
+
+    monkeypatch.setattr(patcher_module, "targets_for", broken)
+    worker = GenerationWorker(model, tok)  # not started: _run is called directly
+    worker._run([make(TWO_HOP, 0), make("Name a colour.", 1)])
+    assert sorted(log) == [(0, "error"), (1, "done")]  # the answered row once; the failing one retried, then 500

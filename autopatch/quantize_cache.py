@@ -62,6 +62,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _remove_older_formats(cache_key: str, mode: str) -> None:
+    """Remove this key's caches of ``mode`` in an older :data:`CACHE_FORMAT`: no version of autopatch that writes
+    this format reads them again, and an embedded model's take 0.3–1.7 GB each. Newer formats are left alone (a
+    newer installation may share the folder)."""
+    root = cache_paths(cache_key, mode)[0].parent.parent
+    for version in range(1, CACHE_FORMAT):
+        old = root / f"{cache_key}-{mode}-v{version}"
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("autopatch: removed %s, a quantized cache in an older format", old)
+
+
 def read_cache(cache_key: str, mode: str, kinds_allowed: list[str], names: list[str], *, floats: bool = False,
                ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """The cached state of ``mode``'s layers ``names`` and each one's class name (one of ``kinds_allowed``), or
@@ -113,6 +125,7 @@ def write_cache(cache_key: str, mode: str, swapped: Mapping[str, nn.Module], *,
                 **({"floats": sorted(floats)} if floats is not None else {}),
                 "sha256": sha256_of(staging / weights.name)}, indent=1) + "\n")
             os.rename(staging, weights.parent)
+            _remove_older_formats(cache_key, mode)
         except OSError:
             if not weights.exists():
                 raise

@@ -108,7 +108,7 @@ class GenerationWorker:
             raise ConfigError("max_batch_size must be at least 1 (1 turns batching off)")
         self.model, self.tokenizer, self.control = model, tokenizer, control
         self.max_queue, self.max_batch_size, self.window = max_queue, max_batch_size, window or BatchWindow()
-        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran (benchmarks read it)
+        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size started (benchmarks read it)
         self._last = (0, float("-inf"))  # the last batch's size and when it ended
         self._pending: deque[GenerationJob] = deque()
         self._cond = threading.Condition()
@@ -174,8 +174,8 @@ class GenerationWorker:
             if batch is None:
                 return
             if batch:
+                self.batch_sizes[len(batch)] += 1  # before its answers go out: a reader who has them sees it
                 self._run(batch)
-                self.batch_sizes[len(batch)] += 1
                 self._last = (len(batch), time.monotonic())
 
     def _next_batch(self) -> list[GenerationJob] | None:

@@ -73,3 +73,18 @@ def test_a_cache_of_layers_only_is_not_taken_for_a_whole_model(tmp_path, monkeyp
     write_cache("layers-only", mode.name, {n: model.get_submodule(n) for n in names},
                 files=lambda f: model.config.save_pretrained(f))
     assert _load(cache_paths("layers-only", mode.name)[0].parent, mode, "layers-only") is None
+
+
+def test_writing_a_cache_removes_the_same_models_caches_in_older_formats_only(tmp_path, monkeypatch):
+    from autopatch.quantize_cache import CACHE_FORMAT
+
+    root = tmp_path / "quantized"
+    kept = [root / f"tiny-key-int8-v{CACHE_FORMAT + 1}", root / "tiny-key-int4-v1", root / "other-key-int8-v1",
+            root / "tiny-key-int8-dynamic-v1"]
+    stale = [root / f"tiny-key-int8-v{version}" for version in range(1, CACHE_FORMAT)]
+    for folder in kept + stale:
+        folder.mkdir(parents=True)
+        (folder / "weights.safetensors").write_bytes(b"old")
+    _, folder, _ = _cached_tiny(tmp_path, monkeypatch)
+    assert folder.is_dir() and folder.name == f"tiny-key-int8-v{CACHE_FORMAT}"
+    assert all(f.is_dir() for f in kept) and not any(f.exists() for f in stale)

@@ -331,3 +331,42 @@ def test_a_batch_that_fails_after_answering_a_row_retries_only_the_others(monkey
     worker = GenerationWorker(model, tok)  # not started: _run is called directly
     worker._run([make(TWO_HOP, 0), make("Name a colour.", 1)])
     assert sorted(log) == [(0, "error"), (1, "done")]  # the answered row once; the failing one retried, then 500
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_over_http_an_ordinary_request_is_answered_while_its_two_hop_batch_mate_is_still_being_patched(
+        monkeypatch, stream):
+    """The two-hop row is held just before its first hop (``targets_for``) until the ordinary answer has reached
+    its client: without early answers the ordinary request would wait for the held row and the test would time out."""
+    import autopatch.patcher as patcher_module
+
+    release, original = threading.Event(), patcher_module.targets_for
+
+    def held(*args, **kwargs):
+        assert release.wait(60), "the test never released the two-hop row"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patcher_module, "targets_for", held)
+    model, tok = tiny_model_for_bytes("llama", seed=1), byte_tokenizer()
+    app = create_app(model, tok, model_name=MODEL, profile=PROFILE, gate=PermitGate(), max_batch_size=8,
+                     batch_window_s=2.0)  # both requests surely share one batch
+    try:
+        with BackgroundServer(app) as srv, ThreadPoolExecutor(2) as pool:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+            def ordinary() -> tuple[str, bool]:
+                if stream:
+                    chunks = list(ask(client, "Name a colour.", stream=True))
+                    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), False
+                resp = ask(client, "Name a colour.")
+                return resp.choices[0].message.content or "", bool(resp.autopatch["patched"])
+
+            two_hop = pool.submit(ask, client, TWO_HOP)
+            text, patched = pool.submit(ordinary).result(timeout=60)  # while the two-hop row is held
+            assert not two_hop.done() and not patched
+            release.set()
+            assert two_hop.result(timeout=60).autopatch["patched"]
+            assert app.state.served.worker.batch_sizes == {2: 1}
+            assert ask(client, "Name a colour.").choices[0].message.content == text  # its answer alone
+    finally:
+        release.set()

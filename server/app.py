@@ -170,8 +170,9 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            job = await loop.run_in_executor(served.prep, lambda: plan(served, body, emit, deadline=deadline))
-            served.worker.submit(job)
+            with served.worker.preparing():  # a forming batch holds for this job (server.worker.BatchWindow)
+                job = await loop.run_in_executor(served.prep, lambda: plan(served, body, emit, deadline=deadline))
+                served.worker.submit(job)
         except ApiError:
             raise
         except Exception:

@@ -19,8 +19,10 @@ the batch open for more jobs that can share its ``generate`` call
 as one left-padded batch (:func:`server.batching.run_batch`, which also streams
 the rows that asked for it). How long it holds it is :class:`BatchWindow`'s
 rule: until no job has joined for ``gap_s``, but while the batch is smaller
-than the one that just ended, up to ``max_wait_s`` (that batch's clients are
-likely on their way back; a lone client still waits only ``gap_s``). Sampled
+than the one that just ended, or than the jobs already accepted and being
+prepared would make it (:meth:`GenerationWorker.preparing`), up to
+``max_wait_s`` (those jobs are on their way; a lone client still waits only
+``gap_s``). Sampled
 jobs run alone, through the same call. Jobs that cannot join stay queued, in
 order.
 
@@ -36,6 +38,8 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -110,6 +114,7 @@ class GenerationWorker:
         self.max_queue, self.max_batch_size, self.window = max_queue, max_batch_size, window or BatchWindow()
         self.batch_sizes: Counter[int] = Counter()  # how many batches of each size started (benchmarks read it)
         self._last = (0, float("-inf"))  # the last batch's size and when it ended
+        self._preparing = 0  # requests accepted and being prepared: jobs on their way (see preparing)
         self._pending: deque[GenerationJob] = deque()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="autopatch-generate", daemon=True)
@@ -153,6 +158,19 @@ class GenerationWorker:
             self._pending.append(job)
             self._cond.notify_all()
 
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around a request's preparation and its :meth:`submit`: while it lasts, a forming batch counts the job as
+        on its way and holds for it (within the window's ``max_wait_s``), as it does for the last batch's clients."""
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new jobs, fail the waiting ones with 503, and stop the thread after the current batch."""
         with self._cond:
@@ -193,12 +211,13 @@ class GenerationWorker:
             if not batchable(first) or self.max_batch_size == 1:
                 return batch
             opened = joined = time.monotonic()
-            expected = min(self.max_batch_size, self.window.expected(*self._last, now=opened))
+            recent = self.window.expected(*self._last, now=opened)
             while True:
                 size = len(batch)
                 self._take_compatible(batch)
                 now = time.monotonic()
                 joined = now if len(batch) > size else joined
+                expected = min(self.max_batch_size, max(recent, len(batch) + self._preparing))
                 remaining = self.window.closes_at(opened=opened, joined=joined, size=len(batch),
                                                   expected=expected) - now
                 if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:

@@ -282,6 +282,31 @@ def test_the_worker_holds_a_batch_for_the_clients_of_the_last_one(last_size, bat
     assert worker.depth == 3 - batched
 
 
+def test_the_worker_holds_a_batch_for_a_job_still_being_prepared():
+    """A request accepted but still being prepared (tokenized) counts as on its way: the batch holds for it past
+    the 10 ms gap (within max_wait_s) even with no batch before it."""
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    worker = GenerationWorker(model, tok, window=BatchWindow(gap_s=0.01, max_wait_s=5.0))  # not started
+    gate = object()
+    worker.submit(job([5], gate=gate))
+    started = threading.Event()
+
+    def prepare_slowly() -> None:
+        with worker.preparing():
+            started.set()
+            time.sleep(0.3)
+            worker.submit(job([6], gate=gate))
+
+    preparer = threading.Thread(target=prepare_slowly)
+    preparer.start()
+    assert started.wait(10)
+    try:
+        assert len(worker._next_batch() or []) == 2
+    finally:
+        preparer.join()
+    assert worker.depth == 0 and worker._preparing == 0
+
+
 # ---- rows answered before their batch ends -----------------------------------------------------
 
 

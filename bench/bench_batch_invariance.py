@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from autopatch.kernels import GEMM_BLOCK  # noqa: E402
+from autopatch.kernels import GEMM_BLOCK, matmul_in_blocks, padded_to_blocks  # noqa: E402
 from bench.bench_kernels import median_ms  # noqa: E402
 
 SHAPES = ((8960, 1536), (1536, 8960), (1536, 1536), (256, 1536),  # Qwen2.5-1.5B: MLP up/gate, down, q/o, k/v
@@ -31,11 +31,10 @@ ROWS = (*range(1, 70), 100, 128, 200, 320, 511)
 
 
 def blocked(x: torch.Tensor, wt: torch.Tensor, block: int) -> torch.Tensor:
-    height = -(-x.shape[0] // block) * block
-    rows = torch.cat((x, x.new_zeros(height - x.shape[0], x.shape[1])))
-    out = torch.empty(height, wt.shape[1], dtype=x.dtype)
-    for r0 in range(0, height, block):
-        torch.matmul(rows[r0 : r0 + block], wt, out=out[r0 : r0 + block])
+    """``x @ wt`` laid out as the bfloat16 prefill lays it out (autopatch.kernels' own helpers)."""
+    rows = padded_to_blocks(x, block)
+    out = torch.empty(rows.shape[0], wt.shape[1], dtype=x.dtype)
+    matmul_in_blocks(rows, wt, block, out=out)
     return out[: x.shape[0]]
 
 

@@ -107,7 +107,8 @@ def create_app(model, tokenizer: PreTrainedTokenizerBase, *, model_name: str, pr
     ``patching_default`` applies when a request does not say ``autopatch.enabled``.
     Greedy requests (streamed or not) arriving within ``batch_window_s`` of each other share one ``generate``
     call, up to ``max_batch_size`` (1 turns batching off; :mod:`server.batching`); a batch smaller than the one
-    that just ended waits up to ``max_batch_wait_s`` for more (:class:`server.worker.BatchWindow`).
+    that just ended, or than the requests still being prepared would make it, waits up to ``max_batch_wait_s`` for
+    more (:class:`server.worker.BatchWindow`).
     ``api_key``: when set, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (401 otherwise);
     bodies over ``max_body_bytes`` get 413, and bodies that stall for ``body_timeout_s`` get 408
     (:mod:`server.guards`). The interactive ``/docs`` page is off: it loads its assets from a CDN, which an

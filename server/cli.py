@@ -46,8 +46,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
                         help="the worker closes a batch once no request has joined it for this long")
     parser.add_argument("--max-batch-wait-ms", type=float, default=100.0,
-                        help="while a batch is smaller than the one that just ended, the worker holds it open for "
-                             "up to this long (its clients are likely on their way back)")
+                        help="while a batch is smaller than the one that just ended, or than the requests still being "
+                             "prepared would make it, the worker holds it open for up to this long (those requests "
+                             "are on their way)")
     parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
                         help="seconds an idle keep-alive connection stays open between requests")
     parser.add_argument("--body-timeout", type=float, default=30.0,

@@ -370,6 +370,19 @@ GEMM_SLICE_BYTES = 8 << 20  # the bfloat16 prefill's buffer: 2730 rows of 1536 c
 GEMM_BLOCK = 128
 
 
+def padded_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x [m, k]`` with zero rows appended up to a multiple of ``block`` rows (``x`` itself when it is one)."""
+    extra = -x.shape[0] % block
+    return x if extra == 0 else torch.cat((x, x.new_zeros(extra, x.shape[1])))
+
+
+def matmul_in_blocks(x: torch.Tensor, wt: torch.Tensor, block: int, *, out: torch.Tensor) -> None:
+    """``out = x @ wt``, one GEMM call per ``block`` rows of ``x`` (its height a multiple of ``block``): the layout
+    whose rows come out the same whatever the other rows are (:data:`GEMM_BLOCK`)."""
+    for r0 in range(0, x.shape[0], block):
+        torch.matmul(x[r0 : r0 + block], wt, out=out[r0 : r0 + block])
+
+
 def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None, n: int, dtype: torch.dtype = torch.float32,
                       blocks: bool = False) -> torch.Tensor:
@@ -387,16 +400,14 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     # fast enough that small slices cost
     step = GEMM_SLICE if dtype == torch.float32 else max(PANEL, GEMM_SLICE_BYTES // (k * dtype.itemsize) // PANEL * PANEL)
     block = GEMM_BLOCK if blocks and dtype != torch.float32 else max(m, 1)
-    height = -(-m // block) * block
-    rows_in = x.to(dtype) if height == m else torch.cat((x.to(dtype), x.new_zeros(height - m, k, dtype=dtype)))
-    product = torch.empty(height, n, dtype=dtype)
+    rows_in = padded_to_blocks(x.to(dtype), block)
+    product = torch.empty(rows_in.shape[0], n, dtype=dtype)
     buffer = torch.empty(min(padded, step), k, dtype=dtype)
     for n0 in range(0, n, step):
         rows = min(step, padded - n0)
         dequant(k, packed.data_ptr(), scales.data_ptr(), n0, rows, buffer.data_ptr())
         width = min(rows, n - n0)
-        for r0 in range(0, height, block):
-            torch.matmul(rows_in[r0 : r0 + block], buffer[:width].t(), out=product[r0 : r0 + block, n0 : n0 + width])
+        matmul_in_blocks(rows_in, buffer[:width].t(), block, out=product[:, n0 : n0 + width])
     y = product[:m].float()  # the float32 product itself (no copy) when dtype is float32
     if bias is not None:
         y.add_(bias)

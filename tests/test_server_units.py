@@ -1,4 +1,5 @@
-"""Server parts without a server: prompt building, the answer streamer, gate thresholds, ``autopatch serve``."""
+"""Server parts without a model: prompt building, the answer streamer, gate thresholds, ``autopatch serve``, the
+background runner."""
 
 from __future__ import annotations
 
@@ -174,3 +175,31 @@ def test_fallback_template_stops_at_the_next_few_shot_turn():
     prompt = build_prompt([{"role": "user", "content": "What is the capital of France?"}], NoTemplate(), PromptFormat())
     assert prompt.stop == FEWSHOT_STOP_STRINGS == PromptFormat().stop_strings
     assert PromptFormat(kind="chat").stop_strings == ()
+
+
+# ---- the background runner -----------------------------------------------------------------
+
+
+def test_background_server_connections_send_without_nagle():
+    """Each accepted connection has TCP_NODELAY, as under ``uvicorn.run``: with Nagle on, a response's body waited
+    for the client's delayed ACK of its headers (40 ms on every request after a connection's first)."""
+    import http.client
+    import socket
+
+    from server.runner import BackgroundServer
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    with BackgroundServer(app) as srv:
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+        try:
+            for _ in range(2):  # keep-alive: the same connection twice
+                conn.request("GET", "/")
+                assert conn.getresponse().read() == b"ok"
+            sockets = [c.transport.get_extra_info("socket") for c in srv.server.server_state.connections]
+            assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+        finally:
+            conn.close()

@@ -12,7 +12,7 @@ harness's baselines all go through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,23 +24,18 @@ from autopatch.merging import TargetStreamer, caller_views, merge_outputs
 from autopatch.prefix_cache import prefix_layout
 from autopatch.shrinking import shrinking_generate
 
-__all__ = ["Answered", "continue_patched", "run_targets", "token_budget"]
-
-Answered = Callable[[dict[int, torch.Tensor]], None]  # targets whose rows ended -> their new tokens (run_targets)
+__all__ = ["continue_patched", "run_targets", "token_budget"]
 
 
 @torch.no_grad()
 def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: Sequence[Target], *,
-                reuse_prefix: bool = True, caller_ids: torch.Tensor | None = None,
-                on_answered: Answered | None = None, **generate_kwargs):
+                reuse_prefix: bool = True, caller_ids: torch.Tensor | None = None, **generate_kwargs):
     """Generate from every target in one batch, patching each prefill as planned; returns ``(output, width)``.
 
     The targets' shared prefix (the format's demonstrations) comes from :mod:`autopatch.prefix_cache`'s cache
     unless ``reuse_prefix=False``; new tokens start at ``output[:, width:]`` either way. With ``caller_ids``
     (the callers' padded prompts, one row per target), ``logits_processor`` and ``stopping_criteria`` see
-    those prompts followed by the generated tokens instead of the target prompts. ``on_answered({j: tokens})``:
-    the new tokens of targets ``j`` as soon as their rows end (:func:`autopatch.shrinking.shrinking_generate`'s
-    ``on_finished``), before the call returns.
+    those prompts followed by the generated tokens instead of the target prompts.
     """
     edits = [(i, layer, pos, vec) for i, t in enumerate(targets) for layer, pos, vec in t.edits]
     lay = prefix_layout(model, [t.input_ids for t in targets], tok.pad_token_id, enabled=reuse_prefix,
@@ -51,9 +46,6 @@ def run_targets(model: torch.nn.Module, tok: PreTrainedTokenizerBase, targets: S
         for name in ("logits_processor", "stopping_criteria"):
             generate_kwargs[name] = caller_views(generate_kwargs.get(name), caller_ids, lay.width)
     engine_edits = [PatchEdit(layer, i, lay.engine_position(pos), vec) for i, layer, pos, vec in edits]
-    if on_answered is not None:
-        answered = on_answered
-        generate_kwargs["on_finished"] = lambda rows: answered({j: seq[lay.width:] for j, seq in rows.items()})
     with patch(model, engine_edits, attention_mask=lay.engine_mask):
         return (shrinking_generate(model, input_ids=lay.input_ids.to(device), attention_mask=lay.attention_mask.to(device),
                                    **lay.generate_kwargs(model), **generate_kwargs), lay.width)
@@ -74,8 +66,7 @@ def continue_patched(model: torch.nn.Module, tok: PreTrainedTokenizerBase, main:
                      width: int, *, caller_ids: torch.Tensor, streamer=None, reuse_prefix: bool = True,
                      **generate_kwargs) -> Any:
     """Generate every target in one batch and put each one's tokens in its row of ``main`` (the unpatched call's
-    output, prompts ``width`` wide), so the result reads as one ``model.generate`` output. ``on_answered`` (in
-    ``generate_kwargs``): as in :func:`run_targets`."""
+    output, prompts ``width`` wide), so the result reads as one ``model.generate`` output."""
     target_streamer = TargetStreamer(streamer) if streamer is not None else None
     target_out, target_width = run_targets(model, tok, targets, streamer=target_streamer, reuse_prefix=reuse_prefix,
                                            caller_ids=caller_ids, **generate_kwargs)

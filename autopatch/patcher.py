@@ -57,7 +57,7 @@ from autopatch.resolve import Resolution, resolve
 from autopatch.stopping import StopOnText
 from autopatch.strategies import Control, Target, targets_for
 
-# on_final's signature: rows just answered, sequences holding their answers (prompt width first), every row's report
+# on_final's signature: the rows the gate left alone, the unpatched sequences, every row's report
 FinalRows = Callable[[list[int], torch.Tensor, list[PatchReport]], None]
 
 
@@ -178,13 +178,11 @@ class AutoPatcher:
         when the caller already has them (the harness runs vanilla first). Then only the prefill runs, for the
         gate, and rows left alone get these tokens instead of being generated again; tensor output only.
 
-        ``on_final(rows, sequences, reports)``: called as rows are answered, before the call returns: first the
-        rows the gate left alone, once the unpatched generation ends (before the patched rows' own generations
-        run); then the patched rows, as their continuation ends them (in rounds: :mod:`autopatch.shrinking`).
-        Each time with those rows' indices, sequences whose rows hold those rows' answers (prompt width first, as
-        in the output; other rows unspecified) and every row's report (those rows' ``answer`` filled in); a
-        server hands those answers back without waiting for the batch. Every row is handed over once. Called only
-        when the call patches (not with ``patching=False`` or a mode it leaves to ``model.generate``).
+        ``on_final(rows, sequences, reports)``: called once the rows the gate left alone are answered, before the
+        patched rows' own generations run, with those rows' indices, the unpatched generation's sequences (prompt
+        width first, as in the output) and every row's report (those rows' ``answer`` filled in); a server hands
+        those answers back without waiting for the patched rows. Called only when the call patches (not with
+        ``patching=False`` or a mode it leaves to ``model.generate``) and some row was left alone.
         """
         passthrough = dict(generation_config=generation_config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
                            synced_gpus=synced_gpus, assistant_model=assistant_model)
@@ -237,16 +235,14 @@ class AutoPatcher:
             on_final(left_alone, first, reports)
         targets = (targets_for(self.model, self.tokenizer, pre, decisions, patched_rows, self.profile, control=self.control)
                    if patched_rows else [])
-        attach_targets(reports, targets)
         out = main
         if targets:
             target_kwargs = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "max_length", "position_ids")}
             target_kwargs["max_new_tokens"] = token_budget(config, kwargs, width)
-            if on_final is not None:
-                target_kwargs["on_answered"] = partial(self._hand_over, on_final, input_ids, targets, reports)
             out = continue_patched(self.model, self.tokenizer, main, targets, width, logits_processor=logits_processor,
                                    stopping_criteria=stopping_criteria, streamer=streamer, reuse_prefix=reuse,
                                    caller_ids=input_ids[[t.row for t in targets]], **passthrough, **target_kwargs)
+        attach_targets(reports, targets)
         out = finish(self.tokenizer, out, reports, out if isinstance(out, torch.Tensor) else out.sequences, width)
         return GenerateResult(out, reports, {t.row: t for t in targets})
 
@@ -289,22 +285,6 @@ class AutoPatcher:
                        layers=None if layers is None else list(layers), placeholder=self.profile.placeholder)
 
     # ---- helpers --------------------------------------------------------------------------
-
-    def _hand_over(self, on_final: FinalRows, input_ids: torch.Tensor, targets: Sequence[Target],
-                   reports: list[PatchReport], answered: dict[int, torch.Tensor]) -> None:
-        """``on_final`` for the patched rows of ``targets`` whose continuations just ended (``answered``: target
-        index -> new tokens), their answers laid after the callers' prompts."""
-        width, pad = input_ids.shape[1], self.tokenizer.pad_token_id
-        length = max(len(tokens) for tokens in answered.values())
-        sequences = input_ids.new_full((input_ids.shape[0], width + length), 0 if pad is None else pad)
-        sequences[:, :width] = input_ids
-        rows = []
-        for j, tokens in answered.items():
-            row = targets[j].row
-            sequences[row, width : width + len(tokens)] = tokens.to(sequences.device)
-            reports[row].answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            rows.append(row)
-        on_final(rows, sequences, reports)
 
     def _unsupported_mode(self, input_ids, config: GenerationConfig, kwargs: dict, assistant_model) -> str:
         if input_ids is None:

@@ -24,7 +24,7 @@ contexts act on the first forward call (the prefill) by default, which stays in 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -35,7 +35,6 @@ from autopatch.prefix_cache import cache_argument
 
 __all__ = ["shrinking_generate"]
 
-Finished = Callable[[dict[int, torch.Tensor]], None]  # rows that ended -> their sequences (see shrinking_generate)
 MIN_BUDGET_LEFT = 2  # a round ends early only when at least this many steps are left to save
 # Arguments that make a call other than a greedy, tensor-output batch: such calls run as ``model.generate``.
 _OTHER_CALLS = ("streamer", "assistant_model", "prefix_allowed_tokens_fn", "stop_strings", "max_length",
@@ -44,15 +43,8 @@ _OTHER_CALLS = ("streamer", "assistant_model", "prefix_allowed_tokens_fn", "stop
 
 def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        logits_processor: LogitsProcessorList | None = None,
-                       stopping_criteria: StoppingCriteriaList | None = None, on_finished: Finished | None = None,
-                       **kwargs) -> Any:
-    """``model.generate(input_ids=..., attention_mask=..., ...)``, with finished rows leaving the batch.
-
-    ``on_finished(rows)``: called with ``{row: sequence}`` for the rows that ended in a round, as soon as the
-    round ends (each sequence is the row of the output, up to its padding), so a caller can hand their answers
-    out while the other rows go on. Every row is handed over once; a call that runs as ``model.generate`` hands
-    them all over when it ends.
-    """
+                       stopping_criteria: StoppingCriteriaList | None = None, **kwargs) -> Any:
+    """``model.generate(input_ids=..., attention_mask=..., ...)``, with finished rows leaving the batch."""
     config = _effective_config(model, kwargs)
     eos_ids = _ids(config.eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else _first(config.eos_token_id)
@@ -61,12 +53,8 @@ def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: t
         kwargs[key] = kwargs.pop("past_key_values")  # the older name of the same argument
     if not _restartable(input_ids, kwargs, config) or pad is None or not eos_ids or attention_mask is None \
             or not _selectable_cache(model, kwargs.get(key)) or acts_on_every_call(model):
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor,
-                             stopping_criteria=stopping_criteria, **kwargs)
-        if on_finished is not None:
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            on_finished(dict(enumerate(sequences)))
-        return out
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor,
+                              stopping_criteria=stopping_criteria, **kwargs)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=input_ids.device)
     batch = input_ids.shape[0]
     budget = int(kwargs.pop("max_new_tokens"))
@@ -82,20 +70,15 @@ def shrinking_generate(model: Any, *, input_ids: torch.Tensor, attention_mask: t
                              stopping_criteria=StoppingCriteriaList([halt]), return_dict_in_generate=True, **kwargs)
         steps = out.sequences.shape[1] - ids.shape[1]
         if not halt.ended_early:
-            ended = dict(zip(running, out.sequences))
-            finished.update(ended)
-            if on_finished is not None:
-                on_finished(ended)
+            for k, row in enumerate(running):
+                finished[row] = out.sequences[k]
             break
-        keep, ended = [], {}
+        keep = []
         for k, (row, done) in enumerate(zip(running, cast(torch.Tensor, halt.done).tolist())):
             if done:
-                ended[row] = out.sequences[k]
+                finished[row] = out.sequences[k]
             else:
                 keep.append(k)
-        finished.update(ended)
-        if on_finished is not None:
-            on_finished(ended)
         index = torch.tensor(keep, dtype=torch.long, device=out.sequences.device)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.24
         cache.batch_select_indices(index)

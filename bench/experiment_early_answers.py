@@ -5,13 +5,14 @@ Example:
     $ python bench/experiment_early_answers.py                                    # 32 two-hop requests, 8 clients
     $ python bench/experiment_early_answers.py --ordinary-every 3 --max-tokens 64  # a third of them ordinary
 
-Three ways, each run ``--reps`` times in alternating order, from ``--concurrency`` client processes (as in
+Two ways, each run ``--reps`` times in alternating order, from ``--concurrency`` client processes (as in
 ``bench/bench_server.py``, every second request streamed):
 
 * ``batch end``: every row answered when its batch's ``AutoPatcher.generate`` returns;
-* ``left alone``: rows the gate leaves alone answered when the unpatched generation ends (``on_final``);
-* ``every row``: patched rows too, as the patched continuation's rounds end them (``on_final`` of each round,
-  through ``autopatch.shrinking``'s ``on_finished``).
+* ``left alone``: rows the gate leaves alone answered when the unpatched generation ends (``on_final``), as shipped.
+
+A third way, patched rows too as the patched continuation's rounds end them, was measured with this script at
+commit 750710c and removed after it (docs/bench_server_early_rows.txt, docs/server.md).
 
 Per run: wall seconds, p50 latency, the batches the worker ran, and the seconds spent inside the worker's
 ``run_batch`` (the batches themselves, without the gaps between them).
@@ -55,13 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     every = args.ordinary_every
     questions = [ORDINARY[i // every % len(ORDINARY)] if every and i % every == every - 1 else QUESTIONS[i % len(QUESTIONS)]
                  for i in range(args.requests)]
-    generate, hand_over = AutoPatcher.generate_with_reports, AutoPatcher._hand_over
+    generate = AutoPatcher.generate_with_reports
 
     def at_batch_end(self, *a, on_final=None, **k):
         return generate(self, *a, **k)
 
-    ways = {"batch end": (at_batch_end, hand_over), "left alone": (generate, lambda self, *a, **k: None),
-            "every row": (generate, hand_over)}
+    ways = {"batch end": at_batch_end, "left alone": generate}
     spans: list[float] = []
     run_batch = worker_module.run_batch
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(ways)
         for rep in range(args.reps):
             for name in names[rep % len(names):] + names[: rep % len(names)]:
-                AutoPatcher.generate_with_reports, AutoPatcher._hand_over = ways[name]
+                AutoPatcher.generate_with_reports = ways[name]  # type: ignore[method-assign]
                 for level in (int(c) for c in args.concurrency.split(",")):
                     before = sizes.copy()
                     spans.clear()

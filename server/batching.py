@@ -230,10 +230,9 @@ def run_batch(model, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[Generati
     """Generate every job in one call; per job ``("done", result)``, ``("error", 504)`` or ``None`` (cancelled, or
     already answered).
 
-    Each row is answered as soon as its answer is final (``on_final`` of
-    :meth:`AutoPatcher.generate_with_reports`): a row the gate leaves alone when the unpatched generation ends, a
-    patched row when its continuation ends it (in rounds, :mod:`autopatch.shrinking`). Its ``done`` event is
-    emitted there, the job is marked ``answered``, and its place in the returned list is ``None``.
+    A row the gate leaves alone is answered as soon as the unpatched generation ends (``on_final`` of
+    :meth:`AutoPatcher.generate_with_reports`): its ``done`` event is emitted there, the job is marked
+    ``answered``, and its place in the returned list is ``None``. The patched rows are answered at the end.
 
     The jobs must be :func:`compatible` with the first (a single job may also sample). Raises
     :class:`server.cancel.Cancelled` when every job was abandoned mid-forward.
@@ -261,7 +260,7 @@ def run_batch(model, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[Generati
         return ("done", result_of(job, ids, tokenizer, eos, report))
 
     def deliver_now(rows: list[int], sequences: torch.Tensor, reports: list) -> None:
-        """These rows are answered: their clients need not wait for the rest of the batch."""
+        """The rows the gate left alone are answered: their clients need not wait for the patched rows."""
         for i in rows:
             event = event_of(i, sequences, reports[i].to_dict())
             if event is not None and event[0] == "done":

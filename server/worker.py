@@ -6,10 +6,12 @@ Example:
     >>> worker.submit(job)            # raises ApiError(503) when max_queue jobs are already waiting
     >>> worker.close()
 
-Why one thread: autopatch's capture and patch hooks are registered on the
-model's modules, so two generations running at once would see each other's
-hooks. A single consumer of a bounded queue makes that impossible and keeps
-the event loop free of model work. Results and streamed text go back through
+Why one thread: autopatch's hooks act only on the thread that opened them, so
+threads could generate at once, but on a CPU two batches at once share the same
+cores where one batch shares one forward pass, and any Python work beside a
+generation slows it (it takes the interpreter lock back after every torch
+operation; docs/server.md). A single consumer of a bounded queue also keeps the
+event loop free of model work. Results and streamed text go back through
 ``job.emit`` (thread-safe; the app passes a function that hands each event to
 the event loop).
 

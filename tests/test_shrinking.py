@@ -79,36 +79,6 @@ def test_rows_of_different_lengths_give_generates_output_and_callbacks_see_the_s
     assert len(seen_plain) == len(seen_shrunk) and all(torch.equal(a, b) for a, b in zip(seen_plain, seen_shrunk))
 
 
-def test_on_finished_hands_over_each_row_once_as_its_round_ends(tiny, monkeypatch):
-    """Rows come out in the round they end, each once, before the later rounds run, as their output rows."""
-    model, tok = tiny
-    ids, mask = _batch(tok)
-    rounds: list[int] = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: rounds.append(kw["input_ids"].shape[0]) or real(**kw))
-    handed: list[tuple[int, dict]] = []
-    out = shrinking_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                             pad_token_id=0, eos_token_id=[255],
-                             stopping_criteria=StoppingCriteriaList([RowBudgets(ids.shape[1], [2, 1, 9, 3, 12])]),
-                             on_finished=lambda rows: handed.append((len(rounds), dict(rows))))
-    assert len(rounds) >= 3 and [at for at, _ in handed] == list(range(1, len(rounds) + 1))  # one hand-over a round
-    assert sorted(row for _, rows in handed for row in rows) == list(range(len(PROMPTS)))
-    assert sorted(handed[0][1]) == [0, 1, 3]  # the three shortest budgets end the first round
-    for _, rows in handed:
-        for row, seq in rows.items():
-            assert seq.tolist() == out[row, : len(seq)].tolist() and (out[row, len(seq):] == 0).all()
-
-
-def test_on_finished_after_a_plain_generate_hands_over_every_row(monkeypatch):
-    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
-    ids, mask = _batch(tok)
-    handed: list[dict] = []
-    out = shrinking_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True,
-                             pad_token_id=0, on_finished=handed.append)  # sampling: one plain generate
-    (rows,) = handed
-    assert sorted(rows) == list(range(len(PROMPTS))) and all(torch.equal(rows[i], out[i]) for i in rows)
-
-
 def test_eos_and_the_budget_end_rows_as_in_generate(tiny):
     model, tok = tiny
     ids, mask = _batch(tok)

@@ -27,6 +27,49 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
+def _open_client(url: str, schedule: list, go, out) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.bench_server import _client, ask_server
+
+    _client(url).models.list()
+    out.put(None)
+    go.wait()
+    start = time.perf_counter()
+
+    def send(item):
+        at, job = item
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        return ask_server(job)
+
+    with ThreadPoolExecutor(max_workers=len(schedule)) as pool:
+        out.put(list(pool.map(send, schedule)))
+
+
+def open_loop(url: str, jobs: list, rate: float) -> tuple[float, list]:
+    """``jobs`` sent from one client process at Poisson arrival times (``rate`` a second, seed 0), each on its
+    own thread as it falls due; ``(wall seconds, (latency, text) per job)``."""
+    import multiprocessing
+    import random
+
+    gaps = random.Random(0)
+    at, schedule = 0.0, []
+    for job in jobs:
+        schedule.append((at, job))
+        at += gaps.expovariate(rate)
+    context = multiprocessing.get_context("spawn")
+    go, out = context.Event(), context.Queue()
+    client = context.Process(target=_open_client, args=(url, schedule, go, out), daemon=True)
+    client.start()
+    out.get()
+    start = time.perf_counter()
+    go.set()
+    served = out.get()
+    wall = time.perf_counter() - start
+    client.join()
+    return wall, served
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -35,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="8", help="comma-separated client counts")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop: requests arrive at this many a second (Poisson, seeded), whatever the answers")
     args = parser.parse_args(argv)
 
     import torch
@@ -78,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                      request_timeout_s=3600, max_batch_size=8)
     print(f"{args.requests} requests ({'every ' + str(every) + ' ordinary, ' if every else ''}every 2 streamed), "
           f"max_tokens {args.max_tokens}, torch threads {args.threads}\n")
-    print("| rep | way | clients | wall s | p50 ms | batches (size: count) | s in run_batch |")
-    print("| ---: | --- | ---: | ---: | ---: | --- | ---: |")
+    print("| rep | way | clients | wall s | p50 ms | p90 ms | batches (size: count) | s in run_batch |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |")
     with BackgroundServer(app) as srv:
         jobs = [(srv.url, "m", q, args.max_tokens, i % 2 == 1) for i, q in enumerate(questions)]
         ask_server(jobs[0])
@@ -91,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                 for level in (int(c) for c in args.concurrency.split(",")):
                     before = sizes.copy()
                     spans.clear()
-                    wall, served = run_clients("processes", level, srv.url, jobs)
+                    wall, served = (open_loop(srv.url, jobs, args.rate) if args.rate else
+                                    run_clients("processes", level, srv.url, jobs))
                     ran = sizes - before
-                    print(f"| {rep} | {name} | {level} | {wall:.2f} | {percentile([t for t, _ in served], 50) * 1000:.0f} "
+                    print(f"| {rep} | {name} | {'open ' + str(args.rate) + '/s' if args.rate else level} | {wall:.2f} "
+                          f"| {percentile([t for t, _ in served], 50) * 1000:.0f} | {percentile([t for t, _ in served], 90) * 1000:.0f} "
                           f"| {', '.join(f'{k}: {ran[k]}' for k in sorted(ran))} | {sum(spans):.2f} |", flush=True)
     return 0
 

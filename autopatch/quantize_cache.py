@@ -54,6 +54,20 @@ def cache_paths(cache_key: str, mode: str) -> tuple[Path, Path]:
     return folder / "weights.safetensors", folder / "manifest.json"
 
 
+# Weights files this process wrote, with their checksum: (size, mtime_ns, sha256). Reading one back right after
+# writing it (a first load) need not hash it a second time (about 1 s for the 1.5B's 1.1 GB); any other read does.
+_written: dict[Path, tuple[int, int, str]] = {}
+
+
+def _checksum(path: Path) -> str:
+    """``path``'s sha256, from :data:`_written` while the file is the one this process wrote."""
+    stat = path.stat()
+    known = _written.get(path.resolve())
+    if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+        return known[2]
+    return sha256_of(path)
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -90,7 +104,7 @@ def read_cache(cache_key: str, mode: str, kinds_allowed: list[str], names: list[
         kinds = meta.get("layers") if isinstance(meta, dict) else None
         ok = (isinstance(kinds, dict) and meta.get("format") == CACHE_FORMAT and meta.get("mode") == mode
               and list(kinds) == names and set(kinds.values()) <= set(kinds_allowed)
-              and isinstance(meta.get("floats"), list) == floats and meta.get("sha256") == sha256_of(weights))
+              and isinstance(meta.get("floats"), list) == floats and meta.get("sha256") == _checksum(weights))
         state = (load_file(str(weights)), {str(k): str(v) for k, v in kinds.items()}) if ok and kinds else None
         why = "failed its check"
     except (OSError, ValueError) as err:
@@ -119,12 +133,15 @@ def write_cache(cache_key: str, mode: str, swapped: Mapping[str, nn.Module], *,
             save_file(state, str(staging / weights.name))
             if files is not None:
                 files(staging)
+            checksum = sha256_of(staging / weights.name)
             (staging / manifest.name).write_text(json.dumps({
                 "format": CACHE_FORMAT, "mode": mode,
                 "layers": {name: type(layer).__name__ for name, layer in swapped.items()},
                 **({"floats": sorted(floats)} if floats is not None else {}),
-                "sha256": sha256_of(staging / weights.name)}, indent=1) + "\n")
+                "sha256": checksum}, indent=1) + "\n")
             os.rename(staging, weights.parent)
+            stat = weights.stat()
+            _written[weights.resolve()] = (stat.st_size, stat.st_mtime_ns, checksum)
             _remove_older_formats(cache_key, mode)
         except OSError:
             if not weights.exists():

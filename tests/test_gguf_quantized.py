@@ -88,3 +88,16 @@ def test_writing_a_cache_removes_the_same_models_caches_in_older_formats_only(tm
     _, folder, _ = _cached_tiny(tmp_path, monkeypatch)
     assert folder.is_dir() and folder.name == f"tiny-key-int8-v{CACHE_FORMAT}"
     assert all(f.is_dir() for f in kept) and not any(f.exists() for f in stale)
+
+
+def test_reading_back_the_cache_this_process_just_wrote_does_not_hash_it_again(tmp_path, monkeypatch):
+    import autopatch.quantize_cache as quantize_cache
+
+    hashed = []
+    real = quantize_cache.sha256_of
+    monkeypatch.setattr(quantize_cache, "sha256_of", lambda path: hashed.append(path.name) or real(path))
+    _, folder, key = _cached_tiny(tmp_path, monkeypatch)
+    assert hashed == ["weights.safetensors"]  # once, to write the manifest
+    assert _load(folder, check_mode("int8"), key) is not None and len(hashed) == 1  # the first load: not again
+    monkeypatch.setattr(quantize_cache, "_written", {})  # another process: it checks the file itself
+    assert _load(folder, check_mode("int8"), key) is not None and len(hashed) == 2

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from autopatch.invariance import ROWS, _attention, row_invariant_attention
 from tests.tiny_models import tiny_model
+
+# Bit-for-bit comparisons of whole forward passes across batch shapes: the tiny models' float32 Linears run torch's
+# GEMM, which on two threads splits its sums by the call's row count (only the attention is made row-invariant here).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Attention(nn.Module):

@@ -203,3 +203,37 @@ def test_background_server_connections_send_without_nagle():
             assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
         finally:
             conn.close()
+
+
+def test_uvicorn_run_s_own_socket_has_nagle_off_as_autopatch_serve_binds_it():
+    """``autopatch serve`` lets uvicorn bind host and port itself (``uvicorn.run``): its connections get TCP_NODELAY
+    from asyncio, so it never had the runner's 40 ms."""
+    import http.client
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"ok"
+        sockets = [c.transport.get_extra_info("socket") for c in server.server_state.connections]
+        assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+        conn.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -55,7 +55,7 @@ def cache_paths(cache_key: str, mode: str) -> tuple[Path, Path]:
 
 
 # Weights files this process wrote, with their checksum: (size, mtime_ns, sha256). Reading one back right after
-# writing it (a first load) need not hash it a second time (about 1 s for the 1.5B's 1.1 GB); any other read does.
+# writing it (a first load) need not hash it a second time (0.7 s for Gemma's 964 MB here); any other read does.
 _written: dict[Path, tuple[int, int, str]] = {}
 
 

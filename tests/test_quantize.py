@@ -62,14 +62,16 @@ def test_kernel_equals_a_float_matmul_by_the_dequantized_weight(m, n, k):
     assert torch.allclose(w8_matmul(x, pack(q), pack_scales(scales), bias, n=n), want, atol=1e-4)
 
 
-def test_a_rows_output_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("k", [64, 2080, 8960])  # the kernels pass rows of x in blocks chosen by count and width
+def test_a_rows_output_does_not_depend_on_its_batch(k):
     g = torch.Generator().manual_seed(0)
-    q = pack(torch.randint(-127, 128, (12, 64), generator=g, dtype=torch.int8))
-    scales = pack_scales(torch.rand(12, 2, generator=g))
-    x = torch.randn(7, 64, generator=g)
-    batched = w8_matmul(x, q, scales, None)
-    for i in range(7):
-        assert torch.equal(w8_matmul(x[i : i + 1].contiguous(), q, scales, None)[0], batched[i])
+    q = pack(torch.randint(-127, 128, (14, k), generator=g, dtype=torch.int8))
+    scales = pack_scales(torch.rand(14, k // 32, generator=g))
+    x = torch.randn(13, k, generator=g)
+    alone = [w8_matmul(x[i : i + 1].contiguous(), q, scales, None, n=14)[0] for i in range(13)]
+    for m in range(2, 14):  # every block shape: 2 to 8 rows at once, and what is left after 8
+        batched = w8_matmul(x[:m].contiguous(), q, scales, None, n=14)
+        assert all(torch.equal(alone[i], batched[i]) for i in range(m)), m
 
 
 def test_pack_round_trips_and_pads_to_whole_panels():
@@ -122,14 +124,16 @@ def test_int4_kernel_equals_a_float_matmul_by_the_dequantized_weight(m, n, k):
     assert torch.allclose(w4_matmul(x, pack4(q), pack4_scales(a, b), bias, n=n), want, atol=1e-4)
 
 
-def test_an_int4_rows_output_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("k", [64, 2080, 8960])  # narrow rows: one pass per weight row; wide ones: blocks of 4
+def test_an_int4_rows_output_does_not_depend_on_its_batch(k):
     g = torch.Generator().manual_seed(0)
-    q, a, b = _grid4(12, 64, g)
+    q, a, b = _grid4(14, k, g)
     packed, scales = pack4(q), pack4_scales(a, b)
-    x = torch.randn(7, 64, generator=g)
-    batched = w4_matmul(x, packed, scales, None)
-    for i in range(7):
-        assert torch.equal(w4_matmul(x[i : i + 1].contiguous(), packed, scales, None)[0], batched[i])
+    x = torch.randn(13, k, generator=g)
+    alone = [w4_matmul(x[i : i + 1].contiguous(), packed, scales, None, n=14)[0] for i in range(13)]
+    for m in range(2, 14):  # every block shape: 2 to 5 rows at once, then blocks of 4 and what is left
+        batched = w4_matmul(x[:m].contiguous(), packed, scales, None, n=14)
+        assert all(torch.equal(alone[i], batched[i]) for i in range(m)), m
 
 
 def test_pack4_round_trips_and_pads_to_whole_panels():

@@ -76,7 +76,7 @@ static inline vf vnib_hi(vi v) { return vhi(v); }
 /* out[r][c] = sum_k x[r, k] * (a[c, g] * q[c, k] + b[c, g]) for r < MB, c < 4, g = k / GROUP. */
 #define BLOCK4(MB)                                                                                   \
     static inline void w4block##MB(int K, const float *x, const uint8_t *panel, const float *ab,  \
-                                   float out[4][4]) {                                                \
+                                   float out[8][4]) {                                                \
         vf acc[MB][4], acc2[MB][4]; /* two chains per output: the low and the high nibbles' products */ \
         for (int r = 0; r < MB; r++) for (int c = 0; c < 4; c++) acc[r][c] = acc2[r][c] = vzero();   \
         for (int k = 0; k < K; k += GROUP, panel += 4 * HALF, ab += 8) {                             \
@@ -101,6 +101,44 @@ BLOCK4(2)
 BLOCK4(3)
 BLOCK4(4)
 
+#if VW == 16
+/* 2 to 5 rows of x against one of the panel's weight rows (column c of out), a pass per weight row: 2*MB
+ * accumulators, where BLOCK4(MB) keeps 8*MB (past the 32 registers at 4 rows). 1.3-1.7x faster at 4 to 16 rows
+ * on the embedded models' narrow weights (docs/bench_kernels_passes.txt). Each out[r][c] is the sum BLOCK4(MB)
+ * makes, product for product and in the same order: the same bits. */
+#define TALL4(MB)                                                                                    \
+    static inline void w4tall##MB(int K, const float *x, const uint8_t *panel, const float *ab, int c, \
+                                  float out[8][4]) {                                                 \
+        vf acc[MB], acc2[MB];                                                                        \
+        for (int r = 0; r < MB; r++) acc[r] = acc2[r] = vzero();                                     \
+        for (int k = 0; k < K; k += GROUP, panel += 4 * HALF, ab += 8) {                             \
+            _mm_prefetch((const char *)panel + PREFETCH, _MM_HINT_T0);                               \
+            const vf t = vtable(ab[c], ab[4 + c]);                                                   \
+            _Pragma("GCC unroll 2") for (int h = 0; h < HALF; h += VW) {                             \
+                vi v = vload_u8(panel + c * HALF + h);                                               \
+                const vf lo = vlo_t(v, t), hi = vhi_t(v, t);                                         \
+                _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) {                               \
+                    const vf xl = vload_x(x + (size_t)r * K + k + h), xh = vload_x(x + (size_t)r * K + k + HALF + h); \
+                    acc[r] = vfma(xl, lo, acc[r]); acc2[r] = vfma(xh, hi, acc2[r]);                  \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        for (int r = 0; r < MB; r++) out[r][c] = vsum(acc[r] + acc2[r]);                             \
+    }
+TALL4(2)
+TALL4(3)
+TALL4(4)
+TALL4(5)
+/* The passes read the block's rows of x once per weight row: only while those rows stay in L1 (a row of the
+ * 1.5B's down-projection, K = 8960, is 35 KB, and there BLOCK4 is faster). A last block of 5 rows is one pass. */
+#define TALL_X_BYTES 32768
+#define TALL(mb, K) ((mb) >= 2 && (size_t)(mb) * (K) * sizeof(float) <= TALL_X_BYTES)
+#define PASS_ROWS(left, K) ((left) == 5 && TALL(5, K) ? 5 : (left) < 4 ? (left) : 4)
+#else
+#define TALL(mb, K) 0
+#define PASS_ROWS(left, K) ((left) < 4 ? (left) : 4)
+#endif
+
 /* x [M, K] float32, packed [ceil(N/4), K/GROUP, 4, HALF] uint8, ab [ceil(N/4), K/GROUP, 2, 4] float32,
  * bias [N] or NULL, y [M, N]. */
 void autopatch_w4_matmul(int M, int N, int K, const float *x, const uint8_t *packed, const float *ab,
@@ -111,10 +149,21 @@ void autopatch_w4_matmul(int M, int N, int K, const float *x, const uint8_t *pac
         const int n0 = p * 4, nb = N - n0 < 4 ? N - n0 : 4;
         const uint8_t *panel = packed + (size_t)p * 2 * K;
         const float *pab = ab + (size_t)p * 8 * (K / GROUP);
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            const int mb = M - m0 < 4 ? M - m0 : 4;
+        for (int m0 = 0; m0 < M;) {
+            const int mb = PASS_ROWS(M - m0, K);
             const float *xb = x + (size_t)m0 * K;
-            float out[4][4];
+            float out[8][4];
+#if VW == 16
+            if (TALL(mb, K))
+                for (int c = 0; c < 4; c++)
+                    switch (mb) {
+                        case 5: w4tall5(K, xb, panel, pab, c, out); break;
+                        case 4: w4tall4(K, xb, panel, pab, c, out); break;
+                        case 3: w4tall3(K, xb, panel, pab, c, out); break;
+                        default: w4tall2(K, xb, panel, pab, c, out); break;
+                    }
+            else
+#endif
             switch (mb) {
                 case 4: w4block4(K, xb, panel, pab, out); break;
                 case 3: w4block3(K, xb, panel, pab, out); break;
@@ -124,6 +173,7 @@ void autopatch_w4_matmul(int M, int N, int K, const float *x, const uint8_t *pac
             for (int r = 0; r < mb; r++)
                 for (int c = 0; c < nb; c++)
                     y[(size_t)(m0 + r) * N + n0 + c] = out[r][c] + (bias ? bias[n0 + c] : 0.f);
+            m0 += mb;
         }
     }
 }

@@ -56,7 +56,7 @@ static inline float vsum(vf v) {
 /* out[r][c] = sum_k x[r, k] * panel[c, k] * scale[c, k / GROUP] for r < MB, c < 4. */
 #define BLOCK(MB)                                                                                   \
     static inline void block##MB(int K, const float *x, const int8_t *panel, const float *scales,   \
-                                 float out[4][4]) {                                                 \
+                                 float out[8][4]) {                                                 \
         vf acc[MB][4];                                                                              \
         for (int r = 0; r < MB; r++) for (int c = 0; c < 4; c++) acc[r][c] = vzero();               \
         for (int k = 0; k < K; k += CH, panel += 4 * CH) {                                          \
@@ -80,6 +80,39 @@ BLOCK(2)
 BLOCK(3)
 BLOCK(4)
 
+#if VW == 16
+/* 5 to 8 rows of x in one pass over a pair of the panel's weight rows (columns c0, c0 + 1 of out): each weight
+ * vector is converted and scaled once for up to 8 rows instead of once per block of 4, with 16 accumulators.
+ * Each out[r][c] is the sum BLOCK(MB) makes, product for product and in the same order: the same bits.
+ * Gemma's LM head at 5 to 8 rows: 8-17% faster (docs/bench_kernels_passes.txt). */
+#define TALL(MB)                                                                                    \
+    static inline void tall##MB(int K, const float *x, const int8_t *panel, const float *scales, int c0, \
+                                float out[8][4]) {                                                  \
+        vf acc[MB][2];                                                                              \
+        for (int r = 0; r < MB; r++) acc[r][0] = acc[r][1] = vzero();                               \
+        for (int k = 0; k < K; k += CH, panel += 4 * CH) {                                          \
+            _mm_prefetch((const char *)panel + PREFETCH, _MM_HINT_T0);                              \
+            const float *sg = scales + (k / GROUP) * 4;                                             \
+            const vf s0 = vset(sg[c0]), s1 = vset(sg[c0 + 1]);                                      \
+            _Pragma("GCC unroll 2") for (int h = 0; h < CH; h += VW) {                              \
+                vf w0 = vmul(vload_w(panel + c0 * CH + h), s0), w1 = vmul(vload_w(panel + (c0 + 1) * CH + h), s1); \
+                _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) {                              \
+                    vf xv = vload_x(x + (size_t)r * K + k + h);                                     \
+                    acc[r][0] = vfma(xv, w0, acc[r][0]); acc[r][1] = vfma(xv, w1, acc[r][1]);      \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < MB; r++) { out[r][c0] = vsum(acc[r][0]); out[r][c0 + 1] = vsum(acc[r][1]); } \
+    }
+TALL(5)
+TALL(6)
+TALL(7)
+TALL(8)
+#define ROWS_PER_PASS 8
+#else
+#define ROWS_PER_PASS 4
+#endif
+
 /* x [M, K] float32, packed [ceil(N/4), K/CH, 4, CH] int8, scales [ceil(N/4), K/GROUP, 4] float32,
  * bias [N] or NULL, y [M, N]. */
 void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *packed, const float *scales,
@@ -90,11 +123,22 @@ void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *pack
         const int n0 = p * 4, nb = N - n0 < 4 ? N - n0 : 4;
         const int8_t *panel = packed + (size_t)p * 4 * K;
         const float *ps = scales + (size_t)p * 4 * (K / GROUP);
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            const int mb = M - m0 < 4 ? M - m0 : 4;
+        for (int m0 = 0; m0 < M;) {
+            const int left = M - m0, mb = left <= 4 ? left : (left < ROWS_PER_PASS ? left : ROWS_PER_PASS);
             const float *xb = x + (size_t)m0 * K;
-            float out[4][4];
+            float out[8][4];
             switch (mb) {
+#if VW == 16
+                case 8: case 7: case 6: case 5:
+                    for (int c0 = 0; c0 < 4; c0 += 2)
+                        switch (mb) {
+                            case 8: tall8(K, xb, panel, ps, c0, out); break;
+                            case 7: tall7(K, xb, panel, ps, c0, out); break;
+                            case 6: tall6(K, xb, panel, ps, c0, out); break;
+                            default: tall5(K, xb, panel, ps, c0, out); break;
+                        }
+                    break;
+#endif
                 case 4: block4(K, xb, panel, ps, out); break;
                 case 3: block3(K, xb, panel, ps, out); break;
                 case 2: block2(K, xb, panel, ps, out); break;
@@ -103,6 +147,7 @@ void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *pack
             for (int r = 0; r < mb; r++)
                 for (int c = 0; c < nb; c++)
                     y[(size_t)(m0 + r) * N + n0 + c] = out[r][c] + (bias ? bias[n0 + c] : 0.f);
+            m0 += mb;
         }
     }
 }

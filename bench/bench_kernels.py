@@ -26,6 +26,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
+def cpu_name() -> str:
+    """The CPU's model name (kernel tables differ between machines: say which one made them)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def median_ms(fn, repeats: int) -> float:
     """Milliseconds of ``fn()``, the median of ``repeats`` calls after one warm-up call."""
     fn()
@@ -155,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {m: torch.randn(m, args.k) for m in rows}
     timings = {name: {m: median_ms(lambda fn=fn, m=m: fn(inputs[m]), args.repeats) for m in rows} for name, fn in table.items()}
     base = timings["float32 F.linear"]
-    print(f"Linear {args.k} -> {args.n}, threads: {torch.get_num_threads()}, torch {torch.__version__}\n")
+    print(f"Linear {args.k} -> {args.n}, threads: {torch.get_num_threads()}, torch {torch.__version__}, CPU: {cpu_name()} "
+          f"(AMX: {torch.cpu._is_amx_tile_supported()}, AVX512-BF16: {torch.cpu._is_avx512_bf16_supported()})\n")
     print("| kernel | " + " | ".join(f"m={m} ms (vs float32)" for m in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for name, by_rows in timings.items():

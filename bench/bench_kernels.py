@@ -24,15 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-
-def cpu_name() -> str:
-    """The CPU's model name (kernel tables differ between machines: say which one made them)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+from bench.machine import cpu_name  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

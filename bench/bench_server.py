@@ -310,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     from autopatch.quantize import model_quantization
 
     invariant = ", batch-invariant" if batch_invariant(model) else ""
+    from bench.machine import cpu_name
+
     print(f"model {name} ({model_quantization(model)}{invariant}), {args.requests} requests ({streamed}), max_tokens {args.max_tokens}, greedy, "
           f"torch threads {torch.get_num_threads()}, batch window {args.batch_window_ms:g} ms"
-          f" (held up to {args.max_batch_wait_ms:g} ms for the last batch's size)\n")
+          f" (held up to {args.max_batch_wait_ms:g} ms for the last batch's size), CPU: {cpu_name()}\n")
     print("| path | concurrency | wall s | req/s | ratio to one-at-a-time | ratio to the server at 1 client | p50 ms "
           "| p99 ms | answers identical |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -148,9 +148,9 @@ def set_batch_invariant(model: Any, on: bool = True) -> bool:
     cache reuses only a registered start (:mod:`autopatch.prefix_cache`). It costs prefill time, most on short
     calls, which then pay the bfloat16 path's dequantizing instead of the float32 kernel (docs/quantization.md).
     """
-    from autopatch.quantize import _PackedLinear
+    from autopatch.quantize import PackedLinear
 
-    packed = [m for m in model.modules() if isinstance(m, _PackedLinear)]
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) in (_BASE, ROWS)
     on = on and sdpa and any(m.prefill != torch.float32 for m in packed)  # all of it or none: half would not do
     for module in packed:

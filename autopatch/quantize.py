@@ -61,7 +61,7 @@ from autopatch.quantize_cache import read_cache, source_cache_key, write_cache
 
 logger = logging.getLogger("autopatch")
 
-__all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "QuantMode", "WeightOnlyInt4Linear",
+__all__ = ["QUANT_MODES", "DynamicInt8Linear", "Int8Linear", "PackedLinear", "QuantMode", "WeightOnlyInt4Linear",
            "WeightOnlyInt8Linear", "apply_mode", "available_modes", "check_mode", "default_mode", "model_quantization",
            "quantize_model", "runs_on_cpu_float32", "source_cache_key"]
 
@@ -115,9 +115,16 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class _PackedLinear(Int8Linear):
+class PackedLinear(Int8Linear):
     """A weight-only layer on one of autopatch's kernels: float32 activations, the weight in packed panels
-    (``qweight``, ``gscale``), multiplied by :attr:`matmul`."""
+    (``qweight``, ``gscale``), multiplied by :attr:`matmul`. Public for code that finds these layers in a model
+    (:func:`autopatch.invariance.set_batch_invariant` sets their ``invariant``).
+
+    Example:
+        >>> layer = WeightOnlyInt4Linear.from_linear(nn.Linear(64, 32))
+        >>> isinstance(layer, PackedLinear), layer.prefill
+        (True, torch.float32)
+    """
 
     qweight: torch.Tensor
     gscale: torch.Tensor
@@ -140,7 +147,7 @@ class _PackedLinear(Int8Linear):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class WeightOnlyInt8Linear(_PackedLinear):
+class WeightOnlyInt8Linear(PackedLinear):
     """int8 weights with one float32 scale per 32 weights of a row, float32 activations:
     :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels (``qweight``, ``gscale``)."""
 
@@ -163,7 +170,7 @@ class WeightOnlyInt8Linear(_PackedLinear):
                                          kernels.unpack_scales(self.gscale, self.out_features))
 
 
-class WeightOnlyInt4Linear(_PackedLinear):
+class WeightOnlyInt4Linear(PackedLinear):
     """4-bit weights ``a * q + b`` (q in 0..15, float32 ``a, b`` per 32 weights of a row), float32 activations:
     :func:`autopatch.kernels.w4_matmul` on packed panels (``qweight``, ``gscale``).
 
@@ -460,7 +467,7 @@ def apply_mode(model: nn.Module, mode: QuantMode) -> None:
     outputs = getattr(model, "get_output_embeddings", None)
     head = outputs() if callable(outputs) else None
     for module in model.modules():
-        if isinstance(module, _PackedLinear):
+        if isinstance(module, PackedLinear):
             # the LM head's logits over many positions (scoring, a logit lens) keep float32's precision
             module.prefill = torch.float32 if module is head else mode.prefill
 

@@ -180,60 +180,57 @@ def test_fallback_template_stops_at_the_next_few_shot_turn():
 # ---- the background runner -----------------------------------------------------------------
 
 
-def test_background_server_connections_send_without_nagle():
-    """Each accepted connection has TCP_NODELAY, as under ``uvicorn.run``: with Nagle on, a response's body waited
-    for the client's delayed ACK of its headers (40 ms on every request after a connection's first)."""
+async def _ok_app(scope, receive, send):
+    """An ASGI app that answers every HTTP request "ok"."""
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _nodelay_flags(server, port: int) -> list[int]:
+    """Two requests on one keep-alive connection to ``server`` (a started ``uvicorn.Server``) on ``port``, each
+    answered "ok"; then each accepted connection's TCP_NODELAY, read while the connection is still open."""
     import http.client
     import socket
 
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(2):
+            conn.request("GET", "/")
+            assert conn.getresponse().read() == b"ok"
+        return [c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for c in server.server_state.connections]
+    finally:
+        conn.close()
+
+
+def test_background_server_connections_send_without_nagle():
+    """Each accepted connection has TCP_NODELAY, as under ``uvicorn.run``: with Nagle on, a response's body waited
+    for the client's delayed ACK of its headers (40 ms on every request after a connection's first)."""
     from server.runner import BackgroundServer
 
-    async def app(scope, receive, send):
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-            await send({"type": "http.response.body", "body": b"ok"})
-
-    with BackgroundServer(app) as srv:
-        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
-        try:
-            for _ in range(2):  # keep-alive: the same connection twice
-                conn.request("GET", "/")
-                assert conn.getresponse().read() == b"ok"
-            sockets = [c.transport.get_extra_info("socket") for c in srv.server.server_state.connections]
-            assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
-        finally:
-            conn.close()
+    with BackgroundServer(_ok_app) as srv:
+        flags = _nodelay_flags(srv.server, srv.port)
+    assert flags and all(flags)
 
 
 def test_uvicorn_run_s_own_socket_has_nagle_off_as_autopatch_serve_binds_it():
     """``autopatch serve`` lets uvicorn bind host and port itself (``uvicorn.run``): its connections get TCP_NODELAY
     from asyncio, so it never had the runner's 40 ms."""
-    import http.client
-    import socket
     import threading
     import time
 
     import uvicorn
 
-    async def app(scope, receive, send):
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-            await send({"type": "http.response.body", "body": b"ok"})
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(_ok_app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 30
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/")
-        assert conn.getresponse().read() == b"ok"
-        sockets = [c.transport.get_extra_info("socket") for c in server.server_state.connections]
-        assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
-        conn.close()
+        flags = _nodelay_flags(server, server.servers[0].sockets[0].getsockname()[1])
+        assert flags and all(flags)
     finally:
         server.should_exit = True
         thread.join(30)

@@ -132,10 +132,9 @@ TALL4(5)
 /* The passes read the block's rows of x once per weight row: only while those rows stay in L1 (a row of the
  * 1.5B's down-projection, K = 8960, is 35 KB, and there BLOCK4 is faster). A last block of 5 rows is one pass. */
 #define TALL_X_BYTES 32768
-#define TALL(mb, K) ((mb) >= 2 && (size_t)(mb) * (K) * sizeof(float) <= TALL_X_BYTES)
-#define PASS_ROWS(left, K) ((left) == 5 && TALL(5, K) ? 5 : (left) < 4 ? (left) : 4)
+#define TALL_FITS(mb, K) ((mb) >= 2 && (size_t)(mb) * (K) * sizeof(float) <= TALL_X_BYTES)
+#define PASS_ROWS(left, K) ((left) == 5 && TALL_FITS(5, K) ? 5 : (left) < 4 ? (left) : 4)
 #else
-#define TALL(mb, K) 0
 #define PASS_ROWS(left, K) ((left) < 4 ? (left) : 4)
 #endif
 
@@ -154,7 +153,7 @@ void autopatch_w4_matmul(int M, int N, int K, const float *x, const uint8_t *pac
             const float *xb = x + (size_t)m0 * K;
             float out[8][4];
 #if VW == 16
-            if (TALL(mb, K))
+            if (TALL_FITS(mb, K))
                 for (int c = 0; c < 4; c++)
                     switch (mb) {
                         case 5: w4tall5(K, xb, panel, pab, c, out); break;

@@ -124,7 +124,7 @@ void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *pack
         const int8_t *panel = packed + (size_t)p * 4 * K;
         const float *ps = scales + (size_t)p * 4 * (K / GROUP);
         for (int m0 = 0; m0 < M;) {
-            const int left = M - m0, mb = left <= 4 ? left : (left < ROWS_PER_PASS ? left : ROWS_PER_PASS);
+            const int mb = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
             const float *xb = x + (size_t)m0 * K;
             float out[8][4];
             switch (mb) {

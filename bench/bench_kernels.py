@@ -108,12 +108,15 @@ def kernels(weight: torch.Tensor) -> dict:
 
 def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) -> None:
     """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
-    step does (the tables above reuse one weight, which the last-level cache may hold)."""
+    step does (the tables above reuse one weight, which the last-level cache may hold). The first row reads the
+    float32 copies without multiplying: the rate this machine's memory gives, against which each kernel's is read."""
     from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
 
     q8, s8 = quantize_groups(weight)
     q4, a4, b4 = quantize_affine4(weight)
     layouts = {
+        # What the memory delivers: one pass summing each copy, no multiplying (the ceiling for the rows below).
+        "memory read (torch.sum of each float32 copy)": ((weight,), lambda x, w: w.sum()),
         "float32 F.linear": ((weight,), lambda x, w: F.linear(x, w)),
         "autopatch int8": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None)),
         "autopatch int4": ((pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None)),

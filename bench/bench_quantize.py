@@ -8,15 +8,17 @@ Each mode runs in a fresh child process (so peak RSS and load time are that mode
 with an empty quantized-weights cache, then a later load that reads it. Then, at batch size 1 on the
 bench's two-hop questions in the profile's prompt format, greedy with EOS disabled:
 
-* ``prefill s``: ``model.generate`` of one token (the prompt's forward pass plus one LM-head step);
-* ``decode tok/s``: the extra tokens of a ``--new-tokens`` generation over that one-token generation;
+* ``prefill s``: from the call to its first token (the prompt's forward pass plus one LM-head step);
+* ``decode tok/s``: the tokens after the first of a ``--new-tokens`` generation, over the time from the first
+  token to the last, each token's time taken as it is made (not one generation's time less another's: where a
+  prefill is most of a call, the two prefills' difference would be the figure);
 * ``bs=8 s``: ``AutoPatcher.answer`` (the shipped profile, screen and gate) on all 8 questions at once.
 
 Each timing is the median of ``--repeats``; ratios are against ``none`` in the same run, on the same machine.
 
 ``--llama-cpp`` adds llama.cpp (``pip install llama-cpp-python``, which builds from source) on the very GGUF
 file autopatch unpacks, as the CPU anchor: the same rendered prompts, greedy, its own prefill and decode timed
-the same way (``Llama.eval`` of the prompt, then one ``eval`` per sampled token); its "load" is opening the
+the same way (``Llama.generate``, greedy, each token's time taken as it is yielded); its "load" is opening the
 GGUF file (memory-mapped, nothing to unpack).
 """
 
@@ -40,6 +42,7 @@ def _child(model_name: str | None, mode: str, new_tokens: int, repeats: int, tim
     import resource
 
     import torch
+    from transformers import StoppingCriteriaList
 
     torch.set_grad_enabled(False)
     import autopatch
@@ -52,26 +55,50 @@ def _child(model_name: str | None, mode: str, new_tokens: int, repeats: int, tim
         patcher = autopatch.AutoPatcher(model, tok)
         fmt = patcher.profile.prompt_format
         singles = [tok([fmt.render(q, tok)], return_tensors="pt") for q in QUESTIONS]
-        gen = dict(do_sample=False, pad_token_id=tok.pad_token_id)
+        clock = TokenClock()
+        gen = dict(do_sample=False, pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([clock]))
 
-        def run(n: int) -> float:
-            t = time.perf_counter()
+        def run(n: int) -> tuple[float, float]:
+            """Seconds to the first token, and per token after it, summed over the prompts."""
+            first = after = 0.0
             for enc in singles:
+                clock.start()
                 model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **gen)
-            return (time.perf_counter() - t) / len(singles)
+                first, after = first + clock.first_s(), after + clock.after_s()
+            return first / len(singles), after / (len(singles) * (n - 1))
 
         run(2)  # warm-up
-        prefill = statistics.median(run(1) for _ in range(repeats))
-        full = statistics.median(run(new_tokens) for _ in range(repeats))
+        runs = [run(new_tokens) for _ in range(repeats)]
+        prefill = statistics.median(r[0] for r in runs)
+        per_token = statistics.median(r[1] for r in runs)
         batched = []
         for _ in range(repeats):
             t = time.perf_counter()
             patcher.answer(QUESTIONS, max_new_tokens=16)
             batched.append(time.perf_counter() - t)
-        result.update(prefill_s=prefill, decode_tps=(new_tokens - 1) / (full - prefill),
+        result.update(prefill_s=prefill, decode_tps=1 / per_token,
                       answer8_s=statistics.median(batched), prompts=[fmt.render(q, tok) for q in QUESTIONS])
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return result
+
+
+class TokenClock:
+    """A stopping criterion that never stops: it notes when each token of a ``generate`` call is made."""
+
+    def start(self) -> None:
+        self.began, self.times = time.perf_counter(), []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def first_s(self) -> float:
+        return self.times[0] - self.began
+
+    def after_s(self) -> float:
+        return self.times[-1] - self.times[0]
 
 
 def _llama_child(model_name: str | None, new_tokens: int, repeats: int, threads: int, prompts_file: str) -> dict:
@@ -93,24 +120,29 @@ def _llama_child(model_name: str | None, new_tokens: int, repeats: int, threads:
     texts = json.loads(Path(prompts_file).read_text())
     prompts = [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts]
 
-    banned = {llm.token_eos(): -1e9}  # a fixed length, as EOS disabled does for the torch modes
+    eos = llm.token_eos()
 
-    def run(n: int) -> tuple[float, int]:
-        """Seconds per prompt, and how many tokens were generated in all (llama.cpp may still stop early)."""
-        t, made = time.perf_counter(), 0
+    def no_eos(_ids, scores):  # a fixed length, as EOS disabled does for the torch modes
+        scores[eos] = -float("inf")
+        return scores
+
+    def run(n: int) -> tuple[float, float]:
+        """Seconds to the first token, and per token after it, as :func:`_child` times them."""
+        first = after = 0.0
         for tokens in prompts:
             llm.reset()  # no reuse of the previous prompt's cache: each prefill is timed whole
-            out = llm.create_completion(tokens, max_tokens=n, temperature=0.0, logit_bias=banned)
-            made += out["usage"]["completion_tokens"]
-        return (time.perf_counter() - t) / len(prompts), made
+            start, times = time.perf_counter(), []
+            for _token in llm.generate(tokens, temp=0.0, logits_processor=llama_cpp.LogitsProcessorList([no_eos])):
+                times.append(time.perf_counter())
+                if len(times) == n:
+                    break
+            first, after = first + times[0] - start, after + times[-1] - times[0]
+        return first / len(prompts), after / (len(prompts) * (n - 1))
 
     run(2)
-    prefill = statistics.median(run(1)[0] for _ in range(repeats))
-    fulls = [run(new_tokens) for _ in range(repeats)]
-    full = statistics.median(f[0] for f in fulls)
-    extra = (fulls[0][1] - len(prompts)) / len(prompts)  # tokens after the first, per prompt
-    return {"load_s": load_s, "first_load_s": load_s, "prefill_s": prefill,
-            "decode_tps": extra / (full - prefill), "answer8_s": float("nan"),
+    runs = [run(new_tokens) for _ in range(repeats)]
+    return {"load_s": load_s, "first_load_s": load_s, "prefill_s": statistics.median(r[0] for r in runs),
+            "decode_tps": 1 / statistics.median(r[1] for r in runs), "answer8_s": float("nan"),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 

@@ -3,7 +3,7 @@
 Example:
     $ python bench/profile_decode.py --model qwen2.5-coder-1.5b-instruct
 
-Times ``model.generate`` of 1 and of 33 greedy tokens at batch 1 (EOS disabled) and, inside them, the time spent in
+Times ``model.generate`` of 1 and of 33 greedy tokens at batch 1 (EOS disabled: bench.bench_quantize.eos_disabled) and, inside them, the time spent in
 the int8 Linear layers; prints per-token milliseconds for the whole step and for the matmuls.
 """
 
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     import autopatch
     from autopatch.quantize import Int8Linear
+    from bench.bench_quantize import eos_disabled
 
     model, tok = autopatch.load_model(args.model, quantize=args.quantize)
     spent = [0.0]
@@ -43,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     for cls, forward in originals.items():
         cls.forward = timed(forward)  # type: ignore[method-assign]
     enc = tok(["What is the capital of the country where the Colosseum is located? Answer:"], return_tensors="pt")
-    kwargs = dict(do_sample=False, pad_token_id=tok.pad_token_id)
-    model.generate(**enc, max_new_tokens=3, min_new_tokens=3, **kwargs)
+    kwargs = dict(do_sample=False, pad_token_id=tok.pad_token_id, logits_processor=eos_disabled(model))
+    model.generate(**enc, max_new_tokens=3, **kwargs)
     totals = {}
     for n in (1, 33):
         spent[0] = 0.0
         start = time.perf_counter()
-        model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        model.generate(**enc, max_new_tokens=n, **kwargs)
         totals[n] = (time.perf_counter() - start, spent[0])
     step = (totals[33][0] - totals[1][0]) / 32 * 1e3
     matmul = (totals[33][1] - totals[1][1]) / 32 * 1e3

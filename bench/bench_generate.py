@@ -4,8 +4,9 @@ Example:
     $ python bench/bench_generate.py                  # embedded Gemma, prints a markdown table
     $ python bench/bench_generate.py --model PATH --repeats 5 --max-new-tokens 16
 
-Every method generates exactly ``--max-new-tokens`` tokens (EOS is disabled) with
-greedy decoding, so the ratios compare equal work. Modes:
+Every method generates exactly ``--max-new-tokens`` tokens (EOS masked in place:
+:func:`bench.bench_quantize.eos_disabled`, a cost no side of a ratio pays where ``min_new_tokens`` charged every
+step) with greedy decoding, so the ratios compare equal work. Modes:
 
 * ``gate says no``: AutoPatcher with NeverPatch, batch size 1, over model.generate at batch size 1, with the
   shared-prefix cache (the default) and without it (``reuse_prefix=False``).
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from bench.bench_quantize import eos_disabled  # noqa: E402
 from bench.questions import ORDINARY, QUESTIONS  # noqa: E402
 
 
@@ -96,9 +98,11 @@ class ModelCalls:
             elif new > 0 and cached_prefix:
                 rows = [Target(i, row[m.bool()] if m is not None else row)
                         for i, (row, m) in enumerate(zip(ids, mask if mask is not None else [None] * len(ids)))]
-                run_targets(self.model, tok, rows, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                run_targets(self.model, tok, rows, max_new_tokens=new, logits_processor=eos_disabled(self.model),
+                            do_sample=False)
             elif new > 0:
-                self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                    logits_processor=eos_disabled(self.model),
                                     do_sample=False, pad_token_id=tok.pad_token_id)
 
 
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [fmt.render(q, tok) for q in QUESTIONS][: args.batch]
     singles = [tok([p], return_tensors="pt").to(model.device) for p in prompts]
     batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-    gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False,
+    gen = dict(max_new_tokens=args.max_new_tokens, logits_processor=eos_disabled(model), do_sample=False,
                pad_token_id=tok.pad_token_id)
 
     screened = _screened_runs(model, tok, gen)

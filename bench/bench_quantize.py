@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp on the same GGUF file (the CPU anchor)")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: decode is timed from the first token to the last")
     import torch
 
     args.threads = torch.get_num_threads()

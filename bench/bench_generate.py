@@ -57,6 +57,7 @@ class ModelCalls:
 
     def __init__(self, model):
         self.model, self.calls, self._depth = model, [], 0
+        self.no_eos = eos_disabled(model)  # built once: replays are timed
 
     def __enter__(self):
         model, generate, forward = self.model, self.model.generate, self.model.forward
@@ -98,11 +99,11 @@ class ModelCalls:
             elif new > 0 and cached_prefix:
                 rows = [Target(i, row[m.bool()] if m is not None else row)
                         for i, (row, m) in enumerate(zip(ids, mask if mask is not None else [None] * len(ids)))]
-                run_targets(self.model, tok, rows, max_new_tokens=new, logits_processor=eos_disabled(self.model),
+                run_targets(self.model, tok, rows, max_new_tokens=new, logits_processor=self.no_eos,
                             do_sample=False)
             elif new > 0:
                 self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                                    logits_processor=eos_disabled(self.model),
+                                    logits_processor=self.no_eos,
                                     do_sample=False, pad_token_id=tok.pad_token_id)
 
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from bench.machine import cpu_summary  # noqa: E402
 
 
 def _child(model_name: str | None, mode: str, new_tokens: int, repeats: int, timed: bool) -> dict:
@@ -105,14 +106,17 @@ def eos_disabled(model):
 class TokenClock:
     """A stopping criterion that never stops: it notes when each token of a ``generate`` call is made."""
 
+    def __init__(self) -> None:
+        import torch  # here, not at the top: the llama.cpp child imports this module and must not load torch
+
+        self._bool = torch.bool
+
     def start(self) -> None:
         self.began, self.times = time.perf_counter(), []
 
     def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
         self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return input_ids.new_zeros(input_ids.shape[0], dtype=self._bool)
 
     def first_s(self) -> float:
         return self.times[0] - self.began
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows["llama.cpp"] = llama
     base = rows.get("none")
     print(f"model: {args.model or 'gemma-3-270m'}, threads: {torch.get_num_threads()}, new tokens: {args.new_tokens}, "
-          f"repeats: {args.repeats}, CPU: {_cpu()}\n")
+          f"repeats: {args.repeats}, CPU: {cpu_summary()}\n")
     print("| mode | first load s | later load s | peak RSS GB | prefill s (bs=1) | decode tok/s (bs=1) | "
           "answer() 8 questions s |")
     print("|---|---|---|---|---|---|---|")
@@ -233,16 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | {why} | | | | | |")
     print("\n(x) = speed relative to none: above 1 is faster.")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return f"{os.cpu_count()} cores, {isa}" + (" with VNNI" if "vnni" in flags else "")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ def decomposition_prompt(fmt: PromptFormat, tok: PreTrainedTokenizerBase, questi
                                                                    answer_prefix="Step 1:"))
 
 
+def decomposition_prefix(fmt: PromptFormat, tok: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens every decomposition prompt starts with (the instruction and the examples, a few hundred on a
+    chat template), for :func:`autopatch.prefix_cache.register_prefix`: a single question's proposal then runs
+    only its own tokens."""
+    return fmt.fixed_start(tok, lambda q: decomposition_prompt(fmt, tok, q))
+
+
 def parse_decomposition(text: str) -> list[dict[str, str]] | None:
     """``"In which year...?\\nStep 2: Who ... in #1?"`` -> two steps; ``None`` for "none" or anything malformed."""
     lines = [line.strip() for line in text.strip().split("\n") if line.strip()]

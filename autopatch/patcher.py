@@ -43,6 +43,7 @@ from autopatch.architectures import num_layers
 from autopatch.datatypes import Answer as Answer  # re-exported: the types live in autopatch.datatypes
 from autopatch.datatypes import GenerateResult as GenerateResult
 from autopatch.datatypes import PatchReport as PatchReport
+from autopatch.decomposer import decomposition_prefix
 from autopatch.errors import PatchError
 from autopatch.gating import Gate, gated_generate, screens_before_proposals
 from autopatch.generate import continue_patched, token_budget
@@ -100,9 +101,11 @@ class AutoPatcher:
         self.gate: Gate = self.resolution.gate
         self.control = control
         self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix_cache); False: plain batches
+        self.decomposer: Decomposer = self.resolution.decomposer  # the grammar, the model, or both (grammar first)
         if reuse_prefix:
             register_prefix(self.model, self.profile.prompt_format.fixed_prefix(tokenizer))
-        self.decomposer: Decomposer = self.resolution.decomposer  # the grammar, the model, or both (grammar first)
+            if self.decomposer != "grammar":  # the model's proposals share their instruction and examples too
+                register_prefix(self.model, decomposition_prefix(self.profile.prompt_format, tokenizer))
         self.planner = Planner(tokenizer, self.profile.prompt_format, self.decomposer, model)
         self._local = threading.local()  # last_report / last_targets belong to the calling thread
 

@@ -124,8 +124,13 @@ class PromptFormat:
         """The tokens every prompt of this format starts with (the demonstrations, a chat system turn), less the
         last (it can merge with a question's first word): what :func:`autopatch.prefix_cache.register_prefix`
         keeps computed once."""
-        first, second = (self.encode(tokenizer, self.render(q, tokenizer)).input_ids[0].tolist()
-                         for q in ("Who wrote Hamlet?", "7 + 5 ="))
+        return self.fixed_start(tokenizer, lambda q: self.render(q, tokenizer))
+
+    def fixed_start(self, tokenizer: PreTrainedTokenizerBase, render: Callable[[str], str]) -> list[int]:
+        """The tokens every prompt ``render(question)`` writes in this format starts with, less the last: two
+        questions rendered and tokenized by this format's rule, and their common start (:meth:`fixed_prefix` for
+        the format's own prompts; :func:`autopatch.decomposer.decomposition_prefix` for the decomposition's)."""
+        first, second = (self.encode(tokenizer, render(q)).input_ids[0].tolist() for q in ("Who wrote Hamlet?", "7 + 5 ="))
         shared = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
         return first[: max(0, shared - 1)]
 

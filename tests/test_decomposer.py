@@ -179,3 +179,32 @@ def test_a_passed_row_is_proposed_after_the_screen_and_patched_as_if_proposed_fi
         # the state read from the question's captured tokens is the one captured at the located position itself
         assert (layer, at) == (layer_first, at_first) and torch.equal(vector, vector_first)
     assert after.reports[0].to_dict() == first.reports[0].to_dict()
+
+
+@pytest.mark.parametrize("decomposer", ["model", "both", "grammar"])
+def test_a_patcher_that_asks_the_model_keeps_the_decomposition_prompts_start_computed(decomposer):
+    from autopatch.decomposer import decomposition_prefix, propose_decompositions_counted
+    from autopatch.patcher import AutoPatcher
+    from autopatch.prefix_cache import clear_prefix_cache, prefix_layout
+    from autopatch.profile import PatchProfile
+
+    model, tok, fmt = tiny_model_for_bytes("llama", seed=4), byte_tokenizer(), PromptFormat()
+    question = "What is the capital of the largest country in Africa?"
+    row = fmt.encode(tok, decomposition_prompt(fmt, tok, question)).input_ids[0]
+    start = decomposition_prefix(fmt, tok)
+    assert len(start) > 100 and row[: len(start)].tolist() == start  # the instruction and the examples
+    clear_prefix_cache(model)
+    whole = propose_decompositions_counted(model, tok, fmt, [question], max_new_tokens=6)
+    assert prefix_layout(model, [row], tok.pad_token_id).prefix_len == 0  # a lone row's own start: run whole
+    AutoPatcher(model, tok, PatchProfile(source_layer=2, target_layer=1, prompt_format=fmt), decomposer=decomposer)
+    expected = 0 if decomposer == "grammar" else len(start)
+    assert prefix_layout(model, [row], tok.pad_token_id).prefix_len == expected
+    propose_decompositions_counted(model, tok, fmt, [question], max_new_tokens=6)  # computes the start once
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        again = propose_decompositions_counted(model, tok, fmt, [question], max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert again == whole and seen[0] == len(row) - expected  # the prefill runs the question's own tokens only
+    clear_prefix_cache(model)

@@ -53,6 +53,7 @@ from autopatch.prefix_cache import register_prefix
 from autopatch.profile import DECOMPOSERS as DECOMPOSERS  # re-exported
 from autopatch.profile import Decomposer as Decomposer
 from autopatch.profile import PatchProfile
+from autopatch.prompts import PromptFormat
 from autopatch.report import attach_targets, finish, row_reports
 from autopatch.resolve import Resolution, resolve
 from autopatch.stopping import StopOnText
@@ -72,6 +73,16 @@ def _check_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor |
         if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
             raise PatchError("The batch is right-padded (a row's attention mask ends in zeros), so generation would "
                              "continue from padding; set tokenizer.padding_side = 'left' and tokenize again.")
+
+
+def register_starts(model, tokenizer, fmt: PromptFormat, *, proposals: bool) -> None:
+    """Declare the fixed starts of the prompts autopatch renders in ``fmt`` to the prefix cache
+    (:func:`autopatch.prefix_cache.register_prefix`): the format's own and, with ``proposals`` (the model is asked
+    for decompositions), the decomposition prompt's instruction and examples. Each is computed the first time a
+    row starts with it, so a lone request runs only its own tokens."""
+    register_prefix(model, fmt.fixed_prefix(tokenizer))
+    if proposals:
+        register_prefix(model, decomposition_prefix(fmt, tokenizer))
 
 
 _OWN_CACHE_ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids", "cache_position")
@@ -103,9 +114,7 @@ class AutoPatcher:
         self.reuse_prefix = reuse_prefix  # cache the prompts' shared prefix (autopatch.prefix_cache); False: plain batches
         self.decomposer: Decomposer = self.resolution.decomposer  # the grammar, the model, or both (grammar first)
         if reuse_prefix:
-            register_prefix(self.model, self.profile.prompt_format.fixed_prefix(tokenizer))
-            if self.decomposer != "grammar":  # the model's proposals share their instruction and examples too
-                register_prefix(self.model, decomposition_prefix(self.profile.prompt_format, tokenizer))
+            register_starts(self.model, tokenizer, self.profile.prompt_format, proposals=self.decomposer != "grammar")
         self.planner = Planner(tokenizer, self.profile.prompt_format, self.decomposer, model)
         self._local = threading.local()  # last_report / last_targets belong to the calling thread
 

@@ -21,7 +21,10 @@ Positions for :mod:`autopatch.engine` are then counted in the suffix:
 translate them, and ``protect=`` keeps every position that will be captured or
 patched out of the cached prefix. The prefix is computed before any capture or
 patch context opens, so the engine's "first forward call" is still the
-prefill of the rows. Falls back to a plain left-padded batch (``prefix_len ==
+prefill of the rows. A lone row reuses a start that is registered (a prompt
+format's, :func:`register_prefix`), already cached, or shared with one of the
+latest lone rows (a different prompt): a client's fixed system prompt is
+computed once, on its second request, and reused after. Falls back to a plain left-padded batch (``prefix_len ==
 0``) when the shared prefix is short, when the model's cache class cannot be
 built, or when the prompt would outgrow a sliding attention window.
 """
@@ -32,7 +35,7 @@ import copy
 import inspect
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -43,11 +46,14 @@ from autopatch.invariance import batch_invariant
 
 MIN_PREFIX_TOKENS = 8  # below this, a cached prefix saves less than its copy costs
 MAX_PREFIXES_PER_MODEL = 8
+RECENT_ROWS = 16  # lone rows remembered per model, to find a start that comes back (a client's fixed system prompt)
 
 _lock = threading.Lock()
 _store: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
 # Prefixes known to start many prompts (a patcher's prompt format), computed the first time a row starts with one.
 _known: weakref.WeakKeyDictionary[torch.nn.Module, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
+# The latest lone rows laid out for each model, newest last: a start two of them share is worth computing once.
+_recent: weakref.WeakKeyDictionary[torch.nn.Module, deque[torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -170,9 +176,11 @@ def clear_prefix_cache(model: torch.nn.Module | None = None) -> None:
         if model is None:
             _store.clear()
             _known.clear()
+            _recent.clear()
         else:
             _store.pop(model, None)
             _known.pop(model, None)
+            _recent.pop(model, None)
 
 
 def register_prefix(model: torch.nn.Module, prefix: Sequence[int]) -> None:
@@ -192,6 +200,26 @@ def _reusable_len(model: torch.nn.Module, row: torch.Tensor, limit: int, *, regi
         keys = [k for k in (*cached, *(_known.get(model) or ())) if len(k) <= limit]
     head = tuple(int(t) for t in row[: max((len(k) for k in keys), default=0)])
     return max((len(k) for k in keys if head[: len(k)] == k), default=0)
+
+
+def _seen_again_len(model: torch.nn.Module, row: torch.Tensor, limit: int) -> int:
+    """The longest start of at most ``limit`` tokens that ``row`` shares with another of the model's latest
+    :data:`RECENT_ROWS` lone rows (0: none), and ``row`` remembered. A start that two different prompts share is a
+    template that comes back (a client's fixed system prompt), where caching it pays. The same prompt sent again
+    is not taken for one: that would cache a whole request, and make a bench that repeats its prompts time the
+    cache instead of the model."""
+    with _lock:
+        recent = _recent.setdefault(model, deque(maxlen=RECENT_ROWS))
+        earlier = list(recent)
+        recent.append(row.clone())  # the caller's tensor may change after this
+    best = 0
+    for other in earlier:
+        if len(other) == len(row) and torch.equal(other, row):
+            continue
+        n = max(0, min(len(other), len(row), limit))
+        differ = (other[:n] != row[:n]).nonzero()
+        best = max(best, int(differ[0]) if len(differ) else n)
+    return best
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -216,7 +244,8 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
 
     ``protect``: non-negative row positions that a capture or patch will touch; the cached prefix stops before
     the earliest. The last token of every row always stays in the suffix (its logits start the answer). A batch
-    of one row uses only a prefix already cached or registered (:func:`register_prefix`), where the cache pays.
+    of one row uses only a prefix already cached, registered (:func:`register_prefix`), or shared with one of the
+    latest lone rows (:data:`RECENT_ROWS`): where the cache pays, since that start is seen again.
     A batch-invariant model (:func:`autopatch.invariance.batch_invariant`) reuses only a registered prefix that every
     row starts with, so that a row's split between prefix and suffix, and so its arithmetic, never depends on its batch.
     """
@@ -232,8 +261,8 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
         length = ends.pop() if len(ends) == 1 else 0
     elif len(rows) > 1:  # several rows share their prefix's computation
         length = min(shared_prefix_len(rows), limit)
-    else:  # one row only gains from a prefix seen before
-        length = _reusable_len(model, rows[0], limit)
+    else:  # one row only gains from a start seen before: cached, registered, or shared with a recent lone row
+        length = max(_reusable_len(model, rows[0], limit), _seen_again_len(model, rows[0], limit))
     window = _sliding_window(model)
     if window is not None and max(len(r) for r in rows) >= window:
         length = 0  # a sliding-window cache would drop the prefix's oldest keys

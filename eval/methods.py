@@ -95,7 +95,7 @@ class Method:
 def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate | None = None, budget: int = 16,
                   cot_budget: int = 48, use_decomposition: bool = False, gold_scores: bool = True) -> EvalContext:
     """The run context: the model's shipped profile and the best shipped profile of each strategy."""
-    from autopatch.prefix_cache import register_prefix
+    from autopatch.patcher import register_starts
     from autopatch.profile import strategy_profile
     from autopatch.resolve import model_profile
 
@@ -104,7 +104,7 @@ def build_context(model, tok, *, profile: PatchProfile | None = None, gate: Gate
     # before any generation, as AutoPatcher does: which start a row reuses must not depend on what ran before it
     # (a batch-invariant model reuses only a registered start; autopatch.prefix_cache)
     for fmt in {p.prompt_format for p in (base, *per_strategy.values())}:
-        register_prefix(model, fmt.fixed_prefix(tok))
+        register_starts(model, tok, fmt, proposals=True)  # a method may ask the model for decompositions
     return EvalContext(model, tok, base, per_strategy, gate, budget, cot_budget, use_decomposition, gold_scores)
 
 

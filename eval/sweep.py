@@ -37,9 +37,9 @@ import torch
 from autopatch.architectures import num_layers
 from autopatch.cli import add_quantize_arg
 from autopatch.errors import ConfigError
+from autopatch.patcher import register_starts
 from autopatch.plan import Planner
 from autopatch.prefill import capture_prefill
-from autopatch.prefix_cache import register_prefix
 from autopatch.profile import BridgePrompt, PatchProfile, Position
 from autopatch.resolve import model_profile
 from autopatch.strategies import plan_targets, run_targets
@@ -209,7 +209,7 @@ def run_sweep(model, tok, records: Sequence[QARecord], configs: Sequence[SweepCo
     """
     base = model_profile(model, tok)
     fmt, planner, device = base.prompt_format, Planner(tok, base.prompt_format), next(model.parameters()).device
-    register_prefix(model, fmt.fixed_prefix(tok))
+    register_starts(model, tok, fmt, proposals=False)  # the grammar reads the first hops here
     layers = list(range(num_layers(model)))
     repair_tail(out_path)
     done = _done_keys(out_path)

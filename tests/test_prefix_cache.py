@@ -83,6 +83,40 @@ def test_autopatcher_generate_is_the_same_with_and_without_the_cached_prefix(tin
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain.output.scores, cached.output.scores))
 
 
+def test_lone_requests_with_a_system_prompt_of_their_own_are_answered_the_same_from_its_cached_start(tiny):
+    """Requests one at a time under a client's own system prompt (not the format's start): from the second
+    one on, the prompt's start comes from the cache, and every patched answer, report and score is the same."""
+    model, tok = tiny
+    clear_prefix_cache(model)
+    profile = PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT)
+    system = "Museum help desk; be brief.\n\n"  # short: the tiny GPT-2 has 128 positions
+    # The second request computes the start it shares with the first (its question's first letter differs),
+    # the third takes it from the cache.
+    prompts = [system + FMT.render(q) for q in (QUESTIONS[1], "Name the capital of Peru.", "Is 7 prime?")]
+    runs = []
+    for reuse in (False, True):
+        patcher, seen = AutoPatcher(model, tok, profile, AlwaysPatch(), reuse_prefix=reuse), []
+        handle = model.register_forward_pre_hook(lambda m, a, k, seen=seen: seen.append(k["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+        try:
+            results = []
+            for p in prompts:
+                seen.append(None)  # where this request's forwards start
+                results.append(patcher.generate_with_reports(**tok([p], return_tensors="pt"), max_new_tokens=4,
+                                                             do_sample=False, pad_token_id=0,
+                                                             return_dict_in_generate=True, output_scores=True))
+        finally:
+            handle.remove()
+        runs.append((results, seen))
+    (plain, plain_seen), (cached, cached_seen) = runs
+    for a, b in zip(plain, cached):
+        assert torch.equal(a.output.sequences, b.output.sequences)
+        assert [r.to_dict() for r in a.reports] == [r.to_dict() for r in b.reports]
+        assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a.output.scores, b.output.scores))
+    assert sum(n or 0 for n in cached_seen) < sum(n or 0 for n in plain_seen)  # fewer tokens run, prefixes included
+    clear_prefix_cache(model)
+
+
 def test_captured_and_patched_positions_never_fall_inside_the_cached_prefix():
     model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
     rows = _rows(tok, [FMT.render(q) for q in QUESTIONS])
@@ -196,6 +230,28 @@ def test_a_single_row_uses_only_a_prefix_seen_before():
     cached = model.generate(input_ids=reused.input_ids, attention_mask=reused.attention_mask,
                             **reused.generate_kwargs(model), **kwargs)[:, reused.width:]
     assert torch.equal(plain, cached)
+
+
+def test_a_lone_row_reuses_the_start_it_shares_with_a_recent_lone_row():
+    """A client's fixed system prompt: computed on its second request, reused after, with the plain path's tokens."""
+    model, tok = tiny_model_for_bytes("llama", seed=7), byte_tokenizer()
+    clear_prefix_cache(model)
+    system = "You answer travel questions for an agency, in one short line.\n\n"
+    first, second, third = _rows(tok, [system + "Where is Rome?", system + "Who built the Colosseum?", "Short one."])
+    assert prefix_layout(model, [first], tok.pad_token_id).prefix_len == 0  # nothing seen before
+    lay = prefix_layout(model, [second], tok.pad_token_id)
+    assert lay.prefix_len == shared_prefix_len([first, second]) >= len(system)
+    ids, mask = left_pad([second], tok.pad_token_id)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    cached = model.generate(input_ids=lay.input_ids, attention_mask=lay.attention_mask,
+                            **lay.generate_kwargs(model), **kwargs)[:, lay.width:]
+    assert torch.equal(plain, cached)
+    assert prefix_layout(model, [third], tok.pad_token_id).prefix_len == 0  # it shares nothing with them
+    assert prefix_layout(model, [third], tok.pad_token_id).prefix_len == 0  # nor with itself: a repeat, no template
+    assert prefix_layout(model, [second], tok.pad_token_id, protect=[MIN_PREFIX_TOKENS - 1]).prefix_len == 0
+    clear_prefix_cache(model)  # forgets the rows too
+    assert prefix_layout(model, [second], tok.pad_token_id).prefix_len == 0
 
 
 def test_a_longer_prefix_extends_the_cached_one_and_equals_one_computed_whole():

@@ -33,7 +33,7 @@ import copy
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import torch
@@ -49,7 +49,7 @@ from autopatch.gating import Gate, gated_generate, screens_before_proposals
 from autopatch.generate import continue_patched, token_budget
 from autopatch.plan import Planner
 from autopatch.prefill import Prefill, capture_prefill
-from autopatch.prefix_cache import register_prefix
+from autopatch.prefix_cache import bypassed, register_prefix
 from autopatch.profile import DECOMPOSERS as DECOMPOSERS  # re-exported
 from autopatch.profile import Decomposer as Decomposer
 from autopatch.profile import PatchProfile
@@ -83,6 +83,19 @@ def register_starts(model, tokenizer, fmt: PromptFormat, *, proposals: bool) -> 
     register_prefix(model, fmt.fixed_prefix(tokenizer))
     if proposals:
         register_prefix(model, decomposition_prefix(fmt, tokenizer))
+
+
+def _within_reuse_prefix(method):
+    """Run a patcher's method with the prefix cache bypassed on this thread (:func:`autopatch.prefix_cache.bypassed`)
+    when the patcher was built with ``reuse_prefix=False``: then every call it makes, the strategies' and the
+    decomposer's own included, lays out plain batches."""
+    @wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.reuse_prefix:
+            return method(self, *args, **kwargs)
+        with bypassed():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 _OWN_CACHE_ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids", "cache_position")
@@ -175,6 +188,7 @@ class AutoPatcher:
         return result.output
 
     @torch.no_grad()
+    @_within_reuse_prefix
     def generate_with_reports(self, inputs: torch.Tensor | None = None,
                               generation_config: GenerationConfig | None = None,
                               logits_processor: LogitsProcessorList | None = None,

@@ -36,7 +36,9 @@ import inspect
 import threading
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -54,6 +56,27 @@ _store: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[tuple[int, ...], 
 _known: weakref.WeakKeyDictionary[torch.nn.Module, set[tuple[int, ...]]] = weakref.WeakKeyDictionary()
 # The latest lone rows laid out for each model, newest last: a start two of them share is worth computing once.
 _recent: weakref.WeakKeyDictionary[torch.nn.Module, deque[torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+_bypassed: ContextVar[bool] = ContextVar("autopatch_prefix_cache_bypassed", default=False)
+
+
+@contextmanager
+def bypassed() -> Iterator[None]:
+    """Within it (on this thread or task only), every layout is a plain left-padded batch: no prefix is reused,
+    computed or remembered. ``AutoPatcher(reuse_prefix=False)`` runs each call in it, its strategies' and the
+    decomposer's own calls included.
+
+    Example:
+        >>> with bypassed():
+        ...     prefix_layout(model, rows, tok.pad_token_id).prefix_len
+        0
+    """
+    token = _bypassed.set(True)
+    try:
+        yield
+    finally:
+        _bypassed.reset(token)
 
 
 @dataclass(frozen=True)
@@ -252,7 +275,7 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
     rows = [r.cpu() for r in rows]
     protected = [p for p in protect if p >= 0]
     limit = min([min(len(r) for r in rows) - 1, *protected]) if rows else 0
-    if not enabled or not rows:
+    if not enabled or not rows or _bypassed.get():
         length = 0
     elif batch_invariant(model):
         # Where a split point that moved with the batch (or with what was cached before) would move a row's

@@ -304,3 +304,29 @@ def test_a_batch_invariant_model_splits_a_row_where_it_splits_alone():
         row_invariant_attention(model, on=False)
     assert alone == together == registered and mixed == 0
     assert prefix_layout(model, same_start, tok.pad_token_id).prefix_len == shared  # off again: the shared start
+
+
+def test_a_patcher_without_the_prefix_cache_reuses_no_prefix_in_any_call_it_makes(monkeypatch):
+    """reuse_prefix=False: plain batches everywhere, the decomposer's proposals and the strategies' calls included."""
+    import autopatch.prefix_cache as prefix_cache
+    from autopatch.prefix_cache import bypassed
+
+    model, tok = tiny_model_for_bytes("llama", seed=9), byte_tokenizer()
+    clear_prefix_cache(model)
+    computed: list[int] = []
+    real = prefix_cache._prefix_cache
+    monkeypatch.setattr(prefix_cache, "_prefix_cache", lambda m, prefix: computed.append(len(prefix)) or real(m, prefix))
+    profile = PatchProfile(source_layer=2, target_layer=1, prompt_format=FMT)
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    outs = {}
+    for reuse in (True, False):
+        patcher = AutoPatcher(model, tok, profile, AlwaysPatch(), reuse_prefix=reuse, decomposer="model")
+        computed.clear()
+        outs[reuse] = [patcher.generate(**tok([FMT.render(q)], return_tensors="pt"), **kwargs) for q in QUESTIONS]
+        assert bool(computed) == reuse
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+    row = _rows(tok, [FMT.render(QUESTIONS[0])])
+    with bypassed():
+        assert prefix_layout(model, row, tok.pad_token_id).prefix_len == 0
+    assert prefix_layout(model, row, tok.pad_token_id).prefix_len > 0  # the registered start, outside it
+    clear_prefix_cache(model)

@@ -136,15 +136,31 @@ class PackedLinear(Int8Linear):
     def accepts(cls, linear: nn.Linear) -> bool:
         return kernels.packable(linear.in_features)
 
+    bits: int  # the kernel's: 8 or 4
+    _bound: kernels.Bound | None = None  # the kernel's call with this layer's weight, checked once (kernels.bind)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
         # Batch-invariant under a bfloat16 prefill: every call of more than one position per sequence (a prefill,
         # however few its rows) multiplies in the bfloat16 GEMM's fixed blocks, so a prompt's tokens get the same
         # arithmetic alone and in any batch; a decode step (one position) stays in the float32 kernel.
         invariant = self.invariant and self.prefill != torch.float32 and x.dim() >= 3 and x.shape[-2] > 1
-        out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features, prefill=self.prefill,
-                                gemm=True if invariant else None, blocks=invariant)
+        if rows.shape[0] <= kernels.GEMM_ROWS and not invariant and rows.is_cpu:  # the kernel, as matmul would
+            bound = self._bound
+            if bound is None or not bound.binds(self.qweight, self.gscale, self.bias):
+                bound = self._bound = kernels.bind(self.bits, self.qweight, self.gscale, self.bias,
+                                                   n=self.out_features, k=self.in_features)
+            out = bound(rows)
+        else:
+            out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features,
+                                    prefill=self.prefill, gemm=True if invariant else None, blocks=invariant)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def __getstate__(self) -> dict:
+        """A copy or a pickle leaves the bound kernel call behind (a native handle; the copy binds its own)."""
+        state = self.__dict__.copy()
+        state.pop("_bound", None)
+        return state
 
 
 class WeightOnlyInt8Linear(PackedLinear):
@@ -152,6 +168,7 @@ class WeightOnlyInt8Linear(PackedLinear):
     :func:`autopatch.kernels.w8_matmul` on the kernel's packed panels (``qweight``, ``gscale``)."""
 
     matmul = staticmethod(kernels.w8_matmul)
+    bits = 8
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
@@ -180,6 +197,7 @@ class WeightOnlyInt4Linear(PackedLinear):
     """
 
     matmul = staticmethod(kernels.w4_matmul)
+    bits = 4
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)

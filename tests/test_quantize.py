@@ -104,6 +104,33 @@ def test_kernel_refuses_mismatched_shapes_instead_of_reading_past_them():
         w8_matmul(torch.randn(2, 32), q, pack_scales(torch.ones(4, 1)), None)
 
 
+@pytest.mark.parametrize("layer_type", [WeightOnlyInt8Linear, WeightOnlyInt4Linear])
+def test_a_layer_binds_its_kernel_once_with_the_same_bits_and_rebinds_a_replaced_weight(layer_type):
+    """Up to GEMM_ROWS rows a packed layer calls its kernel through kernels.bind (the weight checked once): the
+    same bits as the checked call, for every row count; a weight replaced or copied gets its own binding."""
+    import copy
+
+    from autopatch.kernels import GEMM_ROWS, bind
+
+    g = torch.Generator().manual_seed(31)
+    layer = layer_type.from_linear(nn.Linear(64, 37))
+    for m in (1, 2, 5, 9, GEMM_ROWS):
+        x = torch.randn(m, 64, generator=g)
+        want = type(layer).matmul(x, layer.qweight, layer.gscale, layer.bias, n=37)
+        assert torch.equal(layer(x), want) and torch.equal(layer(x[None])[0], want)
+    bound = layer._bound
+    assert bound is not None and layer(torch.randn(1, 64, generator=g)) is not None and layer._bound is bound
+    twin = copy.deepcopy(layer)  # its own buffers: its own binding, the same product
+    x = torch.randn(3, 64, generator=g)
+    assert torch.equal(twin(x), layer(x)) and twin._bound is not bound
+    other = layer_type.from_linear(nn.Linear(64, 37))
+    layer.qweight, layer.gscale = other.qweight.clone(), other.gscale.clone()  # replaced, not written in place
+    layer.bias = other.bias.clone()
+    assert torch.equal(layer(x), other(x)) and layer._bound is not bound
+    with pytest.raises(ValueError, match="expected float32"):  # checked as the unbound call checks it
+        bind(layer.bits, layer.qweight, layer.gscale, None, n=36, k=64)
+
+
 def _grid4(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random 4-bit levels with a scale and offset per 32 weights, as a GGUF Q4_K tensor has them."""
     return (torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8), torch.rand(n, k // 32, generator=g) / 50,

@@ -25,6 +25,7 @@ with :mod:`ctypes` (which releases the GIL during a call).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -302,15 +303,22 @@ def _native() -> ctypes.CDLL | None:
     return lib
 
 
-def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-          n: int, layout: tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]],
-          prefill: torch.dtype, gemm: bool | None, blocks: bool = False) -> torch.Tensor:
-    """Check the operands against the kernel's ``layout`` (packed and scales dtype and shape), then multiply."""
+def _layout(bits: int, n: int, k: int) -> tuple[torch.dtype, tuple[int, ...], torch.dtype, tuple[int, ...]]:
+    """The packed weight's and the scales' dtype and shape for ``n`` rows of ``k`` inputs in the ``bits`` kernel."""
+    if bits == 8:
+        return torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)
+    return torch.uint8, (panels(n), k // GROUP, PANEL, GROUP // 2), torch.float32, (panels(n), k // GROUP, 2, PANEL)
+
+
+def _check(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+           n: int, prefill: torch.dtype = torch.float32) -> ctypes.CDLL:
+    """The built library, once the operands match the kernel's layout (else ``ValueError``; no kernel here:
+    ``RuntimeError``)."""
     lib, why = _build()
     if lib is None:
         raise RuntimeError(why)
     m, k = x.shape
-    packed_dtype, packed_shape, scales_dtype, scales_shape = layout
+    packed_dtype, packed_shape, scales_dtype, scales_shape = _layout(bits, n, k)
     if (x.dtype, packed.dtype, scales.dtype) != (torch.float32, packed_dtype, scales_dtype) or not packable(k) \
             or tuple(packed.shape) != packed_shape or tuple(scales.shape) != scales_shape \
             or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,))):
@@ -323,13 +331,21 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
         raise ValueError(f"w{bits}_matmul needs contiguous CPU tensors")
     if prefill not in DEQUANT_SUFFIX:
         raise ValueError(f"w{bits}_matmul: prefill must be one of {list(DEQUANT_SUFFIX)}, got {prefill}")
+    return lib
+
+
+def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+          n: int, prefill: torch.dtype, gemm: bool | None, blocks: bool = False) -> torch.Tensor:
+    """Check the operands against the kernel's layout, then multiply."""
+    lib = _check(bits, x, packed, scales, bias, n, prefill)
     _use_threads(lib)
-    if (m > GEMM_ROWS) if gemm is None else gemm:
+    if (x.shape[0] > GEMM_ROWS) if gemm is None else gemm:
         dequant = getattr(lib, f"autopatch_w{bits}_dequant{DEQUANT_SUFFIX[prefill]}")
         return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill, blocks)
-    y = torch.empty(m, n, dtype=torch.float32)
-    getattr(lib, f"autopatch_w{bits}_matmul")(m, n, k, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
-                                              None if bias is None else bias.data_ptr(), y.data_ptr())
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    getattr(lib, f"autopatch_w{bits}_matmul")(x.shape[0], n, x.shape[1], x.data_ptr(), packed.data_ptr(),
+                                              scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                                              y.data_ptr())
     return y
 
 
@@ -341,23 +357,59 @@ def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias:
     ``gemm``: multiply in torch's GEMM, from the weight dequantized in slices (``True``), or in autopatch's kernel
     (``False``); by default the GEMM above :data:`GEMM_ROWS` rows. ``prefill``: the dtype that GEMM multiplies in
     (see :func:`_dequantized_gemm`); ``blocks``: a bfloat16 GEMM in fixed blocks of :data:`GEMM_BLOCK` rows."""
-    n = packed.shape[0] * PANEL if n is None else n
-    k = x.shape[-1]
-    return _call(8, x, packed, scales, bias, n,
-                 (torch.int8, (panels(n), k // CHUNK, PANEL, CHUNK), torch.float32, (panels(n), k // GROUP, PANEL)),
-                 prefill, gemm, blocks)
+    return _call(8, x, packed, scales, bias, packed.shape[0] * PANEL if n is None else n, prefill, gemm, blocks)
 
 
 def w4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
               n: int | None = None, prefill: torch.dtype = torch.float32, gemm: bool | None = None,
               blocks: bool = False) -> torch.Tensor:
-    """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack4(q)``, ``scales = pack4_scales(a, b)`` and
+    """``x @ W.T + bias`` for float32 ``x [m, k]``, ``packed = pack4(q4)``, ``scales = pack4_scales(a, b)`` and
     ``W = a * q + b`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
     ``gemm``, ``prefill`` and ``blocks``: as in :func:`w8_matmul`."""
-    n = packed.shape[0] * PANEL if n is None else n
-    k = x.shape[-1]
-    return _call(4, x, packed, scales, bias, n, (torch.uint8, (panels(n), k // GROUP, PANEL, GROUP // 2),
-                                                 torch.float32, (panels(n), k // GROUP, 2, PANEL)), prefill, gemm, blocks)
+    return _call(4, x, packed, scales, bias, packed.shape[0] * PANEL if n is None else n, prefill, gemm, blocks)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Bound:
+    """One packed weight's product with at most :data:`GEMM_ROWS` rows, its operands checked once, by
+    :func:`bind`: a decode step multiplies each of a model's weights once, and on a small weight checking every
+    operand on every call cost as much as the product. The same kernel call as :func:`w8_matmul` /
+    :func:`w4_matmul` below :data:`GEMM_ROWS` rows, so the same bits.
+
+    Example:
+        >>> bound = bind(8, packed, scales, None, n=32, k=64)
+        >>> torch.equal(bound(x), w8_matmul(x, packed, scales, None, n=32))  # x: contiguous float32 CPU [m, 64]
+        True
+    """
+
+    lib: ctypes.CDLL
+    matmul: Callable[..., None]
+    n: int
+    k: int
+    operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # held, so their memory stays theirs
+    pointers: tuple[int, int, int | None]
+
+    def binds(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether these are still the operands bound, in the same memory (a moved or replaced buffer is not)."""
+        return self.pointers == (packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` for a contiguous float32 CPU ``x [m, k]`` with ``m <= GEMM_ROWS`` (the caller's
+        promise: only the weight was checked)."""
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        _use_threads(self.lib)
+        self.matmul(x.shape[0], self.n, self.k, x.data_ptr(), *self.pointers, y.data_ptr())
+        return y
+
+
+def bind(bits: int, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, n: int,
+         k: int) -> Bound:
+    """The ``bits`` kernel's product with this weight (``n`` rows of ``k`` inputs), checked now as
+    :func:`w8_matmul` / :func:`w4_matmul` check it on every call (``ValueError``, or ``RuntimeError`` where no
+    kernel is built)."""
+    lib = _check(bits, torch.empty(0, k), packed, scales, bias, n)
+    pointers = (packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr())
+    return Bound(lib, getattr(lib, f"autopatch_w{bits}_matmul"), n, k, (packed, scales, bias), pointers)
 
 
 GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply

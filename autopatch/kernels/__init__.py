@@ -19,7 +19,8 @@ the activations too (``quantized::linear_dynamic``, ``torch._int_mm``: fast, but
 docs/quantization.md. ``w8.c`` and ``w4.c`` are about 120 lines each of AVX2/AVX-512 intrinsics, compiled once
 per machine into one library with the host's C compiler (``$CC``, else ``cc``/``gcc``) into
 :func:`autopatch.cache.cache_dir` ``/kernels/``, named by the hash of the sources, flags and CPU, and loaded
-with :mod:`ctypes` (which releases the GIL during a call).
+with :mod:`ctypes` (which releases the GIL during a call). The layouts they read (groups, panels, packing) are
+:mod:`autopatch.kernels.layout`, re-exported here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,29 @@ from pathlib import Path
 import torch
 
 from autopatch.cache import cache_dir
+from autopatch.kernels.layout import (
+    CHUNK,
+    GROUP,
+    PANEL,
+    dequantize_affine4,
+    dequantize_groups,
+    pack,
+    pack4,
+    pack4_scales,
+    pack_scales,
+    packable,
+    panels,
+    unpack,
+    unpack4,
+    unpack4_scales,
+    unpack_scales,
+)
+
+__all__ = ["CHUNK", "GEMM_BLOCK", "GEMM_ROWS", "GGUF_BLOCKS", "GROUP", "PANEL", "Bound", "bind",
+           "dequantize_affine4", "dequantize_groups", "fast_bfloat16", "gguf_dequant", "kernel_error",
+           "matmul_in_blocks", "pack", "pack4", "pack4_scales", "pack_scales", "packable", "padded_to_blocks",
+           "panels", "quantize_affine4", "quantize_groups", "release_openmp_pool", "unpack", "unpack4",
+           "unpack4_scales", "unpack_scales", "w4_matmul", "w8_matmul"]
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("w8.c", "w4.c", "gguf.c"))
 HEADERS = (Path(__file__).with_name("store.h"),)  # included by the sources: part of the build's key, not compiled
@@ -107,19 +131,6 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 DEQUANT_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # a prefill's GEMM dtype -> its dequant function
-CHUNK = 16  # columns per chunk of a panel row (CH in w8.c)
-GROUP = 32  # columns per scale (GROUP in w8.c): the width of a GGUF Q4_K block
-PANEL = 4  # weight rows per panel
-
-
-def panels(rows: int) -> int:
-    """How many panels of 4 weight rows hold ``rows`` rows (the last one padded with zero rows)."""
-    return -(-rows // PANEL)
-
-
-def packable(in_features: int) -> bool:
-    """Whether a Linear with this many inputs fits the kernel's layout (a multiple of 32 columns)."""
-    return in_features % GROUP == 0
 
 
 def quantize_groups(weight: torch.Tensor, *, native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,41 +153,6 @@ def quantize_groups(weight: torch.Tensor, *, native: bool = True) -> tuple[torch
         scales[start : start + 4096] = part
         q[start : start + 4096] = torch.round(groups / part[:, :, None]).clamp_(-127, 127).to(torch.int8).reshape(-1, k)
     return q, scales
-
-
-def pack_scales(scales: torch.Tensor) -> torch.Tensor:
-    """float32 ``[n, k/32]`` -> ``[ceil(n/4), k/32, 4]`` (padding rows scale 0), the panels' scales."""
-    n, groups = scales.shape
-    padded = torch.zeros(panels(n) * PANEL, groups, dtype=torch.float32)
-    padded[:n] = scales
-    return padded.view(panels(n), PANEL, groups).transpose(1, 2).contiguous()
-
-
-def unpack_scales(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of :func:`pack_scales`."""
-    panels, groups, _ = packed.shape
-    return packed.transpose(1, 2).reshape(panels * PANEL, groups)[:n].contiguous()
-
-
-def pack(qweight: torch.Tensor) -> torch.Tensor:
-    """int8 ``[n, k]`` -> ``[ceil(n/4), k/16, 4, 16]``: each panel of 4 rows as one contiguous stream."""
-    n, k = qweight.shape
-    if k % CHUNK:  # the panel layout needs whole chunks; the scales (pack_scales) need whole groups
-        raise ValueError(f"pack: {k} columns is not a multiple of {CHUNK}")
-    padded = torch.zeros(panels(n) * PANEL, k, dtype=torch.int8)
-    padded[:n] = qweight
-    return padded.view(panels(n), PANEL, k // CHUNK, CHUNK).transpose(1, 2).contiguous()
-
-
-def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of :func:`pack`: the int8 ``[n, k]`` weight."""
-    panels, chunks, _, _ = packed.shape
-    return packed.transpose(1, 2).reshape(panels * PANEL, chunks * CHUNK)[:n].contiguous()
-
-
-def dequantize_groups(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The float32 weight of :func:`quantize_groups`'s ``(q, scales)``: ``q * scale`` per group of 32."""
-    return q.float() * scales.repeat_interleave(GROUP, dim=1)
 
 
 def quantize_affine4(weight: torch.Tensor, *, native: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,46 +197,6 @@ def quantize_affine4(weight: torch.Tensor, *, native: bool = True) -> tuple[torc
         b[start : start + rows] = low.view(rows, -1)
         q[start : start + rows] = (offset / step[:, None]).round_().clamp_(0, 15).to(torch.uint8).view(rows, k)
     return q, a, b
-
-
-def dequantize_affine4(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The float32 weight of :func:`quantize_affine4`'s ``(q, a, b)``: ``a * q + b`` per group of 32 (one rounding,
-    as the kernel's fused multiply-add)."""
-    return torch.addcmul(b.repeat_interleave(GROUP, dim=1), q.float(), a.repeat_interleave(GROUP, dim=1))
-
-
-def pack4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[n, k]`` in 0..15 -> ``[ceil(n/4), k/32, 4, 16]``: in each group of 32 columns, byte j of a row
-    holds column j (low nibble) and column j + 16 (high nibble)."""
-    n, k = q.shape
-    if not packable(k):
-        raise ValueError(f"pack4: {k} columns is not a multiple of {GROUP}")
-    padded = torch.zeros(panels(n) * PANEL, k, dtype=torch.uint8)
-    padded[:n] = q
-    halves = padded.view(panels(n), PANEL, k // GROUP, 2, GROUP // 2)
-    return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).transpose(1, 2).contiguous()
-
-
-def unpack4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of :func:`pack4`: the uint8 ``[n, k]`` levels."""
-    count, groups, _, half = packed.shape
-    rows = packed.transpose(1, 2)
-    return torch.stack((rows & 15, rows >> 4), dim=3).reshape(count * PANEL, groups * 2 * half)[:n].contiguous()
-
-
-def pack4_scales(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """float32 ``a, b [n, k/32]`` -> ``[ceil(n/4), k/32, 2, 4]`` (padding rows 0), the panels' (a, b)."""
-    n, groups = a.shape
-    padded = torch.zeros(2, panels(n) * PANEL, groups, dtype=torch.float32)
-    padded[0, :n], padded[1, :n] = a, b
-    return padded.view(2, panels(n), PANEL, groups).permute(1, 3, 0, 2).contiguous()
-
-
-def unpack4_scales(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of :func:`pack4_scales`: ``(a, b)``."""
-    count, groups, _, _ = packed.shape
-    both = packed.permute(2, 0, 3, 1).reshape(2, count * PANEL, groups)[:, :n]
-    return both[0].contiguous(), both[1].contiguous()
 
 
 def kernel_error() -> str | None:

@@ -74,9 +74,11 @@ class ForwardLog:
 
 
 def ceiling(one: list[tuple[int, int, float]], batched: list[tuple[int, int, float]], size: int) -> list[str]:
-    """What the forward passes of the one-at-a-time run would cost if every decode step ran in a full batch
-    (at the cost of the batched run's largest decode steps) and every prefill token at the batched run's cost
-    per token: the most any scheduler could gain here, before HTTP and Python between the steps."""
+    """What the batched run's own forward passes would cost if every decode step ran in a full batch (its decode
+    rows packed ``size`` to a step, at the cost of its widest steps), its prefills as they ran: the most a scheduler
+    could gain on this workload over the one-at-a-time run, before HTTP and Python between the steps. (A lone
+    request runs more prompt tokens than its share of a batch's, whose rows share their prompts' start, so this
+    counts the batched run's tokens, not the lone run's.)"""
     def split(calls):
         return [c for c in calls if c[1] > 1], [c for c in calls if c[1] == 1]
 
@@ -84,17 +86,18 @@ def ceiling(one: list[tuple[int, int, float]], batched: list[tuple[int, int, flo
     batch_prefill, batch_decode = split(batched)
     widest = max((rows for rows, _, _ in batch_decode), default=1)
     step = sum(t for rows, _, t in batch_decode if rows == widest) / max(1, sum(rows == widest for rows, _, _ in batch_decode))
-    per_token = sum(t for *_, t in batch_prefill) / max(1, sum(r * n for r, n, _ in batch_prefill))
-    ideal = sum(n for _, n, _ in one_prefill) * per_token + -(-len(one_decode) // size) * step
+    row_steps = sum(rows for rows, _, _ in batch_decode)
+    ideal = sum(t for *_, t in batch_prefill) + -(-row_steps // size) * step
     total = sum(t for *_, t in one)
-    lines = ["| run | prefill calls | prefill s | decode steps | decode s |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | prefill calls | prompt tokens | prefill s | decode steps | decode row-steps | decode s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, (pre, dec) in (("one at a time", (one_prefill, one_decode)), (f"batches of {size}", (batch_prefill, batch_decode))):
-        lines.append(f"| {label} | {len(pre)} | {sum(t for *_, t in pre):.2f} | {len(dec)} | {sum(t for *_, t in dec):.2f} |")
+        lines.append(f"| {label} | {len(pre)} | {sum(r * n for r, n, _ in pre)} | {sum(t for *_, t in pre):.2f} | "
+                     f"{len(dec)} | {sum(r for r, _, _ in dec)} | {sum(t for *_, t in dec):.2f} |")
     lines.append(f"\nA decode step costs {step * 1000:.0f} ms at {widest} rows against "
-                 f"{sum(t for *_, t in one_decode) / max(1, len(one_decode)) * 1000:.0f} ms at 1; a prefill token "
-                 f"{per_token * 1000:.2f} ms batched against {sum(t for *_, t in one_prefill) / max(1, sum(n for _, n, _ in one_prefill)) * 1000:.2f} ms "
-                 f"alone. Every decode step in a full batch and every prefill token at the batched cost: "
-                 f"{ideal:.2f} s of forward passes against {total:.2f} s one at a time, at most {total / ideal:.2f}x.")
+                 f"{sum(t for *_, t in one_decode) / max(1, len(one_decode)) * 1000:.0f} ms at 1. The batched run's "
+                 f"prefills as they ran and its {row_steps} decode row-steps in full steps of {size}: {ideal:.2f} s of "
+                 f"forward passes against {total:.2f} s one at a time, at most {total / ideal:.2f}x.")
     return lines
 
 

@@ -24,9 +24,10 @@ patch context opens, so the engine's "first forward call" is still the
 prefill of the rows. A lone row reuses a start that is registered (a prompt
 format's, :func:`register_prefix`), already cached, or shared with one of the
 latest lone rows (a different prompt): a client's fixed system prompt is
-computed once, on its second request, and reused after. Falls back to a plain left-padded batch (``prefix_len ==
-0``) when the shared prefix is short, when the model's cache class cannot be
-built, or when the prompt would outgrow a sliding attention window.
+computed once, on its second request, and reused after. Falls back to a plain
+left-padded batch (``prefix_len == 0``) when the shared prefix is short, when
+the model's cache class cannot be built, when the prompt would outgrow a
+sliding attention window, or within :func:`bypassed`.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from autopatch.invariance import batch_invariant
 
 MIN_PREFIX_TOKENS = 8  # below this, a cached prefix saves less than its copy costs
 MAX_PREFIXES_PER_MODEL = 8
+MAX_PREFIX_BYTES = 512 << 20  # keys and values kept per model, at most: a client's long system prompt stays bounded
 RECENT_ROWS = 16  # lone rows remembered per model, to find a start that comes back (a client's fixed system prompt)
 
 _lock = threading.Lock()
@@ -167,7 +168,8 @@ def _new_cache(model: torch.nn.Module):
 
 
 def _prefix_cache(model: torch.nn.Module, prefix: torch.Tensor):
-    """The batch-1 cache of ``prefix`` for ``model``, computed once and kept (a few per model, least recent out).
+    """The batch-1 cache of ``prefix`` for ``model``, computed once and kept (at most :data:`MAX_PREFIXES_PER_MODEL`
+    per model and :data:`MAX_PREFIX_BYTES` of keys and values, least recent out; a larger one is not kept).
 
     A new prefix that extends one already cached, or a registered one (:func:`register_prefix`, computed then
     and kept too), runs only its extra tokens on a copy of that cache: a batch's shared prefix is usually the
@@ -186,12 +188,24 @@ def _prefix_cache(model: torch.nn.Module, prefix: torch.Tensor):
     with torch.no_grad():
         model(input_ids=prefix[None, len(base) :].to(device), use_cache=True, **{cache_argument(model): cache},
               **_one_logit(model))
+    size = cache_bytes(cache)
+    if size > MAX_PREFIX_BYTES:
+        return cache  # used for this call, never kept
     with _lock:
         entries = _store.setdefault(model, OrderedDict())
         entries[key] = cache
-        while len(entries) > MAX_PREFIXES_PER_MODEL:
+        while len(entries) > MAX_PREFIXES_PER_MODEL or sum(cache_bytes(c) for c in entries.values()) > MAX_PREFIX_BYTES:
             entries.popitem(last=False)
     return cache
+
+
+def cache_bytes(cache: Any) -> int:
+    """The bytes of a KV cache's keys and values (transformers' layered caches; 0 for a cache it cannot read)."""
+    tensors = [t for layer in getattr(cache, "layers", ()) for t in (getattr(layer, "keys", None),
+                                                                    getattr(layer, "values", None))]
+    if not tensors:  # transformers releases before layered caches
+        tensors = [*getattr(cache, "key_cache", ()), *getattr(cache, "value_cache", ())]
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
 
 
 def clear_prefix_cache(model: torch.nn.Module | None = None) -> None:

@@ -146,6 +146,26 @@ def test_the_prefix_cache_is_computed_once_and_bounded():
     clear_prefix_cache(model)
 
 
+def test_the_prefix_cache_keeps_a_bounded_number_of_bytes(monkeypatch):
+    import autopatch.prefix_cache as prefix_cache
+
+    model = tiny_model_for_bytes("llama", seed=5)
+    clear_prefix_cache(model)
+    short, other, long = torch.arange(3, 20), torch.arange(40, 57), torch.arange(3, 60)
+    size = prefix_cache.cache_bytes(_prefix_cache(model, short))
+    assert size > 0 and prefix_cache.cache_bytes(_prefix_cache(model, long)) > 3 * size
+    clear_prefix_cache(model)
+    monkeypatch.setattr(prefix_cache, "MAX_PREFIX_BYTES", 2 * size + size // 2)  # room for two of the short ones
+    first, second = _prefix_cache(model, short), _prefix_cache(model, other)
+    assert _prefix_cache(model, short) is first and _prefix_cache(model, other) is second  # both kept
+    _prefix_cache(model, short)  # now the most recently used
+    _prefix_cache(model, torch.arange(70, 87))  # a third: over the bytes, so the least recently used goes
+    assert _prefix_cache(model, short) is first and _prefix_cache(model, other) is not second
+    assert _prefix_cache(model, long) is not _prefix_cache(model, long)  # too large alone: used, never kept
+    assert _prefix_cache(model, short) is first
+    clear_prefix_cache(model)
+
+
 def test_a_sliding_window_shorter_than_the_prompt_disables_the_cache():
     model, tok = tiny_model_for_bytes("mistral"), byte_tokenizer()
     rows = _rows(tok, [FMT.render(q) for q in QUESTIONS])

@@ -300,7 +300,10 @@ def prefix_layout(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_id: 
     elif len(rows) > 1:  # several rows share their prefix's computation
         length = min(shared_prefix_len(rows), limit)
     else:  # one row only gains from a start seen before: cached, registered, or shared with a recent lone row
-        length = max(_reusable_len(model, rows[0], limit), _seen_again_len(model, rows[0], limit))
+        length = _reusable_len(model, rows[0], limit)
+        seen = _seen_again_len(model, rows[0], limit)
+        if seen >= length + MIN_PREFIX_TOKENS:  # a few more tokens (a question's first words) cost a forward call
+            length = seen
     window = _sliding_window(model)
     if window is not None and max(len(r) for r in rows) >= window:
         length = 0  # a sliding-window cache would drop the prefix's oldest keys

@@ -253,7 +253,10 @@ def test_a_single_row_uses_only_a_prefix_seen_before():
 
 
 def test_a_lone_row_reuses_the_start_it_shares_with_a_recent_lone_row():
-    """A client's fixed system prompt: computed on its second request, reused after, with the plain path's tokens."""
+    """A client's fixed system prompt: computed on its second request, reused after, with the plain path's tokens;
+    a shared start fewer than MIN_PREFIX_TOKENS past a registered one is not worth its own forward call."""
+    from autopatch.prefix_cache import register_prefix
+
     model, tok = tiny_model_for_bytes("llama", seed=7), byte_tokenizer()
     clear_prefix_cache(model)
     system = "You answer travel questions for an agency, in one short line.\n\n"
@@ -272,6 +275,9 @@ def test_a_lone_row_reuses_the_start_it_shares_with_a_recent_lone_row():
     assert prefix_layout(model, [second], tok.pad_token_id, protect=[MIN_PREFIX_TOKENS - 1]).prefix_len == 0
     clear_prefix_cache(model)  # forgets the rows too
     assert prefix_layout(model, [second], tok.pad_token_id).prefix_len == 0
+    register_prefix(model, first[: len(system) - 4].tolist())  # most of it registered: the rest is not worth a call
+    assert prefix_layout(model, [first], tok.pad_token_id).prefix_len == len(system) - 4
+    clear_prefix_cache(model)
 
 
 def test_a_longer_prefix_extends_the_cached_one_and_equals_one_computed_whole():

@@ -250,14 +250,8 @@ def _seen_again_len(model: torch.nn.Module, row: torch.Tensor, limit: int) -> in
         recent = _recent.setdefault(model, deque(maxlen=RECENT_ROWS))
         earlier = list(recent)
         recent.append(row.clone())  # the caller's tensor may change after this
-    best = 0
-    for other in earlier:
-        if len(other) == len(row) and torch.equal(other, row):
-            continue
-        n = max(0, min(len(other), len(row), limit))
-        differ = (other[:n] != row[:n]).nonzero()
-        best = max(best, int(differ[0]) if len(differ) else n)
-    return best
+    others = [r for r in earlier if not (len(r) == len(row) and torch.equal(r, row))]
+    return max((min(shared_prefix_len([other, row]), limit) for other in others), default=0)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from autopatch.patcher import AutoPatcher
     from autopatch.quantize import model_quantization
     from autopatch.stopping import cut_at_stop
+    from bench.bench_server import ForwardLog
     from bench.machine import cpu_summary
     from server.prompting import build_prompt
 
@@ -66,12 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, quantize=args.quantize)
     questions = [p for pair in zip(QUESTIONS, ORDINARY) for p in pair]
     system = [{"role": "system", "content": args.system}] if args.system else []
-    tokens = [0]
-
-    def count(module, a, kwargs):
-        ids = kwargs.get("input_ids", a[0] if a else None)
-        if ids is not None and ids.shape[-1] > 1:
-            tokens[0] += int(ids.numel())
 
     def answer(patcher: AutoPatcher, question: str) -> str:
         prompt = build_prompt([*system, {"role": "user", "content": question}], tok, patcher.profile.prompt_format)
@@ -82,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(way: str) -> tuple[float, int, list[str], str]:
         prefix_cache.clear_prefix_cache(model)
-        tokens[0] = 0
+        log.take()
         start = time.perf_counter()
         with ExitStack() as stack:
             if way in ("the format's start", "registered starts"):
@@ -93,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             texts = [answer(patcher, q) for q in questions]
         seconds = time.perf_counter() - start
         prefix_cache.clear_prefix_cache(model)  # the next way starts from nothing, its deque length its own
-        return seconds, tokens[0], texts, patcher.decomposer
+        return seconds, sum(rows * n for rows, n, _ in log.take() if n > 1), texts, patcher.decomposer
 
-    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    log = ForwardLog(model)  # every forward call's rows and tokens: a pass's prompt tokens
     try:
         run("shipped")  # warm-up: kernels, first calls
         times: dict[str, list[float]] = {way: [] for way in WAYS}
@@ -106,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[way].append(seconds)
                 ran[way] = (prefilled, texts, decomposer)
     finally:
-        handle.remove()
+        log.close()
     shipped = statistics.median(times["shipped"])
     print(f"model {args.model or EMBEDDED_MODEL_NAME} ({model_quantization(model)}), decomposer {ran['shipped'][2]}, "
           f"{len(questions)} requests one at a time (8 two-hop, 8 ordinary"

@@ -327,7 +327,7 @@ class Bound:
 
     def binds(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """Whether these are still the operands bound, in the same memory (a moved or replaced buffer is not)."""
-        return self.pointers == (packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr())
+        return self.pointers == _pointers(packed, scales, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` for a contiguous float32 CPU ``x [m, k]`` with ``m <= GEMM_ROWS`` (the caller's
@@ -344,8 +344,13 @@ def bind(bits: int, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tens
     :func:`w8_matmul` / :func:`w4_matmul` check it on every call (``ValueError``, or ``RuntimeError`` where no
     kernel is built)."""
     lib = _check(bits, torch.empty(0, k), packed, scales, bias, n)
-    pointers = (packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr())
-    return Bound(lib, getattr(lib, f"autopatch_w{bits}_matmul"), n, k, (packed, scales, bias), pointers)
+    return Bound(lib, getattr(lib, f"autopatch_w{bits}_matmul"), n, k, (packed, scales, bias),
+                 _pointers(packed, scales, bias))
+
+
+def _pointers(packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int | None]:
+    """The kernel's weight operands as it takes them: their data pointers (``None`` for no bias)."""
+    return packed.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr()
 
 
 GEMM_ROWS = 48  # above this many rows (a prefill), dequantize the weight in slices and let torch's GEMM multiply

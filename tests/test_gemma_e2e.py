@@ -214,17 +214,23 @@ def test_the_first_load_straight_from_gguf_equals_the_float32_route_bit_for_bit(
     assert [k for k, v in fast.state_dict().items() if not torch.equal(v, ours[k])] == []
 
 
-def test_batch_invariant_a_batched_answer_is_its_lone_answer_bit_for_bit(gemma):
+def test_batch_invariant_a_batched_answer_is_its_lone_answer_bit_for_bit(gemma, monkeypatch):
     """autopatch.invariance.set_batch_invariant (the bfloat16 GEMM's fixed blocks, the row-invariant attention): a
     row's forward passes do not depend on its batch, so each row's greedy tokens and every step's scores equal its
-    own run alone (without it, 4 answers of 32 moved in bench/bench_server.py)."""
+    own run alone (without it, 4 answers of 32 moved in bench/bench_server.py). On a CPU without bfloat16 units
+    the shared model multiplies float32 activations, where the switch does nothing; the bfloat16-prefill mode is
+    loaded anyway (from int4's cache; torch emulates its bfloat16 GEMM there), so the machinery runs everywhere."""
+    import autopatch
     from autopatch.invariance import set_batch_invariant
     from autopatch.patcher import AutoPatcher
     from eval.twohop import generate_twohop
 
     model, tok = gemma
     if not set_batch_invariant(model):
-        pytest.skip("the model was loaded with float32 activations here (no bfloat16 units): nothing to make invariant")
+        assert not autopatch.kernels.fast_bfloat16()
+        monkeypatch.setattr(autopatch.kernels, "fast_bfloat16", lambda: True)
+        model, tok = autopatch.load_model(quantize="int4-bf16")
+        assert set_batch_invariant(model)
     try:
         patcher = AutoPatcher(model, tok)
         questions = [r.question for r in generate_twohop("dev")[8:16]]

@@ -101,11 +101,18 @@ BLOCK4(2)
 BLOCK4(3)
 BLOCK4(4)
 
-#if VW == 16
 /* 2 to 5 rows of x against one of the panel's weight rows (column c of out), a pass per weight row: 2*MB
- * accumulators, where BLOCK4(MB) keeps 8*MB (past the 32 registers at 4 rows). 1.3-1.7x faster at 4 to 16 rows
- * on the embedded models' narrow weights (docs/bench_kernels_passes.txt). Each out[r][c] is the sum BLOCK4(MB)
+ * accumulators, where BLOCK4(MB) keeps 8*MB (past the 32 registers at 4 rows with AVX-512, past AVX2's 16 at
+ * 2). 1.3-1.7x faster at 4 to 16 rows on the embedded models' narrow weights with AVX-512
+ * (docs/bench_kernels_passes.txt); AVX2: docs/bench_kernels_avx2.txt. Each out[r][c] is the sum BLOCK4(MB)
  * makes, product for product and in the same order: the same bits. */
+#ifdef TABLE
+#define TALL_SETUP(c) const vf t = vtable(ab[c], ab[4 + c]);
+#define TALL_DEQUANT(v) const vf lo = vlo_t(v, t), hi = vhi_t(v, t);
+#else
+#define TALL_SETUP(c) const vf a = vset(ab[c]), b = vset(ab[4 + c]);
+#define TALL_DEQUANT(v) const vf lo = vfma(vlo(v), a, b), hi = vfma(vhi(v), a, b);
+#endif
 #define TALL4(MB)                                                                                    \
     static inline void w4tall##MB(int K, const float *x, const uint8_t *panel, const float *ab, int c, \
                                   float out[8][4]) {                                                 \
@@ -113,10 +120,10 @@ BLOCK4(4)
         for (int r = 0; r < MB; r++) acc[r] = acc2[r] = vzero();                                     \
         for (int k = 0; k < K; k += GROUP, panel += 4 * HALF, ab += 8) {                             \
             _mm_prefetch((const char *)panel + PREFETCH, _MM_HINT_T0);                               \
-            const vf t = vtable(ab[c], ab[4 + c]);                                                   \
+            TALL_SETUP(c)                                                                            \
             _Pragma("GCC unroll 2") for (int h = 0; h < HALF; h += VW) {                             \
                 vi v = vload_u8(panel + c * HALF + h);                                               \
-                const vf lo = vlo_t(v, t), hi = vhi_t(v, t);                                         \
+                TALL_DEQUANT(v)                                                                      \
                 _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) {                               \
                     const vf xl = vload_x(x + (size_t)r * K + k + h), xh = vload_x(x + (size_t)r * K + k + HALF + h); \
                     acc[r] = vfma(xl, lo, acc[r]); acc2[r] = vfma(xh, hi, acc2[r]);                  \
@@ -131,12 +138,13 @@ TALL4(4)
 TALL4(5)
 /* The passes read the block's rows of x once per weight row: only while those rows stay in L1 (a row of the
  * 1.5B's down-projection, K = 8960, is 35 KB, and there BLOCK4 is faster). A last block of 5 rows is one pass. */
+#if VW == 16
 #define TALL_X_BYTES 32768
+#else /* AVX2: BLOCK4 spills its accumulators from 2 rows on, so a pass reading x from L2 is still faster */
+#define TALL_X_BYTES 262144
+#endif
 #define TALL_FITS(mb, K) ((mb) >= 2 && (size_t)(mb) * (K) * sizeof(float) <= TALL_X_BYTES)
 #define PASS_ROWS(left, K) ((left) == 5 && TALL_FITS(5, K) ? 5 : (left) < 4 ? (left) : 4)
-#else
-#define PASS_ROWS(left, K) ((left) < 4 ? (left) : 4)
-#endif
 
 /* x [M, K] float32, packed [ceil(N/4), K/GROUP, 4, HALF] uint8, ab [ceil(N/4), K/GROUP, 2, 4] float32,
  * bias [N] or NULL, y [M, N]. */
@@ -152,7 +160,6 @@ void autopatch_w4_matmul(int M, int N, int K, const float *x, const uint8_t *pac
             const int mb = PASS_ROWS(M - m0, K);
             const float *xb = x + (size_t)m0 * K;
             float out[8][4];
-#if VW == 16
             if (TALL_FITS(mb, K))
                 for (int c = 0; c < 4; c++)
                     switch (mb) {
@@ -162,7 +169,6 @@ void autopatch_w4_matmul(int M, int N, int K, const float *x, const uint8_t *pac
                         default: w4tall2(K, xb, panel, pab, c, out); break;
                     }
             else
-#endif
             switch (mb) {
                 case 4: w4block4(K, xb, panel, pab, out); break;
                 case 3: w4block3(K, xb, panel, pab, out); break;

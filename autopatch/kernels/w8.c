@@ -80,7 +80,6 @@ BLOCK(2)
 BLOCK(3)
 BLOCK(4)
 
-#if VW == 16
 /* 5 to 8 rows of x in one pass over a pair of the panel's weight rows (columns c0, c0 + 1 of out): each weight
  * vector is converted and scaled once for up to 8 rows instead of once per block of 4, with 16 accumulators.
  * Each out[r][c] is the sum BLOCK(MB) makes, product for product and in the same order: the same bits.
@@ -104,13 +103,23 @@ BLOCK(4)
         }                                                                                           \
         for (int r = 0; r < MB; r++) { out[r][c0] = vsum(acc[r][0]); out[r][c0 + 1] = vsum(acc[r][1]); } \
     }
+TALL(2)
+TALL(3)
+TALL(4)
 TALL(5)
 TALL(6)
 TALL(7)
 TALL(8)
+#if VW == 16
 #define ROWS_PER_PASS 8
-#else
-#define ROWS_PER_PASS 4
+#define TALL_FROM 5
+#else /* AVX2's 16 registers: BLOCK(2) and up spill, a pass over a pair of weight rows keeps 2*MB + 5 */
+#ifndef ROWS_PER_PASS
+#define ROWS_PER_PASS 5
+#endif
+#ifndef TALL_FROM
+#define TALL_FROM 3
+#endif
 #endif
 
 /* x [M, K] float32, packed [ceil(N/4), K/CH, 4, CH] int8, scales [ceil(N/4), K/GROUP, 4] float32,
@@ -127,18 +136,18 @@ void autopatch_w8_matmul(int M, int N, int K, const float *x, const int8_t *pack
             const int mb = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
             const float *xb = x + (size_t)m0 * K;
             float out[8][4];
-            switch (mb) {
-#if VW == 16
-                case 8: case 7: case 6: case 5:
-                    for (int c0 = 0; c0 < 4; c0 += 2)
-                        switch (mb) {
-                            case 8: tall8(K, xb, panel, ps, c0, out); break;
-                            case 7: tall7(K, xb, panel, ps, c0, out); break;
-                            case 6: tall6(K, xb, panel, ps, c0, out); break;
-                            default: tall5(K, xb, panel, ps, c0, out); break;
-                        }
-                    break;
-#endif
+            if (mb >= TALL_FROM)
+                for (int c0 = 0; c0 < 4; c0 += 2)
+                    switch (mb) {
+                        case 8: tall8(K, xb, panel, ps, c0, out); break;
+                        case 7: tall7(K, xb, panel, ps, c0, out); break;
+                        case 6: tall6(K, xb, panel, ps, c0, out); break;
+                        case 5: tall5(K, xb, panel, ps, c0, out); break;
+                        case 4: tall4(K, xb, panel, ps, c0, out); break;
+                        case 3: tall3(K, xb, panel, ps, c0, out); break;
+                        default: tall2(K, xb, panel, ps, c0, out); break;
+                    }
+            else switch (mb) {
                 case 4: block4(K, xb, panel, ps, out); break;
                 case 3: block3(K, xb, panel, ps, out); break;
                 case 2: block2(K, xb, panel, ps, out); break;

@@ -152,7 +152,7 @@ def set_batch_invariant(model: Any, on: bool = True) -> bool:
 
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) in (_BASE, ROWS)
-    on = on and sdpa and any(m.prefill != torch.float32 for m in packed)  # all of it or none: half would not do
+    on = on and sdpa and any(m.prefill == torch.bfloat16 for m in packed)  # all of it or none: half would not do
     for module in packed:
         module.invariant = on
     row_invariant_attention(model, on=on)

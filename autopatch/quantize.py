@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int4', 'int4-all', 'int4-bf16', 'int8', 'int8-bf16', 'int8-dynamic', 'none']
+    ['int4', 'int4-all', 'int4-bf16', 'int4-q8', 'int8', 'int8-bf16', 'int8-dynamic', 'int8-q8', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -28,6 +28,11 @@ Why this design (measured in docs/quantization.md):
   :data:`autopatch.kernels.GEMM_ROWS` rows, where the matmul is compute-bound) in bfloat16, on the CPU's bfloat16
   units (AMX, AVX512-BF16): several times faster than float32, with the answers of the float32-activation modes
   (docs/quantization.md). A decode step stays float32. Refused on a CPU without those units, where it is slower.
+* ``int4-q8`` and ``int8-q8`` keep those weights (and their cache) and round every matmul's activations to int8
+  with one scale per 32 inputs (llama.cpp's Q8_0), summed exactly in int32 with AVX2's byte multiplies
+  (``kernels/q8.c``): on a CPU without bfloat16 units, faster than the float32-activation kernels at one row and
+  than float32 GEMM at a prefill's, at an accuracy cost measured per model. Each row is rounded on its own, at
+  every row count, so a row's product does not depend on its batch.
 * ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
   channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
   ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with an outlying
@@ -84,7 +89,8 @@ class QuantMode:
     ``rounds``: the first layer that accepts the Linear, whether or not it holds the weight as closely as the
     next would (fewer bytes a step, at a measured cost in accuracy).
     ``prefill``: the dtype a prefill's matmuls multiply in (above :data:`autopatch.kernels.GEMM_ROWS` rows);
-    ``torch.bfloat16`` needs :func:`kernels.fast_bfloat16`.
+    ``torch.bfloat16`` needs :func:`kernels.fast_bfloat16`; :data:`autopatch.kernels.Q8` rounds every matmul's
+    activations to int8, at any row count.
     ``weights``: the mode whose quantized weights this one shares (and whose cache it reads), where only
     ``prefill`` differs.
     """
@@ -112,6 +118,12 @@ class QuantMode:
                        description=f"{self.name}'s weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 "
                                    f"units (AMX or AVX512-BF16; refused elsewhere), decode steps as {self.name}")
 
+    def with_q8_activations(self) -> QuantMode:
+        """This mode's weights (and cache), every product's activations rounded to int8 per 32: ``<name>-q8``."""
+        return replace(self, name=f"{self.name}-q8", prefill=kernels.Q8, weights=self.name,
+                       description=f"{self.name}'s weights; every matmul's activations rounded to int8 with a scale "
+                                   f"per 32 inputs (llama.cpp's Q8_0) and summed in int32 (AVX2), at any row count")
+
     def layer_for(self, linear: nn.Linear) -> type[Int8Linear]:
         """The layer class ``linear`` becomes."""
         fitting = [layer for layer in self.layers if layer.accepts(linear)]
@@ -136,6 +148,8 @@ QUANT_MODES: dict[str, QuantMode] = {
                   (WeightOnlyInt4Linear, WeightOnlyInt8Linear), rounds=True),
         _INT8.with_bf16_prefill(),
         _INT4.with_bf16_prefill(),
+        _INT8.with_q8_activations(),
+        _INT4.with_q8_activations(),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )
@@ -166,7 +180,7 @@ def _why_not(mode: QuantMode) -> str | None:
         return None
     if DynamicInt8Linear in mode.layers:
         return _int_mm_error()
-    if mode.prefill != torch.float32 and not kernels.fast_bfloat16():
+    if mode.prefill == torch.bfloat16 and not kernels.fast_bfloat16():
         return ("this CPU has no bfloat16 matrix units (AMX or AVX512-BF16), so a bfloat16 prefill would be slower "
                 "than float32 here")
     return _kernel_error()
@@ -273,8 +287,9 @@ def apply_mode(model: nn.Module, mode: QuantMode) -> None:
     head = outputs() if callable(outputs) else None
     for module in model.modules():
         if isinstance(module, PackedLinear):
-            # the LM head's logits over many positions (scoring, a logit lens) keep float32's precision
-            module.prefill = torch.float32 if module is head else mode.prefill
+            # the LM head's logits over many positions (scoring, a logit lens) keep float32's precision; int8
+            # activations, summed exactly in int32, are far closer to it than bfloat16's rounded products
+            module.prefill = torch.float32 if module is head and mode.prefill == torch.bfloat16 else mode.prefill
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

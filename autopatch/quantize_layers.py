@@ -100,12 +100,13 @@ class PackedLinear(Int8Linear):
         # Batch-invariant under a bfloat16 prefill: every call of more than one position per sequence (a prefill,
         # however few its rows) multiplies in the bfloat16 GEMM's fixed blocks, so a prompt's tokens get the same
         # arithmetic alone and in any batch; a decode step (one position) stays in the float32 kernel.
-        invariant = self.invariant and self.prefill != torch.float32 and x.dim() >= 3 and x.shape[-2] > 1
-        if rows.shape[0] <= kernels.GEMM_ROWS and not invariant and rows.is_cpu:  # the kernel, as matmul would
+        invariant = self.invariant and self.prefill == torch.bfloat16 and x.dim() >= 3 and x.shape[-2] > 1
+        q8 = self.prefill == kernels.Q8  # the int8-activation kernel at every row count
+        if (rows.shape[0] <= kernels.GEMM_ROWS or q8) and not invariant and rows.is_cpu:  # as matmul would
             bound = self._bound
-            if bound is None or not bound.binds(self.qweight, self.gscale, self.bias):
+            if bound is None or not bound.binds(self.qweight, self.gscale, self.bias, q8):
                 bound = self._bound = kernels.bind(self.bits, self.qweight, self.gscale, self.bias,
-                                                   n=self.out_features, k=self.in_features)
+                                                   n=self.out_features, k=self.in_features, q8=q8)
             out = bound(rows)
         else:
             out = type(self).matmul(rows, self.qweight, self.gscale, self.bias, n=self.out_features,

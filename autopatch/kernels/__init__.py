@@ -58,13 +58,13 @@ from autopatch.kernels.layout import (
     unpack_scales,
 )
 
-__all__ = ["CHUNK", "GEMM_BLOCK", "GEMM_ROWS", "GGUF_BLOCKS", "GROUP", "PANEL", "Bound", "bind",
+__all__ = ["CHUNK", "GEMM_BLOCK", "GEMM_ROWS", "GGUF_BLOCKS", "GROUP", "PANEL", "Q8", "Bound", "bind",
            "dequantize_affine4", "dequantize_groups", "fast_bfloat16", "gguf_dequant", "kernel_error",
            "matmul_in_blocks", "pack", "pack4", "pack4_scales", "pack_scales", "packable", "padded_to_blocks",
-           "panels", "quantize_affine4", "quantize_groups", "release_openmp_pool", "unpack", "unpack4",
+           "panels", "q8_quantize", "quantize_affine4", "quantize_groups", "release_openmp_pool", "unpack", "unpack4",
            "unpack4_scales", "unpack_scales", "w4_matmul", "w8_matmul"]
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("w8.c", "w4.c", "gguf.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("w8.c", "w4.c", "gguf.c", "q8.c"))
 HEADERS = (Path(__file__).with_name("store.h"),)  # included by the sources: part of the build's key, not compiled
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
@@ -120,6 +120,11 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             dequant = getattr(lib, f"autopatch_w{bits}_dequant{suffix}")
             dequant.restype = None
             dequant.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+        q8 = getattr(lib, f"autopatch_w{bits}_matmul_q8")
+        q8.restype = ctypes.c_int
+        q8.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5
+    lib.autopatch_q8_quantize.restype = None
+    lib.autopatch_q8_quantize.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 4
     lib.autopatch_set_threads.argtypes = [ctypes.c_int]
     lib.autopatch_groups8.restype = None
     lib.autopatch_groups8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
@@ -131,6 +136,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 DEQUANT_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # a prefill's GEMM dtype -> its dequant function
+# ``prefill=Q8``: every product, at any row count, rounds x to int8 per 32 inputs and sums in int32 (q8.c)
+Q8 = torch.int8
 
 
 def quantize_groups(weight: torch.Tensor, *, native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +227,24 @@ def kernel_error() -> str | None:
     return None
 
 
+def q8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How the ``Q8`` kernels round float32 ``x [m, k]``: ``(xq int8 [m, k], d float32 [m, k/32], s float32
+    [m, k/32])``, ``xq`` the round-to-even of ``x * (127 / max|x|)`` per group of 32 inputs, ``d = max|x| / 127``
+    and ``s`` the group's float sum (``q8.c``'s ``autopatch_q8_quantize``; ``RuntimeError`` where it is not
+    built)."""
+    lib, why = _build()
+    if lib is None:
+        raise RuntimeError(why)
+    m, k = x.shape
+    if not packable(k):
+        raise ValueError(f"q8_quantize: {k} columns is not a multiple of {GROUP}")
+    x = x.detach().float().contiguous()
+    xq = torch.empty(m, k, dtype=torch.int8)
+    d, s = torch.empty(m, k // GROUP), torch.empty(m, k // GROUP)
+    lib.autopatch_q8_quantize(m, k, x.data_ptr(), xq.data_ptr(), d.data_ptr(), s.data_ptr())
+    return xq, d, s
+
+
 _THREADS = [0]
 
 
@@ -265,8 +290,8 @@ def _check(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     tensors = [t for t in (x, packed, scales, bias) if t is not None]
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError(f"w{bits}_matmul needs contiguous CPU tensors")
-    if prefill not in DEQUANT_SUFFIX:
-        raise ValueError(f"w{bits}_matmul: prefill must be one of {list(DEQUANT_SUFFIX)}, got {prefill}")
+    if prefill not in DEQUANT_SUFFIX and prefill != Q8:
+        raise ValueError(f"w{bits}_matmul: prefill must be one of {[*DEQUANT_SUFFIX, Q8]}, got {prefill}")
     return lib
 
 
@@ -275,6 +300,9 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     """Check the operands against the kernel's layout, then multiply."""
     lib = _check(bits, x, packed, scales, bias, n, prefill)
     _use_threads(lib)
+    if prefill == Q8:
+        return Bound(lib, getattr(lib, f"autopatch_w{bits}_matmul_q8"), n, x.shape[1], (packed, scales, bias),
+                     _pointers(packed, scales, bias), q8=True)(x)
     if (x.shape[0] > GEMM_ROWS) if gemm is None else gemm:
         dequant = getattr(lib, f"autopatch_w{bits}_dequant{DEQUANT_SUFFIX[prefill]}")
         return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill, blocks)
@@ -292,7 +320,9 @@ def w8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias:
     ``W = q * s`` per group of 32; ``n`` (default: all panel rows) is W's true row count. On the CPU.
     ``gemm``: multiply in torch's GEMM, from the weight dequantized in slices (``True``), or in autopatch's kernel
     (``False``); by default the GEMM above :data:`GEMM_ROWS` rows. ``prefill``: the dtype that GEMM multiplies in
-    (see :func:`_dequantized_gemm`); ``blocks``: a bfloat16 GEMM in fixed blocks of :data:`GEMM_BLOCK` rows."""
+    (see :func:`_dequantized_gemm`); ``blocks``: a bfloat16 GEMM in fixed blocks of :data:`GEMM_BLOCK` rows.
+    ``prefill=Q8``: at every row count, ``x`` rounded to int8 per 32 inputs (a float32 scale each) and the products
+    summed in int32 (``q8.c``); ``gemm`` and ``blocks`` are ignored."""
     return _call(8, x, packed, scales, bias, packed.shape[0] * PANEL if n is None else n, prefill, gemm, blocks)
 
 
@@ -319,33 +349,36 @@ class Bound:
     """
 
     lib: ctypes.CDLL
-    matmul: Callable[..., None]
+    matmul: Callable[..., int | None]  # the q8 kernels return 0, or -1 when out of memory
     n: int
     k: int
     operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # held, so their memory stays theirs
     pointers: tuple[int, int, int | None]
+    q8: bool = False  # the int8-activation kernel (prefill=Q8), at any row count
 
-    def binds(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Whether these are still the operands bound, in the same memory (a moved or replaced buffer is not)."""
-        return self.pointers == _pointers(packed, scales, bias)
+    def binds(self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, q8: bool = False) -> bool:
+        """Whether these are still the operands bound, in the same memory (a moved or replaced buffer is not), for
+        the same kernel."""
+        return self.pointers == _pointers(packed, scales, bias) and self.q8 == q8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + bias`` for a contiguous float32 CPU ``x [m, k]`` with ``m <= GEMM_ROWS`` (the caller's
-        promise: only the weight was checked)."""
+        """``x @ W.T + bias`` for a contiguous float32 CPU ``x [m, k]`` with ``m <= GEMM_ROWS`` unless ``q8`` (the
+        caller's promise: only the weight was checked)."""
         y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
         _use_threads(self.lib)
-        self.matmul(x.shape[0], self.n, self.k, x.data_ptr(), *self.pointers, y.data_ptr())
+        if self.matmul(x.shape[0], self.n, self.k, x.data_ptr(), *self.pointers, y.data_ptr()) and self.q8:
+            raise MemoryError(f"the int8-activation kernel could not allocate {x.shape[0]} rows of {self.k} inputs")
         return y
 
 
 def bind(bits: int, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, n: int,
-         k: int) -> Bound:
+         k: int, q8: bool = False) -> Bound:
     """The ``bits`` kernel's product with this weight (``n`` rows of ``k`` inputs), checked now as
     :func:`w8_matmul` / :func:`w4_matmul` check it on every call (``ValueError``, or ``RuntimeError`` where no
-    kernel is built)."""
+    kernel is built); ``q8``: the int8-activation kernel (``prefill=Q8``)."""
     lib = _check(bits, torch.empty(0, k), packed, scales, bias, n)
-    return Bound(lib, getattr(lib, f"autopatch_w{bits}_matmul"), n, k, (packed, scales, bias),
-                 _pointers(packed, scales, bias))
+    name = f"autopatch_w{bits}_matmul{'_q8' if q8 else ''}"
+    return Bound(lib, getattr(lib, name), n, k, (packed, scales, bias), _pointers(packed, scales, bias), q8)
 
 
 def _pointers(packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int | None]:

@@ -1,0 +1,194 @@
+/* int8 activations for autopatch's "-q8" modes: each row of x is rounded to int8 with one float32 scale per group
+ * of 32 inputs (d = max|x| / 127: the Q8_0 format llama.cpp multiplies its quantized weights by), and the products
+ * with the packed int4 or int8 weights are summed exactly in int32 (AVX2's vpmaddubsw and vpmaddwd), instead of
+ * converting every weight to float32 for every row. Per group g of weight row n:
+ *   int4 (w4.c's layout, W = a q + b):  y += a[n,g] d[g] sum_k xq[k] q[n,k]  +  b[n,g] s[g]
+ *   int8 (w8.c's layout, W = c w):      y += c[n,g] d[g] sum_k xq[k] w[n,k]
+ * where s[g] is the float32 sum of the group's inputs, so b multiplies x itself. vpmaddubsw multiplies an unsigned
+ * byte by a signed one: q (0..15) as it is; an int8 weight as |w| against xq carrying w's sign (vpsignb), whose
+ * pair sums (at most 2 * 128 * 127) fit its int16. Each row of x is rounded on its own and each output sums its
+ * groups in a fixed order, so a row's result does not depend on its batch, at any row count.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+#include <immintrin.h>
+
+#define GROUP 32
+#define HALF 16
+#define CH 16
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
+#ifndef Q8_ROWS
+#define Q8_ROWS 3 /* rows of x per pass over a panel: 2 accumulators each, with the panel's 4 unpacked vectors */
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* xq [M][K] int8 = round-to-nearest-even(x * (127 / max|x|)) per group, d = max|x| / 127, s = the group's sum
+ * ((v0 + v1) + (v2 + v3), lanes summed as hsum8 does): autopatch.kernels.quantize_activations is the same in torch. */
+void autopatch_q8_quantize(int M, int K, const float *x, int8_t *xq, float *d, float *s) {
+    const int G = K / GROUP;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            const float *xg = x + (size_t)m * K + (size_t)g * GROUP;
+            const __m256 v0 = _mm256_loadu_ps(xg), v1 = _mm256_loadu_ps(xg + 8), v2 = _mm256_loadu_ps(xg + 16),
+                         v3 = _mm256_loadu_ps(xg + 24);
+            const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                              _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+            const float top = hmax8(amax);
+            const __m256 inv = _mm256_set1_ps(top > 0.f ? 127.f / top : 0.f);
+            const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv)),
+                          q2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), q3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+            _mm256_storeu_si256((__m256i *)(xq + (size_t)m * K + (size_t)g * GROUP),
+                                _mm256_permutevar8x32_epi32(bytes, order));
+            d[(size_t)m * G + g] = top / 127.f;
+            s[(size_t)m * G + g] = hsum8(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        }
+}
+
+static int quantized(int M, int K, const float *x, int8_t **xq, float **d, float **s) {
+    const size_t G = (size_t)K / GROUP;
+    *xq = malloc((size_t)M * K);
+    *d = malloc(sizeof(float) * 2 * (size_t)M * G);
+    if (!*xq || !*d) { free(*xq); free(*d); return -1; }
+    *s = *d + (size_t)M * G;
+    autopatch_q8_quantize(M, K, x, *xq, *d, *s);
+    return 0;
+}
+
+/* lanes 0-3 of acc01 are weight row 0's partial sums, 4-7 row 1's (acc23: rows 2, 3) */
+static inline void finish(int mb, int N, int n0, int nb, const __m256 *acc01, const __m256 *acc23,
+                          const __m128 *accb, const float *bias, float *y) {
+    for (int r = 0; r < mb; r++) {
+        float lanes[16], extra[4];
+        _mm256_storeu_ps(lanes, acc01[r]);
+        _mm256_storeu_ps(lanes + 8, acc23[r]);
+        _mm_storeu_ps(extra, accb[r]);
+        for (int c = 0; c < nb; c++)
+            y[(size_t)r * N + n0 + c] = ((lanes[4 * c] + lanes[4 * c + 1]) + (lanes[4 * c + 2] + lanes[4 * c + 3]))
+                                        + extra[c] + (bias ? bias[n0 + c] : 0.f);
+    }
+}
+
+static inline __m256 spread2(const float *p, int c) { /* [p[c] x4, p[c+1] x4] */
+    return _mm256_setr_m128(_mm_set1_ps(p[c]), _mm_set1_ps(p[c + 1]));
+}
+
+/* w4.c's packed panels and (a, b); x float32 [M, K]. Returns 0, or -1 when memory runs out. */
+int autopatch_w4_matmul_q8(int M, int N, int K, const float *x, const uint8_t *packed, const float *ab,
+                           const float *bias, float *y) {
+    const int G = K / GROUP, panels = (N + 3) / 4;
+    int8_t *xq; float *d, *s;
+    if (quantized(M, K, x, &xq, &d, &s)) return -1;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    #pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        const int n0 = p * 4, nb = N - n0 < 4 ? N - n0 : 4;
+        for (int m0 = 0; m0 < M; m0 += Q8_ROWS) {
+            const int mb = M - m0 < Q8_ROWS ? M - m0 : Q8_ROWS;
+            const uint8_t *panel = packed + (size_t)p * 2 * K;
+            const float *pab = ab + (size_t)p * 8 * G;
+            __m256 acc01[Q8_ROWS], acc23[Q8_ROWS];
+            __m128 accb[Q8_ROWS];
+            for (int r = 0; r < mb; r++) { acc01[r] = acc23[r] = _mm256_setzero_ps(); accb[r] = _mm_setzero_ps(); }
+            for (int g = 0; g < G; g++, panel += 4 * HALF, pab += 8) {
+                _mm_prefetch((const char *)panel + PREFETCH, _MM_HINT_T0);
+                const __m256i v01 = _mm256_loadu_si256((const __m256i *)panel);
+                const __m256i v23 = _mm256_loadu_si256((const __m256i *)(panel + 2 * HALF));
+                const __m256i lo01 = _mm256_and_si256(v01, low4), hi01 = _mm256_and_si256(_mm256_srli_epi16(v01, 4), low4);
+                const __m256i lo23 = _mm256_and_si256(v23, low4), hi23 = _mm256_and_si256(_mm256_srli_epi16(v23, 4), low4);
+                const __m256 a01 = spread2(pab, 0), a23 = spread2(pab, 2);
+                const __m128 b = _mm_loadu_ps(pab + 4);
+                for (int r = 0; r < mb; r++) {
+                    const int8_t *xg = xq + (size_t)(m0 + r) * K + (size_t)g * GROUP;
+                    const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xg));
+                    const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xg + HALF)));
+                    /* at most 2 * 2 * 15 * 127 per int16 lane */
+                    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(lo01, xl), _mm256_maddubs_epi16(hi01, xh));
+                    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(lo23, xl), _mm256_maddubs_epi16(hi23, xh));
+                    const size_t at = (size_t)(m0 + r) * G + g;
+                    const __m256 dv = _mm256_set1_ps(d[at]);
+                    acc01[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p01, ones)), _mm256_mul_ps(a01, dv), acc01[r]);
+                    acc23[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p23, ones)), _mm256_mul_ps(a23, dv), acc23[r]);
+                    accb[r] = _mm_fmadd_ps(b, _mm_set1_ps(s[at]), accb[r]);
+                }
+            }
+            finish(mb, N, n0, nb, acc01, acc23, accb, bias, y + (size_t)m0 * N);
+        }
+    }
+    free(xq); free(d);
+    return 0;
+}
+
+/* w8.c's packed panels ([K/16][4][16] int8) and scales ([K/32][4]); x float32 [M, K]. */
+int autopatch_w8_matmul_q8(int M, int N, int K, const float *x, const int8_t *packed, const float *scales,
+                           const float *bias, float *y) {
+    const int G = K / GROUP, panels = (N + 3) / 4;
+    int8_t *xq; float *d, *s;
+    if (quantized(M, K, x, &xq, &d, &s)) return -1;
+    const __m256i ones = _mm256_set1_epi16(1);
+    #pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        const int n0 = p * 4, nb = N - n0 < 4 ? N - n0 : 4;
+        for (int m0 = 0; m0 < M; m0 += Q8_ROWS) {
+            const int mb = M - m0 < Q8_ROWS ? M - m0 : Q8_ROWS;
+            const int8_t *panel = packed + (size_t)p * 4 * K;
+            const float *ps = scales + (size_t)p * 4 * G;
+            __m256 acc01[Q8_ROWS], acc23[Q8_ROWS];
+            __m128 accb[Q8_ROWS];
+            for (int r = 0; r < mb; r++) { acc01[r] = acc23[r] = _mm256_setzero_ps(); accb[r] = _mm_setzero_ps(); }
+            for (int g = 0; g < G; g++, panel += 8 * CH, ps += 4) {
+                _mm_prefetch((const char *)panel + 2 * PREFETCH, _MM_HINT_T0); /* a group is two cache lines */
+                _mm_prefetch((const char *)panel + 2 * PREFETCH + 64, _MM_HINT_T0);
+                /* columns 0-15 then 16-31 of the group, rows (0, 1) and (2, 3) in each 256-bit load */
+                const __m256i w01l = _mm256_loadu_si256((const __m256i *)panel);
+                const __m256i w23l = _mm256_loadu_si256((const __m256i *)(panel + 2 * CH));
+                const __m256i w01h = _mm256_loadu_si256((const __m256i *)(panel + 4 * CH));
+                const __m256i w23h = _mm256_loadu_si256((const __m256i *)(panel + 6 * CH));
+                const __m256i u01l = _mm256_abs_epi8(w01l), u23l = _mm256_abs_epi8(w23l);
+                const __m256i u01h = _mm256_abs_epi8(w01h), u23h = _mm256_abs_epi8(w23h);
+                const __m256 c01 = spread2(ps, 0), c23 = spread2(ps, 2);
+                for (int r = 0; r < mb; r++) {
+                    const int8_t *xg = xq + (size_t)(m0 + r) * K + (size_t)g * GROUP;
+                    const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xg));
+                    const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xg + CH)));
+                    /* each int16 pair sum at most 2 * 128 * 127: widened to int32 before adding the halves */
+                    const __m256i s01 = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(u01l, _mm256_sign_epi8(xl, w01l)), ones),
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(u01h, _mm256_sign_epi8(xh, w01h)), ones));
+                    const __m256i s23 = _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(u23l, _mm256_sign_epi8(xl, w23l)), ones),
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(u23h, _mm256_sign_epi8(xh, w23h)), ones));
+                    const __m256 dv = _mm256_set1_ps(d[(size_t)(m0 + r) * G + g]);
+                    acc01[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s01), _mm256_mul_ps(c01, dv), acc01[r]);
+                    acc23[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s23), _mm256_mul_ps(c23, dv), acc23[r]);
+                }
+            }
+            finish(mb, N, n0, nb, acc01, acc23, accb, bias, y + (size_t)m0 * N);
+        }
+    }
+    free(xq); free(d);
+    return 0;
+}
+
+#else
+#error "autopatch's int8-activation kernel needs AVX2 with FMA"
+#endif

@@ -1,0 +1,196 @@
+"""autopatch.kernels' int8-activation kernels (q8.c, ``kernels.Q8``) and the ``-q8`` modes on them (the weight-only
+kernels are tested with their modes in test_quantize.py).
+
+Tolerances, stated once: the kernel and the rounded product computed here in float64 (x rounded to int8 per 32
+inputs exactly as ``q8_quantize`` rounds it, the weight as the layer holds it) agree to 1e-5 relative (float32
+summation order only); a ``-q8`` model's outputs equal those of its twin whose Linears compute that rounded product
+(greedy tokens identical, logits within 1e-3); against float32 activations the rounding moves a product by well
+under 1% on random inputs, asserted as a bound, not as equality.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autopatch.kernels import (
+    GROUP,
+    Q8,
+    pack,
+    pack4,
+    pack4_scales,
+    pack_scales,
+    q8_quantize,
+    quantize_groups,
+    unpack,
+    unpack4,
+    unpack4_scales,
+    unpack_scales,
+    w4_matmul,
+    w8_matmul,
+)
+from autopatch.quantize import (
+    QUANT_MODES,
+    Int8Linear,
+    PackedLinear,
+    WeightOnlyInt4Linear,
+    check_mode,
+    model_quantization,
+    quantize_model,
+)
+from tests.tiny_models import byte_tokenizer, tiny_model, tiny_model_for_bytes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def reference_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xq, d)`` by the rule q8.c follows, in torch: float32 ``127 / max|x|``, round half to even."""
+    groups = x.float().reshape(x.shape[0], -1, GROUP)
+    top = groups.abs().amax(dim=2)
+    inv = torch.where(top > 0, torch.tensor(127.0) / top, torch.zeros_like(top))
+    xq = torch.round(groups * inv[:, :, None]).to(torch.int8).reshape(x.shape)
+    return xq, top / 127.0
+
+
+def rounded_product(x: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """What the kernel computes, in float64: ``(d * xq) @ (W - B)^T + x @ B^T`` where ``B`` holds each group's
+    offset ``b`` (int4's; ``None`` for int8, whose weight has none): the offset multiplies x itself."""
+    xq, d = reference_q8(x)
+    rounded = (xq.double().reshape(x.shape[0], -1, GROUP) * d.double()[:, :, None]).reshape(x.shape)
+    if offset is None:
+        return rounded @ weight.double().t()
+    spread = offset.double().repeat_interleave(GROUP, dim=1)
+    return rounded @ (weight.double() - spread).t() + x.double() @ spread.t()
+
+
+def _int4_operands(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    a, b = torch.rand(n, k // GROUP, generator=g) / 50, torch.randn(n, k // GROUP, generator=g) / 10
+    return q, a, b, a.repeat_interleave(GROUP, dim=1) * q.float() + b.repeat_interleave(GROUP, dim=1)
+
+
+def test_the_rounding_is_the_torch_rule_bit_for_bit():
+    x = torch.randn(7, 96) * torch.logspace(-3, 2, 96)
+    x[2, 32:64] = 0.0  # an all-zero group: scale 0, every value 0
+    xq, d, s = q8_quantize(x)
+    want_q, want_d = reference_q8(x)
+    assert torch.equal(xq, want_q) and torch.equal(d, want_d)
+    assert torch.allclose(s, x.reshape(7, 3, GROUP).sum(dim=2), atol=1e-4) and int(xq.abs().max()) == 127
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4, 32), (3, 5, 64), (9, 37, 64), (4, 8, 96), (70, 1030, 32)])
+def test_int4_q8_kernel_is_the_rounded_product(m, n, k):
+    q, a, b, weight = _int4_operands(n, k, m * 100 + n)
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
+    got = w4_matmul(x, pack4(q), pack4_scales(a, b), bias, n=n, prefill=Q8)
+    want = rounded_product(x, weight, b) + bias.double()
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert (got - (x @ weight.t() + bias)).norm() < 0.01 * (x @ weight.t()).norm()  # the rounding, bounded
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4, 32), (3, 5, 64), (9, 37, 64), (4, 8, 96), (70, 1030, 32)])
+def test_int8_q8_kernel_is_the_rounded_product(m, n, k):
+    g = torch.Generator().manual_seed(m * 100 + n)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)  # -128 too: |w| = 128 in vpmaddubsw
+    scales = torch.rand(n, k // GROUP, generator=g) / 50
+    weight = q.float() * scales.repeat_interleave(GROUP, dim=1)
+    x = torch.randn(m, k, generator=g) * 3
+    got = w8_matmul(x, pack(q), pack_scales(scales), None, n=n, prefill=Q8)
+    assert torch.allclose(got.double(), rounded_product(x, weight, None), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_rows_q8_output_does_not_depend_on_its_batch_at_any_row_count(bits):
+    k, n = 2080, 14
+    if bits == 4:
+        q, a, b, _ = _int4_operands(n, k, 0)
+        packed, scales, matmul = pack4(q), pack4_scales(a, b), w4_matmul
+    else:
+        q8, s8 = quantize_groups(torch.randn(n, k))
+        packed, scales, matmul = pack(q8), pack_scales(s8), w8_matmul
+    x = torch.randn(70, k)
+    alone = [matmul(x[i : i + 1].contiguous(), packed, scales, None, n=n, prefill=Q8)[0] for i in range(70)]
+    for m in [*range(2, 14), 70]:  # every pass shape, and a prefill's count (no GEMM path in this mode)
+        batched = matmul(x[:m].contiguous(), packed, scales, None, n=n, prefill=Q8)
+        assert all(torch.equal(alone[i], batched[i]) for i in range(m)), m
+
+
+def test_the_q8_modes_share_their_weights_cache_and_run_wherever_the_kernels_build():
+    for weights in ("int8", "int4"):
+        mode = check_mode(f"{weights}-q8")
+        assert mode.cache_name == weights and mode.layers == QUANT_MODES[weights].layers and mode.prefill == Q8
+
+
+class RoundedTwin(nn.Module):
+    """A float module computing what a packed layer computes in a ``-q8`` mode (:func:`rounded_product`)."""
+
+    def __init__(self, layer: PackedLinear):
+        super().__init__()
+        if isinstance(layer, WeightOnlyInt4Linear):
+            q = unpack4(layer.qweight, layer.out_features)
+            a, b = unpack4_scales(layer.gscale, layer.out_features)
+            self.weight, self.offset = a.repeat_interleave(GROUP, dim=1) * q.float() + b.repeat_interleave(GROUP, 1), b
+        else:
+            self.weight = unpack(layer.qweight, layer.out_features).float() * unpack_scales(
+                layer.gscale, layer.out_features).repeat_interleave(GROUP, dim=1)
+            self.offset = None
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = rounded_product(rows, self.weight, self.offset).float()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def _rounded_twin(reference: nn.Module, quantized: nn.Module) -> nn.Module:
+    for name, module in list(quantized.named_modules()):
+        if isinstance(module, PackedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent) if parent else reference, child, RoundedTwin(module))
+    return reference
+
+
+@pytest.mark.parametrize("mode", ["int8-q8", "int4-q8"])
+def test_a_q8_model_is_its_rounded_twin_the_head_included(mode):
+    quantized, reference = tiny_model("llama"), tiny_model("llama")
+    assert quantize_model(quantized, mode) > 0 and model_quantization(quantized) == mode
+    packed = [m for m in quantized.modules() if isinstance(m, Int8Linear)]
+    assert all(isinstance(m, PackedLinear) and m.prefill == Q8 for m in packed)
+    assert quantized.lm_head in packed
+    twin = _rounded_twin(reference, quantized)
+    ids = torch.randint(3, 90, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(quantized(ids).logits, twin(ids).logits, atol=1e-3)
+        decoded = quantized.generate(ids, max_new_tokens=4, do_sample=False)  # decode steps: one row each
+        assert torch.equal(decoded, twin.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("strategy", ["decompose", "reroute"])
+def test_strategies_patch_a_q8_model_as_its_rounded_twin(strategy):
+    from autopatch.gating import AlwaysPatch
+    from autopatch.patcher import AutoPatcher
+    from autopatch.profile import PatchProfile
+    from autopatch.prompts import PromptFormat
+    from autopatch.registry import strategy as strategy_spec
+
+    tok = byte_tokenizer()
+    quantized, reference = tiny_model_for_bytes("llama"), tiny_model_for_bytes("llama")
+    quantize_model(quantized, "int8-q8")
+    twin = _rounded_twin(reference, quantized)
+    target = 1 if strategy_spec(strategy).target_before_source else 2
+    profile = PatchProfile(strategy=strategy, source_layer=2, target_layer=target,
+                           prompt_format=PromptFormat(demonstrations=()))
+    questions = ["What is the capital of the country where the Colosseum is located?",
+                 "Who founded the company that makes the iPhone?"]
+    outputs = []
+    for model in (quantized, twin):
+        patcher = AutoPatcher(model, tok, profile, gate=AlwaysPatch())
+        with torch.no_grad():
+            answers = patcher.answer(questions, max_new_tokens=5)
+        outputs.append([(a.text, a.report.patched, a.report.strategy) for a in answers])
+    assert outputs[0] == outputs[1] and all(patched for _, patched, _ in outputs[0])

@@ -218,6 +218,11 @@ def kernel_error() -> str | None:
     got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5)
     if not torch.allclose(got, want, atol=1e-4):
         return f"the built int8 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
+    xq, d, _ = q8_quantize(x)  # the int8-activation kernel multiplies x as rounded here
+    want = (xq.float() * d.repeat_interleave(GROUP, dim=1)) @ dequantize_groups(w, scales).t()
+    got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5, prefill=Q8)
+    if not torch.allclose(got, want, atol=1e-3):
+        return f"the built int8-activation kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
     q4 = (torch.arange(5 * 64) % 16).to(torch.uint8).reshape(5, 64)
     a, b = torch.tensor([[0.5, 0.25]] * 5), torch.tensor([[-1.0, 2.0]] * 5)
     want = x @ dequantize_affine4(q4, a, b).t()

@@ -40,7 +40,7 @@ static inline float hsum8(__m256 v) {
 }
 
 /* xq [M][K] int8 = round-to-nearest-even(x * (127 / max|x|)) per group, d = max|x| / 127, s = the group's sum
- * ((v0 + v1) + (v2 + v3), lanes summed as hsum8 does): autopatch.kernels.quantize_activations is the same in torch. */
+ * ((v0 + v1) + (v2 + v3), lanes summed as hsum8 does); tests/test_kernels.py's reference_q8 is the rule in torch. */
 void autopatch_q8_quantize(int M, int K, const float *x, int8_t *xq, float *d, float *s) {
     const int G = K / GROUP;
     const __m256 sign = _mm256_set1_ps(-0.f);

@@ -17,16 +17,15 @@ from torch import nn
 from autopatch.kernels import (
     GROUP,
     Q8,
+    dequantize_affine4,
+    dequantize_groups,
     pack,
     pack4,
     pack4_scales,
     pack_scales,
     q8_quantize,
     quantize_groups,
-    unpack,
-    unpack4,
     unpack4_scales,
-    unpack_scales,
     w4_matmul,
     w8_matmul,
 )
@@ -34,7 +33,6 @@ from autopatch.quantize import (
     QUANT_MODES,
     Int8Linear,
     PackedLinear,
-    WeightOnlyInt4Linear,
     check_mode,
     model_quantization,
     quantize_model,
@@ -68,7 +66,7 @@ def _int4_operands(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     a, b = torch.rand(n, k // GROUP, generator=g) / 50, torch.randn(n, k // GROUP, generator=g) / 10
-    return q, a, b, a.repeat_interleave(GROUP, dim=1) * q.float() + b.repeat_interleave(GROUP, dim=1)
+    return q, a, b, dequantize_affine4(q, a, b)
 
 
 def test_the_rounding_is_the_torch_rule_bit_for_bit():
@@ -96,7 +94,7 @@ def test_int8_q8_kernel_is_the_rounded_product(m, n, k):
     g = torch.Generator().manual_seed(m * 100 + n)
     q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)  # -128 too: |w| = 128 in vpmaddubsw
     scales = torch.rand(n, k // GROUP, generator=g) / 50
-    weight = q.float() * scales.repeat_interleave(GROUP, dim=1)
+    weight = dequantize_groups(q, scales)
     x = torch.randn(m, k, generator=g) * 3
     got = w8_matmul(x, pack(q), pack_scales(scales), None, n=n, prefill=Q8)
     assert torch.allclose(got.double(), rounded_product(x, weight, None), rtol=1e-5, atol=1e-4)
@@ -129,14 +127,8 @@ class RoundedTwin(nn.Module):
 
     def __init__(self, layer: PackedLinear):
         super().__init__()
-        if isinstance(layer, WeightOnlyInt4Linear):
-            q = unpack4(layer.qweight, layer.out_features)
-            a, b = unpack4_scales(layer.gscale, layer.out_features)
-            self.weight, self.offset = a.repeat_interleave(GROUP, dim=1) * q.float() + b.repeat_interleave(GROUP, 1), b
-        else:
-            self.weight = unpack(layer.qweight, layer.out_features).float() * unpack_scales(
-                layer.gscale, layer.out_features).repeat_interleave(GROUP, dim=1)
-            self.offset = None
+        self.weight = layer.dequantized_weight()
+        self.offset = unpack4_scales(layer.gscale, layer.out_features)[1] if layer.bits == 4 else None
         self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

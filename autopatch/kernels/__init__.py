@@ -306,8 +306,7 @@ def _call(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     lib = _check(bits, x, packed, scales, bias, n, prefill)
     _use_threads(lib)
     if prefill == Q8:
-        return Bound(lib, getattr(lib, f"autopatch_w{bits}_matmul_q8"), n, x.shape[1], (packed, scales, bias),
-                     _pointers(packed, scales, bias), q8=True)(x)
+        return _bound(lib, bits, packed, scales, bias, n, x.shape[1], q8=True)(x)
     if (x.shape[0] > GEMM_ROWS) if gemm is None else gemm:
         dequant = getattr(lib, f"autopatch_w{bits}_dequant{DEQUANT_SUFFIX[prefill]}")
         return _dequantized_gemm(dequant, x, packed, scales, bias, n, prefill, blocks)
@@ -381,7 +380,12 @@ def bind(bits: int, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tens
     """The ``bits`` kernel's product with this weight (``n`` rows of ``k`` inputs), checked now as
     :func:`w8_matmul` / :func:`w4_matmul` check it on every call (``ValueError``, or ``RuntimeError`` where no
     kernel is built); ``q8``: the int8-activation kernel (``prefill=Q8``)."""
-    lib = _check(bits, torch.empty(0, k), packed, scales, bias, n)
+    return _bound(_check(bits, torch.empty(0, k), packed, scales, bias, n), bits, packed, scales, bias, n, k, q8)
+
+
+def _bound(lib: ctypes.CDLL, bits: int, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+           n: int, k: int, q8: bool) -> Bound:
+    """The :class:`Bound` call of operands already checked by :func:`_check`."""
     name = f"autopatch_w{bits}_matmul{'_q8' if q8 else ''}"
     return Bound(lib, getattr(lib, name), n, k, (packed, scales, bias), _pointers(packed, scales, bias), q8)
 

@@ -25,7 +25,6 @@ from autopatch.kernels import (
     pack_scales,
     q8_quantize,
     quantize_groups,
-    unpack4_scales,
     w4_matmul,
     w8_matmul,
 )
@@ -51,15 +50,11 @@ def reference_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, top / 127.0
 
 
-def rounded_product(x: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """What the kernel computes, in float64: ``(d * xq) @ (W - B)^T + x @ B^T`` where ``B`` holds each group's
-    offset ``b`` (int4's; ``None`` for int8, whose weight has none): the offset multiplies x itself."""
+def rounded_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the kernels compute, in float64: the weight as it is times x as :func:`reference_q8` rounds it."""
     xq, d = reference_q8(x)
     rounded = (xq.double().reshape(x.shape[0], -1, GROUP) * d.double()[:, :, None]).reshape(x.shape)
-    if offset is None:
-        return rounded @ weight.double().t()
-    spread = offset.double().repeat_interleave(GROUP, dim=1)
-    return rounded @ (weight.double() - spread).t() + x.double() @ spread.t()
+    return rounded @ weight.double().t()
 
 
 def _int4_operands(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,7 +70,8 @@ def test_the_rounding_is_the_torch_rule_bit_for_bit():
     xq, d, s = q8_quantize(x)
     want_q, want_d = reference_q8(x)
     assert torch.equal(xq, want_q) and torch.equal(d, want_d)
-    assert torch.allclose(s, x.reshape(7, 3, GROUP).sum(dim=2), atol=1e-4) and int(xq.abs().max()) == 127
+    sums = xq.reshape(7, 3, GROUP).sum(dim=2).float()  # exact integers
+    assert torch.equal(s, d * sums) and int(xq.abs().max()) == 127
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 4, 32), (3, 5, 64), (9, 37, 64), (4, 8, 96), (70, 1030, 32)])
@@ -84,7 +80,7 @@ def test_int4_q8_kernel_is_the_rounded_product(m, n, k):
     bias = torch.randn(n)
     x = torch.randn(m, k)
     got = w4_matmul(x, pack4(q), pack4_scales(a, b), bias, n=n, prefill=Q8)
-    want = rounded_product(x, weight, b) + bias.double()
+    want = rounded_product(x, weight) + bias.double()
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
     assert (got - (x @ weight.t() + bias)).norm() < 0.01 * (x @ weight.t()).norm()  # the rounding, bounded
 
@@ -97,7 +93,7 @@ def test_int8_q8_kernel_is_the_rounded_product(m, n, k):
     weight = dequantize_groups(q, scales)
     x = torch.randn(m, k, generator=g) * 3
     got = w8_matmul(x, pack(q), pack_scales(scales), None, n=n, prefill=Q8)
-    assert torch.allclose(got.double(), rounded_product(x, weight, None), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(got.double(), rounded_product(x, weight), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -128,12 +124,11 @@ class RoundedTwin(nn.Module):
     def __init__(self, layer: PackedLinear):
         super().__init__()
         self.weight = layer.dequantized_weight()
-        self.offset = unpack4_scales(layer.gscale, layer.out_features)[1] if layer.bits == 4 else None
         self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        out = rounded_product(rows, self.weight, self.offset).float()
+        out = rounded_product(rows, self.weight).float()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], -1)

@@ -218,25 +218,27 @@ def kernel_error() -> str | None:
     got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5)
     if not torch.allclose(got, want, atol=1e-4):
         return f"the built int8 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
-    xq, d, _ = q8_quantize(x)  # the int8-activation kernel multiplies x as rounded here
-    want = (xq.float() * d.repeat_interleave(GROUP, dim=1)) @ dequantize_groups(w, scales).t()
+    xq, d, _ = q8_quantize(x)  # the int8-activation kernels multiply the weight by x as rounded here
+    rounded = xq.float() * d.repeat_interleave(GROUP, dim=1)
+    want = rounded @ dequantize_groups(w, scales).t()
     got = w8_matmul(x, pack(w), pack_scales(scales), None, n=5, prefill=Q8)
     if not torch.allclose(got, want, atol=1e-3):
         return f"the built int8-activation kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
     q4 = (torch.arange(5 * 64) % 16).to(torch.uint8).reshape(5, 64)
     a, b = torch.tensor([[0.5, 0.25]] * 5), torch.tensor([[-1.0, 2.0]] * 5)
-    want = x @ dequantize_affine4(q4, a, b).t()
-    got = w4_matmul(x, pack4(q4), pack4_scales(a, b), None, n=5)
-    if not torch.allclose(got, want, atol=1e-4):
-        return f"the built int4 kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
+    for prefill, inputs, what in ((torch.float32, x, "int4"), (Q8, rounded, "int4 int8-activation")):
+        want = inputs @ dequantize_affine4(q4, a, b).t()
+        got = w4_matmul(x, pack4(q4), pack4_scales(a, b), None, n=5, prefill=prefill)
+        if not torch.allclose(got, want, atol=1e-3 if prefill == Q8 else 1e-4):
+            return f"the built {what} kernel gave {got.tolist()} instead of {want.tolist()} on a known product"
     return None
 
 
 def q8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """How the ``Q8`` kernels round float32 ``x [m, k]``: ``(xq int8 [m, k], d float32 [m, k/32], s float32
     [m, k/32])``, ``xq`` the round-to-even of ``x * (127 / max|x|)`` per group of 32 inputs, ``d = max|x| / 127``
-    and ``s`` the group's float sum (``q8.c``'s ``autopatch_q8_quantize``; ``RuntimeError`` where it is not
-    built)."""
+    and ``s = d * xq.sum()`` per group, the rounded group's sum (``q8.c``'s ``autopatch_q8_quantize``;
+    ``RuntimeError`` where it is not built)."""
     lib, why = _build()
     if lib is None:
         raise RuntimeError(why)

@@ -55,8 +55,9 @@ def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
                              "matmul's activations rounded to int8 per 32 inputs), int8-dynamic, or none "
                              "(float32); default: the model's measured CPU default (docs/quantization.md)")
     parser.add_argument("--batch-invariant", action="store_true",
-                        help="in a bfloat16-prefill mode, give every prompt the answer it gets alone, whatever its "
-                             "batch (fixed GEMM blocks, attention per row); costs prefill time")
+                        help="in a -bf16 or -q8 mode, give every prompt the answer it gets alone, whatever its "
+                             "batch (attention per row; under a bfloat16 prefill fixed GEMM blocks, which cost "
+                             "prefill time)")
 
 
 def physical_cores() -> int:

@@ -2,7 +2,7 @@
 
 Example:
     >>> from autopatch.invariance import set_batch_invariant
-    >>> set_batch_invariant(model)                 # True in a bfloat16-prefill mode with SDPA attention
+    >>> set_batch_invariant(model)                 # True in a -bf16 or -q8 mode with SDPA attention
     >>> model.config._attn_implementation
     'autopatch_rows'
     >>> set_batch_invariant(model, on=False)       # back to torch's SDPA and the faster, batch-dependent prefill
@@ -140,19 +140,22 @@ def batch_invariant(model: Any) -> bool:
 
 def set_batch_invariant(model: Any, on: bool = True) -> bool:
     """Make ``model``'s answers independent of its batch (``on``), or go back to the faster batch-dependent path;
-    returns whether it is on. Needs a bfloat16-prefill mode (``int4-bf16``, ``int8-bf16``), whose prefill otherwise
-    rounds differently with its batch's shape, and SDPA attention; elsewhere it changes nothing and returns ``False``.
+    returns whether it is on. Needs a mode whose matmuls round their inputs (a bfloat16 prefill: ``int4-bf16``,
+    ``int8-bf16``; int8 activations: ``int4-q8``, ``int8-q8``), which turns attention's last-bit differences into
+    visible ones, and SDPA attention; elsewhere it changes nothing and returns ``False``.
 
-    On: every call of two positions or more multiplies in the bfloat16 GEMM's fixed blocks
-    (:data:`autopatch.kernels.GEMM_BLOCK`), attention runs per row (:func:`row_invariant_attention`) and the prefix
-    cache reuses only a registered start (:mod:`autopatch.prefix_cache`). It costs prefill time, most on short
-    calls, which then pay the bfloat16 path's dequantizing instead of the float32 kernel (docs/quantization.md).
+    On: attention runs per row (:func:`row_invariant_attention`) and the prefix cache reuses only a registered start
+    (:mod:`autopatch.prefix_cache`); in a bfloat16-prefill mode every call of two positions or more also multiplies
+    in the bfloat16 GEMM's fixed blocks (:data:`autopatch.kernels.GEMM_BLOCK`), which costs prefill time, most on
+    short calls, which then pay the bfloat16 path's dequantizing instead of the float32 kernel
+    (docs/quantization.md). The int8-activation kernels round each row on its own at any row count already.
     """
+    from autopatch.kernels import Q8
     from autopatch.quantize import PackedLinear
 
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) in (_BASE, ROWS)
-    on = on and sdpa and any(m.prefill == torch.bfloat16 for m in packed)  # all of it or none: half would not do
+    on = on and sdpa and any(m.prefill in (torch.bfloat16, Q8) for m in packed)  # all of it or none: half would not do
     for module in packed:
         module.invariant = on
     row_invariant_attention(model, on=on)

@@ -209,8 +209,8 @@ def load_model(
     activations; ``"int4"``: 4-bit weights where that is exact, int8 elsewhere; ``"none"``: float32); CPU only.
     ``None`` takes the model's measured CPU default
     (:func:`autopatch.quantize.default_mode`). An unknown mode, or one this machine cannot run, is refused
-    before anything loads, naming the modes that work. ``batch_invariant``: a bfloat16-prefill mode's answers then
-    do not depend on the batch (:func:`autopatch.invariance.set_batch_invariant`), at a cost in prefill time.
+    before anything loads, naming the modes that work. ``batch_invariant``: a ``-bf16`` or ``-q8`` mode's answers then
+    do not depend on the batch (:func:`autopatch.invariance.set_batch_invariant`; a bfloat16 prefill pays for it).
     """
     model, tokenizer = _load_model(name_or_path, device=device, dtype=dtype, quantize=quantize)
     if batch_invariant:

@@ -68,7 +68,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
         EmbeddedModel("gemma-3-270m", "Gemma 3 270M base, 18 layers (the default)", "gemma-3-270m-q4_k_m.gguf",
-                      cpu_quantize=("int4-bf16", "int4")),  # decode 1.96x float32's, int8 1.82x; bf16 prefill
+                      # decode 1.96x float32's, int8 1.82x; bf16 prefill; on AVX2 alone int4-q8 (docs/quantization.md)
+                      cpu_quantize=("int4-bf16", "int4-q8", "int4")),
         EmbeddedModel(
             "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M, 24 layers, hidden 896",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",

@@ -208,17 +208,17 @@ def cache_bytes(cache: Any) -> int:
     return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
 
 
-def clear_prefix_cache(model: torch.nn.Module | None = None) -> None:
-    """Forget cached prefixes (of one model, or of all); needed only after editing a model's weights in place."""
+def clear_prefix_cache(model: torch.nn.Module | None = None, *, keep_registered: bool = False) -> None:
+    """Forget cached prefixes (of one model, or of all); needed only after editing a model's weights in place or
+    changing its arithmetic (:func:`autopatch.quantize.apply_mode` calls it). ``keep_registered``: forget only the
+    computed keys and values, not the starts :func:`register_prefix` declared."""
     with _lock:
-        if model is None:
-            _store.clear()
-            _known.clear()
-            _recent.clear()
-        else:
-            _store.pop(model, None)
-            _known.pop(model, None)
-            _recent.pop(model, None)
+        stores = (_store, _recent) if keep_registered else (_store, _known, _recent)
+        for store in stores:
+            if model is None:
+                store.clear()
+            else:
+                store.pop(model, None)
 
 
 def register_prefix(model: torch.nn.Module, prefix: Sequence[int]) -> None:

@@ -53,6 +53,7 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -93,6 +94,8 @@ class QuantMode:
     activations to int8, at any row count.
     ``weights``: the mode whose quantized weights this one shares (and whose cache it reads), where only
     ``prefill`` differs.
+    ``default_where``: where a model's default list (:func:`default_mode`) may pick this mode, the machines it was
+    measured faster on; ``None``: wherever it runs. An explicit request runs it wherever :func:`check_mode` allows.
     """
 
     name: str
@@ -102,6 +105,7 @@ class QuantMode:
     rounds: bool = False
     prefill: torch.dtype = torch.float32
     weights: str | None = None
+    default_where: Callable[[], bool] | None = None
 
     @property
     def is_float(self) -> bool:
@@ -120,7 +124,7 @@ class QuantMode:
 
     def with_q8_activations(self) -> QuantMode:
         """This mode's weights (and cache), every product's activations rounded to int8 per 32: ``<name>-q8``."""
-        return replace(self, name=f"{self.name}-q8", prefill=kernels.Q8, weights=self.name,
+        return replace(self, name=f"{self.name}-q8", prefill=kernels.Q8, weights=self.name, default_where=_no_avx512,
                        description=f"{self.name}'s weights; every matmul's activations rounded to int8 with a scale "
                                    f"per 32 inputs (llama.cpp's Q8_0) and summed in int32 (AVX2), at any row count")
 
@@ -129,6 +133,12 @@ class QuantMode:
         fitting = [layer for layer in self.layers if layer.accepts(linear)]
         weight = linear.weight.detach()
         return next((layer for layer in fitting[:-1] if self.rounds or layer.holds(weight)), fitting[-1])
+
+
+def _no_avx512() -> bool:
+    """Where the ``-q8`` modes decode faster than their weights' mode: a CPU without AVX-512 (measured on an AMD
+    EPYC Zen 3; on AVX-512 machines the float32-activation kernels were already fast and ``-q8`` was not timed)."""
+    return not kernels.avx512()
 
 
 _INT8 = QuantMode("int8", "int8 weights with a scale per 32 weights of a row, float32 activations (autopatch's C "
@@ -211,15 +221,18 @@ def runs_on_cpu_float32(device: object = None, dtype: object = None) -> bool:
 
 def default_mode(name_or_path: object = None, device: object = None, dtype: object = None) -> str:
     """The mode ``load_model`` uses when ``quantize`` is not given: the first of the embedded model's measured CPU
-    defaults (:attr:`autopatch.models.EmbeddedModel.cpu_quantize`) this machine can run, on the CPU in float32,
-    else ``"none"``. Any other model stays float32 unless asked: its accuracy under int8 was never measured.
+    defaults (:attr:`autopatch.models.EmbeddedModel.cpu_quantize`) this machine can run and that mode's
+    :attr:`QuantMode.default_where` allows, on the CPU in float32, else ``"none"``. Any other model stays float32
+    unless asked: its accuracy under int8 was never measured.
     """
     from autopatch.models import DEFAULT_MODEL, embedded_model
 
     spec = embedded_model(str(name_or_path) if name_or_path is not None else DEFAULT_MODEL)
     if spec is None or not runs_on_cpu_float32(device, dtype):
         return "none"
-    runnable = (name for name in spec.cpu_quantize if name in QUANT_MODES and _why_not(QUANT_MODES[name]) is None)
+    modes = (QUANT_MODES[name] for name in spec.cpu_quantize if name in QUANT_MODES)
+    runnable = (mode.name for mode in modes
+                if _why_not(mode) is None and (mode.default_where is None or mode.default_where()))
     return next(runnable, "none")
 
 
@@ -279,7 +292,11 @@ def quantize_model(model: nn.Module, mode: str | QuantMode, *, cache_key: str | 
 
 def apply_mode(model: nn.Module, mode: QuantMode) -> None:
     """Mark ``model`` (its quantized layers already in place) as quantized by ``mode``: the config's record
-    (:func:`model_quantization`) and the dtype each packed layer's prefill multiplies in."""
+    (:func:`model_quantization`) and the dtype each packed layer's prefill multiplies in. Keys and values the
+    prefix cache kept under another mode's arithmetic are forgotten."""
+    from autopatch.prefix_cache import clear_prefix_cache
+
+    clear_prefix_cache(model, keep_registered=True)
     config = getattr(model, "config", None)
     if config is not None:
         config.autopatch_quantize = mode.name

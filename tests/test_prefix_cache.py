@@ -356,3 +356,20 @@ def test_a_patcher_without_the_prefix_cache_reuses_no_prefix_in_any_call_it_make
         assert prefix_layout(model, row, tok.pad_token_id).prefix_len == 0
     assert prefix_layout(model, row, tok.pad_token_id).prefix_len > 0  # the registered start, outside it
     clear_prefix_cache(model)
+
+
+def test_a_new_quantization_mode_forgets_the_keys_and_values_computed_in_the_old_one_not_the_registered_starts():
+    """Keys and values cached under one mode's arithmetic are not the other's (int8 activations round every
+    matmul's input): apply_mode drops them; the starts a format registered stay declared."""
+    from autopatch import prefix_cache
+    from autopatch.quantize import QUANT_MODES, apply_mode, quantize_model
+
+    model, tok = tiny_model_for_bytes("llama"), byte_tokenizer()
+    quantize_model(model, "int4")
+    start = tok(FMT.render(QUESTIONS[0]), return_tensors="pt").input_ids[0, : MIN_PREFIX_TOKENS + 4]
+    prefix_cache.register_prefix(model, start.tolist())
+    _prefix_cache(model, start)
+    assert prefix_cache._store.get(model)
+    apply_mode(model, QUANT_MODES["int4-q8"])
+    assert not prefix_cache._store.get(model) and prefix_cache._known.get(model)
+    clear_prefix_cache(model)

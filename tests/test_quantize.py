@@ -454,6 +454,27 @@ def test_the_default_mode_is_the_embedded_models_measured_one_on_the_cpu_only(mo
     assert default_mode(name) == "none"  # a default that cannot run here falls back; only an explicit ask is refused
 
 
+def test_a_q8_default_is_taken_only_where_it_was_measured_faster(monkeypatch):
+    from dataclasses import replace
+
+    import autopatch.models as models
+    import autopatch.quantize as quantize
+    from autopatch.quantize import default_mode
+
+    name = "gemma-3-270m"
+    monkeypatch.setitem(models.EMBEDDED_MODELS, name,
+                        replace(models.EMBEDDED_MODELS[name], cpu_quantize=("int4-bf16", "int4-q8", "int4")))
+    monkeypatch.setattr(quantize, "_kernel_error", lambda: None)
+    monkeypatch.setattr(quantize.kernels, "fast_bfloat16", lambda: False)
+    monkeypatch.setattr(quantize.kernels, "avx512", lambda: False)
+    assert default_mode(name) == "int4-q8"  # AVX2 only: the int8-activation kernels
+    monkeypatch.setattr(quantize.kernels, "avx512", lambda: True)
+    assert default_mode(name) == "int4"  # AVX-512: never timed against int4 there, so not the default
+    assert quantize.check_mode("int4-q8").name == "int4-q8"  # though it runs when asked
+    monkeypatch.setattr(quantize.kernels, "fast_bfloat16", lambda: True)
+    assert default_mode(name) == "int4-bf16"
+
+
 def test_releasing_the_openmp_pool_leaves_torch_and_the_kernels_working():
     from autopatch.kernels import release_openmp_pool
 
@@ -585,14 +606,16 @@ def test_a_bf16_gemm_rows_result_does_not_depend_on_the_rows_beside_it(bits):
     assert not torch.equal(whole[:7], matmul(rows[:7].contiguous(), *args, None, n=256))  # 7 rows: the kernel's own
 
 
-def test_under_a_bf16_prefill_a_prompt_gets_the_same_logits_alone_and_in_a_padded_batch(monkeypatch):
-    """autopatch.invariance.set_batch_invariant (fixed GEMM blocks, the row-invariant attention): a prompt's
-    next-token logits do not depend on its batch."""
+@pytest.mark.parametrize("mode", ["int4-bf16", "int4-q8"])
+def test_a_prompt_gets_the_same_logits_alone_and_in_a_padded_batch_once_invariant(monkeypatch, mode):
+    """autopatch.invariance.set_batch_invariant (the row-invariant attention; under a bfloat16 prefill fixed GEMM
+    blocks too, the int8-activation kernels round each row alone anyway): a prompt's next-token logits do not
+    depend on its batch."""
     _bf16_here(monkeypatch)
     model = tiny_model("qwen2")
     model.set_attn_implementation("sdpa")
     _on_a_4bit_grid(model)
-    quantize_model(model, "int4-bf16")
+    quantize_model(model, mode)
     assert model.config._attn_implementation == "sdpa"  # batch-dependent, and faster, unless asked
     assert set_batch_invariant(model) and model.config._attn_implementation == "autopatch_rows"
     g = torch.Generator().manual_seed(5)

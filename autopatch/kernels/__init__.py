@@ -58,7 +58,7 @@ from autopatch.kernels.layout import (
     unpack_scales,
 )
 
-__all__ = ["CHUNK", "GEMM_BLOCK", "GEMM_ROWS", "GGUF_BLOCKS", "GROUP", "PANEL", "Q8", "Bound", "bind",
+__all__ = ["CHUNK", "GEMM_BLOCK", "GEMM_ROWS", "GGUF_BLOCKS", "GROUP", "PANEL", "Q8", "Bound", "avx512", "bind",
            "dequantize_affine4", "dequantize_groups", "fast_bfloat16", "gguf_dequant", "kernel_error",
            "matmul_in_blocks", "pack", "pack4", "pack4_scales", "pack_scales", "packable", "padded_to_blocks",
            "panels", "q8_quantize", "quantize_affine4", "quantize_groups", "release_openmp_pool", "unpack", "unpack4",
@@ -449,6 +449,12 @@ def _dequantized_gemm(dequant: Callable[..., None], x: torch.Tensor, packed: tor
     if bias is not None:
         y.add_(bias)
     return y
+
+
+def avx512() -> bool:
+    """Whether this CPU has AVX-512, whose table lookups the float32-activation kernels use to widen 4-bit
+    weights (without it they are compute-bound even at one row, docs/quantization.md)."""
+    return bool(getattr(torch.cpu, "_is_avx512_supported", lambda: False)())
 
 
 def fast_bfloat16() -> bool:

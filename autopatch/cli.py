@@ -52,7 +52,8 @@ def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
                         help="int4 (4-bit weights where exact, else int8; float32 activations; CPU), int4-all "
                              "(4-bit weights everywhere), int8, int4-bf16 and int8-bf16 (their weights, a prefill's "
                              "matmuls in bfloat16 on a CPU with AMX or AVX512-BF16), int4-q8 and int8-q8 (their weights, every "
-                             "matmul's activations rounded to int8 per 32 inputs), int8-dynamic, or none "
+                             "matmul's activations rounded to int8 per 32 inputs), int4-q8-floatdown (int4-q8, the MLP "
+                             "down-projections' inputs float32), int8-dynamic, or none "
                              "(float32); default: the model's measured CPU default (docs/quantization.md)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="in a -bf16 or -q8 mode, give every prompt the answer it gets alone, whatever its "

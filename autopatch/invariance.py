@@ -141,7 +141,7 @@ def batch_invariant(model: Any) -> bool:
 def set_batch_invariant(model: Any, on: bool = True) -> bool:
     """Make ``model``'s answers independent of its batch (``on``), or go back to the faster batch-dependent path;
     returns whether it is on. Needs a mode whose matmuls round their inputs (a bfloat16 prefill: ``int4-bf16``,
-    ``int8-bf16``; int8 activations: ``int4-q8``, ``int8-q8``), which turns attention's last-bit differences into
+    ``int8-bf16``; int8 activations for every matmul: ``int4-q8``, ``int8-q8``), which turns attention's last-bit differences into
     visible ones, and SDPA attention; elsewhere it changes nothing and returns ``False``.
 
     On: attention runs per row (:func:`row_invariant_attention`) and the prefix cache reuses only a registered start
@@ -155,7 +155,9 @@ def set_batch_invariant(model: Any, on: bool = True) -> bool:
 
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) in (_BASE, ROWS)
-    on = on and sdpa and any(m.prefill in (torch.bfloat16, Q8) for m in packed)  # all of it or none: half would not do
+    kinds = {m.prefill for m in packed}
+    # all of it or none: half would not do (a -q8 mode keeping some inputs float32 multiplies those by batch size)
+    on = on and sdpa and (torch.bfloat16 in kinds or kinds == {Q8})
     for module in packed:
         module.invariant = on
     row_invariant_attention(model, on=on)

@@ -5,7 +5,7 @@ Example:
     >>> model, tok = autopatch.load_model("qwen2.5-coder-1.5b-instruct", quantize="int8")
     >>> from autopatch.quantize import QUANT_MODES, quantize_model
     >>> sorted(QUANT_MODES)
-    ['int4', 'int4-all', 'int4-bf16', 'int4-q8', 'int8', 'int8-bf16', 'int8-dynamic', 'int8-q8', 'none']
+    ['int4', 'int4-all', 'int4-bf16', 'int4-q8', 'int4-q8-floatdown', 'int8', 'int8-bf16', 'int8-dynamic', 'int8-q8', 'none']
     >>> quantize_model(float_model, "int8")      # in place; returns how many Linear layers it swapped
 
 Why this design (measured in docs/quantization.md):
@@ -96,6 +96,8 @@ class QuantMode:
     ``prefill`` differs.
     ``default_where``: where a model's default list (:func:`default_mode`) may pick this mode, the machines it was
     measured faster on; ``None``: wherever it runs. An explicit request runs it wherever :func:`check_mode` allows.
+    ``float_inputs``: in a rounding mode (``prefill`` :data:`~autopatch.kernels.Q8`), the Linear layers (by their
+    last name, such as ``"up_proj"``) whose activations stay float32, multiplied as in the weights' mode.
     """
 
     name: str
@@ -106,6 +108,7 @@ class QuantMode:
     prefill: torch.dtype = torch.float32
     weights: str | None = None
     default_where: Callable[[], bool] | None = None
+    float_inputs: tuple[str, ...] = ()
 
     @property
     def is_float(self) -> bool:
@@ -122,11 +125,23 @@ class QuantMode:
                        description=f"{self.name}'s weights; a prefill's matmuls in bfloat16 on the CPU's bfloat16 "
                                    f"units (AMX or AVX512-BF16; refused elsewhere), decode steps as {self.name}")
 
-    def with_q8_activations(self) -> QuantMode:
-        """This mode's weights (and cache), every product's activations rounded to int8 per 32: ``<name>-q8``."""
-        return replace(self, name=f"{self.name}-q8", prefill=kernels.Q8, weights=self.name, default_where=_no_avx512,
+    def with_q8_activations(self, float_inputs: tuple[str, ...] = (), suffix: str = "") -> QuantMode:
+        """This mode's weights (and cache), every product's activations rounded to int8 per 32: ``<name>-q8``;
+        with ``float_inputs``, those layers' activations kept float32: ``<name>-q8<suffix>``."""
+        kept = f", except the inputs of {' and '.join(float_inputs)} (float32, as {self.name})" if float_inputs else ""
+        return replace(self, name=f"{self.name}-q8{suffix}", prefill=kernels.Q8, weights=self.name,
+                       default_where=_no_avx512, float_inputs=float_inputs,
                        description=f"{self.name}'s weights; every matmul's activations rounded to int8 with a scale "
-                                   f"per 32 inputs (llama.cpp's Q8_0) and summed in int32 (AVX2), at any row count")
+                                   f"per 32 inputs (llama.cpp's Q8_0) and summed in int32 (AVX2), at any row count"
+                                   f"{kept}")
+
+    def prefill_of(self, name: str, head: bool = False) -> torch.dtype:
+        """What the packed layer called ``name`` multiplies a prefill in (``head``: the model's LM head)."""
+        if self.prefill == torch.bfloat16 and head:
+            # the LM head's logits over many positions (scoring, a logit lens) keep float32's precision; int8
+            # activations, summed exactly in int32, are far closer to it than bfloat16's rounded products
+            return torch.float32
+        return torch.float32 if name.rpartition(".")[2] in self.float_inputs else self.prefill
 
     def layer_for(self, linear: nn.Linear) -> type[Int8Linear]:
         """The layer class ``linear`` becomes."""
@@ -160,6 +175,10 @@ QUANT_MODES: dict[str, QuantMode] = {
         _INT4.with_bf16_prefill(),
         _INT8.with_q8_activations(),
         _INT4.with_q8_activations(),
+        # the MLP down-projection's inputs (after the gate's SiLU: the most peaked) stay float32: of the layers whose
+        # inputs were kept float on the 1.5B's dev questions, the one that brought int4-q8 closest to int4
+        # (bench/q8_variants.py, docs/quantization.md)
+        _INT4.with_q8_activations(("down_proj",), suffix="-floatdown"),
         QuantMode("int8-dynamic", "int8 weights per channel and int8 activations per token (torch._int_mm): "
                                   "faster prefill, lower accuracy", (DynamicInt8Linear,)),
     )
@@ -302,11 +321,9 @@ def apply_mode(model: nn.Module, mode: QuantMode) -> None:
         config.autopatch_quantize = mode.name
     outputs = getattr(model, "get_output_embeddings", None)
     head = outputs() if callable(outputs) else None
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, PackedLinear):
-            # the LM head's logits over many positions (scoring, a logit lens) keep float32's precision; int8
-            # activations, summed exactly in int32, are far closer to it than bfloat16's rounded products
-            module.prefill = torch.float32 if module is head and mode.prefill == torch.bfloat16 else mode.prefill
+            module.prefill = mode.prefill_of(name, head=module is head)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

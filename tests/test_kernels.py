@@ -77,8 +77,8 @@ def test_the_rounding_is_the_torch_rule_bit_for_bit():
 @pytest.mark.parametrize("m,n,k", [(1, 4, 32), (3, 5, 64), (9, 37, 64), (4, 8, 96), (70, 1030, 32)])
 def test_int4_q8_kernel_is_the_rounded_product(m, n, k):
     q, a, b, weight = _int4_operands(n, k, m * 100 + n)
-    bias = torch.randn(n)
-    x = torch.randn(m, k)
+    g = torch.Generator().manual_seed(m * 100 + n + 1)  # seeded: the bound below is a statement about these inputs
+    bias, x = torch.randn(n, generator=g), torch.randn(m, k, generator=g)
     got = w4_matmul(x, pack4(q), pack4_scales(a, b), bias, n=n, prefill=Q8)
     want = rounded_product(x, weight) + bias.double()
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
@@ -155,6 +155,46 @@ def test_a_q8_model_is_its_rounded_twin_the_head_included(mode):
         assert torch.allclose(quantized(ids).logits, twin(ids).logits, atol=1e-3)
         decoded = quantized.generate(ids, max_new_tokens=4, do_sample=False)  # decode steps: one row each
         assert torch.equal(decoded, twin.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+class FloatTwin(nn.Module):
+    """A float module computing what a packed layer computes on float32 activations: its weight as held, times x."""
+
+    def __init__(self, layer: PackedLinear):
+        super().__init__()
+        self.weight, self.bias = layer.dequantized_weight(), layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("kept", [("up_proj",), ("gate_proj", "up_proj", "lm_head")])
+def test_a_q8_mode_keeping_some_inputs_float_rounds_the_rest_only(kept):
+    from autopatch.invariance import set_batch_invariant
+    from autopatch.quantize import apply_mode
+
+    mode = QUANT_MODES["int4"].with_q8_activations(kept, suffix="-test")
+    assert mode.name == "int4-q8-test" and mode.cache_name == "int4" and mode.float_inputs == kept
+    quantized, reference = tiny_model("llama"), tiny_model("llama")
+    quantize_model(quantized, "int4")
+    apply_mode(quantized, mode)
+    for name, module in list(quantized.named_modules()):
+        if isinstance(module, PackedLinear):
+            float_input = name.rpartition(".")[2] in kept
+            assert module.prefill == (torch.float32 if float_input else Q8), name
+            parent, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent) if parent else reference, child,
+                    FloatTwin(module) if float_input else RoundedTwin(module))
+    ids = torch.randint(3, 90, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(quantized(ids).logits, reference(ids).logits, atol=1e-3)
+        assert torch.equal(quantized.generate(ids, max_new_tokens=4, do_sample=False),
+                           reference.generate(ids, max_new_tokens=4, do_sample=False))
+    quantized.set_attn_implementation("sdpa")
+    assert not set_batch_invariant(quantized)  # its float32 layers multiply a row by its batch's size: refused
+    apply_mode(quantized, QUANT_MODES["int4-q8"])
+    assert set_batch_invariant(quantized)  # every input rounded: row-invariant
+    set_batch_invariant(quantized, on=False)
 
 
 @pytest.mark.parametrize("strategy", ["decompose", "reroute"])

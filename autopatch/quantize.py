@@ -32,7 +32,9 @@ Why this design (measured in docs/quantization.md):
   with one scale per 32 inputs (llama.cpp's Q8_0), summed exactly in int32 with AVX2's byte multiplies
   (``kernels/q8.c``): on a CPU without bfloat16 units, faster than the float32-activation kernels at one row and
   than float32 GEMM at a prefill's, at an accuracy cost measured per model. Each row is rounded on its own, at
-  every row count, so a row's product does not depend on its batch.
+  every row count, so a row's product does not depend on its batch. ``int4-q8-floatdown`` keeps the MLP
+  down-projections' inputs float32 (:attr:`QuantMode.float_inputs`), which holds the 1.5B's accuracy where
+  rounding every input did not.
 * ``int8-dynamic`` quantizes the activations too, **per token** (one scale per row), weights per output
   channel, through ``torch._int_mm``: a faster prefill at a measured loss of accuracy. (torch's
   ``quantize_dynamic`` takes one scale for the whole activation tensor, so one token with an outlying

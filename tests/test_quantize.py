@@ -475,6 +475,20 @@ def test_a_q8_default_is_taken_only_where_it_was_measured_faster(monkeypatch):
     assert default_mode(name) == "int4-bf16"
 
 
+def test_the_shipped_defaults_on_an_avx2_only_cpu(monkeypatch):
+    import autopatch.quantize as quantize
+    from autopatch.quantize import default_mode
+
+    monkeypatch.setattr(quantize, "_kernel_error", lambda: None)
+    monkeypatch.setattr(quantize.kernels, "fast_bfloat16", lambda: False)
+    monkeypatch.setattr(quantize.kernels, "avx512", lambda: False)
+    assert {name: default_mode(name) for name in ("gemma-3-270m", "qwen2.5-coder-0.5b-instruct",
+                                                  "qwen2.5-coder-1.5b-instruct")} == {
+        "gemma-3-270m": "int4-q8", "qwen2.5-coder-0.5b-instruct": "int8",
+        "qwen2.5-coder-1.5b-instruct": "int4-q8-floatdown"}  # as measured: docs/quantization.md, "The default"
+    assert default_mode("qwen2.5-coder-1.5b-instruct", dtype="bfloat16") == "none"  # off float32: as asked
+
+
 def test_releasing_the_openmp_pool_leaves_torch_and_the_kernels_working():
     from autopatch.kernels import release_openmp_pool
 

@@ -134,8 +134,8 @@ class QuantMode:
         return replace(self, name=f"{self.name}-q8{suffix}", prefill=kernels.Q8, weights=self.name,
                        default_where=_no_avx512, float_inputs=float_inputs,
                        description=f"{self.name}'s weights; every matmul's activations rounded to int8 with a scale "
-                                   f"per 32 inputs (llama.cpp's Q8_0) and summed in int32 (AVX2), at any row count"
-                                   f"{kept}")
+                                   f"per 32 inputs (llama.cpp's Q8_0) and summed in int32 (AVX2 or AVX512-VNNI), at "
+                                   f"any row count{kept}")
 
     def prefill_of(self, name: str, head: bool = False) -> torch.dtype:
         """What the packed layer called ``name`` multiplies a prefill in (``head``: the model's LM head)."""

@@ -10,11 +10,17 @@ under 1% on random inputs, asserted as a bound, not as equality.
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from autopatch import kernels
 from autopatch.kernels import (
+    FLAGS,
     GROUP,
     Q8,
     dequantize_affine4,
@@ -112,6 +118,30 @@ def test_a_rows_q8_output_does_not_depend_on_its_batch_at_any_row_count(bits):
         assert all(torch.equal(alone[i], batched[i]) for i in range(m)), m
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_avx2_build_of_the_q8_kernels_gives_the_same_bits(bits, tmp_path):
+    """Built for AVX2 alone (``-mno-avx512f``), q8.c multiplies as the library in use does, bit for bit: on an
+    AVX512-VNNI machine that is its other path (vpdpbusd on 4 weight rows at once), elsewhere the same one."""
+    target = tmp_path / "q8_avx2.so"
+    subprocess.run(["gcc", *FLAGS, "-mno-avx512f", str(Path(kernels.__file__).with_name("q8.c")), "-o", str(target)],
+                   check=True)
+    matmul_q8 = getattr(ctypes.CDLL(str(target)), f"autopatch_w{bits}_matmul_q8")
+    k, n = 2080, 14
+    if bits == 4:
+        q, a, b, _ = _int4_operands(n, k, 1)
+        packed, scales, matmul = pack4(q), pack4_scales(a, b), w4_matmul
+    else:
+        q8, s8 = quantize_groups(torch.randn(n, k, generator=torch.Generator().manual_seed(1)))
+        packed, scales, matmul = pack(q8), pack_scales(s8), w8_matmul
+    bias = torch.randn(n)
+    for m in (1, 3, 5, 7, 13):  # one pass or several, of either path's row blocks (3 and 6)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        avx2 = torch.empty(m, n)
+        assert matmul_q8(*(ctypes.c_int(v) for v in (m, n, k)),
+                         *(ctypes.c_void_p(t.data_ptr()) for t in (x, packed, scales, bias, avx2))) == 0
+        assert torch.equal(matmul(x, packed, scales, bias, n=n, prefill=Q8), avx2), m
+
+
 def test_the_q8_modes_share_their_weights_cache_and_run_wherever_the_kernels_build():
     for weights in ("int8", "int4"):
         mode = check_mode(f"{weights}-q8")
@@ -134,11 +164,25 @@ class RoundedTwin(nn.Module):
         return out.reshape(*x.shape[:-1], -1)
 
 
-def _rounded_twin(reference: nn.Module, quantized: nn.Module) -> nn.Module:
+class FloatTwin(nn.Module):
+    """A float module computing what a packed layer computes on float32 activations: its weight as held, times x."""
+
+    def __init__(self, layer: PackedLinear):
+        super().__init__()
+        self.weight, self.bias = layer.dequantized_weight(), layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _rounded_twin(reference: nn.Module, quantized: nn.Module, kept: tuple[str, ...] = ()) -> nn.Module:
+    """``reference`` with each of ``quantized``'s packed layers replaced by its twin: float inputs for the layers
+    named in ``kept`` (by last name), rounded ones for the rest."""
     for name, module in list(quantized.named_modules()):
         if isinstance(module, PackedLinear):
             parent, _, child = name.rpartition(".")
-            setattr(reference.get_submodule(parent) if parent else reference, child, RoundedTwin(module))
+            twin = FloatTwin(module) if child in kept else RoundedTwin(module)
+            setattr(reference.get_submodule(parent) if parent else reference, child, twin)
     return reference
 
 
@@ -157,17 +201,6 @@ def test_a_q8_model_is_its_rounded_twin_the_head_included(mode):
         assert torch.equal(decoded, twin.generate(ids, max_new_tokens=4, do_sample=False))
 
 
-class FloatTwin(nn.Module):
-    """A float module computing what a packed layer computes on float32 activations: its weight as held, times x."""
-
-    def __init__(self, layer: PackedLinear):
-        super().__init__()
-        self.weight, self.bias = layer.dequantized_weight(), layer.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
-
-
 @pytest.mark.parametrize("kept", [("up_proj",), ("gate_proj", "up_proj", "lm_head")])
 def test_a_q8_mode_keeping_some_inputs_float_rounds_the_rest_only(kept):
     from autopatch.invariance import set_batch_invariant
@@ -178,13 +211,10 @@ def test_a_q8_mode_keeping_some_inputs_float_rounds_the_rest_only(kept):
     quantized, reference = tiny_model("llama"), tiny_model("llama")
     quantize_model(quantized, "int4")
     apply_mode(quantized, mode)
-    for name, module in list(quantized.named_modules()):
+    for name, module in quantized.named_modules():
         if isinstance(module, PackedLinear):
-            float_input = name.rpartition(".")[2] in kept
-            assert module.prefill == (torch.float32 if float_input else Q8), name
-            parent, _, child = name.rpartition(".")
-            setattr(reference.get_submodule(parent) if parent else reference, child,
-                    FloatTwin(module) if float_input else RoundedTwin(module))
+            assert module.prefill == (torch.float32 if name.rpartition(".")[2] in kept else Q8), name
+    reference = _rounded_twin(reference, quantized, kept)
     ids = torch.randint(3, 90, (2, 9))
     with torch.no_grad():
         assert torch.allclose(quantized(ids).logits, reference(ids).logits, atol=1e-3)

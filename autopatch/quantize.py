@@ -153,8 +153,9 @@ class QuantMode:
 
 
 def _no_avx512() -> bool:
-    """Where the ``-q8`` modes decode faster than their weights' mode: a CPU without AVX-512 (measured on an AMD
-    EPYC Zen 3; on AVX-512 machines the float32-activation kernels were already fast and ``-q8`` was not timed)."""
+    """Where the ``-q8`` modes decode faster than the modes before them in a default list: a CPU without AVX-512
+    (an AMD EPYC Zen 3). On an AVX-512 Zen 4, with q8.c's VNNI path, they decoded slower than the ``-bf16`` modes
+    (docs/quantization.md)."""
     return not kernels.avx512()
 
 

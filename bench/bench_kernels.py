@@ -8,7 +8,8 @@ Example:
 Milliseconds per call (median of ``--repeats``) at several row counts ``m`` (1 = one decode step at batch 1,
 8 = batch 8, 64 and 512 = prefills), and each kernel's speed as a ratio to ``F.linear`` in float32 (above 1 is
 faster). This is why autopatch ships its own weight-only kernel (docs/quantization.md): torch's weight-only
-int8 and int4 kernels on the CPU are slower than float32, and the fast ones quantize the activations.
+int8 and int4 kernels on the CPU are slower than float32, and the fast ones quantize the activations. The ``-q8``
+modes' kernels (int8 activations per 32 inputs, integer dot products) are in both tables too.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def median_ms(fn, repeats: int) -> float:
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
     from autopatch.kernels import (
+        Q8,
         fast_bfloat16,
         pack,
         pack4,
@@ -56,12 +58,16 @@ def kernels(weight: torch.Tensor) -> dict:
     n, k = weight.shape
     q, scale = quantize_per_channel(weight)
     packed = q.t()
-    out = {"float32 F.linear": lambda x: F.linear(x, weight),
-           "autopatch int8 (weight-only, a scale per 32)": (
-               lambda p, s: lambda x: w8_matmul(x, p, s, None))(*(lambda g: (pack(g[0]), pack_scales(g[1])))(quantize_groups(weight)))}
+    q8, s8 = quantize_groups(weight)
+    packed8, scales8 = pack(q8), pack_scales(s8)
     q4, a4, b4 = quantize_affine4(weight)
     packed4, scales4 = pack4(q4), pack4_scales(a4, b4)
-    out["autopatch int4 (weight-only, a scale and offset per 32)"] = lambda x: w4_matmul(x, packed4, scales4, None)
+    out = {"float32 F.linear": lambda x: F.linear(x, weight),
+           "autopatch int8 (weight-only, a scale per 32)": lambda x: w8_matmul(x, packed8, scales8, None),
+           "autopatch int4 (weight-only, a scale and offset per 32)": lambda x: w4_matmul(x, packed4, scales4, None),
+           # the -q8 modes: x rounded to int8 per 32 inputs, integer dot products (AVX2, or AVX512-VNNI)
+           "autopatch int8, int8 activations (int8-q8)": lambda x: w8_matmul(x, packed8, scales8, None, prefill=Q8),
+           "autopatch int4, int8 activations (int4-q8)": lambda x: w4_matmul(x, packed4, scales4, None, prefill=Q8)}
     if fast_bfloat16():  # the int4-bf16 mode: above GEMM_ROWS rows, a bfloat16 GEMM
         out["autopatch int4, bfloat16 prefill (int4-bf16; float32 up to 48 rows)"] = (
             lambda x: w4_matmul(x, packed4, scales4, None, prefill=torch.bfloat16))
@@ -110,7 +116,17 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) ->
     """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
     step does (the tables above reuse one weight, which the last-level cache may hold). The first row reads the
     float32 copies without multiplying: the rate this machine's memory gives, against which each kernel's is read."""
-    from autopatch.kernels import pack, pack4, pack4_scales, pack_scales, quantize_affine4, quantize_groups, w4_matmul, w8_matmul
+    from autopatch.kernels import (
+        Q8,
+        pack,
+        pack4,
+        pack4_scales,
+        pack_scales,
+        quantize_affine4,
+        quantize_groups,
+        w4_matmul,
+        w8_matmul,
+    )
 
     q8, s8 = quantize_groups(weight)
     q4, a4, b4 = quantize_affine4(weight)
@@ -120,6 +136,9 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) ->
         "float32 F.linear": ((weight,), lambda x, w: F.linear(x, w)),
         "autopatch int8": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None)),
         "autopatch int4": ((pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None)),
+        "autopatch int8, int8 activations": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None, prefill=Q8)),
+        "autopatch int4, int8 activations": ((pack4(q4), pack4_scales(a4, b4)),
+                                             lambda x, p, s: w4_matmul(x, p, s, None, prefill=Q8)),
     }
     x = torch.randn(m, weight.shape[1])
     print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m={m}\n")

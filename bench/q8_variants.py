@@ -10,16 +10,15 @@ is ``<weights>-q8`` with the named layers' inputs kept float32 (:meth:`QuantMode
 :func:`autopatch.quantize.apply_mode`, the shipped mechanism); the empty variant rounds every input. Per variant,
 teacher-forced on those answers: the mean KL(reference || variant) of the next-token distribution at the answer's
 first token and over all its tokens, how often the top token changes, the share of the weights' bytes whose
-inputs stay float32, and a rough greedy decode tokens/s (one prompt, ``4 * --tokens`` tokens, best of
-``--repeats``, less one un-repeated one-token call's time: a noisy guide, not a speed figure, which is
-``bench/bench_quantize.py``'s). Choose on these (dev); report a chosen mode on the test split.
+inputs stay float32, and greedy decode tokens/s on one prompt (``4 * --tokens`` tokens, each timed as it is made,
+best of ``--repeats``: a guide; ``bench/bench_quantize.py`` times the modes over 8 prompts). Choose on these (dev);
+report a chosen mode on the test split.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,17 +41,22 @@ def _log_probs(model, sequences: list[tuple[torch.Tensor, int]]) -> list[torch.T
 
 
 def _decode_rate(model, ids: torch.Tensor, tokens: int, repeats: int) -> float:
-    best = float("inf")
+    """Greedy tokens/s after the first at batch 1, each token's time taken as it is made (bench_quantize's
+    ``TokenClock``, EOS masked), the best of ``repeats``."""
+    from transformers import StoppingCriteriaList
+
+    from bench.bench_quantize import TokenClock, eos_disabled
+
+    clock = TokenClock()
+    gen = dict(do_sample=False, stopping_criteria=StoppingCriteriaList([clock]), logits_processor=eos_disabled(model))
+    best = 0.0
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm: each layer binds its kernel once per mode
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            best = min(best, time.perf_counter() - started)
-        started = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, do_sample=False)
-        prefill = time.perf_counter() - started
-    return (tokens - 1) / max(best - prefill, 1e-9)
+        for warm in (True, *[False] * repeats):  # the first call warms: each layer binds its kernel once per mode
+            clock.start()
+            model.generate(ids, max_new_tokens=2 if warm else tokens, **gen)
+            if not warm:
+                best = max(best, (len(clock.times) - 1) / clock.after_s())
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from autopatch.kernels import (  # noqa: E402
+    Q8,
+    fast_bfloat16,
+    pack,
+    pack4,
+    pack4_scales,
+    pack_scales,
+    quantize_affine4,
+    quantize_groups,
+    w4_matmul,
+    w8_matmul,
+)
 from bench.machine import cpu_name  # noqa: E402
 
 
@@ -41,18 +53,6 @@ def median_ms(fn, repeats: int) -> float:
 
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
-    from autopatch.kernels import (
-        Q8,
-        fast_bfloat16,
-        pack,
-        pack4,
-        pack4_scales,
-        pack_scales,
-        quantize_affine4,
-        quantize_groups,
-        w4_matmul,
-        w8_matmul,
-    )
     from autopatch.quantize import quantize_per_channel, quantize_per_token
 
     n, k = weight.shape
@@ -116,18 +116,6 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) ->
     """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
     step does (the tables above reuse one weight, which the last-level cache may hold). The first row reads the
     float32 copies without multiplying: the rate this machine's memory gives, against which each kernel's is read."""
-    from autopatch.kernels import (
-        Q8,
-        pack,
-        pack4,
-        pack4_scales,
-        pack_scales,
-        quantize_affine4,
-        quantize_groups,
-        w4_matmul,
-        w8_matmul,
-    )
-
     q8, s8 = quantize_groups(weight)
     q4, a4, b4 = quantize_affine4(weight)
     layouts = {

@@ -123,8 +123,10 @@ def test_the_avx2_build_of_the_q8_kernels_gives_the_same_bits(bits, tmp_path):
     """Built for AVX2 alone (``-mno-avx512f``), q8.c multiplies as the library in use does, bit for bit: on an
     AVX512-VNNI machine that is its other path (vpdpbusd on 4 weight rows at once), elsewhere the same one."""
     target = tmp_path / "q8_avx2.so"
-    subprocess.run(["gcc", *FLAGS, "-mno-avx512f", str(Path(kernels.__file__).with_name("q8.c")), "-o", str(target)],
-                   check=True)
+    compiler = kernels._compiler()  # the one the library in use was built with
+    assert compiler is not None
+    subprocess.run([compiler, *FLAGS, "-mno-avx512f", str(Path(kernels.__file__).with_name("q8.c")), "-o",
+                    str(target)], check=True)
     matmul_q8 = getattr(ctypes.CDLL(str(target)), f"autopatch_w{bits}_matmul_q8")
     k, n = 2080, 14
     if bits == 4:

@@ -8,8 +8,9 @@
  * so the rounding error is sum_k W[n,k] e[k]. (Taking b times the exact sum instead leaves a sum_k q e[k], whose q
  * in 0..15 is centred far from the weight's zero: 2-3x the error on the 1.5B's layers, docs/quantization.md.)
  * vpmaddubsw and vpdpbusd multiply an unsigned byte by a signed one: q (0..15) as it is; an int8 weight as |w|
- * against xq carrying w's sign, whose pair sums (at most 2 * 128 * 127) fit vpmaddubsw's int16. Each row of x is rounded on its own and each output sums its
- * groups in a fixed order, so a row's result does not depend on its batch, at any row count.
+ * against xq carrying w's sign, whose pair sums (at most 2 * 128 * 127) fit vpmaddubsw's int16. Each row of x is
+ * rounded on its own and each output sums its groups in a fixed order, so a row's result does not depend on its
+ * batch, at any row count.
  */
 #include <stddef.h>
 #include <stdint.h>

@@ -4,7 +4,8 @@ Example:
     $ python bench/profile_decode.py --model qwen2.5-coder-1.5b-instruct
     $ python bench/profile_decode.py --model gemma-3-270m --quantize int4-bf16 --against-unchecked --repeats 5
 
-Times ``model.generate`` of 1 and of 33 greedy tokens at batch 1 (EOS disabled: bench.bench_quantize.eos_disabled) and, inside them, the time spent in
+Prints the bytes the packed layers hold (what a decode step reads), by weight bits and inputs. Times
+``model.generate`` of 1 and of 33 greedy tokens at batch 1 (EOS disabled: bench.bench_quantize.eos_disabled) and, inside them, the time spent in
 the quantized Linear layers; prints per-token milliseconds for the whole step and for the matmuls.
 
 ``--against-unchecked`` alternates, ``--repeats`` times in this process, the shipped packed layers (each calls its
@@ -33,6 +34,24 @@ def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+def packed_bytes(model: torch.nn.Module) -> str:
+    """What a decode step reads from the packed layers, by weight bits and by inputs (int8-rounded or float32)."""
+    from collections import Counter
+
+    from autopatch.kernels import Q8
+    from autopatch.quantize import PackedLinear
+
+    size: Counter[str] = Counter()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            inputs = "int8 inputs" if module.prefill == Q8 else "float32 inputs"
+            size[f"int{module.bits} weights, {inputs}"] += sum(t.numel() * t.element_size()
+                                                              for t in (module.qweight, module.gscale))
+    total = sum(size.values())
+    parts = ", ".join(f"{kind} {n / 1e6:.0f} MB ({n / total:.0%})" for kind, n in sorted(size.items()))
+    return f"packed layers read a decode step: {total / 1e6:.0f} MB ({parts})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
@@ -47,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.bench_quantize import eos_disabled
 
     model, tok = autopatch.load_model(args.model, quantize=args.quantize)
+    print(packed_bytes(model))
     spent = [0.0]
     originals = {cls: cls.forward for cls in {type(m) for m in model.modules() if isinstance(m, Int8Linear)}}
 

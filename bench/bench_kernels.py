@@ -51,6 +51,13 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def packed_operands(weight: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``weight`` packed for the int8 kernels and for the int4 ones: ``((packed, scales), (packed, scales))``."""
+    q8, s8 = quantize_groups(weight)
+    q4, a4, b4 = quantize_affine4(weight)
+    return (pack(q8), pack_scales(s8)), (pack4(q4), pack4_scales(a4, b4))
+
+
 def kernels(weight: torch.Tensor) -> dict:
     """name -> fn(x) for each kernel that runs here."""
     from autopatch.quantize import quantize_per_channel, quantize_per_token
@@ -58,10 +65,7 @@ def kernels(weight: torch.Tensor) -> dict:
     n, k = weight.shape
     q, scale = quantize_per_channel(weight)
     packed = q.t()
-    q8, s8 = quantize_groups(weight)
-    packed8, scales8 = pack(q8), pack_scales(s8)
-    q4, a4, b4 = quantize_affine4(weight)
-    packed4, scales4 = pack4(q4), pack4_scales(a4, b4)
+    (packed8, scales8), (packed4, scales4) = packed_operands(weight)
     out = {"float32 F.linear": lambda x: F.linear(x, weight),
            "autopatch int8 (weight-only, a scale per 32)": lambda x: w8_matmul(x, packed8, scales8, None),
            "autopatch int4 (weight-only, a scale and offset per 32)": lambda x: w4_matmul(x, packed4, scales4, None),
@@ -116,17 +120,15 @@ def out_of_cache(weight: torch.Tensor, copies: int, repeats: int, m: int = 1) ->
     """ms per call and the bytes read per second when every call reads a different copy of the weight, as a decode
     step does (the tables above reuse one weight, which the last-level cache may hold). The first row reads the
     float32 copies without multiplying: the rate this machine's memory gives, against which each kernel's is read."""
-    q8, s8 = quantize_groups(weight)
-    q4, a4, b4 = quantize_affine4(weight)
+    int8, int4 = packed_operands(weight)
     layouts = {
         # What the memory delivers: one pass summing each copy, no multiplying (the ceiling for the rows below).
         "memory read (torch.sum of each float32 copy)": ((weight,), lambda x, w: w.sum()),
         "float32 F.linear": ((weight,), lambda x, w: F.linear(x, w)),
-        "autopatch int8": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None)),
-        "autopatch int4": ((pack4(q4), pack4_scales(a4, b4)), lambda x, p, s: w4_matmul(x, p, s, None)),
-        "autopatch int8, int8 activations": ((pack(q8), pack_scales(s8)), lambda x, p, s: w8_matmul(x, p, s, None, prefill=Q8)),
-        "autopatch int4, int8 activations": ((pack4(q4), pack4_scales(a4, b4)),
-                                             lambda x, p, s: w4_matmul(x, p, s, None, prefill=Q8)),
+        "autopatch int8": (int8, lambda x, p, s: w8_matmul(x, p, s, None)),
+        "autopatch int4": (int4, lambda x, p, s: w4_matmul(x, p, s, None)),
+        "autopatch int8, int8 activations": (int8, lambda x, p, s: w8_matmul(x, p, s, None, prefill=Q8)),
+        "autopatch int4, int8 activations": (int4, lambda x, p, s: w4_matmul(x, p, s, None, prefill=Q8)),
     }
     x = torch.randn(m, weight.shape[1])
     print(f"\nOut of cache: {copies} copies of the weight, one call on each in turn, m={m}\n")

@@ -39,7 +39,7 @@ SUPER = 256  # columns per (d, dmin), as in Q4_K
 HEADER = 96  # bytes per panel and superblock before its levels
 
 SOURCE = r"""
-#include "%(q8)s"
+#include "%(q8)s" /* its quantizer, row blocks, w4_q8_group and finish */
 #if !VNNI512
 #error "the experiment is written for AVX512-VNNI"
 #endif
@@ -48,7 +48,6 @@ int experiment_q4k_q8(int M, int N, int K, const float *x, const uint8_t *packed
     const int G = K / GROUP, S = K / 256, panels = (N + 3) / 4;
     int8_t *xq; float *d, *s;
     if (quantized(M, K, x, &xq, &d, &s)) return -1;
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
     #pragma omp parallel for schedule(static)
     for (int p = 0; p < panels; p++) {
         const int n0 = p * 4, nb = N - n0 < 4 ? N - n0 : 4;
@@ -70,17 +69,7 @@ int experiment_q4k_q8(int M, int N, int K, const float *x, const uint8_t *packed
                     const __m128 mf = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(*(const int *)(mm + 4 * j))));
                     const __m512 a = _mm512_mul_ps(dd, _mm512_permutexvar_ps(SPREAD4, _mm512_castps128_ps512(scf)));
                     const __m128 b = _mm_xor_ps(_mm_mul_ps(dmin, mf), _mm_set1_ps(-0.f)); /* -(dmin m), exact */
-                    const __m512i v = _mm512_loadu_si512((const void *)(levels + j * 64));
-                    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                    for (int r = 0; r < mb; r++) {
-                        const int8_t *xg = xq + (size_t)(m0 + r) * K + (size_t)g * GROUP;
-                        const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xg));
-                        const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xg + HALF)));
-                        const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
-                        const size_t at = (size_t)(m0 + r) * G + g;
-                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(a, _mm512_set1_ps(d[at])), acc[r]);
-                        accb[r] = _mm_fmadd_ps(b, _mm_set1_ps(s[at]), accb[r]);
-                    }
+                    w4_q8_group(mb, G, K, g, levels + j * 64, a, b, xq, d, s, m0, acc, accb);
                 }
             }
             halves(mb, acc, acc01, acc23);
@@ -94,7 +83,7 @@ int experiment_q4k_q8(int M, int N, int K, const float *x, const uint8_t *packed
 
 
 def build(into: Path) -> ctypes.CDLL:
-    """The experiment's kernel, compiled with q8.c (its quantizer, row blocks and finish) and the kernels' flags."""
+    """The experiment's kernel, compiled with q8.c (whose group step it shares) and the kernels' flags."""
     source = into / "experiment_q4k_q8.c"
     source.write_text(SOURCE % {"q8": Path(kernels.__file__).with_name("q8.c")})
     target = into / "experiment_q4k_q8.so"

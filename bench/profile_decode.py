@@ -34,19 +34,26 @@ def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+def layer_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Each packed layer's bytes (weights and scales: what a decode step reads of it), by module name."""
+    from autopatch.quantize import PackedLinear
+
+    return {name: sum(t.numel() * t.element_size() for t in (module.qweight, module.gscale))
+            for name, module in model.named_modules() if isinstance(module, PackedLinear)}
+
+
 def packed_bytes(model: torch.nn.Module) -> str:
     """What a decode step reads from the packed layers, by weight bits and by inputs (int8-rounded or float32)."""
     from collections import Counter
 
     from autopatch.kernels import Q8
-    from autopatch.quantize import PackedLinear
 
+    modules = dict(model.named_modules())
     size: Counter[str] = Counter()
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            inputs = "int8 inputs" if module.prefill == Q8 else "float32 inputs"
-            size[f"int{module.bits} weights, {inputs}"] += sum(t.numel() * t.element_size()
-                                                              for t in (module.qweight, module.gscale))
+    for name, n in layer_bytes(model).items():
+        module = modules[name]
+        inputs = "int8 inputs" if module.prefill == Q8 else "float32 inputs"
+        size[f"int{module.bits} weights, {inputs}"] += n
     total = sum(size.values())
     parts = ", ".join(f"{kind} {n / 1e6:.0f} MB ({n / total:.0%})" for kind, n in sorted(size.items()))
     return f"packed layers read a decode step: {total / 1e6:.0f} MB ({parts})"

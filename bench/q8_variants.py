@@ -26,13 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
-def _layer_bytes(model) -> dict[str, int]:
-    from autopatch.quantize_layers import PackedLinear
-
-    return {name: sum(b.numel() * b.element_size() for b in (m.qweight, m.gscale))
-            for name, m in model.named_modules() if isinstance(m, PackedLinear)}
-
-
 def _log_probs(model, sequences: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
     """Each teacher sequence's next-token log-probabilities at its answer's positions (float64)."""
     with torch.no_grad():
@@ -75,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from autopatch.prompts import PromptFormat
     from autopatch.quantize import apply_mode, check_mode
     from bench.machine import cpu_name, cpu_summary
+    from bench.profile_decode import layer_bytes
     from eval.datasets import load_dataset_by_name
 
     weights = check_mode(args.weights)
@@ -87,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = fmt.encode(tok, fmt.render(question, tok), return_tensors="pt").input_ids
             sequences.append((model.generate(ids, max_new_tokens=args.tokens, do_sample=False), ids.shape[1]))
     reference = _log_probs(model, sequences)
-    sizes = _layer_bytes(model)
+    sizes = layer_bytes(model)
     rate_ids = sequences[0][0][:, : sequences[0][1]]
     rows = [("(reference) " + weights.name, 0.0, 0.0, 0, 0, 1.0, _decode_rate(model, rate_ids, 4 * args.tokens,
                                                                               args.repeats))]

@@ -117,26 +117,32 @@ static inline void halves(int mb, const __m512 *acc, __m256 *acc01, __m256 *acc2
 #endif
 
 #if VNNI512
+/* One group g of a panel: its 64 bytes of levels times each of rows m0..m0+mb-1, with the group's a (per lane) and
+ * b (per weight row) already formed, added to acc / accb (bench/experiment_q4k_q8.py forms a, b another way). */
+static inline void w4_q8_group(int mb, int G, int K, int g, const uint8_t *levels, __m512 a, __m128 b,
+                               const int8_t *xq, const float *d, const float *s, int m0, __m512 *acc, __m128 *accb) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i v = _mm512_loadu_si512((const void *)levels);
+    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    for (int r = 0; r < mb; r++) {
+        const int8_t *xg = xq + (size_t)(m0 + r) * K + (size_t)g * GROUP;
+        const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xg));
+        const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xg + HALF)));
+        const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+        const size_t at = (size_t)(m0 + r) * G + g;
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(a, _mm512_set1_ps(d[at])), acc[r]);
+        accb[r] = _mm_fmadd_ps(b, _mm_set1_ps(s[at]), accb[r]);
+    }
+}
+
 static inline void w4_q8_block(int mb, int G, int K, const uint8_t *panel, const float *pab, const int8_t *xq,
                                const float *d, const float *s, int m0, __m256 *acc01, __m256 *acc23, __m128 *accb) {
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512 acc[W_ROWS];
     for (int r = 0; r < mb; r++) { acc[r] = _mm512_setzero_ps(); accb[r] = _mm_setzero_ps(); }
     for (int g = 0; g < G; g++, panel += 4 * HALF, pab += 8) {
         _mm_prefetch((const char *)panel + PREFETCH, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512((const void *)panel);
-        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         const __m512 a = _mm512_permutexvar_ps(SPREAD4, _mm512_castps128_ps512(_mm_loadu_ps(pab)));
-        const __m128 b = _mm_loadu_ps(pab + 4);
-        for (int r = 0; r < mb; r++) {
-            const int8_t *xg = xq + (size_t)(m0 + r) * K + (size_t)g * GROUP;
-            const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xg));
-            const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xg + HALF)));
-            const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
-            const size_t at = (size_t)(m0 + r) * G + g;
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(a, _mm512_set1_ps(d[at])), acc[r]);
-            accb[r] = _mm_fmadd_ps(b, _mm_set1_ps(s[at]), accb[r]);
-        }
+        w4_q8_group(mb, G, K, g, panel, a, _mm_loadu_ps(pab + 4), xq, d, s, m0, acc, accb);
     }
     halves(mb, acc, acc01, acc23);
 }
